@@ -1,0 +1,1 @@
+"""headernet_core: the reusable header-detection trainer (library first, thin CLIs on top)."""

@@ -1,0 +1,376 @@
+"""The one typed config of a training run: defaults, CLI flags, YAML keys and `config.yaml`.
+
+Every knob of the trainer is a field of `TrainConfig`. The CLI parser is generated from the
+fields (flag = `--<field>`, plus upstream aliases), `--config FILE` reads the same keys from
+YAML, and the run writes the resolved config back as `config.yaml`, which `--config` accepts
+again. A Ray Tune trial builds the same object from a dict. Nothing else defines a default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from .errors import HeaderNetError, fail
+
+# Learning-rate defaults by (backbone, finetune_mode): (lr_backbone, lr_head).
+# Pretrained VideoMAE fine-tunes with a small backbone LR and a 20x larger head LR; the CSN is
+# trained from scratch like upstream, so backbone and head share one LR (lr_head=None means
+# "same as lr_backbone"). A frozen backbone has no backbone LR. Explicit flags always win.
+LR_TABLE: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("vmae", "full"): (5e-5, 1e-3),
+    ("vmae", "partial"): (5e-5, 1e-3),
+    ("vmae", "frozen"): (None, 1e-3),
+    ("csn", "full"): (1e-3, None),
+    ("csn", "partial"): (1e-4, 1e-3),
+    ("csn", "frozen"): (None, 1e-3),
+}
+
+# Metrics the trainer reports each epoch that make sense to select the best epoch on,
+# with the direction that is better.
+SELECTABLE_METRICS: dict[str, str] = {
+    "val_f1": "max", "val_precision": "max", "val_recall": "max", "val_auc": "max",
+    "val_ap": "max", "val_acc": "max", "val_loss": "min", "val_f1_05": "max",
+    "val_weighted_f1": "max",
+}
+
+
+def _opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,
+         aliases: Sequence[str] = (), cli: bool = True) -> Any:
+    """A dataclass field carrying what the CLI needs (help, choices, upstream aliases)."""
+    metadata = {"help": help, "choices": choices, "aliases": tuple(aliases), "cli": cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Field names are the CLI flags and the YAML keys."""
+
+    # --- data -------------------------------------------------------------------------
+    train_csv: str | None = _opt(None, "training split CSV (columns path,label[,video_id,half,frame,...])")
+    val_csv: str | None = _opt(None, "validation split CSV, same schema")
+    num_frames: int = _opt(16, "frames sampled per clip (evenly spaced; repeats when the clip is shorter)")
+    input_size: int | None = _opt(None, "frame side in pixels (default: the backbone's native size)")
+    neg_pos_ratio: str = _opt("all", "negatives per positive resampled each epoch (a number) or 'all'")
+    augment: bool = _opt(True, "clip-consistent train augmentation (flip, brightness/contrast, crop)")
+    aug_flip: float = _opt(0.5, "probability of a horizontal flip of the whole clip")
+    aug_jitter: float = _opt(0.1, "max relative brightness/contrast change of the whole clip")
+    aug_crop_scale: float = _opt(0.8, "min side fraction of the random crop (1 = no crop)")
+    mean: list[float] | None = _opt(None, "normalisation mean per channel (default: per backbone)")
+    std: list[float] | None = _opt(None, "normalisation std per channel (default: per backbone)")
+    num_workers: int = _opt(2, "data-loader worker processes")
+
+    # --- model ------------------------------------------------------------------------
+    backbone: str = _opt("vmae", "backbone family", choices=("vmae", "csn"))
+    vmae_variant: str = _opt("base", "VideoMAE v2 variant (tiny = small random model)",
+                             choices=("base", "large", "giant", "tiny"))
+    csn_variant: str = _opt("50", "ir-CSN depth (tiny = small random model)",
+                            choices=("50", "101", "152", "tiny"))
+    backbone_ckpt: str | None = _opt(None, "VideoMAE checkpoint folder/.pth or mmaction2 ir-CSN file")
+    checkpoint_root: str = _opt("checkpoints", "folder holding VideoMAEv2-Base|Large|giant")
+    finetune_mode: str = _opt("full", "which backbone weights train", choices=("full", "frozen", "partial"))
+    unfreeze_blocks: int = _opt(4, "partial mode: how many last blocks train")
+    gradient_checkpointing: bool = _opt(False, "recompute block activations in backward (saves memory)")
+    head_dropout: float = _opt(0.5, "dropout before the linear head")
+
+    # --- optimisation -----------------------------------------------------------------
+    optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"), aliases=("--optimizer_type",))
+    lr_backbone: float | None = _opt(None, "backbone learning rate (default: LR_TABLE)")
+    lr_head: float | None = _opt(None, "head learning rate (default: LR_TABLE)")
+    weight_decay: float = _opt(0.05, "weight decay (never on norms, biases or the head bias)")
+    betas: list[float] = _opt([0.9, 0.999], "AdamW betas")
+    momentum: float = _opt(0.9, "SGD momentum")
+    layer_decay: float | None = _opt(None, "VideoMAE layer-wise LR decay (e.g. 0.75)",
+                                     aliases=("--layer_lr_decay",))
+    scheduler: str = _opt("cosine", "LR schedule (per optimizer step)", choices=("cosine", "none"))
+    warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
+    epochs: int = _opt(30, "training epochs")
+    batch_size: int = _opt(8, "clips per forward pass (split over --gpus)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", aliases=("--gradient_accumulation_steps",))
+    max_grad_norm: float | None = _opt(None, "clip the gradient norm to this value")
+    loss: str = _opt("focal", "loss", choices=("ce", "focal"))
+    focal_alpha: float = _opt(0.75, "focal loss weight of the positive class")
+    focal_gamma: float = _opt(2.0, "focal loss focusing exponent")
+    amp: str = _opt("auto", "mixed precision (auto: bf16 where the GPU has it, off on CPU)",
+                    choices=("auto", "bf16", "fp16", "off"))
+    seed: int = _opt(42, "seed for init, sampling and augmentation")
+    select_metric: str = _opt("val_f1", "metric that picks the best epoch",
+                              choices=tuple(SELECTABLE_METRICS))
+
+    # --- devices ----------------------------------------------------------------------
+    gpus: list[int] | None = _opt(None, "GPU ids; several = DataParallel (default: first GPU, else CPU)")
+    cpu: bool = _opt(False, "run on the CPU even where a GPU is visible")
+
+    # --- run --------------------------------------------------------------------------
+    run_name: str | None = _opt(None, "run folder name (default: <backbone>_<variant>_<time>)")
+    output_root: str = _opt("report/header_experiments", "where run folders go")
+    resume: bool = _opt(False, "continue the run in <output_root>/<run_name> from checkpoints/last.pt",
+                        cli=True)
+    overwrite: bool = _opt(False, "replace an unfinished run of the same name (finished runs are kept)")
+    tensorboard: bool = _opt(True, "write TensorBoard scalars to <run>/tb")
+    plots: bool = _opt(True, "write PNG curves to <run>/plots")
+    progress: bool = _opt(True, "show a tqdm bar per epoch")
+
+    # ---------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping (YAML file, Tune trial, tests); unknown keys and wrong types
+        are errors naming `source` and the key."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            fail(f"{source}: unknown key(s) {', '.join(unknown)}; expected trainer config keys "
+                 f"such as {', '.join(list(known)[:6])}, ...")
+        hints = typing.get_type_hints(cls)
+        kwargs = {name: coerce(name, value, hints[name], source) for name, value in values.items()}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of YAML-safe values (lists, not tuples)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- derived values -----------------------------------------------------------------
+    @property
+    def variant(self) -> str:
+        return self.vmae_variant if self.backbone == "vmae" else self.csn_variant
+
+    @property
+    def trains_backbone(self) -> bool:
+        return self.finetune_mode != "frozen"
+
+    def validate(self, *, need_data: bool = True) -> "TrainConfig":
+        """Check everything that needs no file or model; raise one clear line on the first problem."""
+        if need_data:
+            for key in ("train_csv", "val_csv"):
+                if not getattr(self, key):
+                    fail(f"--{key} is required (a CSV with columns path,label)")
+        positive_ints = ("num_frames", "epochs", "batch_size", "grad_accum", "unfreeze_blocks")
+        for key in positive_ints:
+            value = getattr(self, key)
+            if value < 1:
+                fail(f"--{key} must be a positive integer, got {value}")
+        if self.num_workers < 0:
+            fail(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.input_size is not None and self.input_size < 1:
+            fail(f"--input_size must be a positive integer, got {self.input_size}")
+        for key in ("lr_backbone", "lr_head"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                fail(f"--{key} must be > 0, got {value}")
+        for key in ("weight_decay", "focal_gamma", "warmup_epochs", "momentum"):
+            if getattr(self, key) < 0:
+                fail(f"--{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("head_dropout", "aug_flip", "aug_jitter", "focal_alpha"):
+            if not 0 <= getattr(self, key) <= 1:
+                fail(f"--{key} must be between 0 and 1, got {getattr(self, key)}")
+        if not 0 < self.aug_crop_scale <= 1:
+            fail(f"--aug_crop_scale must be in (0, 1], got {self.aug_crop_scale}")
+        if self.layer_decay is not None:
+            if not 0 < self.layer_decay <= 1:
+                fail(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
+            if self.backbone != "vmae":
+                fail("--layer_decay applies to --backbone vmae only")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            fail(f"--max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            fail(f"--betas must be two numbers in [0, 1), got {self.betas}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != 3:
+                fail(f"--{key} must have 3 values (one per channel), got {value}")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            fail(f"--std values must be > 0, got {self.std}")
+        parse_neg_pos_ratio(self.neg_pos_ratio)
+        if self.gpus is not None and any(g < 0 for g in self.gpus):
+            fail(f"--gpus ids must be >= 0, got {self.gpus}")
+        if self.gpus and self.cpu:
+            fail("--gpus and --cpu contradict each other; pass one")
+        if self.resume and self.overwrite:
+            fail("--resume and --overwrite contradict each other; pass one")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name
+                                          or self.run_name in (".", "..")):
+            fail(f"--run_name must be a plain folder name, got {self.run_name!r}")
+        for key, choices in _choices().items():
+            if getattr(self, key) not in choices:
+                fail(f"--{key} must be one of {', '.join(map(str, choices))}, got {getattr(self, key)!r}")
+        return self
+
+    def resolved(self, *, native_size: int, default_mean: Sequence[float],
+                 default_std: Sequence[float]) -> "TrainConfig":
+        """Fill the defaults that depend on the backbone (LR table, input size, normalisation)."""
+        lr_bb, lr_head = LR_TABLE[(self.backbone, self.finetune_mode)]
+        lr_backbone = self.lr_backbone if self.lr_backbone is not None else lr_bb
+        if self.lr_head is not None:
+            head = self.lr_head
+        elif lr_head is not None:
+            head = lr_head
+        else:
+            head = lr_backbone
+        return self.replace(
+            lr_backbone=lr_backbone if self.trains_backbone else self.lr_backbone,
+            lr_head=head,
+            input_size=self.input_size or native_size,
+            mean=list(self.mean) if self.mean is not None else list(default_mean),
+            std=list(self.std) if self.std is not None else list(default_std),
+            neg_pos_ratio=str(parse_neg_pos_ratio(self.neg_pos_ratio) or "all"),
+        )
+
+
+def parse_neg_pos_ratio(value: Any) -> float | None:
+    """'all' -> None (use every negative); a positive number -> that ratio."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return None
+    try:
+        ratio = float(text)
+    except ValueError:
+        fail(f"--neg_pos_ratio must be 'all' or a positive number, got {value!r}")
+    if not ratio > 0:
+        fail(f"--neg_pos_ratio must be 'all' or a positive number, got {value!r}")
+    return int(ratio) if ratio.is_integer() else ratio
+
+
+def _choices() -> dict[str, tuple[Any, ...]]:
+    return {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)
+            if f.metadata.get("choices")}
+
+
+# --- type coercion shared by YAML, Tune dicts and argparse --------------------------------
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) != len(typing.get_args(tp))
+    return tp, False
+
+
+def coerce(name: str, value: Any, tp: Any, source: str = "config") -> Any:
+    """Convert `value` to the field type `tp` or fail naming `source` and `name`."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        fail(f"{source}: {name} must not be empty")
+    where = f"{source}: {name}"
+    if typing.get_origin(inner) is list:
+        (item_tp,) = typing.get_args(inner)
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            value = [value]
+        return [_scalar(where, v, item_tp) for v in value]
+    if name == "neg_pos_ratio":
+        return str(value)
+    return _scalar(where, value, inner)
+
+
+def _scalar(where: str, value: Any, tp: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off"):
+            return False
+        fail(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            fail(f"{where} must be an integer, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            fail(f"{where} must be an integer, got {value!r}")
+        if not number.is_integer():
+            fail(f"{where} must be an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            fail(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            fail(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            fail(f"{where} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp!r} for {where}")
+
+
+# --- CLI ----------------------------------------------------------------------------------
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """argparse over every `TrainConfig` field. Defaults are SUPPRESSed so that only flags the
+    user typed override `--config`; the dataclass stays the single source of defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of config keys (e.g. a run's config.yaml); flags override it")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("cli", True):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default})"
+        flags = [f"--{f.name}", *f.metadata["aliases"]]
+        inner, _ = _unwrap_optional(hints[f.name])
+        kwargs: dict[str, Any] = {"help": help_text, "dest": f.name}
+        if inner is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(inner) is list:
+            kwargs["nargs"] = "+"
+            kwargs["type"] = _cli_type(f.name, typing.get_args(inner)[0])
+        else:
+            kwargs["type"] = _cli_type(f.name, inner) if f.name != "neg_pos_ratio" else str
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(*flags, **kwargs)
+    return parser
+
+
+def _cli_type(name: str, tp: Any):
+    def convert(text: str) -> Any:
+        try:
+            return _scalar(f"--{name}", text, tp)
+        except HeaderNetError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = tp.__name__
+    return convert
+
+
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """`yaml.safe_load` a file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        fail(f"{path}: not valid YAML ({str(exc).splitlines()[0]})")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        fail(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def config_from_cli(argv: Sequence[str] | None, prog: str, description: str) -> TrainConfig:
+    """Defaults < `--config` YAML < flags typed on the command line."""
+    args = vars(build_parser(prog, description).parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = args.pop("config", None)
+    if config_path:
+        values.update(load_yaml_mapping(config_path))
+    values.update(args)
+    return TrainConfig.from_dict(values, source=str(config_path or "command line"))

@@ -1,0 +1,34 @@
+"""One kind of user-facing error, and the CLI wrapper that turns it into one line + exit 2.
+
+Bad input must never end in a traceback: every check that can blame the user raises
+`HeaderNetError` with a message naming the file or field and what was expected, and the thin
+CLIs run their body through `run_cli`, which prints `error: <message>` and exits with code 2.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+EXIT_BAD_INPUT = 2
+
+
+class HeaderNetError(Exception):
+    """A problem with the user's input or environment, reported as one line (exit code 2)."""
+
+
+def fail(message: str) -> NoReturn:
+    """Raise a `HeaderNetError`; a terse helper for validation code."""
+    raise HeaderNetError(message)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a CLI body: `HeaderNetError` becomes one stderr line and exit code 2."""
+    try:
+        main()
+    except HeaderNetError as exc:
+        message = " ".join(str(exc).split())  # always one line
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
