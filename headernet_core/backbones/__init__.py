@@ -1,0 +1,156 @@
+"""Backbone registry: which video encoders exist, how to build one, and the public loader.
+
+Two families share one interface (`Backbone`): `forward` maps float clips (B, 3, T, H, W) to
+(B, num_features); `block_list`/`post_block_modules` define partial fine-tuning;
+`set_grad_checkpointing` saves memory. `create_backbone` is what the trainer calls (family +
+variant + optional checkpoint); `load_backbone` is what users call on a checkpoint they hold.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..errors import fail
+from . import csn, videomae
+from .base import Backbone
+from .csn import CSNConfig, IrCSN, load_ircsn
+from .videomae import VideoMAEConfig, VideoMAEv2, load_videomae
+
+__all__ = ["Backbone", "BackboneInfo", "CSNConfig", "IrCSN", "VARIANTS", "VideoMAEConfig",
+           "VideoMAEv2", "build_backbone", "create_backbone", "load_backbone"]
+
+logger = logging.getLogger(__name__)
+
+# Family -> variants, in the order the CLI lists them.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "vmae": tuple(videomae.VARIANTS),
+    "csn": tuple(csn.VARIANTS),
+}
+# VideoMAE: the 0.5/0.5 that upstream trained and ran inference with. CSN: ImageNet statistics.
+VMAE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+CSN_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CSN_NATIVE_SIZE = {"tiny": 64}  # others 224
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What the trainer needs to know about a backbone besides the module itself."""
+
+    family: str            # "vmae" | "csn"
+    name: str              # "vmae-base", "csn-tiny", or "<family>:<checkpoint path>"
+    source: str | None     # checkpoint path loaded, None for random init
+    native_size: int       # default input side in pixels
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    frame_multiple: int    # T must be a multiple of this (VideoMAE tubelet size; CSN 1)
+    # The architecture as plain values (VideoMAEConfig / CSNConfig fields): stored in our
+    # checkpoints so a trained model rebuilds without the original backbone checkpoint.
+    arch: Mapping[str, Any] = field(default_factory=dict)
+
+
+def create_backbone(family: str, variant: str, *, ckpt: str | os.PathLike[str] | None = None,
+                    checkpoint_root: str | os.PathLike[str] = "checkpoints") -> tuple[nn.Module, BackboneInfo]:
+    """Build the backbone a run asks for, in eval mode.
+
+    vmae: `ckpt` (folder or .pth) wins; else base/large/giant load the published folder under
+    `checkpoint_root`; tiny is random. csn: `ckpt` (mmaction2 file; its depth/width win, a
+    different `variant` only warns); else random init, as upstream trained CSN from scratch.
+    """
+    if family not in VARIANTS:
+        fail(f"unknown backbone family {family!r}; expected one of {', '.join(VARIANTS)} (--backbone)")
+    variant = str(variant)
+    if variant not in VARIANTS[family]:
+        flag = "--vmae_variant" if family == "vmae" else "--csn_variant"
+        fail(f"unknown {family} variant {variant!r}; expected one of "
+             f"{', '.join(VARIANTS[family])} ({flag})")
+    if family == "vmae":
+        return _create_vmae(variant, ckpt, Path(checkpoint_root))
+    return _create_csn(variant, ckpt)
+
+
+def load_backbone(source: str | os.PathLike[str], backbone: str = "vmae") -> nn.Module:
+    """Load a backbone from a checkpoint, built from the checkpoint's own config/shapes.
+
+    vmae: a folder with config.json + model.safetensors, or an OpenGVLab .pth file.
+    csn: an mmaction2 ir-CSN .pth file. Strict (every key must match), eval mode;
+    `model(x)` maps float (B, 3, T, H, W) to (B, model.num_features).
+    """
+    if backbone == "vmae":
+        return load_videomae(source)[0]
+    if backbone == "csn":
+        return load_ircsn(source)[0]
+    fail(f"unknown backbone family {backbone!r}; expected vmae or csn")
+
+
+def build_backbone(family: str, arch: Mapping[str, Any]) -> nn.Module:
+    """A randomly initialised backbone of the architecture `BackboneInfo.arch` describes (to
+    load a trained HeaderNet checkpoint into)."""
+    if family == "vmae":
+        return VideoMAEv2(VideoMAEConfig(**arch)).eval()
+    if family == "csn":
+        return IrCSN(CSNConfig(**{**arch, "stage_blocks": tuple(arch["stage_blocks"])})).eval()
+    fail(f"unknown backbone family {family!r}; expected vmae or csn")
+
+
+def _arch(config: object) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _create_vmae(variant: str, ckpt: str | os.PathLike[str] | None,
+                 root: Path) -> tuple[VideoMAEv2, BackboneInfo]:
+    if ckpt is not None:
+        model, config = load_videomae(ckpt)
+        name, source = f"vmae:{ckpt}", str(ckpt)
+        _warn_if_other(variant, videomae.VARIANTS[variant], config, "--vmae_variant", str(ckpt),
+                       ("embed_dim", "depth", "patch_size"))
+    elif variant in videomae.FOLDERS:
+        folder = root / videomae.FOLDERS[variant]
+        if not folder.exists():
+            fail(f"{folder}: VideoMAE v2 {variant} checkpoint folder not found; download "
+                 f"OpenGVLab/{videomae.FOLDERS[variant]} (config.json + model.safetensors) "
+                 f"there, set --checkpoint_root, or pass --backbone_ckpt PATH")
+        model, config = load_videomae(folder)
+        name, source = f"vmae-{variant}", str(folder)
+    else:
+        config = videomae.VARIANTS[variant]
+        model, name, source = VideoMAEv2(config).eval(), f"vmae-{variant}", None
+        warnings.warn(f"VideoMAE v2 '{variant}' has random weights (no pre-training): for tests "
+                      f"and demos, not for real results", stacklevel=3)
+    info = BackboneInfo("vmae", name, source, config.img_size, *VMAE_MEAN_STD,
+                        frame_multiple=config.tubelet_size, arch=_arch(config))
+    return model, info
+
+
+def _create_csn(variant: str, ckpt: str | os.PathLike[str] | None) -> tuple[IrCSN, BackboneInfo]:
+    if ckpt is not None:
+        model, config = load_ircsn(ckpt)
+        name, source = f"csn:{ckpt}", str(ckpt)
+        _warn_if_other(variant, csn.VARIANTS[variant], config, "--csn_variant", str(ckpt),
+                       ("stage_blocks", "base_channels"))
+    else:
+        config = csn.VARIANTS[variant]
+        model, name, source = IrCSN(config).eval(), f"csn-{variant}", None
+        if variant == "tiny":
+            warnings.warn("ir-CSN 'tiny' is a small random model: for tests and demos, not for "
+                          "real results", stacklevel=3)
+        else:
+            logger.info("ir-CSN-%s randomly initialised (trained from scratch)", variant)
+    native = 224 if ckpt is not None else CSN_NATIVE_SIZE.get(variant, 224)
+    info = BackboneInfo("csn", name, source, native, *CSN_MEAN_STD, frame_multiple=1, arch=_arch(config))
+    return model, info
+
+
+def _warn_if_other(variant: str, wanted: object, got: object, flag: str, path: str,
+                   fields: tuple[str, ...]) -> None:
+    """A checkpoint defines its own architecture; say so when the variant flag disagrees."""
+    diff = [f"{f} {getattr(got, f)}" for f in fields if getattr(wanted, f) != getattr(got, f)]
+    if diff:
+        warnings.warn(f"{flag} {variant} ignored: {path} holds a different model "
+                      f"({', '.join(diff)}); its own architecture is used", stacklevel=4)

@@ -1,0 +1,456 @@
+"""VideoMAE v2 encoder (OpenGVLab ViT for video), written to load the published weights as is.
+
+Module and parameter names equal the checkpoint keys (after the HF wrapper's `model.` prefix),
+so loading is a strict one-to-one copy. Numerics follow the reference code: Conv3d tubelet
+embedding, a fixed 1-D sin-cos table over the flattened token index (float64, then cast),
+pre-norm blocks with a k-bias-free qkv, exact GELU, and either mean pooling + `fc_norm` or
+`norm` of the first patch token (Giant). The table is built for the token count actually seen,
+so any T that is a multiple of the tubelet and any H, W that are multiples of the patch work.
+
+Order: config, blocks, model class, checkpoint conversion/loading, variant table, factories.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file as load_safetensors
+from timm.layers import Mlp
+from torch import nn
+
+from ..errors import fail
+from .base import (Backbone, load_into, require_path, strip_prefixes, torch_load_dict,
+                   unwrap_state_dict)
+
+logger = logging.getLogger(__name__)
+
+LAYER_NORM_NAMES = ("nn.LayerNorm", "LayerNorm", "torch.nn.LayerNorm")
+
+
+# --- config -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VideoMAEConfig:
+    """The 22 keys of a published `config.json["model_config"]`, same names and meaning.
+
+    Keys that only matter to the reference training code (num_classes, drop rates, with_cp,
+    norm_layer) are validated and otherwise ignored; options no released model uses
+    (layer scale, learnable position embedding, cosine attention) are rejected.
+    """
+
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    qkv_bias: bool
+    layer_norm_eps: float
+    tubelet_size: int
+    use_mean_pooling: bool
+    in_chans: int = 3
+    num_classes: int = 0
+    qk_scale: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    norm_layer: str = "nn.LayerNorm"
+    init_values: float = 0.0
+    use_learnable_pos_emb: bool = False
+    with_cp: bool = False
+    num_frames: int = 16
+    cos_attn: bool = False
+
+    @property
+    def mlp_hidden(self) -> int:
+        """int(embed_dim * mlp_ratio) like the reference, without float error: Giant's
+        1408 * 4.3636... must give the 6144 of its checkpoint, not 6143."""
+        product = self.embed_dim * self.mlp_ratio
+        nearest = round(product)
+        return int(nearest) if abs(product - nearest) < 1e-6 * max(1.0, product) else int(product)
+
+    @classmethod
+    def from_model_config(cls, values: Mapping[str, Any], source: str) -> "VideoMAEConfig":
+        """Validate a `model_config` mapping; errors name `source` and the key."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            fail(f"{source}: unknown model_config key(s) {', '.join(unknown)}; "
+                 f"expected the VideoMAE v2 keys {', '.join(fields)}")
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+        missing = [n for n in required if n not in values]
+        if missing:
+            fail(f"{source}: model_config is missing key(s) {', '.join(missing)}")
+        kwargs = {name: _check_value(source, name, values[name]) for name in values}
+        return cls(**kwargs)._validated(source)
+
+    def to_model_config(self) -> dict[str, Any]:
+        """The `model_config` dict of a checkpoint folder's `config.json`."""
+        return dataclasses.asdict(self)
+
+    def _validated(self, source: str) -> "VideoMAEConfig":
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                     "tubelet_size", "num_frames"):
+            if getattr(self, name) < 1:
+                fail(f"{source}: model_config {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            fail(f"{source}: model_config num_classes must be >= 0, got {self.num_classes}")
+        if self.embed_dim % self.num_heads:
+            fail(f"{source}: model_config embed_dim {self.embed_dim} is not divisible by "
+                 f"num_heads {self.num_heads}")
+        if not self.mlp_ratio > 0 or not self.layer_norm_eps > 0:
+            fail(f"{source}: model_config mlp_ratio and layer_norm_eps must be > 0, got "
+                 f"{self.mlp_ratio} and {self.layer_norm_eps}")
+        if self.qk_scale is not None and not self.qk_scale > 0:
+            fail(f"{source}: model_config qk_scale must be null or > 0, got {self.qk_scale}")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(f"{source}: model_config {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.norm_layer not in LAYER_NORM_NAMES:
+            fail(f"{source}: model_config norm_layer {self.norm_layer!r} is not supported; "
+                 f"expected \"nn.LayerNorm\"")
+        if self.init_values:
+            fail(f"{source}: model_config init_values {self.init_values} (layer scale) is not "
+                 f"supported; the released models use 0")
+        if self.use_learnable_pos_emb:
+            fail(f"{source}: model_config use_learnable_pos_emb true is not supported; the "
+                 f"released models use the fixed sin-cos table")
+        if self.cos_attn:
+            fail(f"{source}: model_config cos_attn true is not supported; the released "
+                 f"models use plain softmax attention")
+        return self
+
+
+def _check_value(source: str, name: str, value: Any) -> Any:
+    """Type-check one model_config value against the dataclass field (JSON types)."""
+    where = f"{source}: model_config {name}"
+    kind = {f.name: f.type for f in dataclasses.fields(VideoMAEConfig)}[name]
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(f"{where} must be an integer, got {value!r}")
+    elif kind in ("float", "float | None"):
+        if value is None and kind == "float | None":
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(f"{where} must be a number, got {value!r}")
+        return float(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            fail(f"{where} must be true or false, got {value!r}")
+    elif kind == "str" and not isinstance(value, str):
+        fail(f"{where} must be a string, got {value!r}")
+    return value
+
+
+# --- blocks -----------------------------------------------------------------------------------
+class PatchEmbed3d(nn.Module):
+    """Non-overlapping tubelet x patch x patch cubes -> tokens in (t, h, w) order."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, tubelet_size: int) -> None:
+        super().__init__()
+        size = (tubelet_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=size, stride=size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; the qkv bias is [q_bias, 0, v_bias] as in the checkpoints."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, qk_scale: float | None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale if qk_scale is not None else (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (no layer scale, no drop path: the released models have none)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool,
+                 qk_scale: float | None, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, hidden_features=mlp_hidden, act_layer=nn.GELU)  # exact (erf) GELU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def sincos_table(num_tokens: int, dim: int) -> torch.Tensor:
+    """(num_tokens, dim) float64 table: angle = pos / 10000^(2*floor(j/2)/dim), sin on even j,
+    cos on odd j. 1-D over the flattened index, so fewer tokens give an exact prefix."""
+    pos = torch.arange(num_tokens, dtype=torch.float64).unsqueeze(1)
+    exponent = (2 * (torch.arange(dim) // 2)).to(torch.float64) / dim
+    angle = pos / torch.pow(torch.tensor(10000.0, dtype=torch.float64), exponent)
+    table = torch.empty(num_tokens, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle[:, 0::2])
+    table[:, 1::2] = torch.cos(angle[:, 1::2])
+    return table
+
+
+# --- model ------------------------------------------------------------------------------------
+class VideoMAEv2(Backbone):
+    """VideoMAE v2 encoder: float (B, C, T, H, W) -> pooled feature (B, embed_dim)."""
+
+    def __init__(self, config: VideoMAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_features = self.embed_dim = config.embed_dim
+        self.patch_embed = PatchEmbed3d(config.in_chans, config.embed_dim, config.patch_size,
+                                        config.tubelet_size)
+        self.blocks = nn.ModuleList(
+            Block(config.embed_dim, config.num_heads, config.mlp_hidden, config.qkv_bias,
+                  config.qk_scale, config.layer_norm_eps) for _ in range(config.depth))
+        # Only the pooling norm in use exists, so the parameter names match the checkpoint.
+        ln = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.norm: nn.LayerNorm | None = None if config.use_mean_pooling else ln
+        self.fc_norm: nn.LayerNorm | None = ln if config.use_mean_pooling else None
+        # Position tables per (tokens, device, dtype); not parameters, not in the state dict.
+        self._pos_cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self.apply(_init_weights)
+
+    # --- forward pieces ---
+    def pos_embed(self, num_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The (1, N, d) sin-cos table for N tokens, computed once per (N, device, dtype)."""
+        key = (num_tokens, device, dtype)
+        table = self._pos_cache.get(key)
+        if table is None:
+            table = sincos_table(num_tokens, self.embed_dim).to(device=device, dtype=dtype)
+            self._pos_cache[key] = table = table.unsqueeze(0)
+        return table
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """One clear line instead of a shape error deep inside the model."""
+        c = self.config
+        if x.ndim != 5 or x.shape[1] != c.in_chans:
+            fail(f"VideoMAE v2 expects clips shaped (B, {c.in_chans}, T, H, W), got {tuple(x.shape)}")
+        _, _, t, h, w = x.shape
+        if t < c.tubelet_size or t % c.tubelet_size:
+            fail(f"VideoMAE v2 needs a frame count that is a positive multiple of its "
+                 f"tubelet_size {c.tubelet_size}, got {t} frames (change --num_frames)")
+        if h % c.patch_size or w % c.patch_size or not h or not w:
+            fail(f"VideoMAE v2 needs H and W that are multiples of its patch_size "
+                 f"{c.patch_size}, got {h}x{w} (change --input_size; native {c.img_size})")
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the tubelet embedding plus position table: (B, N, d)."""
+        self.check_input(x)
+        tokens = self.patch_embed(x)
+        return tokens + self.pos_embed(tokens.shape[1], tokens.device, tokens.dtype)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block, before pooling: (B, N, d)."""
+        x = self.embed_tokens(x)
+        for block in self.blocks:
+            x = self.run_block(block, x)
+        return x
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean of all tokens + fc_norm, or norm of the first patch token (no CLS token)."""
+        if self.fc_norm is not None:
+            return self.fc_norm(tokens.mean(dim=1))
+        return self.norm(tokens[:, 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_tokens(x))
+
+    # --- trainer interface ---
+    def block_list(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def post_block_modules(self) -> list[nn.Module]:
+        return [self.fc_norm if self.fc_norm is not None else self.norm]
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm layer grouping (for layer-wise LR decay): stem, one group per block, then the
+        pooling norm as its own last group (scale 1, like BEiT/VideoMAE's fine-tuning; timm's
+        (99999,) would merge it into the last block)."""
+        return dict(stem=r"^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^(?:fc_)?norm", (100_000,))])
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Reference init for random models: truncated-normal linears, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# --- checkpoint conversion and loading ----------------------------------------------------------
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
+DROPPED_PREFIXES = ("head.", "decoder.", "encoder_to_decoder.", "mask_token")  # not encoder weights
+HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}  # published S/B/L/H/g
+
+
+def convert_state_dict(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Encoder keys from a checkpoint: strip wrapper prefixes, drop heads and decoders."""
+    stripped = strip_prefixes(state, prefixes)
+    dropped = [k for k in stripped if k.startswith(DROPPED_PREFIXES)]
+    if dropped:
+        logger.info("ignoring %d non-encoder tensors (%s ...)", len(dropped), dropped[0])
+    return {k: v for k, v in stripped.items() if not k.startswith(DROPPED_PREFIXES)}
+
+
+def infer_config(state: Mapping[str, torch.Tensor], source: str) -> VideoMAEConfig:
+    """A config from tensor shapes alone (a .pth without config.json).
+
+    The head count is not in any shape: published widths use their published counts, other
+    widths 64-wide heads (with a warning). Eps is the released 1e-6; img_size 224.
+    """
+    proj = state.get("patch_embed.proj.weight")
+    if proj is None or proj.ndim != 5:
+        fail(f"{source}: no 5-D patch_embed.proj.weight, so this is not a VideoMAE v2 encoder "
+             f"state dict (first keys: {', '.join(list(state)[:4])})")
+    embed_dim, in_chans, tubelet, patch, _ = proj.shape
+    block_ids = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    depth = len(block_ids)
+    if depth == 0 or block_ids != set(range(depth)):
+        fail(f"{source}: expected transformer blocks numbered 0..N-1, found {sorted(block_ids)[:8]}")
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    if fc1 is None:
+        fail(f"{source}: no blocks.0.mlp.fc1.weight to read the MLP width from")
+    if "fc_norm.weight" in state:
+        mean_pooling = True
+    elif "norm.weight" in state:
+        mean_pooling = False
+    else:
+        fail(f"{source}: neither fc_norm.weight (mean pooling) nor norm.weight (first-token "
+             f"pooling) found; cannot tell how the encoder pools")
+    heads = HEADS_BY_WIDTH.get(embed_dim)
+    if heads is None:
+        heads = max(1, embed_dim // 64)
+        warnings.warn(f"{source}: num_heads is not stored in the weights; assuming {heads} "
+                      f"(embed_dim {embed_dim} / 64). Put a config.json with model_config beside "
+                      f"the file if that is wrong", stacklevel=3)
+    return VideoMAEConfig(
+        img_size=224, patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=heads,
+        mlp_ratio=fc1.shape[0] / embed_dim, qkv_bias="blocks.0.attn.q_bias" in state,
+        layer_norm_eps=1e-6, tubelet_size=tubelet, use_mean_pooling=mean_pooling,
+        in_chans=in_chans)._validated(source)
+
+
+def read_config_json(path: Path) -> VideoMAEConfig:
+    """`config.json` -> VideoMAEConfig from its `model_config` dict (never runs its code)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fail(f"{path}: not readable JSON ({' '.join(str(exc).split())})")
+    if not isinstance(data, dict) or not isinstance(data.get("model_config"), dict):
+        fail(f"{path}: expected a JSON object with a \"model_config\" dict (the VideoMAE v2 "
+             f"encoder settings, as in OpenGVLab/VideoMAEv2-Base)")
+    return VideoMAEConfig.from_model_config(data["model_config"], str(path))
+
+
+def _fit_hint(config: VideoMAEConfig, where: str) -> str:
+    return (f"Built from {where}: embed_dim {config.embed_dim}, depth {config.depth}, "
+            f"patch {config.patch_size}, tubelet {config.tubelet_size}, mlp hidden "
+            f"{config.mlp_hidden}, mean pooling {config.use_mean_pooling}")
+
+
+def load_folder(folder: Path) -> tuple[VideoMAEv2, VideoMAEConfig]:
+    """HF layout: `config.json` (model_config) + `model.safetensors` with `model.` keys."""
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            fail(f"{path}: not found; a VideoMAE v2 checkpoint folder holds config.json and "
+                 f"model.safetensors (as published in OpenGVLab/VideoMAEv2-Base)")
+    config = read_config_json(config_path)
+    try:
+        raw = load_safetensors(str(weights_path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        fail(f"{weights_path}: cannot read safetensors file ({' '.join(str(exc).split())[:200]}); "
+             f"is the download complete?")
+    state = convert_state_dict(raw, ("model.",))
+    model = load_into(lambda: VideoMAEv2(config), state, str(weights_path),
+                      hint=_fit_hint(config, str(config_path)))
+    return model, config
+
+
+def load_pth(path: Path) -> tuple[VideoMAEv2, VideoMAEConfig]:
+    """OpenGVLab `.pth`: state dict under `model`/`module` (or flat), config from a
+    `config.json` beside the file, else inferred from the shapes."""
+    data = torch_load_dict(path)
+    raw = unwrap_state_dict(data, path, ("model", "module", "state_dict"))
+    state = convert_state_dict(raw, WRAPPER_PREFIXES)
+    beside = path.parent / "config.json"
+    if beside.is_file():
+        config, where = read_config_json(beside), str(beside)
+    else:
+        config, where = infer_config(state, str(path)), "the tensor shapes"
+    model = load_into(lambda: VideoMAEv2(config), state, str(path), hint=_fit_hint(config, where))
+    return model, config
+
+
+def load_videomae(source: str | Path) -> tuple[VideoMAEv2, VideoMAEConfig]:
+    """A VideoMAE v2 encoder from a checkpoint folder or a .pth file, strictly, in eval mode."""
+    path = require_path(source, "a VideoMAE v2 checkpoint folder (config.json + "
+                                "model.safetensors) or an OpenGVLab .pth file")
+    if path.name == "model.safetensors":  # the weights file of a folder: load the folder
+        path = path.parent
+    return load_folder(path) if path.is_dir() else load_pth(path)
+
+
+# --- variants ---------------------------------------------------------------------------------
+def _published(**changes: Any) -> VideoMAEConfig:
+    base = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                qkv_bias=True, layer_norm_eps=1e-6, tubelet_size=2, use_mean_pooling=True)
+    return VideoMAEConfig(**{**base, **changes})
+
+
+VARIANTS: dict[str, VideoMAEConfig] = {
+    "base": _published(),
+    "large": _published(embed_dim=1024, depth=24, num_heads=16),
+    "giant": _published(patch_size=14, embed_dim=1408, depth=40, num_heads=16,
+                        mlp_ratio=48 / 11, use_mean_pooling=False),
+    # Random-init model for tests and the CPU demo: 8 frames at 64x64 -> 256 tokens.
+    "tiny": _published(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=4,
+                       num_frames=8),
+}
+# Folder names of the published checkpoints under --checkpoint_root.
+FOLDERS: dict[str, str] = {"base": "VideoMAEv2-Base", "large": "VideoMAEv2-Large",
+                           "giant": "VideoMAEv2-giant"}
+
+
+def vmae_tiny() -> VideoMAEv2:
+    return VideoMAEv2(VARIANTS["tiny"])
+
+
+def vmae_base() -> VideoMAEv2:
+    return VideoMAEv2(VARIANTS["base"])
+
+
+def vmae_large() -> VideoMAEv2:
+    return VideoMAEv2(VARIANTS["large"])
+
+
+def vmae_giant() -> VideoMAEv2:
+    return VideoMAEv2(VARIANTS["giant"])

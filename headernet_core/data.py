@@ -1,0 +1,425 @@
+"""Clip data: split CSVs, `.npy` clips, frame sampling, per-epoch neg:pos resampling, augmentation.
+
+Inputs are upstream's legacy cache format: a CSV (`path,label[,video_id,half,frame,...]`) whose
+`path` points at a `(T, S, S, 3)` uint8 `.npy` clip, usually written without its `_s.npy`
+suffix and as an absolute path of another machine. Everything a user can get wrong is checked
+up front (`read_split`, `check_clips`) so a run fails in one line before any worker starts.
+
+Why it looks like this:
+- Clips are memory-mapped and only the sampled frames are read, so a worker never holds a whole
+  cache file, and everything stays uint8 on the CPU; `normalize` turns batches into float on
+  the training device, which moves 4x fewer bytes through the loader.
+- Dataset keys are `(index, epoch)`: the augmentation of a clip is a pure function of
+  `(seed, epoch, index)`, so results do not depend on worker count, worker order or persistent
+  workers (upstream had to re-pickle the dataset each epoch for that).
+- Augmentation draws ONE set of parameters per clip and applies it to every frame; per-frame
+  draws made upstream's clips flicker in time.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms.v2 import functional as F
+
+from .errors import fail
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+REQUIRED_COLUMNS = ("path", "label")
+SCHEMA_HINT = "path,label[,video_id,half,frame,...]"
+MAX_EXAMPLES = 5  # missing clips listed in the error message
+
+
+# --- CSV reading and validation -----------------------------------------------------------
+def row_number(position: int) -> int:
+    """Row of a data line as an editor or spreadsheet shows it (the header is row 1)."""
+    return position + 2
+
+
+def read_index_csv(csv_path: str | Path, split: str, *, as_text: bool = False) -> pd.DataFrame:
+    """Read a clip-index CSV and check the file-level things: exists, parses, has `path` and
+    `label`, has rows. `as_text` keeps every cell as written (the split tool round-trips them);
+    otherwise only `path`/`label` are read as text and other columns get pandas' types."""
+    csv_path = Path(csv_path)
+    flag = f" (--{split}_csv)" if split in ("train", "val", "input") else ""
+    if not csv_path.is_file():
+        fail(f"{csv_path}: {split} CSV not found{flag}")
+    dtype: type | dict[str, type] = str if as_text else {c: str for c in REQUIRED_COLUMNS}
+    try:
+        df = pd.read_csv(csv_path, dtype=dtype, keep_default_na=not as_text)
+    except pd.errors.EmptyDataError:
+        fail(f"{csv_path}: {split} CSV is empty; expected a header line {SCHEMA_HINT}")
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+        fail(f"{csv_path}: not a readable CSV ({' '.join(str(exc).split())})")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        found = ", ".join(map(str, df.columns)) or "none"
+        fail(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {SCHEMA_HINT}, "
+             f"found {found}")
+    if df.empty:
+        fail(f"{csv_path}: {split} CSV has a header but no rows")
+    return df.reset_index(drop=True)
+
+
+def _cell_text(value: object) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def parse_labels(values: pd.Series, csv_path: str | Path) -> np.ndarray:
+    """Labels as int64 0/1. Integral floats ("1.0") are accepted because spreadsheets write
+    them; anything else fails naming the row and the value."""
+    labels = np.empty(len(values), dtype=np.int64)
+    for position, value in enumerate(values):
+        text = _cell_text(value).strip()
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if number not in (0.0, 1.0):
+            fail(f"{csv_path}: row {row_number(position)}: label must be 0 or 1, got {text!r}")
+        labels[position] = int(number)
+    return labels
+
+
+def check_paths_present(values: pd.Series, csv_path: str | Path) -> list[str]:
+    """Paths as written; an empty cell fails naming its row."""
+    paths = [_cell_text(v).strip() for v in values]
+    for position, text in enumerate(paths):
+        if not text:
+            fail(f"{csv_path}: row {row_number(position)}: path is empty; expected a clip path")
+    return paths
+
+
+# --- clip path resolution -----------------------------------------------------------------
+def path_basename(path_text: str) -> str:
+    """Last component of a path written on any OS (upstream CSVs hold other machines' paths)."""
+    return re.split(r"[\\/]", path_text.rstrip("\\/"))[-1]
+
+
+def _with_suffixes(base: Path) -> list[Path]:
+    """`x.npy` as is; otherwise upstream's `<x>_s.npy`, then `<x>.npy`."""
+    if base.name.endswith(".npy"):
+        return [base]
+    return [base.with_name(base.name + "_s.npy"), base.with_name(base.name + ".npy")]
+
+
+def clip_bases(path_text: str, csv_dir: Path) -> list[Path]:
+    """Where a CSV path may point, in the order tried: as written (absolute or relative to the
+    working directory), relative to the CSV's folder, then `<CSV folder>/<basename>`."""
+    written = Path(path_text)
+    bases = [written]
+    if not written.is_absolute():
+        bases.append(csv_dir / written)
+    bases.append(csv_dir / path_basename(path_text))
+    return list(dict.fromkeys(bases))
+
+
+def find_clip(path_text: str, csv_dir: Path) -> tuple[Path, Path] | None:
+    """(base that matched, clip file) of the first existing candidate, or None."""
+    for base in clip_bases(path_text, csv_dir):
+        for candidate in _with_suffixes(base):
+            if candidate.is_file():
+                return base, candidate
+    return None
+
+
+def resolve_clip(path_text: str, csv_dir: Path) -> str | None:
+    """Absolute path of the clip a CSV path points at, or None."""
+    hit = find_clip(path_text, csv_dir)
+    return os.path.abspath(hit[1]) if hit else None
+
+
+def resolve_clips(paths: Sequence[str], csv_path: str | Path) -> list[str]:
+    """Resolve every path; all missing ones are reported together in one line."""
+    csv_dir = Path(csv_path).parent
+    resolved = [resolve_clip(p, csv_dir) for p in paths]
+    missing = [p for p, r in zip(paths, resolved) if r is None]
+    if missing:
+        examples = ", ".join(missing[:MAX_EXAMPLES])
+        fail(f"{csv_path}: {len(missing)} of {len(paths)} clips not found, e.g. {examples}; "
+             f"looked for <path>, <path>_s.npy or <path>.npy as written, under {csv_dir} "
+             f"and as {csv_dir}/<basename>")
+    return resolved  # type: ignore[return-value]
+
+
+def read_split(csv_path: str | Path, split: str) -> pd.DataFrame:
+    """Validated split CSV: all original columns, `label` as int 0/1 and `clip_path` (absolute
+    path of the resolved `.npy`). `split` ("train"/"val") only appears in messages."""
+    df = read_index_csv(csv_path, split)
+    paths = check_paths_present(df["path"], csv_path)
+    df["label"] = parse_labels(df["label"], csv_path)
+    df["clip_path"] = resolve_clips(paths, csv_path)
+    return df
+
+
+def check_has_both_classes(df: pd.DataFrame, csv_path: str | Path) -> None:
+    """Training needs positives and negatives (the focal loss and neg:pos sampling assume it)."""
+    positives = int((df["label"] == 1).sum())
+    if positives == 0:
+        fail(f"{csv_path}: no positive clips (label 1) among {len(df)} rows; training needs both classes")
+    if positives == len(df):
+        fail(f"{csv_path}: no negative clips (label 0) among {len(df)} rows; training needs both classes")
+
+
+# --- clip files ---------------------------------------------------------------------------
+def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes of data the header promises) from the header alone; ValueError if
+    the file is not a `.npy`."""
+    with open(path, "rb") as fp:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:  # 2.0 and 3.0 share one layout
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+        data_bytes = math.prod(shape) * dtype.itemsize
+        return shape, dtype, fp.tell() + data_bytes
+
+
+def clip_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    """What is wrong with a clip array of this shape/dtype, or None if it is usable."""
+    if len(shape) != 4 or shape[-1] != 3:
+        return f"has shape {tuple(shape)}; expected (T, H, W, 3)"
+    if dtype != np.uint8:
+        return f"has dtype {dtype}; expected uint8"
+    if shape[0] == 0:
+        return "has 0 frames; expected at least 1"
+    if shape[1] == 0 or shape[2] == 0:
+        return f"has empty frames {tuple(shape)}; expected H, W >= 1"
+    return None
+
+
+def check_clips(df: pd.DataFrame, csv_path: str | Path) -> None:
+    """Read each clip's header (not its data) and fail on the first unusable one, so a bad
+    cache file stops the run before training instead of killing a worker mid-epoch."""
+    for position, clip_path in enumerate(df["clip_path"]):
+        where = f"{csv_path}: row {row_number(position)}: clip {clip_path}"
+        try:
+            shape, dtype, needed = read_npy_header(clip_path)
+        except (ValueError, OSError, EOFError) as exc:
+            fail(f"{where} is not a valid .npy file ({' '.join(str(exc).split())})")
+        problem = clip_problem(shape, dtype)
+        if problem:
+            fail(f"{where} {problem}")
+        size = os.path.getsize(clip_path)
+        if size < needed:
+            fail(f"{where} is truncated ({size} bytes; its header needs {needed})")
+
+
+def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:
+    """`num_frames` indices spread evenly over the whole clip, first and last frame included:
+    `linspace(0, T-1, n)` rounded to the nearest frame (halves up). Shorter clips repeat frames
+    in order (11 -> 16 repeats every other frame) instead of upstream's pad-and-sort, which
+    stretched the start of the clip and squeezed its end."""
+    if num_available < 1:
+        raise ValueError(f"a clip needs at least one frame, got {num_available}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if num_frames == 1:
+        return np.array([(num_available - 1) // 2], dtype=np.int64)  # the centre frame
+    positions = np.linspace(0, num_available - 1, num_frames)
+    return np.clip(np.floor(positions + 0.5), 0, num_available - 1).astype(np.int64)
+
+
+def load_clip_frames(path: str, num_frames: int) -> np.ndarray:
+    """The sampled frames `(n, H, W, 3)` uint8, reading only those frames through a memmap."""
+    clip = np.load(path, mmap_mode="r")
+    problem = clip_problem(clip.shape, clip.dtype)
+    if problem:
+        fail(f"clip {path} {problem}")
+    indices = sample_frame_indices(clip.shape[0], num_frames)
+    return np.ascontiguousarray(clip[indices])
+
+
+# --- per-epoch neg:pos sampling -----------------------------------------------------------
+def epoch_indices(labels: np.ndarray, neg_pos_ratio: float | None, seed: int, epoch: int) -> np.ndarray:
+    """Row indices of one training epoch: every positive plus `ratio x #positives` negatives
+    drawn without replacement (all negatives if fewer exist), fresh each epoch. RNG is
+    `default_rng(seed + epoch)` like upstream. `None` takes every row. The result is shuffled
+    i.i.d. (upstream grouped by video, which made batches of near-duplicate frames)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed + epoch)
+    if neg_pos_ratio is None:
+        return rng.permutation(len(labels)).astype(np.int64)
+    positives = np.flatnonzero(labels == 1)
+    negatives = np.flatnonzero(labels == 0)
+    if len(positives) == 0:
+        fail(f"neg_pos_ratio {neg_pos_ratio} needs at least one positive clip, the split has none")
+    wanted = min(len(negatives), int(round(neg_pos_ratio * len(positives))))
+    chosen = rng.choice(negatives, size=wanted, replace=False)
+    return rng.permutation(np.concatenate([positives, chosen])).astype(np.int64)
+
+
+class EpochSampler(Sampler):
+    """Yields `(index, epoch)` dataset keys. Train (`shuffle=True`): `epoch_indices` order;
+    eval: every row in order. Call `set_epoch` before each epoch."""
+
+    def __init__(self, labels: Sequence[int] | np.ndarray, *, neg_pos_ratio: float | None,
+                 seed: int, shuffle: bool) -> None:
+        if not shuffle and neg_pos_ratio is not None:
+            raise ValueError("neg_pos_ratio resamples training epochs; eval (shuffle=False) uses every row")
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.neg_pos_ratio = neg_pos_ratio
+        self.seed = seed
+        self.shuffle = shuffle
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.shuffle:
+            self.indices = epoch_indices(self.labels, self.neg_pos_ratio, self.seed, epoch)
+        else:
+            self.indices = np.arange(len(self.labels), dtype=np.int64)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return iter([(int(i), epoch) for i in self.indices])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# --- clip transform -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class AugParams:
+    """One clip's augmentation draw; the same values are applied to every frame."""
+
+    flip: bool
+    brightness: float
+    contrast: float
+    crop_side: float   # fraction of min(H, W)
+    crop_top: float    # position in [0, 1) of the free vertical range
+    crop_left: float   # position in [0, 1) of the free horizontal range
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int]:
+        """(top, left, side) in pixels of the square crop."""
+        side = max(1, min(height, width, round(self.crop_side * min(height, width))))
+        top = min(height - side, int(self.crop_top * (height - side + 1)))
+        left = min(width - side, int(self.crop_left * (width - side + 1)))
+        return top, left, side
+
+
+@dataclass(frozen=True)
+class ClipTransform:
+    """How sampled frames become a `(3, n, size, size)` uint8 tensor.
+
+    Train: ONE draw per clip from `default_rng([seed, epoch, index])` (reproducible in any
+    worker) of a square crop (side U[crop_scale, 1] of the short side, uniform position), a
+    horizontal flip (prob `flip`), brightness and contrast factors U[1-jitter, 1+jitter]; applied
+    in that order to every frame, resizing with antialias after the crop. Only brightness and
+    contrast: upstream channels are three time-shifted greys, which hue/saturation would break.
+    Eval (`train=False`): resize only.
+    """
+
+    num_frames: int
+    size: int
+    train: bool
+    flip: float = 0.5
+    jitter: float = 0.1
+    crop_scale: float = 0.8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1 or self.size < 1:
+            fail(f"clip transform needs num_frames >= 1 and size >= 1, got {self.num_frames}, {self.size}")
+        if not 0 <= self.flip <= 1 or not 0 <= self.jitter <= 1:
+            fail(f"aug flip and jitter must be in [0, 1], got {self.flip}, {self.jitter}")
+        if not 0 < self.crop_scale <= 1:
+            fail(f"aug crop_scale must be in (0, 1], got {self.crop_scale}")
+        if self.seed < 0:
+            fail(f"seed must be >= 0 for clip augmentation, got {self.seed}")
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, *, train: bool) -> ClipTransform:
+        """The train or eval transform of a resolved config (`input_size` filled in);
+        `augment=False` makes the train transform resize only."""
+        if config.input_size is None:
+            raise ValueError("config.input_size is unset; use TrainConfig.resolved() first")
+        return cls(num_frames=config.num_frames, size=config.input_size,
+                   train=train and config.augment, flip=config.aug_flip,
+                   jitter=config.aug_jitter, crop_scale=config.aug_crop_scale, seed=config.seed)
+
+    def params(self, epoch: int, index: int) -> AugParams:
+        """The draw for clip `index` in `epoch`; always six numbers in a fixed order so that
+        changing one probability does not reshuffle the others."""
+        u = np.random.default_rng([self.seed, epoch, index]).random(6)
+        return AugParams(
+            flip=bool(u[0] < self.flip),
+            brightness=float(1 + self.jitter * (2 * u[1] - 1)),
+            contrast=float(1 + self.jitter * (2 * u[2] - 1)),
+            crop_side=float(self.crop_scale + (1 - self.crop_scale) * u[3]),
+            crop_top=float(u[4]),
+            crop_left=float(u[5]),
+        )
+
+    def __call__(self, frames: np.ndarray | torch.Tensor, *, epoch: int = 0, index: int = 0) -> torch.Tensor:
+        """`(n, H, W, 3)` uint8 frames -> `(3, n, size, size)` uint8, contiguous."""
+        video = torch.as_tensor(frames).permute(0, 3, 1, 2)  # (n, 3, H, W) for torchvision
+        if self.train:
+            video = self._augment(video, self.params(epoch, index))
+        else:
+            video = self._resize(video)
+        return video.permute(1, 0, 2, 3).contiguous()
+
+    def _resize(self, video: torch.Tensor) -> torch.Tensor:
+        if video.shape[-2:] == (self.size, self.size):
+            return video
+        return F.resize(video, [self.size, self.size], antialias=True)
+
+    def _augment(self, video: torch.Tensor, p: AugParams) -> torch.Tensor:
+        top, left, side = p.crop_box(video.shape[-2], video.shape[-1])
+        video = F.resized_crop(video, top, left, side, side, [self.size, self.size], antialias=True)
+        if p.flip:
+            video = F.horizontal_flip(video)
+        video = F.adjust_brightness(video, p.brightness)
+        return F.adjust_contrast(video, p.contrast)
+
+
+# --- dataset and normalisation ------------------------------------------------------------
+class ClipDataset(Dataset):
+    """Clips by `(index, epoch)` key (or a plain index = epoch 0) -> `(clip, label, index)`,
+    clip uint8 `(3, num_frames, size, size)`."""
+
+    def __init__(self, clip_paths: Sequence[str], labels: Sequence[int], transform: ClipTransform) -> None:
+        if len(clip_paths) != len(labels):
+            raise ValueError(f"{len(clip_paths)} clip paths but {len(labels)} labels")
+        # One bytes array instead of a list of str: forked workers would otherwise touch (and
+        # copy) every string object's refcount, the host-memory blow-up upstream fought.
+        self.paths = np.array([os.fsencode(p) for p in clip_paths], dtype=np.bytes_)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int, int]:
+        index, epoch = (key if isinstance(key, tuple) else (key, 0))
+        index, epoch = int(index), int(epoch)
+        if not 0 <= index < len(self):
+            raise IndexError(f"clip index {index} out of range for {len(self)} clips")
+        frames = load_clip_frames(os.fsdecode(self.paths[index]), self.transform.num_frames)
+        clip = self.transform(frames, epoch=epoch, index=index)
+        return clip, int(self.labels[index]), index
+
+
+def normalize(clips: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 clips `(..., 3, T, H, W)` -> float32 `(x/255 - mean) / std` per channel; call it on
+    the training device so the loader only moves bytes."""
+    if clips.dtype != torch.uint8:  # a float input would be normalised twice
+        raise ValueError(f"normalize expects uint8 clips, got {clips.dtype}")
+    channels = clips.shape[-4]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean/std need {channels} values, got {list(mean)} and {list(std)}")
+    shape = (channels, 1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=clips.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=clips.device).view(shape)
+    return clips.to(torch.float32).div_(255).sub_(mean_t).div_(std_t)

@@ -1,0 +1,61 @@
+"""Training losses: plain cross-entropy or the 2-class focal loss upstream trains with.
+
+Headers are rare (often 1 positive in tens of negatives), so the default is focal loss: it
+down-weights the many easy negatives ((1 - p_t)^gamma) and weights the positive class by alpha.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSS_NAMES: tuple[str, ...] = ("ce", "focal")
+
+
+class FocalLoss(nn.Module):
+    """alpha_t * (1 - p_t)^gamma * CE on a 2-class softmax, mean over the batch.
+
+    alpha_t is `alpha` for label 1 (header) and 1 - alpha for label 0. Computed in float32 with
+    autocast off, from log_softmax, so fp16/bf16 logits and extreme values stay finite.
+    """
+
+    def __init__(self, alpha: float = 0.75, gamma: float = 2.0) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"focal alpha must be in [0, 1], got {alpha}")
+        if gamma < 0.0:
+            raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+        self.alpha = float(alpha)
+        self.gamma = float(gamma)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.ndim != 2 or logits.shape[1] != 2:
+            raise ValueError(f"FocalLoss expects logits of shape (B, 2), got {tuple(logits.shape)}")
+        if target.shape != logits.shape[:1]:
+            raise ValueError(f"target shape {tuple(target.shape)} does not match batch size "
+                             f"{logits.shape[0]}")
+        # Low-precision exp/log lose the small (1 - p_t) of confident clips: compute in fp32.
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            target = target.long()
+            log_p = F.log_softmax(logits.float(), dim=1)
+            log_p_t = log_p.gather(1, target.unsqueeze(1)).squeeze(1)
+            loss = -log_p_t
+            if self.gamma != 0.0:
+                # 1 - p_t via expm1 keeps precision when p_t is close to 1. The clamp keeps the
+                # gradient of x^gamma (gamma < 1) finite at x = 0, where the loss is 0 anyway.
+                one_minus_p_t = (-torch.expm1(log_p_t)).clamp_min(torch.finfo(torch.float32).tiny)
+                loss = one_minus_p_t.pow(self.gamma) * loss
+            alpha_t = torch.where(target == 1, self.alpha, 1.0 - self.alpha).to(loss.dtype)
+            return (alpha_t * loss).mean()
+
+
+def build_loss(name: str, *, focal_alpha: float, focal_gamma: float) -> nn.Module:
+    """The loss named by `--loss`: "ce" (unweighted cross-entropy) or "focal"."""
+    if name == "ce":
+        return nn.CrossEntropyLoss()
+    if name == "focal":
+        return FocalLoss(alpha=focal_alpha, gamma=focal_gamma)
+    raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSS_NAMES)}")

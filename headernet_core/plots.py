@@ -1,0 +1,141 @@
+"""PNG curves of a run: loss and validation metrics per epoch, ROC and PR of the best epoch.
+
+Figures are built with `matplotlib.figure.Figure` on an Agg canvas instead of pyplot, so plotting
+from a training loop (or a Ray worker) never touches the user's backend or pyplot's figure
+registry, and a figure is freed as soon as it goes out of scope.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from .artifacts import atomic_path
+from .metrics import best_threshold
+
+_FIGSIZE = (7.0, 4.5)
+_DPI = 100
+
+# (column, legend label) of the per-epoch metric plot.
+_EPOCH_METRICS: tuple[tuple[str, str], ...] = (
+    ("val_f1", "F1 (best threshold)"),
+    ("val_auc", "ROC AUC"),
+    ("val_ap", "average precision"),
+    ("val_precision", "precision (best threshold)"),
+    ("val_recall", "recall (best threshold)"),
+)
+
+
+def _new_figure() -> tuple[Figure, object]:
+    fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Write atomically (the temp name ends in .tmp, hence the explicit format), then free."""
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        fig.clear()
+    return path
+
+
+def _mark_best(ax, best_epoch: int | None) -> None:
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
+
+
+def _legend(ax, **kwargs) -> None:
+    """A legend only when something is labelled (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
+def _plot_columns(ax, epochs: pd.DataFrame, columns: Sequence[tuple[str, str]]) -> None:
+    """One line per present column; markers so a single epoch still shows a point."""
+    x = pd.to_numeric(epochs["epoch"], errors="coerce").to_numpy(dtype=float)
+    for column, label in columns:
+        if column in epochs:
+            y = pd.to_numeric(epochs[column], errors="coerce").to_numpy(dtype=float)
+            ax.plot(x, y, marker="o", markersize=3, label=label)
+
+
+def _loss_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None) -> Path:
+    fig, ax = _new_figure()
+    _plot_columns(ax, epochs, (("train_loss", "train loss"), ("val_loss", "val loss")))
+    _mark_best(ax, best_epoch)
+    ax.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
+    ax.grid(alpha=0.3)
+    _legend(ax, loc="best")
+    return _save(fig, path)
+
+
+def _metrics_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None) -> Path:
+    fig, ax = _new_figure()
+    _plot_columns(ax, epochs, _EPOCH_METRICS)
+    _mark_best(ax, best_epoch)
+    ax.set(xlabel="epoch", ylabel="value", title="Validation metrics per epoch", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    _legend(ax, loc="best", fontsize="small")
+    return _save(fig, path)
+
+
+def _roc_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
+    fpr, tpr, _ = roc_curve(y, p)
+    fig, ax = _new_figure()
+    ax.plot(fpr, tpr, label=f"AUC = {roc_auc_score(y, p):.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title,
+           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def _pr_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
+    precision, recall, _ = precision_recall_curve(y, p)
+    threshold, best_p, best_r, best_f1 = best_threshold(y, p)
+    fig, ax = _new_figure()
+    ax.plot(recall, precision, drawstyle="steps-post",
+            label=f"AP = {average_precision_score(y, p):.3f}")
+    ax.axhline(y.mean(), color="grey", linestyle=":", linewidth=1,
+               label=f"positive rate {y.mean():.3f}")
+    ax.scatter([best_r], [best_p], color="red", zorder=3,
+               label=f"best F1 {best_f1:.3f} at threshold {threshold:.3f}")
+    ax.set(xlabel="recall", ylabel="precision", title=title, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize="small")
+    return _save(fig, path)
+
+
+def write_plots(plot_dir: Path, epochs: pd.DataFrame, labels: np.ndarray | None,
+                prob_header: np.ndarray | None, best_epoch: int | None) -> list[Path]:
+    """Write loss.png and metrics.png, plus roc.png and pr.png of the best epoch's predictions.
+
+    `epochs` is the metrics_epoch table (missing columns are skipped, NaN leaves gaps). ROC/PR
+    need finite predictions with both classes; otherwise they are skipped silently (the
+    metrics already warned). Returns the paths written.
+    """
+    plot_dir = Path(plot_dir)
+    written = [_loss_plot(plot_dir / "loss.png", epochs, best_epoch),
+               _metrics_plot(plot_dir / "metrics.png", epochs, best_epoch)]
+    if labels is None or prob_header is None:
+        return written
+    y = np.asarray(labels).astype(np.int64).ravel()
+    p = np.asarray(prob_header, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels ({y.size}) and prob_header ({p.size}) differ in length")
+    if np.unique(y).size < 2 or not np.all(np.isfinite(p)):
+        return written
+    suffix = "" if best_epoch is None else f" (epoch {best_epoch})"
+    written.append(_roc_plot(plot_dir / "roc.png", y, p, f"ROC, validation{suffix}"))
+    written.append(_pr_plot(plot_dir / "pr.png", y, p, f"Precision-recall, validation{suffix}"))
+    return written

@@ -1,0 +1,194 @@
+"""headernet_core.split_dataset: stratified, video-grouped train/val split CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from headernet_core import split_dataset
+from headernet_core.data import read_split
+from headernet_core.errors import HeaderNetError
+from headernet_core.split_dataset import fold_plan, split_frame
+
+COLUMNS = ["path", "label", "video_id", "half", "frame", "metadata"]
+
+
+def clip_table(videos: int = 12, clips_per_video: int = 10, seed: int = 0) -> pd.DataFrame:
+    """Upstream-like rows: absolute paths of another machine, ~20% positives, every video has one."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for v in range(videos):
+        for c in range(clips_per_video):
+            label = int(c == 0 or rng.random() < 0.12)
+            base = f"/scratch/other/cache/match{v:02d}_half1_{c:06d}_{label}"
+            rows.append({"path": base, "label": label, "video_id": f"match{v:02d}", "half": 1,
+                         "frame": c * 50, "metadata": f"{base}_meta.json"})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "headernet_core.split_dataset", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+# --- end to end ---------------------------------------------------------------------------
+def test_cli_end_to_end(tmp_path):
+    source = clip_table()
+    source.to_csv(tmp_path / "all.csv", index=False)
+    result = run_cli("--input_csv", "all.csv", "--output_dir", "splits", "--seed", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    train = pd.read_csv(tmp_path / "splits" / "train.csv")
+    val = pd.read_csv(tmp_path / "splits" / "val.csv")
+    assert list(train.columns) == list(val.columns) == COLUMNS  # no index column
+    assert len(train) + len(val) == len(source)
+    assert sorted(pd.concat([train, val])["path"]) == sorted(source["path"])
+    assert not set(train["video_id"]) & set(val["video_id"])
+    assert train["label"].sum() > 0 and val["label"].sum() > 0
+    assert f"train: {len(train)} clips, {train['label'].sum()} positives, " in result.stdout
+    assert f"val: {len(val)} clips, {val['label'].sum()} positives, " in result.stdout
+    assert "video_id groups" in result.stdout
+    assert not list((tmp_path / "splits").glob(".*tmp"))  # temp files were renamed away
+
+
+def test_cli_missing_file_is_one_line_exit_2(tmp_path):
+    result = run_cli("--input_csv", "nope.csv", "--output_dir", "out", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "error: nope.csv: input CSV not found (--input_csv)\n"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- in-process (same code, faster) -------------------------------------------------------
+def run_main(tmp_path: Path, *args: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    split_dataset.main(["--input_csv", str(tmp_path / "all.csv"), "--output_dir", str(tmp_path / "out"), *args])
+    return (pd.read_csv(tmp_path / "out" / "train.csv", keep_default_na=False),
+            pd.read_csv(tmp_path / "out" / "val.csv", keep_default_na=False))
+
+
+def test_root_dir_rewrites_paths_relative_under_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clips").mkdir()
+    clip_table(videos=4).to_csv(tmp_path / "all.csv", index=False)
+    train, val = run_main(tmp_path, "--root_dir", str(tmp_path / "clips"))
+    paths = pd.concat([train, val])["path"]
+    assert all(p.startswith("clips/match") and "/" not in p[len("clips/"):] for p in paths)
+    assert all(m.startswith("/scratch/other/") for m in train["metadata"])  # other columns untouched
+
+
+def test_root_dir_outside_cwd_gives_absolute_paths(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (tmp_path / "clips").mkdir()
+    clip_table(videos=4).to_csv(tmp_path / "all.csv", index=False)
+    train, _ = run_main(tmp_path, "--root_dir", "../clips")
+    assert train["path"][0] == str(tmp_path / "clips" / Path(train["path"][0]).name)
+
+
+def test_paths_relative_to_input_csv_still_resolve_from_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    (data / "clips").mkdir(parents=True)
+    table = clip_table(videos=4, clips_per_video=5)
+    table["path"] = [f"clips/{Path(p).name}" for p in table["path"]]  # relative to the CSV folder
+    for p in table["path"]:
+        np.save(data / f"{p}_s.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    table.loc[0, "path"] = str(data / "clips" / Path(table.loc[0, "path"]).name)  # absolute: kept
+    table.to_csv(data / "all.csv", index=False)
+    split_dataset.main(["--input_csv", "data/all.csv", "--output_dir", "data/splits"])
+    before = read_split(data / "all.csv", "input")
+    after = pd.concat([read_split(data / "splits" / name, name[:-4]) for name in ("train.csv", "val.csv")])
+    assert sorted(after["clip_path"]) == sorted(before["clip_path"])
+    assert set(after["path"]) - {table.loc[0, "path"]} == {f"../{p}" for p in table["path"][1:]}
+
+
+def test_cells_are_copied_as_written(tmp_path):
+    table = clip_table(videos=4)
+    table["label"] = table["label"].map({0: "0.0", 1: "1"})
+    table.loc[0, "metadata"] = ""
+    table.to_csv(tmp_path / "all.csv", index=False)
+    run_main(tmp_path)
+    both = pd.concat([pd.read_csv(tmp_path / "out" / name, dtype=str, keep_default_na=False)
+                      for name in ("train.csv", "val.csv")])
+    assert set(both["label"]) == {"0.0", "1"}
+    assert (both["metadata"] == "").sum() == 1
+
+
+def test_no_group_lets_videos_share_splits(tmp_path, capsys):
+    clip_table(videos=6, clips_per_video=20).to_csv(tmp_path / "all.csv", index=False)
+    train, val = run_main(tmp_path, "--no_group", "--val_split", "0.25")
+    assert len(val) == 30  # clip-level: exactly ceil(0.25 * 120)
+    assert set(train["video_id"]) & set(val["video_id"])
+    assert "appear in both splits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--val_split", "0"], "--val_split must be between 0 and 1"),
+    (["--val_split", "1.5"], "--val_split must be between 0 and 1"),
+    (["--root_dir", "/definitely/not/here"], "--root_dir /definitely/not/here: not a directory"),
+])
+def test_bad_arguments(tmp_path, args, expected):
+    clip_table(videos=4).to_csv(tmp_path / "all.csv", index=False)
+    with pytest.raises(HeaderNetError, match=expected):
+        run_main(tmp_path, *args)
+
+
+@pytest.mark.parametrize("table, expected", [
+    (pd.DataFrame({"path": ["a", "b"], "video_id": ["x", "y"]}), "missing column(s) label"),
+    (pd.DataFrame({"path": ["a", "b", "c"], "label": [0, 0, 0]}), "no positive clips"),
+    (pd.DataFrame({"path": ["a", "b", "c"], "label": [0, 1, 0]}), "each class present needs at least 2"),
+    (pd.DataFrame({"path": list("abcd"), "label": [1, 0, 1, 0], "video_id": ["v"] * 4}),
+     "a single group cannot be split"),
+    (pd.DataFrame({"path": list("abcd"), "label": [1, 1, 0, 0], "video_id": list("vvwx")}),
+     "all positives come from one video_id"),
+    (pd.DataFrame({"path": list("abcd"), "label": [1, 2, 0, 0]}), "row 3: label must be 0 or 1, got '2'"),
+    (pd.DataFrame({"path": list("abcd"), "label": [1, 1, 0, 0]}), "too few clips (4) for --val_split 0.2"),
+])
+def test_bad_input_tables(tmp_path, table, expected):
+    table.to_csv(tmp_path / "all.csv", index=False)
+    with pytest.raises(HeaderNetError) as excinfo:
+        run_main(tmp_path)
+    message = str(excinfo.value)
+    assert expected in message and "\n" not in message
+    assert str(tmp_path / "all.csv") in message
+
+
+# --- split_frame ----------------------------------------------------------------------------
+@pytest.mark.parametrize("val_split", [0.1, 0.2, 0.3, 0.5, 0.8])
+def test_grouped_split_is_stratified_and_close_to_val_split(val_split):
+    table = clip_table(videos=30, clips_per_video=10, seed=1)
+    train, val = split_frame(table, val_split, seed=42, group=True)
+    assert len(train) + len(val) == len(table)
+    assert not set(train["video_id"]) & set(val["video_id"])
+    assert train["label"].sum() > 0 and val["label"].sum() > 0
+    assert abs(len(val) / len(table) - val_split) <= 0.05
+    rate = table["label"].mean()
+    assert abs(val["label"].mean() - rate) < 0.1
+
+
+def test_split_is_seeded():
+    table = clip_table(videos=20)
+    a, _ = split_frame(table, 0.2, seed=1, group=True)
+    b, _ = split_frame(table, 0.2, seed=1, group=True)
+    c, _ = split_frame(table, 0.2, seed=2, group=True)
+    assert a.equals(b) and not a.equals(c)
+    assert a.index.tolist() == list(range(len(a)))
+
+
+def test_ungrouped_split_is_stratified():
+    table = clip_table(videos=10).drop(columns="video_id")
+    train, val = split_frame(table, 0.2, seed=0, group=True)  # no video_id: clip-level split
+    assert len(val) == 20 and val["label"].sum() > 0 and train["label"].sum() > 0
+
+
+def test_fold_plan():
+    assert fold_plan(0.2, 100) == (1, 5)
+    assert fold_plan(0.3, 100) == (3, 10)
+    assert fold_plan(0.25, 100) == (1, 4)
+    assert fold_plan(0.2, 3) == (1, 3)  # at most one fold per group
