@@ -164,6 +164,8 @@ class TrainConfig:
             value = getattr(self, key)
             if value < 1:
                 fail(f"--{key} must be a positive integer, got {value}")
+        if self.seed < 0:
+            fail(f"--seed must be >= 0, got {self.seed}")
         if self.num_workers < 0:
             fail(f"--num_workers must be >= 0, got {self.num_workers}")
         if self.input_size is not None and self.input_size < 1:
@@ -222,7 +224,7 @@ class TrainConfig:
         else:
             head = lr_backbone
         return self.replace(
-            lr_backbone=lr_backbone if self.trains_backbone else self.lr_backbone,
+            lr_backbone=lr_backbone if self.trains_backbone else None,
             lr_head=head,
             input_size=self.input_size or native_size,
             mean=list(self.mean) if self.mean is not None else list(default_mean),
@@ -365,12 +367,15 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def cli_values(argv: Sequence[str] | None, prog: str, description: str) -> tuple[str | None, dict[str, Any]]:
+    """The `--config` path (or None) and only the flags typed on the command line."""
+    args = vars(build_parser(prog, description).parse_args(argv))
+    return args.pop("config", None), args
+
+
 def config_from_cli(argv: Sequence[str] | None, prog: str, description: str) -> TrainConfig:
     """Defaults < `--config` YAML < flags typed on the command line."""
-    args = vars(build_parser(prog, description).parse_args(argv))
-    values: dict[str, Any] = {}
-    config_path = args.pop("config", None)
-    if config_path:
-        values.update(load_yaml_mapping(config_path))
-    values.update(args)
+    config_path, typed = cli_values(argv, prog, description)
+    values: dict[str, Any] = load_yaml_mapping(config_path) if config_path else {}
+    values.update(typed)
     return TrainConfig.from_dict(values, source=str(config_path or "command line"))

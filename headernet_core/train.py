@@ -1,0 +1,533 @@
+"""Train one header classifier: `train(config, on_epoch=...)` is what the CLI and a Tune trial call.
+
+Read it top to bottom: `prepare` checks every input before anything is written, `train` runs
+the epochs (train -> validate -> write artifacts -> callback), and `main` is the thin CLI.
+
+    python -m headernet_core.train --train_csv splits/train.csv --val_csv splits/val.csv \
+        --backbone vmae --vmae_variant base --epochs 30 --run_name vmae_base_lr5e-5
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import artifacts, checkpoints
+from .backbones import BackboneInfo, create_backbone
+from .config import SELECTABLE_METRICS, TrainConfig, cli_values, load_yaml_mapping, parse_neg_pos_ratio
+from .data import (ClipDataset, ClipTransform, EpochSampler, check_clips, check_has_both_classes,
+                   normalize, read_split)
+from .errors import fail, run_cli
+from .losses import build_loss
+from .metrics import classification_metrics, is_improvement
+from .model import HeaderClassifier, build_classifier, build_optimizer, nominal_lr
+
+# metrics_epoch.csv starts with upstream's legacy columns, in upstream's order (lr_* = mean LR
+# over the epoch's optimizer steps, without the layer-decay scale).
+LEADING_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_precision", "val_recall",
+                   "val_f1", "val_auc", "lr_backbone", "lr_head")
+# Settings that may change when a stopped run is resumed; anything else must match.
+RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "gpus", "cpu", "tensorboard", "plots",
+                     "resume", "overwrite", "output_root"}
+
+
+@dataclass
+class EpochReport:
+    """What `on_epoch` receives after each epoch's artifacts are on disk."""
+    epoch: int                      # 1-based
+    metrics: dict[str, float]       # this epoch's row of metrics_epoch.csv
+    best_epoch: int
+    best_metrics: dict[str, float]
+    is_best: bool
+    run_dir: Path
+    last_checkpoint: Path
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str                     # "finished" | "stopped"
+    epochs_done: int
+    best_epoch: int | None
+    best_metrics: dict[str, float]
+    best_checkpoint: Path | None
+    config: TrainConfig
+
+
+@dataclass
+class Prepared:
+    """Everything validated and built, before a single file is written."""
+    config: TrainConfig
+    info: BackboneInfo
+    model: HeaderClassifier
+    device: torch.device
+    device_ids: list[int]
+    train_df: pd.DataFrame
+    val_df: pd.DataFrame
+    run_dir: Path
+    resume_state: dict[str, Any] | None = None
+
+
+@dataclass
+class RunState:
+    """Progress that `last.pt` carries across a resume."""
+    epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_metrics: dict[str, float] | None = None
+
+
+# --- preparation: every check before anything is written ----------------------------------
+def resolve_devices(config: TrainConfig) -> tuple[torch.device, list[int]]:
+    """`--cpu` -> CPU; `--gpus a b ...` -> cuda:a with DataParallel over all; else first GPU or CPU."""
+    if config.cpu:
+        return torch.device("cpu"), []
+    if config.gpus:
+        if not torch.cuda.is_available():
+            fail(f"--gpus {' '.join(map(str, config.gpus))}: no CUDA GPU is visible on this machine")
+        count = torch.cuda.device_count()
+        missing = [g for g in config.gpus if g >= count]
+        if missing:
+            fail(f"--gpus {' '.join(map(str, missing))}: only {count} GPU(s) visible (ids 0-{count - 1})")
+        if len(set(config.gpus)) != len(config.gpus):
+            fail(f"--gpus lists an id twice: {config.gpus}")
+        return torch.device(f"cuda:{config.gpus[0]}"), list(config.gpus)
+    if torch.cuda.is_available():
+        return torch.device("cuda:0"), [0]
+    return torch.device("cpu"), []
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        if amp == "fp16":
+            fail("--amp fp16 needs a GPU; use --amp bf16 or off on the CPU")
+        return torch.bfloat16 if amp == "bf16" else None
+    if amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        fail("--amp bf16: this GPU has no bf16 support; use --amp fp16")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def default_run_name(config: TrainConfig) -> str:
+    return f"{config.backbone}-{config.variant}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def read_status(run_dir: Path) -> str | None:
+    path = run_dir / "status.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("state")
+    except (OSError, ValueError):
+        return None
+
+
+def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
+    """Where the run goes, and its last.pt when resuming. A finished run is never overwritten."""
+    run_dir = Path(config.output_root) / str(config.run_name)
+    last = run_dir / "checkpoints" / "last.pt"
+    if config.resume:
+        if not last.is_file():
+            fail(f"{run_dir}: nothing to resume (no checkpoints/last.pt); start it without --resume")
+        return run_dir, checkpoints.load(last)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not config.overwrite:
+            fail(f"{run_dir} already exists; pass --resume to continue it or choose another --run_name")
+        if read_status(run_dir) == "finished":
+            fail(f"{run_dir} is a finished run and is never overwritten; choose another --run_name")
+    return run_dir, None
+
+
+def check_resume_compatible(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
+    current = config.to_dict()
+    changed = sorted(k for k, v in saved.items()
+                     if k not in RESUMABLE_CHANGES and k in current and current[k] != v)
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed[:4])
+        fail(f"{run_dir}: --resume cannot change {detail}; only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Validate config, devices, backbone, data and run folder. Writes nothing."""
+    config.validate()
+    if config.run_name is None:
+        if config.resume:
+            fail("--resume needs --run_name (the run folder to continue)")
+        config = config.replace(run_name=default_run_name(config))
+    device, device_ids = resolve_devices(config)
+    resolve_amp(config.amp, device)
+    # Cheap checks first: data before loading a (possibly multi-GB) backbone checkpoint.
+    train_df = read_split(config.train_csv, "train")
+    check_has_both_classes(train_df, config.train_csv)
+    check_clips(train_df, config.train_csv)
+    val_df = read_split(config.val_csv, "val")
+    check_clips(val_df, config.val_csv)
+
+    run_dir, resume_state = check_run_dir(config)
+
+    torch.manual_seed(config.seed)
+    backbone, info = create_backbone(config.backbone, config.variant, ckpt=config.backbone_ckpt,
+                                     checkpoint_root=config.checkpoint_root)
+    config = config.resolved(native_size=info.native_size, default_mean=info.mean, default_std=info.std)
+    if config.num_frames % info.frame_multiple:
+        fail(f"--num_frames {config.num_frames} must be a multiple of the VideoMAE tubelet size "
+             f"{info.frame_multiple}")
+    if config.finetune_mode == "frozen" and config.gradient_checkpointing:
+        warnings.warn("--gradient_checkpointing has no effect with a frozen backbone", stacklevel=2)
+
+    if resume_state is not None:
+        check_resume_compatible(resume_state["config"], config, run_dir)
+    model = build_classifier(backbone, config)
+    return Prepared(config, info, model, device, device_ids, train_df, val_df, run_dir, resume_state)
+
+
+# --- the loop ------------------------------------------------------------------------------
+def make_loader(df: pd.DataFrame, config: TrainConfig, *, train: bool, pin: bool
+                ) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    transform = ClipTransform(num_frames=config.num_frames, size=config.input_size,
+                              train=train and config.augment, flip=config.aug_flip,
+                              jitter=config.aug_jitter, crop_scale=config.aug_crop_scale,
+                              seed=config.seed)
+    dataset = ClipDataset(df["clip_path"].tolist(), df["label"].tolist(), transform)
+    sampler = EpochSampler(df["label"].to_numpy(), seed=config.seed, shuffle=train,
+                           neg_pos_ratio=parse_neg_pos_ratio(config.neg_pos_ratio) if train else None)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+        pin_memory=pin, persistent_workers=config.num_workers > 0, drop_last=False,
+        # Our sampler decides the order; a private generator keeps the loader off the global RNG
+        # so that a resumed run draws the same dropout masks as an uninterrupted one.
+        generator=torch.Generator().manual_seed(config.seed))
+    return loader, sampler
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterion,
+                    config: TrainConfig, state: RunState, device: torch.device,
+                    amp_dtype: torch.dtype | None, writer, desc: str) -> dict[str, float]:
+    model.train()
+    loss_sum, correct, seen, micro = 0.0, 0, 0, 0
+    lr_sums = {"lr_backbone": 0.0, "lr_head": 0.0}
+    optimizer_steps = 0
+    steps = len(loader)
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, total=steps, disable=not config.progress, leave=False,
+               dynamic_ncols=True, file=sys.stderr)
+    optimizer.zero_grad(set_to_none=True)
+    for i, (clips, labels, _) in enumerate(bar):
+        clips = normalize(clips.to(device, non_blocking=True), config.mean, config.std)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(clips)
+        loss = criterion(logits.float(), labels)
+        if not torch.isfinite(loss):
+            fail(f"training diverged: loss is {loss.item()} at epoch {state.epoch + 1}, batch {i + 1}; "
+                 "lower --lr_backbone/--lr_head or try --amp off")
+        scaler.scale(loss / config.grad_accum).backward()
+        micro += 1
+        if micro == config.grad_accum or i + 1 == steps:
+            if config.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            micro = 0
+            for key in lr_sums:  # the LR this step used, before the scheduler moves it
+                lr_sums[key] += nominal_lr(optimizer, key.removeprefix("lr_"))
+            optimizer_steps += 1
+            state.global_step += 1
+            if scheduler is not None:
+                scheduler.step_update(state.global_step)
+        batch = labels.numel()
+        loss_sum += loss.item() * batch
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += batch
+        if writer is not None:
+            writer.add_scalar("step/train_loss", loss.item(), state.global_step)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", clips_s=f"{seen / (time.perf_counter() - start):.1f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "train_clips": float(seen),
+            "train_seconds": seconds, "clips_per_s": seen / seconds,
+            **{key: total / max(1, optimizer_steps) for key, total in lr_sums.items()}}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, config: TrainConfig, device: torch.device,
+            amp_dtype: torch.dtype | None, criterion: nn.Module) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class-1 probabilities in dataset order, labels, and mean loss."""
+    model.eval()
+    probs, labels_all, loss_sum = [], [], 0.0
+    for clips, labels, _ in tqdm(loader, desc="validate", disable=not config.progress, leave=False,
+                                 dynamic_ncols=True, file=sys.stderr):
+        clips = normalize(clips.to(device, non_blocking=True), config.mean, config.std)
+        labels = labels.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(clips).float()
+        loss_sum += criterion(logits, labels).item() * labels.numel()
+        probs.append(torch.softmax(logits, dim=1)[:, 1].cpu())
+        labels_all.append(labels.cpu())
+    prob = torch.cat(probs).numpy().astype(np.float64)
+    label = torch.cat(labels_all).numpy()
+    return prob, label, loss_sum / len(label)
+
+
+def predictions_frame(val_df: pd.DataFrame, prob: np.ndarray, threshold: float) -> pd.DataFrame:
+    """val_predictions.csv: upstream's columns, plus half/frame when the CSV has them."""
+    if not math.isfinite(threshold):
+        threshold = 0.5
+    out = pd.DataFrame({
+        "video_id": val_df["video_id"] if "video_id" in val_df else "",
+        "path": val_df["path"],
+        "label": val_df["label"].astype(int),
+        "prob_header": prob,
+        "prob_non_header": 1.0 - prob,
+        "pred_label": (prob >= threshold).astype(int),
+    })
+    for column in ("half", "frame"):
+        if column in val_df:
+            out[column] = val_df[column].to_numpy()
+    return out
+
+
+def write_metrics_csv(run_dir: Path, history: list[dict[str, float]]) -> None:
+    frame = pd.DataFrame(history)
+    columns = [c for c in LEADING_COLUMNS if c in frame] + [c for c in frame if c not in LEADING_COLUMNS]
+    with artifacts.atomic_path(run_dir / "metrics_epoch.csv") as tmp:
+        frame[columns].to_csv(tmp, index=False)
+
+
+def write_status(run_dir: Path, state: str, epochs_done: int, error: str | None = None) -> None:
+    payload = {"state": state, "epochs_done": epochs_done, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if error:
+        payload["error"] = error
+    artifacts.write_json(run_dir / "status.json", payload)
+
+
+def summary_line(config: TrainConfig, row: dict[str, float], is_best: bool) -> str:
+    return (f"epoch {int(row['epoch'])}/{config.epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} auc {row['val_auc']:.3f} "
+            f"ap {row['val_ap']:.3f} f1 {row['val_f1']:.3f}@{row['val_threshold']:.2f} | "
+            f"lr {row['lr_backbone']:.2e}/{row['lr_head']:.2e} | {row['epoch_seconds']:.1f}s "
+            f"{row['clips_per_s']:.1f} clips/s{'  *best*' if is_best else ''}")
+
+
+def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> CosineLRScheduler | None:
+    if config.scheduler == "none":
+        return None
+    total = max(1, steps_per_epoch * config.epochs)
+    warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
+    return CosineLRScheduler(optimizer, t_initial=total, lr_min=0.0, warmup_t=max(0, warmup),
+                             warmup_lr_init=0.0, t_in_epochs=False)
+
+
+def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | None = None,
+          *, log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) one training run and write its artifacts; `on_epoch` may return True to stop."""
+    prep = prepare(config)
+    config, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir
+    amp_dtype = resolve_amp(config.amp, device)
+
+    # From here on files are written.
+    if not config.resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # only reached with --overwrite on an unfinished run
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    artifacts.write_yaml(run_dir / "config.yaml", config.to_dict())
+    if prep.info.source is None:
+        log(f"backbone {prep.info.name}: random initialisation")
+    else:
+        log(f"backbone {prep.info.name} loaded from {prep.info.source}")
+
+    model.to(device)
+    net: nn.Module = nn.DataParallel(model, device_ids=prep.device_ids) if len(prep.device_ids) > 1 else model
+    pin = device.type == "cuda"
+    train_loader, train_sampler = make_loader(prep.train_df, config, train=True, pin=pin)
+    val_loader, _ = make_loader(prep.val_df, config, train=False, pin=pin)
+    optimizer = build_optimizer(model, config)
+    steps_per_epoch = math.ceil(math.ceil(len(train_sampler) / config.batch_size) / config.grad_accum)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    criterion = build_loss(config.loss, focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
+    state = RunState()
+
+    if prep.resume_state is not None:
+        state = _restore(prep.resume_state, model, optimizer, scheduler, scaler, config, steps_per_epoch)
+        _drop_stale_best(run_dir, state.best_epoch)
+        log(f"resuming {run_dir} after epoch {state.epoch}")
+
+    writer = None
+    if config.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=state.epoch + 1 if state.epoch else None)
+    log(f"run {run_dir}: {len(prep.train_df)} train / {len(prep.val_df)} val clips, "
+        f"{len(train_sampler)} train clips per epoch, device {device}"
+        f"{' x' + str(len(prep.device_ids)) if len(prep.device_ids) > 1 else ''}, "
+        f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}")
+
+    status = "running"
+    write_status(run_dir, status, state.epoch)
+    try:
+        while state.epoch < config.epochs:
+            epoch = state.epoch + 1
+            train_sampler.set_epoch(epoch)
+            epoch_start = time.perf_counter()
+            train_stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion,
+                                          config, state, device, amp_dtype, writer,
+                                          desc=f"epoch {epoch}/{config.epochs}")
+            prob, labels, val_loss = predict(net, val_loader, config, device, amp_dtype, criterion)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                val = classification_metrics(labels, prob, loss=val_loss)
+            for w in {str(w.message) for w in caught}:
+                log(f"warning: {w}")
+            row = {"epoch": float(epoch), **train_stats, **val,
+                   "epoch_seconds": time.perf_counter() - epoch_start}
+            state.epoch = epoch
+            state.history.append(row)
+            is_best = is_improvement(row, state.best_metrics, config.select_metric,
+                                     SELECTABLE_METRICS[config.select_metric])
+            if is_best:
+                _save_best(run_dir, model, config, prep.info, epoch, row, state.best_epoch,
+                           predictions_frame(prep.val_df, prob, row["val_threshold"]))
+                state.best_epoch, state.best_metrics = epoch, row
+            write_metrics_csv(run_dir, state.history)
+            last = run_dir / "checkpoints" / "last.pt"
+            checkpoints.save(last, _last_payload(model, optimizer, scheduler, scaler, config, prep.info, state))
+            _write_epoch_extras(run_dir, config, writer, row, state, prob, labels, is_best)
+            write_status(run_dir, "running", state.epoch)
+            log(summary_line(config, row, is_best))
+            if on_epoch is not None and on_epoch(EpochReport(
+                    epoch, row, state.best_epoch, state.best_metrics, is_best, run_dir, last)):
+                if state.epoch < config.epochs:
+                    status = "stopped"
+                    break
+        else:
+            status = "finished"
+        write_status(run_dir, status, state.epoch)
+    except BaseException as exc:
+        write_status(run_dir, "failed" if isinstance(exc, Exception) else "interrupted", state.epoch,
+                     error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    best_ckpt = run_dir / "checkpoints" / f"best_epoch_{state.best_epoch}.pt" if state.best_epoch else None
+    log(f"{status}: best epoch {state.best_epoch} {config.select_metric} "
+        f"{(state.best_metrics or {}).get(config.select_metric, float('nan')):.4f} -> {best_ckpt}")
+    return TrainResult(run_dir, status, state.epoch, state.best_epoch, state.best_metrics or {},
+                       best_ckpt, config)
+
+
+# --- artifacts of one epoch -----------------------------------------------------------------
+def _model_payload(model: HeaderClassifier, config: TrainConfig, info: BackboneInfo) -> dict[str, Any]:
+    return {"state_dict": model.state_dict(), "config": config.to_dict(),
+            "backbone": {"family": info.family, "name": info.name, "arch": dict(info.arch)}}
+
+
+def _save_best(run_dir: Path, model: HeaderClassifier, config: TrainConfig, info: BackboneInfo,
+               epoch: int, row: dict[str, float], previous: int | None, predictions: pd.DataFrame) -> None:
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoints.save(ckpt_dir / f"best_epoch_{epoch}.pt",
+                     {**_model_payload(model, config, info), "epoch": epoch, "metrics": row})
+    with artifacts.atomic_path(run_dir / "val_predictions.csv") as tmp:
+        predictions.to_csv(tmp, index=False)
+    artifacts.write_json(run_dir / "best_metrics.json",
+                         {**row, "epoch": epoch, "checkpoint": f"checkpoints/best_epoch_{epoch}.pt"})
+    if previous is not None and previous != epoch:
+        (ckpt_dir / f"best_epoch_{previous}.pt").unlink(missing_ok=True)
+
+
+def _drop_stale_best(run_dir: Path, best_epoch: int | None) -> None:
+    """After a crash between writing a new best and last.pt, keep only the recorded best."""
+    for path in (run_dir / "checkpoints").glob("best_epoch_*.pt"):
+        if path.name != f"best_epoch_{best_epoch}.pt":
+            path.unlink()
+
+
+def _write_epoch_extras(run_dir: Path, config: TrainConfig, writer, row: dict[str, float],
+                        state: RunState, prob: np.ndarray, labels: np.ndarray, is_best: bool) -> None:
+    if writer is not None:
+        for key, value in row.items():
+            if key != "epoch" and value == value:  # skip NaN
+                group = "train" if key.startswith("train") else "lr" if key.startswith("lr_") else \
+                    "val" if key.startswith("val") else "speed"
+                writer.add_scalar(f"{group}/{key}", value, state.epoch)
+        writer.flush()
+    if config.plots:
+        from .plots import write_plots
+        best_pred = pd.read_csv(run_dir / "val_predictions.csv") if state.best_epoch else None
+        write_plots(run_dir / "plots", pd.DataFrame(state.history),
+                    best_pred["label"].to_numpy() if best_pred is not None else None,
+                    best_pred["prob_header"].to_numpy() if best_pred is not None else None,
+                    state.best_epoch)
+
+
+def _last_payload(model, optimizer, scheduler, scaler, config, info, state: RunState) -> dict[str, Any]:
+    return {**_model_payload(model, config, info),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(),
+            "rng": checkpoints.rng_state(),
+            "epoch": state.epoch, "global_step": state.global_step,
+            "history": state.history, "best_epoch": state.best_epoch,
+            "best_metrics": state.best_metrics}
+
+
+def _restore(payload: dict[str, Any], model, optimizer, scheduler, scaler, config: TrainConfig,
+             steps_per_epoch: int) -> RunState:
+    model.load_state_dict(payload["state_dict"])
+    optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload.get("scheduler"):
+        scheduler.load_state_dict(payload["scheduler"])
+        scheduler.t_initial = max(1, steps_per_epoch * config.epochs)  # --epochs may have grown
+    if payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
+    checkpoints.set_rng_state(payload["rng"])
+    return RunState(epoch=payload["epoch"], global_step=payload["global_step"],
+                    history=list(payload["history"]), best_epoch=payload["best_epoch"],
+                    best_metrics=payload["best_metrics"])
+
+
+# --- CLI ------------------------------------------------------------------------------------
+DESCRIPTION = "Train a soccer-header clip classifier (VideoMAE v2 or ir-CSN) and write its run folder."
+
+
+def config_for_cli(argv: Sequence[str] | None) -> TrainConfig:
+    """Defaults < `--config` YAML (with `--resume`: the run's own config.yaml) < typed flags."""
+    prog = "python -m headernet_core.train"
+    config_path, typed = cli_values(argv, prog, DESCRIPTION)
+    if typed.get("resume"):
+        if config_path:
+            fail("--resume reads the run's own config.yaml; drop --config")
+        if not typed.get("run_name"):
+            fail("--resume needs --run_name (the run folder to continue)")
+        output_root = typed.get("output_root", TrainConfig().output_root)
+        config_path = str(Path(output_root) / typed["run_name"] / "config.yaml")
+        if not Path(config_path).is_file():
+            fail(f"{Path(config_path).parent}: nothing to resume (no config.yaml)")
+    values = load_yaml_mapping(config_path) if config_path else {}
+    return TrainConfig.from_dict({**values, **typed}, source=str(config_path or "command line"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_cli(lambda: train(config_for_cli(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny on-disk dataset in the training CSV format, and tiny run configs."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+# Tests run on 2 cores next to other processes: one intra-op thread avoids oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+warnings.filterwarnings("ignore", message=".*random weights.*")
+warnings.filterwarnings("ignore", message=".*small random model.*")
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def write_clips(folder: Path, n: int, *, seed: int, frames: int = 6, size: int = 32,
+                prefix: str = "clip") -> pd.DataFrame:
+    """n clips, a third positive; positives carry a bright moving square so a model can learn."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        label = int(i % 3 == 0)
+        clip = rng.integers(0, 80, size=(frames, size, size, 3), dtype=np.uint8)
+        if label:
+            for t in range(frames):
+                x = 2 + 3 * t
+                clip[t, 10:16, x:x + 6] = 250
+        name = f"{prefix}_{i:03d}_{label}"
+        np.save(folder / f"{name}_s.npy", clip)
+        rows.append({"path": f"clips/{name}", "label": label, "video_id": f"match{i % 4}",
+                     "half": 1 + i % 2, "frame": 100 + i})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_clips(root / "clips", 18, seed=1, prefix="tr").to_csv(root / "train.csv", index=False)
+    write_clips(root / "clips", 9, seed=2, prefix="va").to_csv(root / "val.csv", index=False)
+    return {"root": root, "train_csv": root / "train.csv", "val_csv": root / "val.csv"}
+
+
+@pytest.fixture
+def tiny_config(tiny_data, tmp_path):
+    """A fast CPU run config over `tiny_data`; pass overrides as keyword arguments."""
+    from headernet_core.config import TrainConfig
+
+    def make(**overrides) -> TrainConfig:
+        values = dict(train_csv=str(tiny_data["train_csv"]), val_csv=str(tiny_data["val_csv"]),
+                      backbone="vmae", vmae_variant="tiny", csn_variant="tiny", num_frames=4,
+                      input_size=32, batch_size=4, epochs=2, lr_backbone=1e-3, lr_head=1e-3,
+                      num_workers=0, cpu=True, progress=False, plots=False, tensorboard=False,
+                      output_root=str(tmp_path / "runs"), run_name="run", warmup_epochs=0.5)
+        values.update(overrides)
+        return TrainConfig.from_dict(values, source="test")
+    return make
