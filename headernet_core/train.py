@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -39,6 +40,9 @@ from .model import HeaderClassifier, build_classifier, build_optimizer, nominal_
 # over the epoch's optimizer steps, without the layer-decay scale).
 LEADING_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_precision", "val_recall",
                    "val_f1", "val_auc", "lr_backbone", "lr_head")
+# What a run writes into its folder; other files there (e.g. Ray Tune's) are left alone.
+RUN_ARTIFACTS = ("config.yaml", "status.json", "metrics_epoch.csv", "best_metrics.json",
+                 "val_predictions.csv", "checkpoints", "plots", "tb")
 # Settings that may change when a stopped run is resumed; anything else must match.
 RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "gpus", "cpu", "tensorboard", "plots",
                      "resume", "overwrite", "output_root"}
@@ -147,7 +151,7 @@ def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
         if not last.is_file():
             fail(f"{run_dir}: nothing to resume (no checkpoints/last.pt); start it without --resume")
         return run_dir, checkpoints.load(last)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if any((run_dir / name).exists() for name in RUN_ARTIFACTS):
         if not config.overwrite:
             fail(f"{run_dir} already exists; pass --resume to continue it or choose another --run_name")
         if read_status(run_dir) == "finished":
@@ -345,8 +349,8 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
     amp_dtype = resolve_amp(config.amp, device)
 
     # From here on files are written.
-    if not config.resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # only reached with --overwrite on an unfinished run
+    if not config.resume:
+        _remove_run_artifacts(run_dir)  # only finds something with --overwrite of an unfinished run
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     artifacts.write_yaml(run_dir / "config.yaml", config.to_dict())
     if prep.info.source is None:
@@ -354,6 +358,8 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
     else:
         log(f"backbone {prep.info.name} loaded from {prep.info.source}")
 
+    if device.type == "cpu":
+        _share_cores_with_loader(config.num_workers)
     model.to(device)
     net: nn.Module = nn.DataParallel(model, device_ids=prep.device_ids) if len(prep.device_ids) > 1 else model
     pin = device.type == "cuda"
@@ -410,7 +416,8 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
             last = run_dir / "checkpoints" / "last.pt"
             checkpoints.save(last, _last_payload(model, optimizer, scheduler, scaler, config, prep.info, state))
             _write_epoch_extras(run_dir, config, writer, row, state, prob, labels, is_best)
-            write_status(run_dir, "running", state.epoch)
+            # Finished is recorded before the callback: a Tune scheduler may end the process there.
+            write_status(run_dir, "finished" if state.epoch >= config.epochs else "running", state.epoch)
             log(summary_line(config, row, is_best))
             if on_epoch is not None and on_epoch(EpochReport(
                     epoch, row, state.best_epoch, state.best_metrics, is_best, run_dir, last)):
@@ -434,6 +441,16 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
                        best_ckpt, config)
 
 
+def _share_cores_with_loader(num_workers: int) -> None:
+    """On the CPU, intra-op threads and loader workers share the cores: oversubscribing them
+    (2 torch threads + 2 workers on 2 cores) made training ~20x slower here. An explicit
+    OMP_NUM_THREADS (which Ray sets per trial) wins."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores - num_workers))
+
+
 # --- artifacts of one epoch -----------------------------------------------------------------
 def _model_payload(model: HeaderClassifier, config: TrainConfig, info: BackboneInfo) -> dict[str, Any]:
     return {"state_dict": model.state_dict(), "config": config.to_dict(),
@@ -451,6 +468,15 @@ def _save_best(run_dir: Path, model: HeaderClassifier, config: TrainConfig, info
                          {**row, "epoch": epoch, "checkpoint": f"checkpoints/best_epoch_{epoch}.pt"})
     if previous is not None and previous != epoch:
         (ckpt_dir / f"best_epoch_{previous}.pt").unlink(missing_ok=True)
+
+
+def _remove_run_artifacts(run_dir: Path) -> None:
+    for name in RUN_ARTIFACTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _drop_stale_best(run_dir: Path, best_epoch: int | None) -> None:

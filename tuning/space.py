@@ -48,6 +48,9 @@ Sections. Only `search` is required; defaults in brackets.
                 `trainer: {cpu: true}` and gpu > 0 forbids it: a 0-GPU Ray trial still sees
                 every GPU, and a reserved GPU that the trainer ignores is wasted.
   max_failures  retries of a failed trial from its last checkpoint [0].
+  demo_data     a folder [none]: when the trainer's train_csv/val_csv are missing, the demo
+                dataset (headernet_core.demo_data) is generated there and split into
+                <folder>/splits/{train,val}.csv first. For the demo space only.
 
 Distributions (exactly one per searched key):
   {loguniform: [low, high]}               float, log scale, 0 < low < high
@@ -114,7 +117,7 @@ SPACES_DIRNAME = "search_spaces"
 REPO_SPACES_DIR = Path(__file__).resolve().parents[1] / SPACES_DIRNAME
 
 SECTIONS = ("name", "trainer", "search", "objective", "budget", "scheduler", "resources",
-            "max_failures")
+            "max_failures", "demo_data")
 MAPPING_SECTIONS = ("trainer", "search", "objective", "budget", "scheduler", "resources")
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "objective": ("metric", "mode"),
@@ -215,6 +218,7 @@ class SearchSpace:
                                         #  int, "reduction_factor": float}
     resources: dict[str, float]         # {"cpu": float, "gpu": float}
     max_failures: int
+    demo_data: str | None = None        # generate the demo dataset here when its CSVs are missing
 
     def define_by_run(self, trial: Any) -> None:
         """Optuna define-by-run: sample the params in order, skipping those whose `when`
@@ -363,9 +367,12 @@ class _Loader:
         resources = self._resources(data["resources"], trainer, params)
         max_failures = self._int("max_failures", data.get("max_failures", DEFAULTS["max_failures"]),
                                  minimum=0)
+        demo_data = data.get("demo_data")
+        if demo_data is not None and (not isinstance(demo_data, str) or not demo_data):
+            fail(f"{self.where('demo_data')}: expected a folder path, got {_fmt(demo_data)}")
         space = SearchSpace(name=name, path=self.path, trainer=trainer, params=params,
                             metric=metric, mode=mode, scheduler=scheduler, resources=resources,
-                            max_failures=max_failures, **budget)
+                            max_failures=max_failures, demo_data=demo_data, **budget)
         self._check_trials(space)
         return space
 
@@ -385,7 +392,7 @@ class _Loader:
         carried: dict[str, tuple[Any, str]] = {}        # overrides of choices fixed by --set
         for key, value, label in parsed:
             section, dot, sub = key.partition(".")
-            if not dot and key in ("name", "max_failures"):
+            if not dot and key in ("name", "max_failures", "demo_data"):
                 data[key] = value
                 self.origins[key] = "--set"
             elif not dot or section == "trainer":

@@ -1,0 +1,177 @@
+"""The search service end to end on tiny CPU trials: bad input before Ray, a real search with a
+failing trial, resume after the driver is killed, and a 2-node local Ray cluster."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tuning.search import main
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def write_space(tmp_path: Path, tiny_data, *, search: dict | None = None, **sections) -> Path:
+    space = {
+        "name": "s",
+        "trainer": {"train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"]),
+                    "vmae_variant": "tiny", "csn_variant": "tiny", "num_frames": 4, "input_size": 32,
+                    "batch_size": 6, "epochs": 3, "cpu": True, "num_workers": 0, "progress": False,
+                    "plots": False, "tensorboard": False, "output_root": str(tmp_path / "out")},
+        "search": search or {"backbone": {"choice": ["vmae", "csn"]},
+                             "lr_head": {"loguniform": [3e-4, 3e-3]}},
+        "budget": {"num_samples": 4, "max_concurrent": 2, "seed": 0},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpu": 1, "gpu": 0},
+    }
+    for key, value in sections.items():
+        space[key] = {**space.get(key, {}), **value} if isinstance(value, dict) else value
+    for key in space["search"]:
+        space["trainer"].pop(key, None)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    return exc.value.code, capsys.readouterr().err
+
+
+def trial_dirs(search_dir: Path) -> list[Path]:
+    return sorted(p for p in search_dir.iterdir() if p.is_dir() and p.name.startswith("t0"))
+
+
+# --- bad input: one line, exit 2, Ray never started -----------------------------------------
+def test_bad_inputs_fail_before_ray(tiny_data, tmp_path, capsys):
+    import ray
+    space = write_space(tmp_path, tiny_data)
+    cases = [
+        (["--space", str(space), "--train_csv", str(tmp_path / "nope.csv")], "nope.csv"),
+        (["--space", str(space), "--set", "resources.gpu=1", "--set", "cpu=false"], "GPU"),
+        (["--space", str(space), "--set", "backbone=vmae", "--set", "vmae_variant=base",
+          "--set", f"checkpoint_root={tmp_path / 'ckpts'}"], "VideoMAEv2-Base"),
+        (["--space", str(space), "--resume"], "nothing to resume"),
+        (["--space", str(space), "--num_samples", "0"], "num_samples"),
+        (["--space", str(space), "--address", "127.0.0.1:1"], "--storage_path"),
+        (["--space", "no_such_space"], "no_such_space"),
+    ]
+    for args, fragment in cases:
+        code, err = run_cli(args, capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and fragment in lines[0], (args, err)
+        assert not ray.is_initialized()
+    assert not (tmp_path / "out" / "s").exists()
+
+
+# --- a real search --------------------------------------------------------------------------
+def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
+    # num_frames 5 is not a multiple of VideoMAE's tubelet: those trials fail inside Ray.
+    space = write_space(tmp_path, tiny_data, search={
+        "num_frames": {"choice": [4, 5]}, "lr_head": {"loguniform": [3e-4, 3e-3]}},
+        budget={"num_samples": 5, "max_concurrent": 2, "seed": 3})
+    main(["--space", str(space)])
+    search_dir = tmp_path / "out" / "s"
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert summary["state"] == "finished" and len(summary["trials"]) == 5
+    failed = [t for t in summary["trials"] if t["status"] == "failed"]
+    ok = [t for t in summary["trials"] if t["status"] in ("finished", "stopped_early")]
+    assert failed and ok, summary["counts"]
+    assert all("tubelet" in t["error"] for t in failed)
+    assert all(t["params"]["num_frames"] == 5 for t in failed)
+
+    for trial in ok:
+        folder = search_dir / trial["name"]
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["lr_head"] == pytest.approx(trial["params"]["lr_head"])
+        assert config["num_frames"] == 4
+        for name in ("metrics_epoch.csv", "best_metrics.json", "val_predictions.csv"):
+            assert (folder / name).is_file(), name
+        best = json.loads((folder / "best_metrics.json").read_text())
+        # the objective is the best epoch's value, not the last epoch's
+        metrics = pd.read_csv(folder / "metrics_epoch.csv")
+        assert trial["objective"] == pytest.approx(metrics["val_f1"].max())
+        assert (folder / best["checkpoint"]).is_file()
+    for name in ("trials.csv", "summary.md"):
+        assert (search_dir / name).is_file()
+
+    # the best trial's checkpoint reproduces its reported metric
+    from headernet_core.evaluate import evaluate
+    best = summary["best_trial"]
+    metrics, _ = evaluate(best["checkpoint_abs"], tiny_data["val_csv"])
+    assert metrics["val_f1"] == pytest.approx(best["objective"], abs=1e-6)
+
+    # the name now holds a finished search: a new one must not reuse it
+    code, err = run_cli(["--space", str(space)], capsys)
+    assert code == 2 and "finished search" in err
+
+
+# --- resume after the driver is killed ------------------------------------------------------
+def test_resume_after_the_driver_is_killed(tiny_data, tmp_path):
+    space = write_space(tmp_path, tiny_data, budget={"num_samples": 4, "max_concurrent": 1, "seed": 1},
+                        scheduler={"type": "none"})
+    search_dir = tmp_path / "out" / "s"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "tuning.search", "--space", str(space)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_done = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            finished = [d for d in trial_dirs(search_dir) if (d / "status.json").is_file()
+                        and json.loads((d / "status.json").read_text())["state"] == "finished"] \
+                if search_dir.is_dir() else []
+            if finished:
+                first_done = finished[0]
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)   # the driver and the Ray processes it started
+        proc.wait()
+    assert first_done is not None, "no trial finished before the deadline"
+    kept = {p: p.stat().st_mtime_ns for p in (first_done / "checkpoints").glob("best_epoch_*.pt")}
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    done = [t for t in summary["trials"] if t["status"] == "finished"]
+    assert len(done) == 4, summary["counts"]
+    indices = [d.name.split("_", 1)[0] for d in trial_dirs(search_dir)]
+    assert len(indices) == len(set(indices)) == 4, indices
+    for path, mtime in kept.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
+
+
+# --- two nodes ------------------------------------------------------------------------------
+def test_two_node_cluster_runs_trials_on_both_nodes(tiny_data, tmp_path):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        storage = tmp_path / "shared"
+        space = write_space(tmp_path, tiny_data, budget={"num_samples": 4, "max_concurrent": 2, "seed": 0},
+                            scheduler={"type": "none"})
+        main(["--space", str(space), "--address", cluster.address, "--storage_path", str(storage)])
+    finally:
+        cluster.shutdown()
+    search_dir = storage / "s"
+    nodes = {json.loads((d / "trial.json").read_text())["node_id"] for d in trial_dirs(search_dir)}
+    assert len(nodes) == 2, nodes
+    for folder in trial_dirs(search_dir):
+        assert (folder / "best_metrics.json").is_file() and (folder / "metrics_epoch.csv").is_file()
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert summary["state"] == "finished" and len(summary["trials"]) == 4

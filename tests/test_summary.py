@@ -1,0 +1,345 @@
+"""Search summary: the files, the best trial for max and min, importances (and when they are
+skipped), plots, atomic idempotent rewrites, and an empty search."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+
+import tuning.summary as summary_mod
+from tuning.space import Param
+from tuning.summary import TrialRecord, best_record, format_bytes, write_summary
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NAN = float("nan")
+
+PARAMS = (
+    Param(name="backbone", kind="choice", values=("vmae", "csn")),
+    Param(name="lr_backbone", kind="loguniform", low=1e-5, high=1e-3,
+          when={"backbone": ("vmae",)}),
+    Param(name="lr_head", kind="loguniform", low=1e-4, high=1e-2),
+    Param(name="focal_alpha", kind="uniform", low=0.5, high=0.9),
+    Param(name="unfreeze_blocks", kind="int", low=2, high=12, step=2),
+)
+OOM = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def rec(i: int, status: str, objective, *, backbone: str = "vmae", epochs: int = 4,
+        **extra) -> TrialRecord:
+    params = {"backbone": backbone, "lr_head": 10 ** (-4 + i * 0.25), "focal_alpha": 0.5 + i * 0.05,
+              "unfreeze_blocks": 2 + 2 * (i % 5)}
+    if backbone == "vmae":
+        params["lr_backbone"] = 10 ** (-5 + i * 0.2)
+    scored = objective is not None and not math.isnan(objective)
+    values = dict(name=f"t{i:03d}_backbone={backbone}", status=status, params=params,
+                  objective=objective, best_epoch=epochs if scored else None, epochs_run=epochs,
+                  best_metrics={"val_f1": objective, "val_auc": 0.9, "val_loss": 0.4} if scored
+                  else {},
+                  checkpoint=f"t{i:03d}/checkpoints/best_epoch_{epochs}.pt" if scored else None,
+                  error=None, node="node-a" if i % 2 else "node-b", order=i)
+    values.update(extra)
+    return TrialRecord(**values)
+
+
+def records() -> list[TrialRecord]:
+    """8 trials: csn ones lack the conditional lr_backbone; one failed, one NaN, one running."""
+    return [
+        rec(1, "finished", 0.70),
+        rec(2, "finished", 0.82, backbone="csn"),
+        rec(3, "stopped_early", 0.55, epochs=1),
+        rec(4, "failed", None, epochs=0, error=OOM),
+        rec(5, "finished", 0.82, epochs=3),          # ties t002 with fewer epochs
+        rec(6, "stopped_early", NAN, backbone="csn", epochs=1),
+        rec(7, "finished", 0.60, backbone="csn"),
+        rec(8, "running", 0.65, epochs=2),
+    ]
+
+
+def run(tmp_path: Path, recs=None, **kwargs) -> dict:
+    values = dict(name="demo", metric="val_f1", mode="max", space_params=PARAMS,
+                  records=records() if recs is None else recs, state="finished",
+                  disk_bytes=3 * 1024 ** 3 // 2, notes=("resumed once",))
+    values.update(kwargs)
+    return write_summary(tmp_path, **values)
+
+
+def strict_json(path: Path) -> dict:
+    def refuse(token):
+        raise ValueError(f"non-strict JSON token {token}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """For tests about numbers and text: drawing PNGs is most of a summary's second."""
+    monkeypatch.setattr(summary_mod, "_write_plots", lambda *args, **kwargs: [])
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("search")
+    return folder, run(folder, val_csv="data/splits/val.csv")
+
+
+# --- the files ------------------------------------------------------------------------------
+def test_every_file_is_written_and_nothing_else(done):
+    folder, _ = done
+    expected = ["plots", "search_summary.json", "summary.md", "trials.csv",
+                "plots/objective_per_trial.png"] + [f"plots/param_{p.name}.png" for p in PARAMS]
+    assert files(folder) == sorted(expected)        # no temp files left beside them
+    for png in (folder / "plots").iterdir():
+        assert png.read_bytes()[:8] == PNG_MAGIC, png
+
+
+def test_json_is_strict_and_equals_the_return_value(done):
+    folder, summary = done
+    data = strict_json(folder / "search_summary.json")
+    assert data == summary
+    assert data["name"] == "demo" and data["state"] == "finished"
+    assert (data["metric"], data["mode"]) == ("val_f1", "max")
+    assert data["num_trials"] == 8
+    assert data["counts"] == {"finished": 4, "stopped_early": 2, "failed": 1, "running": 1,
+                              "pending": 0, "interrupted": 0}
+    assert data["disk_bytes"] == 3 * 1024 ** 3 // 2 and data["disk"] == "1.5 GiB"
+    assert data["notes"] == ["resumed once"]
+    trials = {t["name"]: t for t in data["trials"]}
+    assert [t["order"] for t in data["trials"]] == list(range(1, 9))
+    assert trials["t006_backbone=csn"]["objective"] is None                 # NaN -> null
+    assert trials["t004_backbone=vmae"]["error"] == OOM
+    assert "lr_backbone" not in trials["t002_backbone=csn"]["params"]
+    assert set(trials["t001_backbone=vmae"]) == {"order", "name", "status", "params", "objective",
+                                                 "best_epoch", "epochs_run", "checkpoint",
+                                                 "error", "node"}
+
+
+def test_best_trial_block(done):
+    folder, summary = done
+    best = summary["best_trial"]
+    assert best["name"] == "t002_backbone=csn"      # 0.82 tie with t005: more epochs wins
+    assert best["objective"] == 0.82 and best["best_epoch"] == 4
+    assert best["params"]["backbone"] == "csn"
+    assert best["best_metrics"]["val_auc"] == 0.9
+    assert best["checkpoint"] == "t002/checkpoints/best_epoch_4.pt"
+    assert Path(best["checkpoint_abs"]).is_absolute()
+    assert Path(best["checkpoint_abs"]) == folder.absolute() / best["checkpoint"]
+    assert best["evaluate_command"] == (
+        f"python -m headernet_core.evaluate --checkpoint {best['checkpoint_abs']} "
+        f"--val_csv data/splits/val.csv")
+
+
+def test_min_mode_picks_the_lowest(tmp_path, no_plots):
+    summary = run(tmp_path, metric="val_loss", mode="min")
+    assert summary["best_trial"]["name"] == "t003_backbone=vmae"
+    assert summary["best_trial"]["evaluate_command"] is None      # no val_csv given
+    text = (tmp_path / "summary.md").read_text()
+    assert "minimize `val_loss`" in text and "Evaluate it" not in text
+    table = text[text.index("## Trials"):]
+    assert table.index("t003_") < table.index("t007_") < table.index("t008_")
+
+
+def test_trials_csv(done):
+    folder, _ = done
+    with open(folder / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == (["order", "name", "status", "objective", "best_epoch", "epochs_run"]
+                             + [f"param_{p.name}" for p in PARAMS]
+                             + ["val_f1", "val_auc", "val_loss", "checkpoint", "error", "node"])
+    assert [r["order"] for r in rows] == [str(i) for i in range(1, 9)]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["t002_backbone=csn"]["param_lr_backbone"] == ""          # conditional, absent
+    assert float(by_name["t001_backbone=vmae"]["param_lr_backbone"]) == pytest.approx(10 ** -4.8)
+    assert by_name["t006_backbone=csn"]["objective"] == ""                  # NaN
+    assert by_name["t004_backbone=vmae"]["error"] == OOM
+    assert by_name["t002_backbone=csn"]["checkpoint"] == "t002/checkpoints/best_epoch_4.pt"
+
+
+def test_markdown_report(done):
+    folder, _ = done
+    text = (folder / "summary.md").read_text()
+    assert text.startswith("# Search summary: demo")
+    assert "**t002_backbone=csn**" in text
+    assert "python -m headernet_core.evaluate --checkpoint" in text
+    assert OOM in text and "1.5 GiB" in text and "resumed once" in text
+    table = text[text.index("## Trials"):text.index("## Parameter importances")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "t0" in line]
+    assert len(rows) == 8
+    assert "t002_" in rows[0] and "t005_" in rows[1]           # best first, tie broken
+    assert "t004_" in rows[-1] and OOM in rows[-1]             # failed last, with its error
+    assert "![objective_per_trial](plots/objective_per_trial.png)" in text
+
+
+# --- importances ----------------------------------------------------------------------------
+def test_importances_with_enough_trials(done):
+    _, summary = done
+    importances = summary["importances"]
+    assert importances is not None
+    assert set(importances) <= {p.name for p in PARAMS} and "lr_backbone" in importances
+    assert sum(importances.values()) == pytest.approx(1.0)
+    assert list(importances.values()) == sorted(importances.values(), reverse=True)
+    assert summary["importances_note"].startswith("PED-ANOVA")
+
+
+def test_importances_skipped_with_too_few_trials(tmp_path, no_plots):
+    summary = run(tmp_path, records()[:4])       # 3 finite objectives
+    assert summary["importances"] is None
+    assert summary["importances_note"].startswith("not computed: 3 trial(s)")
+    assert "Not computed: 3 trial(s)" in (tmp_path / "summary.md").read_text()
+
+
+def test_importances_skipped_when_one_param_varies(tmp_path, no_plots):
+    same = [rec(1, "finished", 0.1 * i, order=i) for i in range(1, 6)]
+    for i, r in enumerate(same):
+        r.params["lr_head"] = 1e-3 * (i + 1)
+    summary = run(tmp_path, same)
+    assert summary["importances"] is None
+    assert "1 searched param(s)" in summary["importances_note"]
+    assert "(lr_head)" in summary["importances_note"]
+
+
+def test_values_outside_the_space_are_left_out(tmp_path):
+    recs = records()
+    recs[0].params["lr_head"] = 5.0                   # above the space's bound
+    recs[1].params["backbone"] = "x3d"                # not a choice
+    recs[2].params["unfreeze_blocks"] = 6.0           # an int that came back as a float: fine
+    summary = run(tmp_path, recs)
+    assert summary["importances"] is not None
+    assert "2 trial(s) with a value outside the space left out" in summary["importances_note"]
+    assert (tmp_path / "plots" / "param_backbone.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_distributions_match_what_the_space_samples(tmp_path, no_plots):
+    """Values sampled through Param.suggest (as OptunaSearch does) all fit the summary's study."""
+    params = PARAMS + (Param(name="batch_size", kind="int", low=2, high=32, log=True),
+                       Param(name="head_dropout", kind="uniform", low=0.0, high=0.5, step=0.1))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    recs = []
+    for i in range(1, 7):
+        trial = study.ask()
+        for p in params:
+            if p.active(trial.params):
+                p.suggest(trial)
+        for p in params:
+            if p.name in trial.distributions:
+                assert trial.distributions[p.name] == summary_mod._distribution(p), p.name
+        recs.append(TrialRecord(name=f"t{i}", status="finished", params=dict(trial.params),
+                                objective=0.1 * i, best_epoch=1, epochs_run=1, best_metrics={},
+                                checkpoint=None, error=None, order=i))
+    summary = run(tmp_path, recs, space_params=params)
+    assert summary["importances"] is not None
+    assert "outside" not in summary["importances_note"]
+    assert summary["best_trial"]["checkpoint_abs"] is None
+
+
+def test_evaluator_error_is_a_note(tmp_path, no_plots, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no regimes")
+    monkeypatch.setattr(optuna.importance, "get_param_importances", broken)
+    summary = run(tmp_path)
+    assert summary["importances"] is None
+    assert "RuntimeError: no regimes" in summary["importances_note"]
+    assert (tmp_path / "search_summary.json").exists()
+
+
+def test_quiet_and_leaves_optuna_logging_alone(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run(tmp_path)
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# --- rewrites and degenerate searches -------------------------------------------------------
+def test_rewrite_is_idempotent_and_atomic(tmp_path):
+    first = run(tmp_path, state="running")
+    listing = files(tmp_path)
+    second = run(tmp_path, state="running")
+    assert second == first and files(tmp_path) == listing
+    assert not [name for name in listing if name.endswith(".tmp")]
+    assert strict_json(tmp_path / "search_summary.json") == second
+
+
+def test_stale_plot_removed_when_nothing_left_to_draw(tmp_path):
+    run(tmp_path)
+    assert (tmp_path / "plots" / "param_lr_backbone.png").exists()
+    csn_only = [r for r in records() if r.params["backbone"] == "csn"]
+    summary = run(tmp_path, csn_only)
+    assert not (tmp_path / "plots" / "param_lr_backbone.png").exists()
+    assert "plots/param_lr_backbone.png" not in summary["plots"]
+
+
+def test_no_records_at_all(tmp_path):
+    summary = run(tmp_path, [], state="interrupted", disk_bytes=0, notes=())
+    assert summary["best_trial"] is None and summary["num_trials"] == 0
+    assert summary["trials"] == [] and summary["importances"] is None
+    assert set(summary["counts"].values()) == {0}
+    assert strict_json(tmp_path / "search_summary.json") == summary
+    assert files(tmp_path) == ["plots", "search_summary.json", "summary.md", "trials.csv"] \
+        or files(tmp_path) == ["search_summary.json", "summary.md", "trials.csv"]
+    header = (tmp_path / "trials.csv").read_text().splitlines()
+    assert len(header) == 1 and header[0].startswith("order,name,status,objective")
+    text = (tmp_path / "summary.md").read_text()
+    assert "interrupted" in text and "No trial" in text and "0 B" in text
+
+
+def test_only_failures_and_nan(tmp_path):
+    recs = [rec(1, "failed", None, epochs=0, error="boom"), rec(2, "stopped_early", NAN)]
+    summary = run(tmp_path, recs)
+    assert summary["best_trial"] is None and summary["plots"] == []
+    assert "boom" in (tmp_path / "summary.md").read_text()
+
+
+def test_records_without_order_take_their_position(tmp_path, no_plots):
+    recs = [rec(i, "finished", 0.1 * i, order=0) for i in (3, 1, 2)]
+    summary = run(tmp_path, recs)
+    assert [(t["order"], t["name"][:4]) for t in summary["trials"]] == \
+        [(1, "t003"), (2, "t001"), (3, "t002")]
+
+
+# --- helpers and bad input ------------------------------------------------------------------
+def test_best_record_rules():
+    a = rec(1, "finished", 0.8, epochs=3)
+    b = rec(2, "finished", 0.8, epochs=5)
+    c = rec(3, "finished", 0.8, epochs=5)
+    assert best_record([a, b, c], "max") is b             # more epochs, then the smaller name
+    assert best_record([c, b, a], "max") is b
+    assert best_record([a, rec(4, "finished", 0.2)], "min").name.startswith("t004")
+    assert best_record([rec(5, "failed", None), rec(6, "finished", NAN)], "max") is None
+    assert best_record([], "min") is None
+    assert best_record([rec(7, "finished", math.inf), a], "max") is a
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"),
+                                     (1536, "1.5 KiB"), (5 * 1024 ** 2, "5.0 MiB"),
+                                     (int(2.25 * 1024 ** 4), "2.2 TiB")])
+def test_format_bytes(n, text):
+    assert format_bytes(n) == text
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mode": "maximize"}, "mode: expected one of max, min"),
+    ({"state": "done"}, "state: expected one of finished, interrupted, running"),
+    ({"records": [rec(1, "errored", 0.5)]}, "status of trial t001_backbone=vmae"),
+])
+def test_bad_input(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(tmp_path, **kwargs)
+    assert not (tmp_path / summary_mod.SUMMARY_JSON).exists()
+
+
+def test_best_record_bad_mode():
+    with pytest.raises(ValueError, match="mode"):
+        best_record([], "maximize")
+    with pytest.raises(ValueError, match="size"):
+        format_bytes(-1)

@@ -1,0 +1,408 @@
+"""Run a hyperparameter search: Ray Tune trials of the headernet_core trainer, Optuna TPE
+sampling, ASHA early stopping, a summary at the end.
+
+    python -m tuning.search --space demo                       # local Ray, started and stopped here
+    python -m tuning.search --space vmae_full --train_csv s/train.csv --val_csv s/val.csv
+    python -m tuning.search --space vmae_full --resume         # continue an interrupted search
+    python -m tuning.search --space vmae_full --address HEAD:6379 --storage_path /shared/hpo
+
+Order of work: load + check the space, the data and every checkpoint a trial could need, and
+the search folder (nothing is started before all of that passes); then Ray; then the Tuner
+(new or restored); then the summary. Search folder: `<storage_path>/<name>/` with one folder
+per trial holding the standard run artifacts beside Ray Tune's own files.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from headernet_core.artifacts import write_json, write_text
+from headernet_core.config import TrainConfig
+from headernet_core.errors import fail, run_cli
+
+from .space import SearchSpace, find_space_file, load_space
+from .summary import TrialRecord, best_record, format_bytes, write_summary
+from .trial import OBJECTIVE, run_trial, trial_dirname
+
+# Trainer keys holding paths: made absolute in the driver, because Ray runs each trial in its
+# own working directory (and on other machines with the same shared paths).
+PATH_KEYS = ("train_csv", "val_csv", "backbone_ckpt", "checkpoint_root", "output_root")
+SEARCH_RECORD = "search.json"   # how the search was started, so --resume rebuilds the same space
+
+
+@dataclasses.dataclass
+class SearchArgs:
+    space: str
+    name: str | None
+    train_csv: str | None
+    val_csv: str | None
+    num_samples: int | None
+    max_concurrent: int | None
+    sets: list[str]
+    address: str | None
+    storage_path: str | None
+    resume: bool
+    keep_checkpoints: str
+
+
+def parse_args(argv: Sequence[str] | None) -> SearchArgs:
+    parser = argparse.ArgumentParser(prog="python -m tuning.search", description=__doc__.splitlines()[0])
+    parser.add_argument("--space", required=True, help="search space: a YAML path or a name in search_spaces/")
+    parser.add_argument("--name", help="search folder name (default: the space's name)")
+    parser.add_argument("--train_csv", help="training split CSV (overrides the space)")
+    parser.add_argument("--val_csv", help="validation split CSV (overrides the space)")
+    parser.add_argument("--num_samples", type=int, help="number of trials (overrides the space)")
+    parser.add_argument("--max_concurrent", type=int, help="trials running at once (overrides the space)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a trainer key or section.key of the space (repeatable)")
+    parser.add_argument("--address", help="join this existing Ray cluster (e.g. HEAD_IP:6379)")
+    parser.add_argument("--storage_path", help="where search folders go; shared storage on a cluster "
+                                               "(default: the space's output_root)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
+    parser.add_argument("--keep_checkpoints", choices=("all", "best_trial"), default="all",
+                        help="all: best+last of every trial; best_trial: delete the other trials' weights at the end")
+    return SearchArgs(**vars(parser.parse_args(argv)))
+
+
+# --- checks before anything starts --------------------------------------------------------
+def resolve_space(args: SearchArgs, saved: dict[str, Any] | None) -> SearchSpace:
+    """The space as the CLI describes it, or exactly as it was when a resumed search started."""
+    if saved is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(saved["space_file"]).name
+            path.write_text(saved["space_yaml"])
+            space = load_space(str(path), sets=saved["sets"], num_samples=saved["num_samples"],
+                               max_concurrent=saved["max_concurrent"])
+        return dataclasses.replace(space, path=Path(saved["space_file"]))
+    sets = list(args.sets)
+    sets += [f"{key}={value}" for key, value in (("train_csv", args.train_csv), ("val_csv", args.val_csv))
+             if value is not None]
+    space = load_space(args.space, sets=sets, num_samples=args.num_samples,
+                       max_concurrent=args.max_concurrent)
+    trainer = dict(space.trainer)
+    for key in PATH_KEYS:
+        if isinstance(trainer.get(key), str):
+            trainer[key] = str(Path(trainer[key]).expanduser().absolute())
+    return dataclasses.replace(space, trainer=trainer)
+
+
+def prepare_demo_data(space: SearchSpace) -> None:
+    """The demo space generates its dataset on first use."""
+    train_csv, val_csv = space.trainer.get("train_csv"), space.trainer.get("val_csv")
+    if not space.demo_data or not train_csv or (Path(train_csv).is_file() and Path(val_csv).is_file()):
+        return
+    from headernet_core.demo_data import generate
+    from headernet_core.split_dataset import split_frame, write_csv
+    import pandas as pd
+
+    folder = Path(space.demo_data).absolute()
+    print(f"demo dataset missing: generating it in {folder} (once)")
+    csv = generate(folder / "raw", seed=0) if not (folder / "raw" / "all_clips.csv").is_file() \
+        else folder / "raw" / "all_clips.csv"
+    frame = pd.read_csv(csv)
+    frame["path"] = [str((csv.parent / p).absolute()) for p in frame["path"]]
+    train, val = split_frame(frame, 0.2, seed=42, group=True)  # split_dataset's defaults
+    write_csv(train, Path(train_csv))
+    write_csv(val, Path(val_csv))
+
+
+def check_data(space: SearchSpace) -> None:
+    from headernet_core.data import check_clips, check_has_both_classes, read_split
+
+    for key in ("train_csv", "val_csv"):
+        path = space.trainer.get(key)
+        if not path:
+            fail(f"{space.path}: no {key}: set it in the space's trainer section or pass --{key}")
+        frame = read_split(path, key.removesuffix("_csv"))
+        if key == "train_csv":
+            check_has_both_classes(frame, path)
+        check_clips(frame, path)
+
+
+def check_checkpoints(space: SearchSpace) -> None:
+    """Every backbone source any trial could pick must exist before the search starts."""
+    from headernet_core.backbones.videomae import FOLDERS
+
+    def options(key: str) -> list[Any]:
+        for param in space.params:
+            if param.name == key and param.kind == "choice":
+                return list(param.values)
+        return [space.trainer.get(key, getattr(TrainConfig(), key))]
+
+    ckpts = [c for c in options("backbone_ckpt") if c]
+    root = Path(space.trainer.get("checkpoint_root", TrainConfig().checkpoint_root)).absolute()
+    for family in options("backbone"):
+        if ckpts:
+            for ckpt in ckpts:
+                if not Path(ckpt).exists():
+                    fail(f"{space.path}: backbone_ckpt {ckpt} not found")
+            continue
+        if family != "vmae":
+            continue
+        for variant in options("vmae_variant"):
+            if variant in FOLDERS:
+                folder = root / FOLDERS[variant]
+                missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
+                if missing:
+                    fail(f"{space.path}: vmae_variant {variant} needs {folder}/{missing[0]} "
+                         f"(download OpenGVLab/{FOLDERS[variant]} or set checkpoint_root/backbone_ckpt)")
+
+
+def check_local_gpus(space: SearchSpace, address: str | None) -> None:
+    gpu = space.resources.get("gpu", 0)
+    if gpu > 0 and address is None:
+        import torch
+        count = torch.cuda.device_count()
+        if count == 0:
+            fail(f"{space.path}: resources.gpu is {gpu:g} but this machine has no CUDA GPU; "
+                 f"use resources.gpu=0 with trainer cpu: true, or --address a cluster with GPUs")
+        if gpu > count:
+            fail(f"{space.path}: resources.gpu {gpu:g} per trial but this machine has {count} GPU(s)")
+
+
+def check_cluster_gpus(space: SearchSpace) -> None:
+    import ray
+    gpu = space.resources.get("gpu", 0)
+    available = ray.cluster_resources().get("GPU", 0)
+    if gpu > 0 and available < gpu:
+        fail(f"{space.path}: resources.gpu {gpu:g} per trial but the Ray cluster has {available:g} GPU(s)")
+
+
+def search_state(search_dir: Path) -> str | None:
+    summary = search_dir / "search_summary.json"
+    if summary.is_file():
+        try:
+            return json.loads(summary.read_text()).get("state")
+        except ValueError:
+            return "unknown"
+    return "started" if (search_dir / "tuner.pkl").is_file() else None
+
+
+def check_search_dir(search_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """A new search needs a fresh name; --resume needs something to resume. Returns the
+    record of how a resumed search was started."""
+    state = search_state(search_dir)
+    if resume:
+        record = search_dir / SEARCH_RECORD
+        if state is None or not record.is_file():
+            fail(f"{search_dir}: nothing to resume (no search was started under this name)")
+        return json.loads(record.read_text())
+    if state == "finished":
+        fail(f"{search_dir} already holds a finished search; choose another --name "
+             f"(its summary: {search_dir / 'summary.md'})")
+    if state is not None:
+        fail(f"{search_dir} holds an unfinished search; continue it with --resume or choose another --name")
+    return None
+
+
+# --- Ray --------------------------------------------------------------------------------------
+def start_ray(address: str | None) -> None:
+    """Local Ray by default (started and stopped by this command) or join `address`."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")       # nothing phones home
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")       # fresher state after a hard kill
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
+             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None):
+    import optuna
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=space, search_dir=str(search_dir)),
+        {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)})
+    if saved is not None:
+        return tune.Tuner.restore(str(search_dir), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True)
+    searcher = OptunaSearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
+                            sampler=optuna.samplers.TPESampler(seed=space.seed, multivariate=True,
+                                                               group=True))
+    if space.scheduler.get("type") == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs(),
+                                  grace_period=space.scheduler["grace_period"],
+                                  reduction_factor=space.scheduler["reduction_factor"])
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=space.mode, search_alg=searcher,
+                                    scheduler=scheduler, num_samples=space.num_samples,
+                                    max_concurrent_trials=space.max_concurrent,
+                                    trial_dirname_creator=trial_dirname,
+                                    trial_name_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=search_dir.name, storage_path=str(search_dir.parent),
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+            failure_config=tune.FailureConfig(max_failures=space.max_failures),
+            # Tune checkpoints are tiny progress markers (weights live in each run folder);
+            # keeping them all avoids restoring from one that was already deleted.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
+
+
+# --- after the search ---------------------------------------------------------------------
+def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: bool) -> list[TrialRecord]:
+    records = []
+    for result in results:
+        folder = Path(result.path)
+        status = _read_json(folder / "status.json").get("state")
+        best = _read_json(folder / "best_metrics.json")
+        error = None
+        if result.error is not None:
+            state, error = "failed", _one_line(result.error)
+        elif status == "finished":
+            state = "finished"
+        elif status is None:
+            state = "interrupted" if interrupted else "pending"
+        else:
+            state = "interrupted" if interrupted else "stopped_early"
+        checkpoint = best.get("checkpoint")
+        checkpoint = f"{folder.name}/{checkpoint}" if checkpoint and (folder / checkpoint).is_file() else None
+        records.append(TrialRecord(
+            name=folder.name, status=state, params=dict(result.config or {}),
+            objective=best.get(space.metric), best_epoch=best.get("epoch"),
+            epochs_run=int(_read_json(folder / "status.json").get("epochs_done", 0)),
+            best_metrics={k: v for k, v in best.items() if isinstance(v, (int, float))},
+            checkpoint=checkpoint, error=error,
+            node=(_read_json(folder / "trial.json").get("node_id") or "")[:12] or None,
+            order=_order(folder.name)))
+    return sorted(records, key=lambda r: (r.order, r.name))
+
+
+def _order(name: str) -> int:
+    head = name.split("_", 1)[0].lstrip("t")
+    return int(head) if head.isdigit() else 0
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _one_line(error: BaseException) -> str:
+    """Ray wraps trial errors; keep the innermost message on one line."""
+    text = str(error).strip().splitlines()
+    for line in reversed(text):
+        if line.strip() and not line.startswith(" "):
+            return line.strip()[:500]
+    return type(error).__name__
+
+
+def prune_checkpoints(search_dir: Path, records: list[TrialRecord], best: TrialRecord | None) -> None:
+    """--keep_checkpoints best_trial: only the best trial keeps weights."""
+    for record in records:
+        if best is not None and record.name == best.name:
+            continue
+        for weights in (search_dir / record.name / "checkpoints").glob("*.pt"):
+            weights.unlink()
+        record.checkpoint = None
+
+
+def disk_usage(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def run_search(args: SearchArgs) -> int:
+    if args.address and not args.storage_path:
+        fail("--address needs --storage_path on storage every node can reach (e.g. NFS or s3://)")
+    current = load_space(args.space, sets=args.sets)  # checked first; gives name and output_root
+    name = args.name or current.name
+    storage = Path(args.storage_path or current.trainer.get("output_root")
+                   or TrainConfig().output_root).expanduser().absolute()
+    search_dir = storage / name
+    saved = check_search_dir(search_dir, args.resume)
+    space = resolve_space(args, saved)
+    prepare_demo_data(space)
+    check_data(space)
+    check_checkpoints(space)
+    check_local_gpus(space, args.address)
+    if saved is None:
+        search_dir.mkdir(parents=True, exist_ok=True)
+        space_file = find_space_file(args.space)
+        write_json(search_dir / SEARCH_RECORD, {
+            "space_file": str(space_file), "space_yaml": space_file.read_text(),
+            "sets": [*args.sets, *[f"{k}={v}" for k, v in space.trainer.items() if k in PATH_KEYS]],
+            "num_samples": args.num_samples, "max_concurrent": args.max_concurrent})
+        write_text(search_dir / "space.yaml", space_file.read_text())
+    print(space.describe())
+    print(f"search folder: {search_dir}")
+
+    import ray
+    start_ray(args.address)
+    try:
+        if args.address:
+            check_cluster_gpus(space)
+        tuner = build_tuner(space, search_dir, saved)
+        results = tuner.fit()
+        done = results.num_terminated + results.num_errors
+        interrupted = done < space.num_samples
+        records = collect_records(space, search_dir, results, interrupted)
+    finally:
+        ray.shutdown()  # stops the local Ray this command started; only disconnects from a cluster
+    best = best_record(records, space.mode)
+    if args.keep_checkpoints == "best_trial" and not interrupted:
+        prune_checkpoints(search_dir, records, best)
+    notes = []
+    if interrupted:
+        notes.append(f"interrupted: continue with python -m tuning.search --space {args.space} "
+                     f"--name {name} --resume")
+    size = disk_usage(search_dir)
+    write_summary(search_dir, name=name, metric=space.metric, mode=space.mode,
+                  space_params=space.params, records=records,
+                  state="interrupted" if interrupted else "finished", disk_bytes=size,
+                  notes=notes, val_csv=space.trainer.get("val_csv"))
+    print_result(search_dir, space, records, best, size, notes)
+    return 130 if interrupted else 0
+
+
+def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord],
+                 best: TrialRecord | None, size: int, notes: list[str]) -> None:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record.status] = counts.get(record.status, 0) + 1
+    print("\n" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" of {space.num_samples} trials")
+    if best is None:
+        print("no trial finished an epoch")
+    else:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+        print(f"best trial {best.name}: {space.metric} {best.objective:.4f} at epoch {best.best_epoch} ({params})")
+        if best.checkpoint:
+            print(f"best checkpoint: {search_dir / best.checkpoint}")
+    print(f"summary: {search_dir / 'summary.md'}  |  the search holds {format_bytes(size)} on disk")
+    print(f"curves: tensorboard --logdir {search_dir}")
+    for note in notes:
+        print(note)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    code = 0
+
+    def body() -> None:
+        nonlocal code
+        code = run_search(args)
+
+    run_cli(body)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,669 @@
+"""End-of-search summary: what was tried, which trial won, and where its checkpoint is.
+
+`tuning.search` builds one `TrialRecord` per trial (from its folder and Ray's results) and calls
+`write_summary`, at the end of a search and again after an interruption. It writes into the
+search folder, every file atomically, so rewriting it at any time is safe:
+
+    search_summary.json   counts per status, the best trial, every trial, importances (strict JSON)
+    trials.csv            one row per trial in launch order: status, objective, params, key metrics
+    summary.md            the same for people: best trial first, then every trial best first
+    plots/objective_per_trial.png   the objective by launch order with the best-so-far line
+    plots/param_<name>.png          objective against each searched param
+
+The best trial is the record with the best finite objective (its best epoch's value), whatever
+its status: a trial that failed after a good epoch still has that epoch's checkpoint. Ties go to
+more epochs run, then to the smaller name.
+
+Parameter importances (PED-ANOVA: Optuna 5.0's default evaluator, named explicitly so an Optuna
+4.x install, which defaults to fANOVA, gives the same kind of number) are computed only when
+they can say something: at least `MIN_IMPORTANCE_TRIALS` trials with a finite objective (any
+status: ASHA-stopped trials count with their early best epoch, as Optuna's sampler saw them) and
+at least `MIN_VARYING_PARAMS` searched params taking two or more values among them (with one,
+its importance is 1 by definition). Otherwise `importances` is null and `importances_note`
+says why. Trials missing a conditional param are fine; a trial with a value outside the space
+(a space edited between runs) is left out and counted in the note.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import re
+import shlex
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import optuna
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from headernet_core.artifacts import atomic_path, write_json, write_text
+
+if TYPE_CHECKING:                       # space.py pulls in the trainer's config; only types here
+    from tuning.space import Param
+
+SUMMARY_JSON = "search_summary.json"
+TRIALS_CSV = "trials.csv"
+SUMMARY_MD = "summary.md"
+PLOTS_DIRNAME = "plots"
+OBJECTIVE_PLOT = "objective_per_trial.png"
+
+STATUSES = ("finished", "stopped_early", "failed", "running", "pending", "interrupted")
+STATES = ("finished", "interrupted", "running")
+MODES = ("max", "min")
+# Best-epoch metrics copied into trials.csv when a trial reported them.
+KEY_METRICS = ("val_f1", "val_auc", "val_ap", "val_loss")
+# Importances need this many trials with a finite objective, and this many params that vary
+# among them (PED-ANOVA compares the top 10% of trials with all: below this it is noise).
+MIN_IMPORTANCE_TRIALS = 4
+MIN_VARYING_PARAMS = 2
+# Below this many trials the top 10% is one or two trials: importances are a rough hint.
+ROUGH_IMPORTANCE_TRIALS = 20
+# Error text in the markdown table is cut here (the JSON and CSV keep it whole).
+MD_ERROR_CHARS = 160
+
+_FIGSIZE = (7.0, 4.5)
+_DPI = 100
+# (marker colour, filled) per status; failed trials are red crosses.
+_STATUS_STYLE: dict[str, tuple[str, bool]] = {
+    "finished": ("tab:blue", True),
+    "stopped_early": ("tab:blue", False),
+    "running": ("tab:green", False),
+    "interrupted": ("tab:grey", False),
+    "pending": ("tab:grey", False),
+}
+
+
+@dataclass
+class TrialRecord:
+    """One trial as the summary sees it (built by tuning.search from the trial folder)."""
+    name: str                           # trial folder name
+    status: str                         # one of STATUSES
+    params: dict[str, Any]              # sampled values only (conditional params may be absent)
+    objective: float | None             # best epoch's objective value (None/NaN: no epoch)
+    best_epoch: int | None
+    epochs_run: int
+    best_metrics: dict[str, float]      # that epoch's metric row (may be empty)
+    checkpoint: str | None              # best_epoch_<N>.pt relative to the search folder
+    error: str | None                   # one-line error of a failed trial
+    node: str | None = None             # Ray node id / hostname
+    order: int = 0                      # launch order, 1-based (0: use the position in records)
+
+
+# --- public helpers -------------------------------------------------------------------------
+def format_bytes(n: int | float) -> str:
+    """1536 -> '1.5 KiB' (binary units, one decimal; whole bytes below 1 KiB)."""
+    if n is None or not math.isfinite(n) or n < 0:
+        raise ValueError(f"format_bytes: expected a size >= 0, got {n!r}")
+    if n < 1024:
+        return f"{int(n)} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024.0
+        if value < 1024 or unit == "PiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def best_record(records: Sequence[TrialRecord], mode: str) -> TrialRecord | None:
+    """The record with the highest (max) or lowest (min) finite objective; ties: more epochs
+    run, then the smaller name. None when no record has a finite objective."""
+    _check_choice("mode", mode, MODES)
+    ranked = sorted((r for r in records if _finite(r.objective) is not None),
+                    key=lambda r: _rank_key(r, mode))
+    return ranked[0] if ranked else None
+
+
+# --- the summary ----------------------------------------------------------------------------
+def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
+                  space_params: Sequence[Param], records: Sequence[TrialRecord], state: str,
+                  disk_bytes: int, notes: Sequence[str] = (),
+                  val_csv: str | None = None) -> dict[str, Any]:
+    """Write search_summary.json, trials.csv, summary.md and plots/ into `search_dir`.
+
+    `state` is the search's: finished | interrupted | running. `val_csv`, when given, goes into
+    the command that evaluates the best checkpoint. Returns the summary as written to JSON.
+    """
+    _check_choice("mode", mode, MODES)
+    _check_choice("state", state, STATES)
+    for record in records:
+        _check_choice(f"status of trial {record.name}", record.status, STATUSES)
+    search_dir = Path(search_dir)
+    records = _in_launch_order(records)
+    best = best_record(records, mode)
+    importances, importances_note = _importances(records, space_params, mode)
+
+    summary: dict[str, Any] = {
+        "name": name,
+        "state": state,
+        "metric": metric,
+        "mode": mode,
+        "num_trials": len(records),
+        "counts": {s: sum(r.status == s for r in records) for s in STATUSES},
+        "best_trial": _best_dict(search_dir, best, val_csv),
+        "trials": [_trial_dict(r) for r in records],
+        "importances": importances,
+        "importances_note": importances_note,
+        "disk_bytes": int(disk_bytes),
+        "disk": format_bytes(disk_bytes),
+        "notes": [str(n) for n in notes],
+        "plots": [],
+    }
+    plots = _write_plots(search_dir / PLOTS_DIRNAME, records, space_params, metric, mode, best)
+    summary["plots"] = [f"{PLOTS_DIRNAME}/{p.name}" for p in plots]
+
+    _write_csv(search_dir / TRIALS_CSV, records, space_params)
+    write_text(search_dir / SUMMARY_MD, _markdown(summary, records, space_params, best))
+    write_json(search_dir / SUMMARY_JSON, summary)   # last: its presence means all are written
+    return summary
+
+
+# --- records --------------------------------------------------------------------------------
+def _check_choice(what: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+def _finite(value: Any) -> float | None:
+    """A finite float, or None (None, NaN, inf, non-numbers)."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value: numpy scalars to Python, NaN/inf to None; containers recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _int_or_none(value: Any) -> int | None:
+    number = _finite(value)
+    return None if number is None else int(number)
+
+
+def _present(params: Mapping[str, Any], key: str) -> bool:
+    """A param counts as sampled unless absent, None or NaN (how a dataframe shows absent)."""
+    return key in params and _plain(params[key]) is not None
+
+
+def _rank_key(record: TrialRecord, mode: str) -> tuple:
+    value = _finite(record.objective)
+    return (-value if mode == "max" else value, -int(record.epochs_run or 0), record.name)
+
+
+def _in_launch_order(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Sorted by `order`; a record without one (0) takes its 1-based position."""
+    numbered = [(r.order if r.order and r.order > 0 else i + 1, i, r)
+                for i, r in enumerate(records)]
+    out = []
+    for order, _, record in sorted(numbered, key=lambda t: (t[0], t[1])):
+        if record.order != order:
+            record = replace(record, order=order)
+        out.append(record)
+    return out
+
+
+def _trial_dict(record: TrialRecord) -> dict[str, Any]:
+    return {
+        "order": record.order,
+        "name": record.name,
+        "status": record.status,
+        "params": _plain(record.params),
+        "objective": _finite(record.objective),
+        "best_epoch": _int_or_none(record.best_epoch),
+        "epochs_run": int(record.epochs_run or 0),
+        "checkpoint": record.checkpoint,
+        "error": _one_line(record.error),
+        "node": record.node,
+    }
+
+
+def _best_dict(search_dir: Path, best: TrialRecord | None,
+               val_csv: str | None) -> dict[str, Any] | None:
+    if best is None:
+        return None
+    checkpoint_abs = str(search_dir.absolute() / best.checkpoint) if best.checkpoint else None
+    command = None
+    if checkpoint_abs and val_csv:
+        command = (f"python -m headernet_core.evaluate --checkpoint {shlex.quote(checkpoint_abs)} "
+                   f"--val_csv {shlex.quote(str(val_csv))}")
+    return {
+        "name": best.name,
+        "status": best.status,
+        "params": _plain(best.params),
+        "objective": _finite(best.objective),
+        "best_epoch": _int_or_none(best.best_epoch),
+        "epochs_run": int(best.epochs_run or 0),
+        "best_metrics": _plain(best.best_metrics or {}),
+        "checkpoint": best.checkpoint,
+        "checkpoint_abs": checkpoint_abs,
+        "evaluate_command": command,
+        "node": best.node,
+    }
+
+
+def _one_line(text: str | None) -> str | None:
+    return None if text is None else " ".join(str(text).split())
+
+
+def _param_names(records: Sequence[TrialRecord], space_params: Sequence[Param]) -> list[str]:
+    """The space's params in order, then any other key a record holds (a --set leftover)."""
+    names = [p.name for p in space_params]
+    for record in records:
+        names += [k for k in record.params if k not in names]
+    return names
+
+
+# --- importances ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """No 'A new study created' log lines and no evaluator warnings (few trials per regime)."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _distribution(param: Param) -> optuna.distributions.BaseDistribution:
+    if param.kind == "choice":
+        return optuna.distributions.CategoricalDistribution(list(param.values))
+    if param.kind == "int":
+        return optuna.distributions.IntDistribution(int(param.low), int(param.high),
+                                                    log=bool(param.log), step=int(param.step or 1))
+    if param.kind == "loguniform":
+        return optuna.distributions.FloatDistribution(float(param.low), float(param.high), log=True)
+    if param.kind == "uniform":
+        step = None if param.step is None else float(param.step)
+        return optuna.distributions.FloatDistribution(float(param.low), float(param.high),
+                                                      step=step)
+    raise ValueError(f"param {param.name}: unknown kind {param.kind!r}")
+
+
+def _optuna_value(param: Param, value: Any) -> Any:
+    """The record's value in the type Optuna's distribution takes (ints may arrive as 4.0)."""
+    value = _plain(value)
+    if param.kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if param.kind in ("loguniform", "uniform") and isinstance(value, int) \
+            and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _importances(records: Sequence[TrialRecord], space_params: Sequence[Param],
+                 mode: str) -> tuple[dict[str, float] | None, str]:
+    """({param: importance} most important first, how it was computed) or (None, why not)."""
+    with _quiet_optuna():
+        try:
+            distributions = {p.name: _distribution(p) for p in space_params}
+        except Exception as exc:  # a bound Optuna rejects: the summary must still be written
+            return None, f"not computed: the space has no Optuna form ({type(exc).__name__}: {exc})"
+        trials, outside = [], 0
+        for record in records:
+            value = _finite(record.objective)
+            if value is None:
+                continue
+            params = {p.name: _optuna_value(p, record.params[p.name]) for p in space_params
+                      if _present(record.params, p.name)}
+            try:
+                trials.append(optuna.trial.create_trial(
+                    params=params, distributions={k: distributions[k] for k in params},
+                    value=value))
+            except (ValueError, TypeError):
+                outside += 1
+        left_out = (f"; {outside} trial(s) with a value outside the space left out"
+                    if outside else "")
+        if len(trials) < MIN_IMPORTANCE_TRIALS:
+            return None, (f"not computed: {len(trials)} trial(s) with a finite objective, "
+                          f"{MIN_IMPORTANCE_TRIALS} needed{left_out}")
+        varying = [n for n in distributions
+                   if len({repr(t.params[n]) for t in trials if n in t.params}) >= 2]
+        if len(varying) < MIN_VARYING_PARAMS:
+            which = ", ".join(varying) or "none"
+            return None, (f"not computed: {len(varying)} searched param(s) took two or more "
+                          f"values among the {len(trials)} trials ({which}), "
+                          f"{MIN_VARYING_PARAMS} needed{left_out}")
+        try:
+            study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+            study.add_trials(trials)
+            raw = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+        except Exception as exc:  # the evaluator's own limits: report them, keep the summary
+            return None, f"not computed: Optuna's evaluator failed ({type(exc).__name__}: {exc})"
+    importances = {str(k): float(v) for k, v in raw.items()}
+    top = max(1, math.ceil(0.1 * len(trials)))
+    note = (f"PED-ANOVA (Optuna {optuna.__version__}) over {len(trials)} trials: how much each "
+            f"param separates the best {top} trial(s) from all; shares sum to 1{left_out}")
+    if len(set(importances.values())) == 1 and len(importances) > 1:
+        note += "; all equal: no param separates the best trials from the rest yet"
+    elif len(trials) < ROUGH_IMPORTANCE_TRIALS:
+        note += f"; a rough hint with fewer than {ROUGH_IMPORTANCE_TRIALS} trials"
+    return importances, note
+
+
+# --- trials.csv -----------------------------------------------------------------------------
+def _csv_cell(value: Any) -> Any:
+    value = _plain(value)
+    return "" if value is None else value
+
+
+def _write_csv(path: Path, records: Sequence[TrialRecord], space_params: Sequence[Param]) -> None:
+    params = _param_names(records, space_params)
+    metrics = [m for m in KEY_METRICS if any(m in (r.best_metrics or {}) for r in records)]
+    columns = (["order", "name", "status", "objective", "best_epoch", "epochs_run"]
+               + [f"param_{p}" for p in params] + metrics + ["checkpoint", "error", "node"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for r in records:
+        row = [r.order, r.name, r.status, _finite(r.objective), _int_or_none(r.best_epoch),
+               int(r.epochs_run or 0)]
+        row += [r.params.get(p) for p in params]
+        row += [(r.best_metrics or {}).get(m) for m in metrics]
+        row += [r.checkpoint, _one_line(r.error), r.node]
+        writer.writerow([_csv_cell(v) for v in row])
+    write_text(path, buffer.getvalue())
+
+
+# --- summary.md -----------------------------------------------------------------------------
+_STATE_TEXT = {
+    "finished": "finished",
+    "interrupted": "interrupted (partial results: unfinished trials are listed as such)",
+    "running": "running (a snapshot, rewritten as trials finish)",
+}
+
+
+def _md(value: Any) -> str:
+    """A table cell: one line, pipes escaped."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def _fmt_value(value: Any) -> str:
+    value = _plain(value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _fmt_objective(value: Any) -> str:
+    number = _finite(value)
+    return "-" if number is None else f"{number:.4f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(_md(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _table_order(records: Sequence[TrialRecord], mode: str) -> list[TrialRecord]:
+    """Best objective first, then trials without one in launch order, failed trials last."""
+    def key(r: TrialRecord) -> tuple:
+        scored = _finite(r.objective) is not None
+        return (r.status == "failed", not scored, _rank_key(r, mode) if scored else (r.order,))
+    return sorted(records, key=key)
+
+
+def _markdown(summary: dict[str, Any], records: Sequence[TrialRecord],
+              space_params: Sequence[Param], best: TrialRecord | None) -> str:
+    metric, mode = summary["metric"], summary["mode"]
+    counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in summary["counts"].items() if n)
+    lines = [f"# Search summary: {summary['name']}", "",
+             f"- State: {_STATE_TEXT[summary['state']]}",
+             f"- Objective: {mode}imize `{metric}` (each trial's best epoch)",
+             f"- Trials: {summary['num_trials']}" + (f" ({counts})" if counts else ""),
+             f"- Disk used: {summary['disk']}", ""]
+
+    info = summary["best_trial"]
+    lines += ["## Best trial", ""]
+    if info is None:
+        lines += ["No trial has a finite objective yet: nothing to pick.", ""]
+    else:
+        epochs = f"epoch {info['best_epoch']}" if info["best_epoch"] is not None else "best epoch"
+        lines += [f"**{info['name']}** ({info['status'].replace('_', ' ')}): "
+                  f"`{metric}` = {_fmt_objective(info['objective'])} at {epochs} "
+                  f"of {info['epochs_run']} run", ""]
+        if info["params"]:
+            lines += _table(["param", "value"],
+                            [[k, _fmt_value(v)] for k, v in info["params"].items()]) + [""]
+        if info["best_metrics"]:
+            shown = ", ".join(f"{k} {_fmt_value(v)}" for k, v in info["best_metrics"].items())
+            lines += [f"Metrics of that epoch: {shown}", ""]
+        if info["checkpoint_abs"]:
+            lines += [f"Checkpoint: `{info['checkpoint_abs']}`", ""]
+        else:
+            lines += ["Checkpoint: none kept (deleted or never written).", ""]
+        if info["evaluate_command"]:
+            lines += ["Evaluate it:", "", "```bash", info["evaluate_command"], "```", ""]
+
+    lines += ["## Trials (best first)", ""]
+    if not records:
+        lines += ["No trial was started.", ""]
+    else:
+        params = _param_names(records, space_params)
+        has_node = any(r.node for r in records)
+        has_error = any(r.error for r in records)
+        header = (["#", "trial", "status", metric, "best epoch", "epochs"] + params
+                  + (["node"] if has_node else []) + (["error"] if has_error else []))
+        rows = []
+        for r in _table_order(records, mode):
+            name = f"**{r.name}** (best)" if best is not None and r is best else r.name
+            row = [r.order, name, r.status.replace("_", " "), _fmt_objective(r.objective),
+                   _fmt_value(r.best_epoch), int(r.epochs_run or 0)]
+            row += [_fmt_value(r.params.get(p)) for p in params]
+            if has_node:
+                row.append(r.node or "-")
+            if has_error:
+                error = _one_line(r.error) or ""
+                row.append(error if len(error) <= MD_ERROR_CHARS
+                           else error[:MD_ERROR_CHARS - 3] + "...")
+            rows.append(row)
+        lines += _table(header, rows) + ["", f"Every column: `{TRIALS_CSV}`.", ""]
+
+    lines += ["## Parameter importances", ""]
+    if summary["importances"]:
+        lines += _table(["param", "importance"],
+                        [[k, f"{v:.3f}"] for k, v in summary["importances"].items()]) + [""]
+    lines += [f"{summary['importances_note'][0].upper()}{summary['importances_note'][1:]}.", ""]
+
+    if summary["plots"]:
+        lines += ["## Plots", ""]
+        lines += [f"![{Path(p).stem}]({p})" for p in summary["plots"]] + [""]
+    if summary["notes"]:
+        lines += ["## Notes", ""] + [f"- {_one_line(n)}" for n in summary["notes"]] + [""]
+    return "\n".join(lines)
+
+
+# --- plots ----------------------------------------------------------------------------------
+def _new_figure() -> tuple[Figure, Any]:
+    """A Figure on its own Agg canvas, as in headernet_core/plots.py (no pyplot state)."""
+    fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Atomically (the temp name ends in .tmp, hence the explicit format), then free."""
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        fig.clear()
+    return path
+
+
+def _plot_filename(param_name: str) -> str:
+    return "param_" + re.sub(r"[^A-Za-z0-9._-]", "_", param_name) + ".png"
+
+
+def _write_plots(plot_dir: Path, records: Sequence[TrialRecord], space_params: Sequence[Param],
+                 metric: str, mode: str, best: TrialRecord | None) -> list[Path]:
+    """Each plot that has a finite point; a plot with nothing to show is removed if an older
+    summary left one, so the folder never shows stale results."""
+    jobs = [(plot_dir / OBJECTIVE_PLOT,
+             lambda path: _objective_plot(path, records, metric, mode, best))]
+    jobs += [(plot_dir / _plot_filename(p.name),
+              lambda path, p=p: _param_plot(path, p, records, metric, mode, best))
+             for p in space_params]
+    written = []
+    for path, draw in jobs:
+        if draw(path) is not None:
+            written.append(path)
+        else:
+            path.unlink(missing_ok=True)
+    return written
+
+
+def _scatter_by_status(ax, points: Sequence[tuple[float, float, TrialRecord]]) -> None:
+    """Points coloured by status (hollow: not run to the end); failed trials as red crosses."""
+    for status, (colour, filled) in _STATUS_STYLE.items():
+        xs = [x for x, _, r in points if r.status == status]
+        ys = [y for _, y, r in points if r.status == status]
+        if xs:
+            ax.scatter(xs, ys, s=30, edgecolors=colour, facecolors=colour if filled else "none",
+                       label=status.replace("_", " "), zorder=3)
+    failed = [(x, y) for x, y, r in points if r.status == "failed"]
+    if failed:
+        ax.scatter(*zip(*failed), marker="x", color="tab:red", s=40, label="failed", zorder=3)
+
+
+def _mark_best(ax, points: Sequence[tuple[float, float, TrialRecord]],
+               best: TrialRecord | None) -> None:
+    spot = [(x, y) for x, y, r in points if best is not None and r is best]
+    if spot:
+        ax.scatter(*zip(*spot), marker="*", s=220, color="gold", edgecolors="black",
+                   linewidths=0.8, label=f"best: {best.name}", zorder=4)
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small")
+
+
+def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mode: str,
+                    best: TrialRecord | None) -> Path | None:
+    points = [(float(r.order), _finite(r.objective), r) for r in records
+              if _finite(r.objective) is not None]
+    if not points:
+        return None
+    fig, ax = _new_figure()
+    _scatter_by_status(ax, points)
+    xs = np.array([x for x, _, _ in points])
+    ys = np.array([y for _, y, _ in points])
+    order = np.argsort(xs, kind="stable")
+    so_far = (np.maximum if mode == "max" else np.minimum).accumulate(ys[order])
+    ax.step(xs[order], so_far, where="post", color="black", linewidth=1, label="best so far")
+    failed = [float(r.order) for r in records
+              if r.status == "failed" and _finite(r.objective) is None]
+    if failed:   # no value: crosses along the bottom edge (x in data, y in axes units)
+        ax.plot(failed, [0.03] * len(failed), linestyle="none", marker="x", color="tab:red",
+                transform=ax.get_xaxis_transform(), label="failed, no epoch", clip_on=False)
+    _mark_best(ax, points, best)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="trial (launch order)", ylabel=f"{metric} (best epoch)",
+           title=f"{metric} per trial ({mode}imize)")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return _save(fig, path)
+
+
+def _param_plot(path: Path, param: Param, records: Sequence[TrialRecord], metric: str,
+                mode: str, best: TrialRecord | None) -> Path | None:
+    scored = [(r.params[param.name], _finite(r.objective), r) for r in records
+              if _present(r.params, param.name) and _finite(r.objective) is not None]
+    if param.kind == "choice":
+        return _categorical_plot(path, param, scored, metric, mode, best)
+    log = param.kind == "loguniform" or bool(param.log)
+    points = [(x, y, r) for v, y, r in scored
+              if (x := _finite(v)) is not None and (x > 0 or not log)]
+    if not points:
+        return None
+    fig, ax = _new_figure()
+    _scatter_by_status(ax, points)
+    _mark_best(ax, points, best)
+    _numeric_axis(ax, param, [x for x, _, _ in points], log)
+    scale = " (log scale)" if log else ""
+    ax.set(xlabel=f"{param.name}{scale}", ylabel=f"{metric} (best epoch)",
+           title=f"{metric} against {param.name} ({mode}imize)")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return _save(fig, path)
+
+
+def _numeric_axis(ax, param: Param, xs: Sequence[float], log: bool) -> None:
+    """The whole searched range (where in it the trials landed is the point of the plot)."""
+    low = min([*xs, *([float(param.low)] if param.low is not None else [])])
+    high = max([*xs, *([float(param.high)] if param.high is not None else [])])
+    if log:
+        ax.set_xscale("log")
+        if high > low:
+            ax.set_xlim(low / 1.2, high * 1.2)
+        # 1-2-5 ticks over a narrow range, decades over a wide one; never minor labels
+        # (matplotlib's crowd into each other).
+        decades = math.log10(high / low) if high > low else 0.0
+        subs = (1.0, 2.0, 3.0, 5.0) if decades <= 1.2 else \
+            (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        return
+    if high > low:
+        pad = 0.04 * (high - low)
+        ax.set_xlim(low - pad, high + pad)
+    if param.kind == "int":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _categorical_plot(path: Path, param: Param, scored: Sequence[tuple[Any, float, TrialRecord]],
+                      metric: str, mode: str, best: TrialRecord | None) -> Path | None:
+    """A box per value with the trials as jittered points over it."""
+    if not scored:
+        return None
+    labels = [_fmt_value(v) for v in param.values]
+    labels += sorted({_fmt_value(v) for v, _, _ in scored} - set(labels))
+    position = {label: i for i, label in enumerate(labels)}
+    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, size=len(scored))
+    points = [(position[_fmt_value(v)] + dx, y, r) for (v, y, r), dx in zip(scored, jitter)]
+    groups = {i: [y for v, y, _ in scored if position[_fmt_value(v)] == i]
+              for i in range(len(labels))}
+    filled = [i for i, ys in groups.items() if ys]
+    fig, ax = _new_figure()
+    ax.boxplot([groups[i] for i in filled], positions=filled, widths=0.5, showfliers=False,
+               manage_ticks=False, medianprops={"color": "tab:orange"})
+    _scatter_by_status(ax, points)
+    _mark_best(ax, points, best)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30 if sum(map(len, labels)) > 40 else 0)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set(xlabel=param.name, ylabel=f"{metric} (best epoch)",
+           title=f"{metric} against {param.name} ({mode}imize)")
+    ax.grid(alpha=0.3, axis="y")
+    _legend(ax)
+    return _save(fig, path)

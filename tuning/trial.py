@@ -1,0 +1,96 @@
+"""One Ray Tune trial: a plain function that runs the headernet_core trainer in-process.
+
+The trial's run folder is Tune's own trial folder on the search's storage
+(`<storage>/<search>/<trial>/`), so the standard run artifacts land beside Tune's files on
+shared storage on any node. Each epoch reports the epoch's metrics plus `objective` (the best
+epoch's value so far of the search metric) with a small Tune checkpoint; the real training
+state is the run folder's `checkpoints/last.pt`, which a retried or restored trial resumes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from headernet_core.artifacts import write_json
+from headernet_core.config import SELECTABLE_METRICS
+
+from .space import SearchSpace
+
+OBJECTIVE = "objective"
+
+
+def trial_dirname(trial: Any) -> str:
+    """`t003_backbone=csn_lr_head=1.2e-03`: launch order, then the sampled values (short)."""
+    index = str(trial.experiment_tag).split("_", 1)[0]
+    index = f"{int(index):03d}" if index.isdigit() else trial.trial_id
+    parts = [f"{key}={_short(value)}" for key, value in sorted(trial.config.items())]
+    name = "_".join([f"t{index}", *parts])
+    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in name)[:120]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.1e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3) else f"{value:.3g}"
+    return str(value)
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
+def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str) -> None:
+    """The Tune function trainable (wrapped with `tune.with_parameters`)."""
+    import ray
+    import torch
+    from ray import tune
+
+    from headernet_core.train import train
+
+    context = tune.get_context()
+    run_name = Path(context.get_trial_dir()).name
+    run_dir = Path(search_dir) / run_name
+    gpu_ids = ray.get_gpu_ids()
+    cpus = max(1, int(space.resources.get("cpu", 1)))
+    if not gpu_ids:
+        # A 0-GPU Ray trial still sees every GPU (Ray >= 2.4x): hide them so it cannot touch one.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+    config = space.trial_config(sampled)
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    config = config.replace(
+        output_root=search_dir, run_name=run_name, progress=False,
+        resume=resume, overwrite=not resume,
+        cpu=not gpu_ids, gpus=list(range(len(gpu_ids))) if gpu_ids else None,
+        num_workers=min(config.num_workers, cpus - 1),
+        # The trial's best epoch is the objective's best epoch.
+        select_metric=space.metric if space.metric in SELECTABLE_METRICS else config.select_metric)
+    # The trial's CPUs are shared by torch's intra-op threads and the loader workers.
+    torch.set_num_threads(max(1, cpus - config.num_workers))
+    node = ray.get_runtime_context().get_node_id()
+    write_json(run_dir / "trial.json", {"trial_id": context.get_trial_id(), "name": run_name,
+                                        "params": sampled, "node_id": node,
+                                        "hostname": os.uname().nodename})
+    reported = False
+
+    def report(row: dict[str, Any], best: dict[str, Any] | None, best_epoch: int | None) -> None:
+        nonlocal reported
+        metrics = _finite(row)
+        metrics[OBJECTIVE] = float((best or {}).get(space.metric, float("nan")))
+        metrics["best_epoch"] = best_epoch or 0
+        with tempfile.TemporaryDirectory() as tmp:
+            # The weights live in the run folder (last.pt); Tune's checkpoint only marks progress.
+            Path(tmp, "progress.json").write_text(json.dumps({"epoch": int(row["epoch"]),
+                                                              "run_dir": str(run_dir)}))
+            tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(tmp))
+        reported = True
+
+    result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch))
+    if not reported and result.best_metrics:
+        # Restored after its last epoch had finished: tell Tune the final state once.
+        last_row = json.loads((run_dir / "best_metrics.json").read_text())
+        report({**last_row, "epoch": result.epochs_done}, result.best_metrics, result.best_epoch)
