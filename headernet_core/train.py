@@ -428,8 +428,13 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
             status = "finished"
         write_status(run_dir, status, state.epoch)
     except BaseException as exc:
-        write_status(run_dir, "failed" if isinstance(exc, Exception) else "interrupted", state.epoch,
-                     error=f"{type(exc).__name__}: {exc}")
+        if state.epoch >= config.epochs:
+            write_status(run_dir, "finished", state.epoch)
+        elif isinstance(exc, SystemExit) and exc.code in (0, None):
+            write_status(run_dir, "stopped", state.epoch)  # e.g. Ray Tune's scheduler ended it
+        else:
+            write_status(run_dir, "failed" if isinstance(exc, Exception) else "interrupted",
+                         state.epoch, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if writer is not None:
