@@ -88,6 +88,8 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
     ok = [t for t in summary["trials"] if t["status"] in ("finished", "stopped_early")]
     assert failed and ok, summary["counts"]
     assert all("tubelet" in t["error"] for t in failed)
+    for trial in ok:  # a trial that ran every epoch is finished, even though ASHA ended it at max_t
+        assert (trial["status"] == "finished") == (trial["epochs_run"] == 3), trial
     assert all(t["params"]["num_frames"] == 5 for t in failed)
 
     for trial in ok:
@@ -175,3 +177,20 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tiny_data, tmp_path):
         assert (folder / "best_metrics.json").is_file() and (folder / "metrics_epoch.csv").is_file()
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "finished" and len(summary["trials"]) == 4
+
+
+def test_readme_demo_search(tmp_path):
+    """The README's "run it" command, from a folder without the demo data: it generates the
+    data, samples with Optuna, lets ASHA stop trials early and summarises."""
+    result = subprocess.run([sys.executable, "-m", "tuning.search", "--space", "demo"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    search_dir = tmp_path / "report" / "header_experiments" / "demo"
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert summary["state"] == "finished" and len(summary["trials"]) == 6
+    assert any(t["status"] == "stopped_early" and t["epochs_run"] < 4 for t in summary["trials"])
+    assert len({json.dumps(t["params"], sort_keys=True) for t in summary["trials"]}) == 6
+    assert summary["best_trial"]["objective"] > 0.8
+    assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
+    assert "best trial" in result.stdout and summary["best_trial"]["checkpoint_abs"] in result.stdout

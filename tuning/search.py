@@ -104,8 +104,9 @@ def prepare_demo_data(space: SearchSpace) -> None:
 
     folder = Path(space.demo_data).absolute()
     print(f"demo dataset missing: generating it in {folder} (once)")
-    csv = generate(folder / "raw", seed=0) if not (folder / "raw" / "all_clips.csv").is_file() \
-        else folder / "raw" / "all_clips.csv"
+    csv = folder / "raw" / "all_clips.csv"
+    if not csv.is_file():  # the CSV is written last: without it the folder is incomplete
+        csv = generate(folder / "raw", seed=0, overwrite=True)
     frame = pd.read_csv(csv)
     frame["path"] = [str((csv.parent / p).absolute()) for p in frame["path"]]
     train, val = split_frame(frame, 0.2, seed=42, group=True)  # split_dataset's defaults
