@@ -101,7 +101,10 @@ def param_groups(model: HeaderClassifier, config: TrainConfig) -> list[dict[str,
         else:
             backbone_groups = param_groups_weight_decay(model.backbone, weight_decay=config.weight_decay)
         for group in backbone_groups:
-            groups.append({**group, "lr": config.lr_backbone, "name": "backbone"})
+            # `initial_lr` is the unscaled base the timm scheduler starts from (it multiplies
+            # by `lr_scale` itself); `lr` is already scaled so `--scheduler none` honours it too.
+            groups.append({**group, "lr": config.lr_backbone * group.get("lr_scale", 1.0),
+                           "initial_lr": config.lr_backbone, "name": "backbone"})
     for group in param_groups_weight_decay(model.head, weight_decay=config.weight_decay):
         groups.append({**group, "lr": config.lr_head, "name": "head"})
     return [g for g in groups if g["params"]]

@@ -242,7 +242,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
         if not torch.isfinite(loss):
             fail(f"training diverged: loss is {loss.item()} at epoch {state.epoch + 1}, batch {i + 1}; "
                  "lower --lr_backbone/--lr_head or try --amp off")
-        scaler.scale(loss / config.grad_accum).backward()
+        if micro == 0:  # the epoch's last group of micro-batches may be shorter than grad_accum
+            group_size = min(config.grad_accum, steps - i)
+        scaler.scale(loss / group_size).backward()
         micro += 1
         if micro == config.grad_accum or i + 1 == steps:
             if config.max_grad_norm is not None:
