@@ -14,7 +14,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", message=".*random weights.*")
 warnings.filterwarnings("ignore", message=".*small random model.*")
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
 def write_clips(folder: Path, n: int, *, seed: int, frames: int = 6, size: int = 32,

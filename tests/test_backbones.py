@@ -23,13 +23,9 @@ from headernet_core.backbones import (VARIANTS, BackboneInfo, IrCSN, VideoMAECon
 from headernet_core.backbones.base import check_state_dict
 from headernet_core.errors import HeaderNetError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURES = SHARED / "fixtures"
-REFERENCE = SHARED / "reference"
-needs_fixtures = pytest.mark.skipif(not (FIXTURES / "vmae_tiny").is_dir(),
-                                    reason=f"reference fixtures not found at {FIXTURES}")
-needs_reference = pytest.mark.skipif(not (REFERENCE / "vmae_real_keys.json").is_file(),
-                                     reason=f"real key lists not found at {REFERENCE}")
+DATA = Path(__file__).resolve().parent / "data"   # copied from ../shared (see data/README.md)
+FIXTURES = DATA
+REFERENCE = DATA / "reference"
 SMALL = [("vmae", "tiny"), ("csn", "tiny")]  # every registry variant cheap enough for CPU tests
 
 
@@ -64,7 +60,6 @@ def _small(family: str, variant: str) -> nn.Module:
 
 
 # --- VideoMAE v2: parity with the reference implementation -------------------------------------
-@needs_fixtures
 def test_vmae_fixture_parity():
     io = np.load(FIXTURES / "vmae_tiny_io.npz")
     model = load_backbone(FIXTURES / "vmae_tiny")
@@ -110,7 +105,6 @@ def test_vmae_other_sizes_work():
 
 
 # --- real key lists ------------------------------------------------------------------------------
-@needs_reference
 @pytest.mark.parametrize("name", ["base", "large", "giant"])
 def test_vmae_published_configs_match_real_keys(name):
     real = _real_keys("vmae_real_keys.json")[name]
@@ -130,7 +124,6 @@ def test_vmae_published_configs_match_real_keys(name):
         assert config.mlp_hidden == 6144 and model.fc_norm is None and model.norm is not None
 
 
-@needs_reference
 def test_vmae_base_folder_from_real_key_list_loads(tmp_path):
     real = _real_keys("vmae_real_keys.json")["base"]
     state = {k[len("model."):]: torch.zeros(shape, dtype=torch.float16) for k, shape in real["keys"]}
@@ -147,7 +140,6 @@ def test_vmae_base_folder_from_real_key_list_loads(tmp_path):
         assert model(torch.zeros(1, 3, 2, 32, 32)).shape == (1, 768)
 
 
-@needs_reference
 @pytest.mark.parametrize("name, blocks", [("ircsn_r50", (3, 4, 6, 3)), ("ircsn_r152", (3, 8, 36, 3))])
 def test_csn_real_key_lists_infer_depth_and_width(name, blocks):
     real = _real_keys("csn_real_keys.json")[name]
@@ -161,7 +153,6 @@ def test_csn_real_key_lists_infer_depth_and_width(name, blocks):
     assert model.num_features == 2048
 
 
-@needs_reference
 def test_csn_r50_mmaction_file_loads(tmp_path):
     real = _real_keys("csn_real_keys.json")["ircsn_r50"]
     state = {k: torch.zeros(shape, dtype=torch.long if k.endswith("tracked") else torch.float32)
@@ -292,7 +283,6 @@ def _edit_config(**changes):
     return edit
 
 
-@needs_fixtures
 @pytest.mark.parametrize("breaker, fragments", [
     (_break_missing, ["model.safetensors", "1 missing key(s): blocks.1.mlp.fc2.bias"]),
     (_break_unexpected, ["1 unexpected key(s): blocks.0.attn.k_bias"]),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -215,7 +216,7 @@ def _bad_inputs(tiny_data, tmp_path) -> list[tuple[list[str], str]]:
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
     shapes = tmp_path / "shapes_vmae"
     shapes.mkdir()
-    fixture_cfg = json.loads((FIXTURE_VMAE / "config.json").read_text()) if FIXTURE_VMAE.exists() else None
+    fixture_cfg = json.loads((FIXTURE_VMAE / "config.json").read_text())
     cases = [
         (["--train_csv", str(tmp_path / "nope.csv")], "nope.csv"),
         (["--train_csv", no_label], "label"),
@@ -239,16 +240,14 @@ def _bad_inputs(tiny_data, tmp_path) -> list[tuple[list[str], str]]:
         (["--num_frames", "0"], "--num_frames"),
         (["--num_frames", "5"], "multiple of the VideoMAE tubelet size"),
     ]
-    if fixture_cfg is not None:
-        import shutil
-        shutil.copy(FIXTURE_VMAE / "model.safetensors", shapes / "model.safetensors")
-        fixture_cfg["model_config"]["embed_dim"] = 48
-        (shapes / "config.json").write_text(json.dumps(fixture_cfg))
-        cases.append((["--backbone_ckpt", str(shapes)], "shapes_vmae"))
+    shutil.copy(FIXTURE_VMAE / "model.safetensors", shapes / "model.safetensors")
+    fixture_cfg["model_config"]["embed_dim"] = 48  # the weights no longer fit their config
+    (shapes / "config.json").write_text(json.dumps(fixture_cfg))
+    cases.append((["--backbone_ckpt", str(shapes)], "shapes_vmae"))
     return cases
 
 
-FIXTURE_VMAE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vmae_tiny"
+FIXTURE_VMAE = Path(__file__).resolve().parent / "data" / "vmae_tiny"
 
 
 def test_every_bad_input_is_one_clear_line_and_writes_nothing(tiny_data, tmp_path, capsys):
