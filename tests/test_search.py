@@ -104,6 +104,9 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
         metrics = pd.read_csv(folder / "metrics_epoch.csv")
         assert trial["objective"] == pytest.approx(metrics["val_f1"].max())
         assert (folder / best["checkpoint"]).is_file()
+        # per trial only the best and the last checkpoint are kept
+        assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == \
+            sorted([Path(best["checkpoint"]).name, "last.pt"])
     for name in ("trials.csv", "summary.md"):
         assert (search_dir / name).is_file()
 
@@ -167,7 +170,8 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tiny_data, tmp_path):
         storage = tmp_path / "shared"
         space = write_space(tmp_path, tiny_data, budget={"num_samples": 4, "max_concurrent": 2, "seed": 0},
                             scheduler={"type": "none"})
-        main(["--space", str(space), "--address", cluster.address, "--storage_path", str(storage)])
+        main(["--space", str(space), "--address", cluster.address, "--storage_path", str(storage),
+              "--keep_checkpoints", "best_trial"])
     finally:
         cluster.shutdown()
     search_dir = storage / "s"
@@ -177,6 +181,12 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tiny_data, tmp_path):
         assert (folder / "best_metrics.json").is_file() and (folder / "metrics_epoch.csv").is_file()
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "finished" and len(summary["trials"]) == 4
+    # --keep_checkpoints best_trial: only the best trial still holds weights, and it says so
+    best = summary["best_trial"]
+    holding = {d.name for d in trial_dirs(search_dir) if any((d / "checkpoints").glob("*.pt"))}
+    assert holding == {best["name"]} and (search_dir / best["checkpoint"]).is_file()
+    weights = sum(p.stat().st_size for p in search_dir.rglob("*.pt"))
+    assert weights < summary["disk_bytes"] < weights + 10 * 2**20  # counted after the pruning
 
 
 def test_readme_demo_search(tmp_path):
