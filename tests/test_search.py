@@ -121,38 +121,59 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
     assert code == 2 and "finished search" in err
 
 
-# --- resume after the driver is killed ------------------------------------------------------
-def test_resume_after_the_driver_is_killed(tiny_data, tmp_path):
+# --- resume after the driver is killed, then after Ctrl-C -----------------------------------
+def finished_trials(search_dir: Path) -> list[Path]:
+    if not search_dir.is_dir():
+        return []
+    return [d for d in trial_dirs(search_dir) if (d / "status.json").is_file()
+            and json.loads((d / "status.json").read_text())["state"] == "finished"]
+
+
+def start_and_wait(cmd: list[str], cwd: Path, env: dict, search_dir: Path, more_than: int):
+    """Start the search and return (process, finished trials) once more than `more_than` of
+    its trials have finished."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = finished_trials(search_dir)
+        if len(done) > more_than:
+            return proc, done
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"no new trial finished: {proc.communicate()[0][-3000:]}")
+
+
+def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tiny_data, tmp_path):
     space = write_space(tmp_path, tiny_data, budget={"num_samples": 4, "max_concurrent": 1, "seed": 1},
                         scheduler={"type": "none"})
     search_dir = tmp_path / "out" / "s"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "tuning.search", "--space", str(space)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_done = None
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            finished = [d for d in trial_dirs(search_dir) if (d / "status.json").is_file()
-                        and json.loads((d / "status.json").read_text())["state"] == "finished"] \
-                if search_dir.is_dir() else []
-            if finished:
-                first_done = finished[0]
-                break
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)   # the driver and the Ray processes it started
-        proc.wait()
-    assert first_done is not None, "no trial finished before the deadline"
-    kept = {p: p.stat().st_mtime_ns for p in (first_done / "checkpoints").glob("best_epoch_*.pt")}
 
+    # 1. the driver and every Ray process it started die at once (a kill, a reboot)
+    proc, done = start_and_wait(cmd, tmp_path, env, search_dir, more_than=0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    kept = {p: p.stat().st_mtime_ns for d in done for p in (d / "checkpoints").glob("best_epoch_*.pt")}
+
+    # 2. resumed, then Ctrl-C: what finished is summarised and the command says how to go on
+    proc, done = start_and_wait([*cmd, "--resume"], tmp_path, env, search_dir, more_than=len(done))
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "--resume" in output
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert summary["state"] == "interrupted"
+    assert summary["counts"]["finished"] >= len(done) >= 2
+
+    # 3. resumed to the end: every trial finished once, nothing finished was rewritten
     resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = json.loads((search_dir / "search_summary.json").read_text())
-    done = [t for t in summary["trials"] if t["status"] == "finished"]
-    assert len(done) == 4, summary["counts"]
+    assert summary["state"] == "finished"
+    assert [t["status"] for t in summary["trials"]] == ["finished"] * 4, summary["counts"]
     indices = [d.name.split("_", 1)[0] for d in trial_dirs(search_dir)]
     assert len(indices) == len(set(indices)) == 4, indices
     for path, mtime in kept.items():

@@ -257,7 +257,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
 # --- after the search ---------------------------------------------------------------------
 def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: bool) -> list[TrialRecord]:
     records = []
-    for result in results:
+    for result, tune_status in zip(results, _tune_statuses(results)):
         folder = Path(result.path)
         status = _read_json(folder / "status.json").get("state")
         best = _read_json(folder / "best_metrics.json")
@@ -268,8 +268,10 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
             state = "finished"
         elif status is None:
             state = "interrupted" if interrupted else "pending"
+        elif interrupted and tune_status != "TERMINATED":
+            state = "interrupted"  # Ctrl-C ended it: --resume continues it
         else:
-            state = "interrupted" if interrupted else "stopped_early"
+            state = "stopped_early"  # the scheduler ended it: --resume leaves it alone
         checkpoint = best.get("checkpoint")
         checkpoint = f"{folder.name}/{checkpoint}" if checkpoint and (folder / checkpoint).is_file() else None
         records.append(TrialRecord(
@@ -281,6 +283,17 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
             node=(_read_json(folder / "trial.json").get("node_id") or "")[:12] or None,
             order=_order(folder.name)))
     return sorted(records, key=lambda r: (r.order, r.name))
+
+
+def _tune_statuses(results) -> list[str | None]:
+    """Tune's own status per result (TERMINATED, RUNNING, ERROR, ...), in the ResultGrid's
+    order: after a Ctrl-C it tells a trial ASHA had already stopped from one cut short. Ray
+    exposes it only on the grid's private analysis object; without it every stopped trial of an
+    interrupted search counts as interrupted (and --resume sorts them out)."""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None)
+    if trials is None or len(trials) != len(results):
+        return [None] * len(results)
+    return [getattr(trial, "status", None) for trial in trials]
 
 
 def _order(name: str) -> int:
