@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
-import torch
 
 from . import artifacts, checkpoints
 from .backbones import build_backbone

@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 
-from headernet_core import checkpoints
 from headernet_core.evaluate import evaluate, load_classifier
 from headernet_core.errors import HeaderNetError
 from headernet_core.train import LEADING_COLUMNS, main, train
