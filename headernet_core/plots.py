@@ -31,13 +31,14 @@ _EPOCH_METRICS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _new_figure() -> tuple[Figure, object]:
+def new_figure() -> tuple[Figure, object]:
+    """A Figure on its own Agg canvas: no pyplot state, safe in workers and threads."""
     fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
     FigureCanvasAgg(fig)  # attaches itself as fig.canvas
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Write atomically (the temp name ends in .tmp, hence the explicit format), then free."""
     try:
         fig.tight_layout()
@@ -69,41 +70,41 @@ def _plot_columns(ax, epochs: pd.DataFrame, columns: Sequence[tuple[str, str]]) 
 
 
 def _loss_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None) -> Path:
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     _plot_columns(ax, epochs, (("train_loss", "train loss"), ("val_loss", "val loss")))
     _mark_best(ax, best_epoch)
     ax.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
     ax.grid(alpha=0.3)
     _legend(ax, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _metrics_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None) -> Path:
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     _plot_columns(ax, epochs, _EPOCH_METRICS)
     _mark_best(ax, best_epoch)
     ax.set(xlabel="epoch", ylabel="value", title="Validation metrics per epoch", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     _legend(ax, loc="best", fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _roc_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
     fpr, tpr, _ = roc_curve(y, p)
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     ax.plot(fpr, tpr, label=f"AUC = {roc_auc_score(y, p):.3f}")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title,
            xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _pr_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
     precision, recall, _ = precision_recall_curve(y, p)
     threshold, best_p, best_r, best_f1 = best_threshold(y, p)
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     ax.plot(recall, precision, drawstyle="steps-post",
             label=f"AP = {average_precision_score(y, p):.3f}")
     ax.axhline(y.mean(), color="grey", linestyle=":", linewidth=1,
@@ -113,7 +114,7 @@ def _pr_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
     ax.set(xlabel="recall", ylabel="precision", title=title, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_plots(plot_dir: Path, epochs: pd.DataFrame, labels: np.ndarray | None,

@@ -38,11 +38,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import optuna
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from headernet_core.artifacts import atomic_path, write_json, write_text
+from headernet_core.artifacts import write_json, write_text
+from headernet_core.plots import new_figure, save_figure
 
 if TYPE_CHECKING:                       # space.py pulls in the trainer's config; only types here
     from tuning.space import Param
@@ -67,8 +66,6 @@ ROUGH_IMPORTANCE_TRIALS = 20
 # Error text in the markdown table is cut here (the JSON and CSV keep it whole).
 MD_ERROR_CHARS = 160
 
-_FIGSIZE = (7.0, 4.5)
-_DPI = 100
 # (marker colour, filled) per status; failed trials are red crosses.
 _STATUS_STYLE: dict[str, tuple[str, bool]] = {
     "finished": ("tab:blue", True),
@@ -501,24 +498,6 @@ def _markdown(summary: dict[str, Any], records: Sequence[TrialRecord],
 
 
 # --- plots ----------------------------------------------------------------------------------
-def _new_figure() -> tuple[Figure, Any]:
-    """A Figure on its own Agg canvas, as in headernet_core/plots.py (no pyplot state)."""
-    fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(1, 1, 1)
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    """Atomically (the temp name ends in .tmp, hence the explicit format), then free."""
-    try:
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        fig.clear()
-    return path
-
-
 def _plot_filename(param_name: str) -> str:
     return "param_" + re.sub(r"[^A-Za-z0-9._-]", "_", param_name) + ".png"
 
@@ -573,7 +552,7 @@ def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mod
               if _finite(r.objective) is not None]
     if not points:
         return None
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     _scatter_by_status(ax, points)
     xs = np.array([x for x, _, _ in points])
     ys = np.array([y for _, y, _ in points])
@@ -591,7 +570,7 @@ def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mod
            title=f"{metric} per trial ({mode}imize)")
     ax.grid(alpha=0.3)
     _legend(ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _param_plot(path: Path, param: Param, records: Sequence[TrialRecord], metric: str,
@@ -605,7 +584,7 @@ def _param_plot(path: Path, param: Param, records: Sequence[TrialRecord], metric
               if (x := _finite(v)) is not None and (x > 0 or not log)]
     if not points:
         return None
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     _scatter_by_status(ax, points)
     _mark_best(ax, points, best)
     _numeric_axis(ax, param, [x for x, _, _ in points], log)
@@ -614,7 +593,7 @@ def _param_plot(path: Path, param: Param, records: Sequence[TrialRecord], metric
            title=f"{metric} against {param.name} ({mode}imize)")
     ax.grid(alpha=0.3)
     _legend(ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _numeric_axis(ax, param: Param, xs: Sequence[float], log: bool) -> None:
@@ -654,7 +633,7 @@ def _categorical_plot(path: Path, param: Param, scored: Sequence[tuple[Any, floa
     groups = {i: [y for v, y, _ in scored if position[_fmt_value(v)] == i]
               for i in range(len(labels))}
     filled = [i for i, ys in groups.items() if ys]
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     ax.boxplot([groups[i] for i in filled], positions=filled, widths=0.5, showfliers=False,
                manage_ticks=False, medianprops={"color": "tab:orange"})
     _scatter_by_status(ax, points)
@@ -666,4 +645,4 @@ def _categorical_plot(path: Path, param: Param, scored: Sequence[tuple[Any, floa
            title=f"{metric} against {param.name} ({mode}imize)")
     ax.grid(alpha=0.3, axis="y")
     _legend(ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
