@@ -74,7 +74,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str) -
     node = ray.get_runtime_context().get_node_id()
     write_json(run_dir / "trial.json", {"trial_id": context.get_trial_id(), "name": run_name,
                                         "params": sampled, "node_id": node,
-                                        "hostname": os.uname().nodename})
+                                        "hostname": os.uname().nodename, "pid": os.getpid()})
     reported = False
 
     def report(row: dict[str, Any], best: dict[str, Any] | None, best_epoch: int | None) -> None:
