@@ -267,3 +267,7 @@ def test_readme_demo_search(tmp_path):
     assert summary["best_trial"]["objective"] > 0.8
     assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
     assert "best trial" in result.stdout and summary["best_trial"]["checkpoint_abs"] in result.stdout
+    # the best checkpoint, evaluated on its own, reproduces the reported objective
+    from headernet_core.evaluate import evaluate
+    metrics, _ = evaluate(summary["best_trial"]["checkpoint_abs"], tmp_path / "demo_data" / "splits" / "val.csv")
+    assert metrics["val_f1"] == pytest.approx(summary["best_trial"]["objective"], abs=1e-6)
