@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from .errors import HeaderNetError, fail
+from .errors import CliParser, HeaderNetError, fail
 
 # Learning-rate defaults by (backbone, finetune_mode): (lr_backbone, lr_head).
 # Pretrained VideoMAE fine-tunes with a small backbone LR and a 20x larger head LR; the CSN is
@@ -316,7 +316,7 @@ def _scalar(where: str, value: Any, tp: Any) -> Any:
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """argparse over every `TrainConfig` field. Defaults are SUPPRESSed so that only flags the
     user typed override `--config`; the dataclass stays the single source of defaults."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
+    parser = CliParser(prog=prog, description=description,
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of config keys (e.g. a run's config.yaml); flags override it")
     hints = typing.get_type_hints(TrainConfig)

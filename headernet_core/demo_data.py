@@ -41,7 +41,6 @@ then: python -m headernet_core.split_dataset --input_csv demo_data/all_clips.csv
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -53,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from .artifacts import atomic_path, write_text
-from .errors import fail, run_cli
+from .errors import CliParser, fail, run_cli
 
 CSV_NAME = "all_clips.csv"
 CLIP_DIR = "clips"
@@ -582,7 +581,7 @@ def generate(out_dir: Path, *, seed: int = 0, matches: int = 8, clips_per_match:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m headernet_core.demo_data",
         description="Write a small synthetic header dataset (legacy .npy clips + one CSV "
                     "to split).")

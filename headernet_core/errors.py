@@ -6,6 +6,7 @@ CLIs run their body through `run_cli`, which prints `error: <message>` and exits
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, NoReturn
 
@@ -32,3 +33,15 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+class CliParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line too (`--help` still prints the usage).
+
+    argparse's default prints the whole usage block (~50 lines for the trainer) before the
+    message; a user who typed `--backbone resnet` needs only the message.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {' '.join(message.split())} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)

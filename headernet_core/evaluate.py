@@ -9,7 +9,6 @@ checkpoint's config.
 """
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +19,7 @@ from . import artifacts, checkpoints
 from .backbones import build_backbone
 from .config import TrainConfig
 from .data import check_clips, read_split
-from .errors import fail, run_cli
+from .errors import CliParser, fail, run_cli
 from .losses import build_loss
 from .metrics import classification_metrics
 from .model import HeaderClassifier
@@ -64,7 +63,7 @@ def evaluate(checkpoint: str | Path, val_csv: str | Path, *, batch_size: int | N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m headernet_core.evaluate", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m headernet_core.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a best_epoch_<N>.pt or last.pt")
     parser.add_argument("--val_csv", required=True, help="split CSV to evaluate on")
     parser.add_argument("--batch_size", type=int, default=None)

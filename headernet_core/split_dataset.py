@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
 from .artifacts import atomic_path
 from .data import (check_paths_present, find_clip, parse_labels, path_basename, read_index_csv,
                    resolve_clip)
-from .errors import fail, run_cli
+from .errors import CliParser, fail, run_cli
 
 GROUP_COLUMN = "video_id"
 MAX_FOLDS = 20  # finest val fraction the grouped split can aim at is 1/20
@@ -176,7 +176,7 @@ def write_csv(part: pd.DataFrame, path: Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="python -m headernet_core.split_dataset",
         description="Split a clip CSV into train.csv/val.csv, stratified by label and grouped by video_id.")
     parser.add_argument("--input_csv", required=True, help="CSV with columns path,label[,video_id,...]")

@@ -148,12 +148,17 @@ def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
     run_dir = Path(config.output_root) / str(config.run_name)
     last = run_dir / "checkpoints" / "last.pt"
     if config.resume:
+        if not run_dir.is_dir():
+            fail(f"{run_dir}: nothing to resume (no such run folder); check --output_root/--run_name")
         if not last.is_file():
-            fail(f"{run_dir}: nothing to resume (no checkpoints/last.pt); start it without --resume")
+            fail(f"{run_dir}: nothing to resume (no checkpoints/last.pt: it ended before its first "
+                 f"epoch); start it again with --overwrite instead of --resume")
         return run_dir, checkpoints.load(last)
     if any((run_dir / name).exists() for name in RUN_ARTIFACTS):
         if not config.overwrite:
-            fail(f"{run_dir} already exists; pass --resume to continue it or choose another --run_name")
+            hint = ("--resume to continue it" if last.is_file() else
+                    "--overwrite to start it again (it ended before its first epoch)")
+            fail(f"{run_dir} already exists; pass {hint} or choose another --run_name")
         if read_status(run_dir) == "finished":
             fail(f"{run_dir} is a finished run and is never overwritten; choose another --run_name")
     return run_dir, None
@@ -193,6 +198,9 @@ def prepare(config: TrainConfig) -> Prepared:
     if config.num_frames % info.frame_multiple:
         fail(f"--num_frames {config.num_frames} must be a multiple of the VideoMAE tubelet size "
              f"{info.frame_multiple}")
+    if config.input_size % info.size_multiple:
+        fail(f"--input_size {config.input_size} must be a multiple of the VideoMAE patch size "
+             f"{info.size_multiple} (native size {info.native_size})")
     if config.finetune_mode == "frozen" and config.gradient_checkpointing:
         warnings.warn("--gradient_checkpointing has no effect with a frozen backbone", stacklevel=2)
 
@@ -404,7 +412,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
                 val = classification_metrics(labels, prob, loss=val_loss)
             for w in {str(w.message) for w in caught}:
                 log(f"warning: {w}")
-            row = {"epoch": float(epoch), **train_stats, **val,
+            row = {"epoch": epoch, **train_stats, **val,
                    "epoch_seconds": time.perf_counter() - epoch_start}
             state.epoch = epoch
             state.history.append(row)

@@ -102,11 +102,27 @@ def test_existing_run_is_protected(tiny_config):
         train(tiny_config(epochs=1, overwrite=True), log=lambda _: None)
 
 
+def test_a_run_that_ended_before_its_first_epoch_points_to_overwrite(tiny_config):
+    config = tiny_config(epochs=1)
+    run_dir = Path(config.output_root) / config.run_name
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text('{"state": "failed", "epochs_done": 0}')
+    with pytest.raises(HeaderNetError, match="--overwrite to start it again"):
+        train(config, log=lambda _: None)
+    with pytest.raises(HeaderNetError, match="--overwrite instead of --resume"):
+        train(config.replace(resume=True), log=lambda _: None)
+    with pytest.raises(HeaderNetError, match="no such run folder"):
+        train(config.replace(resume=True, run_name="never_ran"), log=lambda _: None)
+    assert train(config.replace(overwrite=True), log=lambda _: None).status == "finished"
+
+
 def test_overwrite_replaces_an_unfinished_run(tiny_config):
     train(tiny_config(epochs=3), on_epoch=lambda r: True, log=lambda _: None)
     result = train(tiny_config(epochs=1, overwrite=True), log=lambda _: None)
     assert result.status == "finished"
     assert len(pd.read_csv(result.run_dir / "metrics_epoch.csv")) == 1
+    first_row = (result.run_dir / "metrics_epoch.csv").read_text().splitlines()[1]
+    assert first_row.startswith("1,"), first_row  # epochs are integers, not 1.0
 
 
 def test_resume_of_a_finished_run_can_extend_it(tiny_config):
@@ -211,7 +227,7 @@ def _bad_inputs(tiny_data, tmp_path) -> list[tuple[list[str], str]]:
     empty.write_text("path,label\n")
     corrupt = tmp_path / "corrupt_vmae"
     corrupt.mkdir()
-    (corrupt / "config.json").write_text(json.dumps({"model_config": {"embed_dim": 32}}))
+    shutil.copy(FIXTURE_VMAE / "config.json", corrupt / "config.json")  # valid config, bad weights
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
     shapes = tmp_path / "shapes_vmae"
     shapes.mkdir()
@@ -229,10 +245,14 @@ def _bad_inputs(tiny_data, tmp_path) -> list[tuple[list[str], str]]:
         (["--val_csv", str(empty)], "empty.csv"),
         (["--backbone", "resnet"], "--backbone"),
         (["--vmae_variant", "huge"], "--vmae_variant"),
+        (["--backbone", "csn", "--csn_variant", "34"], "--csn_variant"),
+        (["--num_frames", "7.5"], "--num_frames"),
+        (["--no_such_flag", "1"], "--no_such_flag"),
+        (["--input_size", "30"], "multiple of the VideoMAE patch size"),
         (["--vmae_variant", "base", "--checkpoint_root", str(tmp_path / "ckpts")], "VideoMAEv2-Base"),
         (["--backbone_ckpt", str(tmp_path / "no_such_folder")], "no_such_folder"),
         (["--backbone", "csn", "--backbone_ckpt", str(tmp_path / "no_such.pth")], "no_such.pth"),
-        (["--backbone_ckpt", str(corrupt)], "corrupt_vmae"),
+        (["--backbone_ckpt", str(corrupt)], "cannot read safetensors"),
         (["--gpus", "7"], "--gpus"),
         (["--batch_size", "0"], "--batch_size"),
         (["--epochs", "-1"], "--epochs"),
@@ -265,7 +285,7 @@ def test_every_bad_input_is_one_clear_line_and_writes_nothing(tiny_data, tmp_pat
         argv = [x for k, v in args.items() for x in ([k] if v is None else [k, v])]
         code, err = cli(argv, capsys)
         lines = [l for l in err.splitlines() if l.strip() and "Warning" not in l and "warn" not in l]
-        ok = code == 2 and len(lines) >= 1 and fragment in lines[-1] and "Traceback" not in err
+        ok = code == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in err
         if not ok:
             failures.append(f"{extra}: code {code}, stderr {err!r}")
         assert not out.exists(), f"{extra} wrote {list(out.rglob('*'))}"

@@ -13,7 +13,6 @@ per trial holding the standard run artifacts beside Ray Tune's own files.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -24,7 +23,7 @@ from typing import Any, Sequence
 
 from headernet_core.artifacts import write_json, write_text
 from headernet_core.config import TrainConfig
-from headernet_core.errors import fail, run_cli
+from headernet_core.errors import CliParser, fail, run_cli
 
 from .space import SearchSpace, find_space_file, load_space
 from .summary import TrialRecord, best_record, format_bytes, write_summary
@@ -52,7 +51,7 @@ class SearchArgs:
 
 
 def parse_args(argv: Sequence[str] | None) -> SearchArgs:
-    parser = argparse.ArgumentParser(prog="python -m tuning.search", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m tuning.search", description=__doc__.splitlines()[0])
     parser.add_argument("--space", required=True, help="search space: a YAML path or a name in search_spaces/")
     parser.add_argument("--name", help="search folder name (default: the space's name)")
     parser.add_argument("--train_csv", help="training split CSV (overrides the space)")

@@ -53,6 +53,7 @@ class BackboneInfo:
     # The architecture as plain values (VideoMAEConfig / CSNConfig fields): stored in our
     # checkpoints so a trained model rebuilds without the original backbone checkpoint.
     arch: Mapping[str, Any] = field(default_factory=dict)
+    size_multiple: int = 1  # H and W must be multiples of this (VideoMAE patch size; CSN 1)
 
 
 def create_backbone(family: str, variant: str, *, ckpt: str | os.PathLike[str] | None = None,
@@ -124,7 +125,8 @@ def _create_vmae(variant: str, ckpt: str | os.PathLike[str] | None,
         warnings.warn(f"VideoMAE v2 '{variant}' has random weights (no pre-training): for tests "
                       f"and demos, not for real results", stacklevel=3)
     info = BackboneInfo("vmae", name, source, config.img_size, *VMAE_MEAN_STD,
-                        frame_multiple=config.tubelet_size, arch=_arch(config))
+                        frame_multiple=config.tubelet_size, arch=_arch(config),
+                        size_multiple=config.patch_size)
     return model, info
 
 
