@@ -104,7 +104,7 @@ def resolve_devices(config: TrainConfig) -> tuple[torch.device, list[int]]:
         if not torch.cuda.is_available():
             fail(f"--gpus {' '.join(map(str, config.gpus))}: no CUDA GPU is visible on this machine")
         count = torch.cuda.device_count()
-        missing = [g for g in config.gpus if g >= count]
+        missing = [g for g in config.gpus if not 0 <= g < count]
         if missing:
             fail(f"--gpus {' '.join(map(str, missing))}: only {count} GPU(s) visible (ids 0-{count - 1})")
         if len(set(config.gpus)) != len(config.gpus):

@@ -14,7 +14,7 @@ from headernet_core.backbones import create_backbone
 from headernet_core.config import LR_TABLE, TrainConfig
 from headernet_core.errors import HeaderNetError
 from headernet_core.model import build_classifier, build_optimizer, nominal_lr
-from headernet_core.train import build_scheduler, resolve_amp, train
+from headernet_core.train import build_scheduler, resolve_amp, resolve_devices, train
 
 
 def make(backbone: str = "vmae", **values):
@@ -132,3 +132,35 @@ def test_grad_accum_equals_the_larger_batch(tiny_config):
     for name, value in big_ckpt["state_dict"].items():
         torch.testing.assert_close(small_ckpt["state_dict"][name], value, atol=2e-6, rtol=1e-5,
                                    msg=name)
+
+
+def _pretend_gpus(monkeypatch, count: int, bf16: bool = True) -> None:
+    """The device logic without hardware: CI has no GPU, so fake what torch.cuda reports."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+def test_gpus_pick_the_primary_device_and_reject_ids_that_do_not_exist(monkeypatch):
+    _pretend_gpus(monkeypatch, 4)
+    config = TrainConfig(train_csv="t.csv", val_csv="v.csv")
+    assert resolve_devices(config) == (torch.device("cuda:0"), [0])
+    assert resolve_devices(config.replace(gpus=[2, 3])) == (torch.device("cuda:2"), [2, 3])
+    assert resolve_devices(config.replace(gpus=[1], cpu=True)) == (torch.device("cpu"), [])
+    for bad, fragment in (([4], "only 4 GPU"), ([-1], "only 4 GPU"), ([1, 1], "twice")):
+        with pytest.raises(HeaderNetError, match=fragment):
+            resolve_devices(config.replace(gpus=bad))
+    _pretend_gpus(monkeypatch, 0)
+    assert resolve_devices(config) == (torch.device("cpu"), [])
+    with pytest.raises(HeaderNetError, match="no CUDA GPU"):
+        resolve_devices(config.replace(gpus=[0]))
+
+
+def test_amp_auto_on_a_gpu_follows_bf16_support(monkeypatch):
+    gpu = torch.device("cuda:0")
+    _pretend_gpus(monkeypatch, 1, bf16=True)
+    assert resolve_amp("auto", gpu) is torch.bfloat16 and resolve_amp("fp16", gpu) is torch.float16
+    _pretend_gpus(monkeypatch, 1, bf16=False)
+    assert resolve_amp("auto", gpu) is torch.float16
+    with pytest.raises(HeaderNetError, match="no bf16 support"):
+        resolve_amp("bf16", gpu)
