@@ -203,6 +203,8 @@ def prepare(config: TrainConfig) -> Prepared:
              f"{info.size_multiple} (native size {info.native_size})")
     if config.finetune_mode == "frozen" and config.gradient_checkpointing:
         warnings.warn("--gradient_checkpointing has no effect with a frozen backbone", stacklevel=2)
+    if config.finetune_mode == "frozen" and config.layer_decay is not None:
+        warnings.warn("--layer_decay has no effect with a frozen backbone", stacklevel=2)
 
     if resume_state is not None:
         check_resume_compatible(resume_state["config"], config, run_dir)

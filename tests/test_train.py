@@ -15,7 +15,7 @@ import yaml
 
 from headernet_core.evaluate import evaluate, load_classifier
 from headernet_core.errors import HeaderNetError
-from headernet_core.train import LEADING_COLUMNS, main, train
+from headernet_core.train import LEADING_COLUMNS, main, prepare, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -290,3 +290,10 @@ def test_every_bad_input_is_one_clear_line_and_writes_nothing(tiny_data, tmp_pat
             failures.append(f"{extra}: code {code}, stderr {err!r}")
         assert not out.exists(), f"{extra} wrote {list(out.rglob('*'))}"
     assert not failures, "\n".join(failures)
+
+
+def test_settings_a_frozen_backbone_ignores_are_warned_about(tiny_config):
+    for flags, fragment in (({"layer_decay": 0.75}, "--layer_decay has no effect"),
+                            ({"gradient_checkpointing": True}, "--gradient_checkpointing has no effect")):
+        with pytest.warns(UserWarning, match=fragment):
+            prepare(tiny_config(finetune_mode="frozen", **flags))
