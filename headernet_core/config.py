@@ -37,7 +37,8 @@ LR_TABLE: dict[tuple[str, str], tuple[float | None, float | None]] = {
 SELECTABLE_METRICS: dict[str, str] = {
     "val_f1": "max", "val_precision": "max", "val_recall": "max", "val_auc": "max",
     "val_ap": "max", "val_acc": "max", "val_loss": "min", "val_f1_05": "max",
-    "val_weighted_f1": "max",
+    "val_precision_05": "max", "val_recall_05": "max",
+    "val_weighted_f1": "max", "val_weighted_precision": "max", "val_weighted_recall": "max",
 }
 
 

@@ -121,6 +121,19 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
     assert code == 2 and "finished search" in err
 
 
+def test_a_search_whose_every_trial_failed_exits_non_zero(tiny_data, tmp_path, capsys):
+    space = write_space(tmp_path, tiny_data, search={"lr_head": {"loguniform": [3e-4, 3e-3]}},
+                        trainer={"num_frames": 5, "backbone": "vmae"},  # not a multiple of the tubelet
+                        budget={"num_samples": 2, "max_concurrent": 2, "seed": 0},
+                        scheduler={"type": "none"})
+    with pytest.raises(SystemExit) as exc:
+        main(["--space", str(space)])
+    assert exc.value.code == 1
+    assert "every trial failed" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "s" / "search_summary.json").read_text())
+    assert summary["counts"]["failed"] == 2 and summary["best_trial"] is None
+
+
 # --- resume after the driver is killed, then after Ctrl-C -----------------------------------
 def finished_trials(search_dir: Path) -> list[Path]:
     if not search_dir.is_dir():
@@ -166,6 +179,8 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tiny_data, tmp_path)
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "interrupted"
     assert summary["counts"]["finished"] >= len(done) >= 2
+    # no scheduler: a trial that did not finish was cut by Ctrl-C, never "stopped early"
+    assert summary["counts"]["stopped_early"] == 0, summary["counts"]
 
     # 3. resumed to the end: every trial finished once, nothing finished was rewritten
     resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True,
@@ -263,6 +278,8 @@ def test_readme_demo_search(tmp_path):
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "finished" and len(summary["trials"]) == 6
     assert any(t["status"] == "stopped_early" and t["epochs_run"] < 4 for t in summary["trials"])
+    for t in summary["trials"]:  # ASHA's own record says which trials it stopped
+        assert (t["status"] == "stopped_early") == (search_dir / t["name"] / "scheduler_stop.json").is_file()
     assert len({json.dumps(t["params"], sort_keys=True) for t in summary["trials"]}) == 6
     assert summary["best_trial"]["objective"] > 0.8
     assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()

@@ -1,5 +1,5 @@
-"""How a trial's state is read back after a search (no Ray needed): the trainer's status.json,
-Tune's own status and whether the search was interrupted decide what the summary says."""
+"""How a trial's state is read back after a search: the trainer's status.json, the scheduler's
+stop record and whether the search was interrupted decide what the summary says."""
 from __future__ import annotations
 
 import json
@@ -9,20 +9,15 @@ from types import SimpleNamespace
 import pytest
 
 from tuning.search import collect_records
+from tuning.trial import SCHEDULER_STOP
 from tuning.space import load_space
 
 
-class FakeGrid(list):
-    """The part of Ray's ResultGrid that collect_records reads."""
-
-    def __init__(self, results, statuses):
-        super().__init__(results)
-        self._experiment_analysis = SimpleNamespace(trials=[SimpleNamespace(status=s) for s in statuses])
-
-
-def trial(root: Path, name: str, state: str | None, epochs: int, error=None):
+def trial(root: Path, name: str, state: str | None, epochs: int, error=None, asha_stopped=False):
     folder = root / name
     folder.mkdir()
+    if asha_stopped:
+        (folder / SCHEDULER_STOP).write_text(json.dumps({"epoch": epochs}))
     if state is not None:
         (folder / "status.json").write_text(json.dumps({"state": state, "epochs_done": epochs}))
         (folder / "best_metrics.json").write_text(json.dumps({"epoch": 1, "val_f1": 0.5,
@@ -33,13 +28,13 @@ def trial(root: Path, name: str, state: str | None, epochs: int, error=None):
 @pytest.mark.parametrize("interrupted", [False, True])
 def test_states(tmp_path, interrupted):
     space = load_space("demo")
+    # Tune calls the cut and the ASHA-stopped trial both TERMINATED: only the record differs
     results = [trial(tmp_path, "t001_a", "finished", 4),
-               trial(tmp_path, "t002_b", "stopped", 1),     # ASHA stopped it
+               trial(tmp_path, "t002_b", "stopped", 1, asha_stopped=True),
                trial(tmp_path, "t003_c", "stopped", 2),     # Ctrl-C cut it short
                trial(tmp_path, "t004_d", None, 0),          # never started
                trial(tmp_path, "t005_e", "failed", 1, error=RuntimeError("boom\nCUDA out of memory"))]
-    grid = FakeGrid(results, ["TERMINATED", "TERMINATED", "RUNNING", "PENDING", "ERROR"])
-    records = collect_records(space, tmp_path, grid, interrupted)
+    records = collect_records(space, tmp_path, results, interrupted)
     states = [r.status for r in records]
     assert states == ["finished", "stopped_early", "interrupted" if interrupted else "stopped_early",
                       "interrupted" if interrupted else "pending", "failed"]
@@ -48,6 +43,24 @@ def test_states(tmp_path, interrupted):
     assert records[0].checkpoint is None  # the weights file does not exist: no dangling path
 
 
-def test_without_tune_statuses_an_interrupted_stop_counts_as_interrupted(tmp_path):
-    grid = [trial(tmp_path, "t001_a", "stopped", 1)]
-    assert collect_records(load_space("demo"), tmp_path, grid, True)[0].status == "interrupted"
+def test_asha_records_the_trials_it_stops_before_max_t(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    from tuning.scheduler import RecordingASHA
+
+    asha = RecordingASHA(tmp_path, time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
+    asha.set_search_properties("objective", "max")
+    trials = [SimpleNamespace(trial_id=f"id{i}", path=str(tmp_path / f"t00{i}_x"), config={})
+              for i in range(3)]
+    for t in trials:
+        Path(t.path).mkdir()
+        asha.on_trial_add(None, t)
+    actions = [asha.on_trial_result(None, t, {"epoch": 1, "objective": v})
+               for t, v in zip(trials, (0.9, 0.8, 0.1))]
+    stopped = [Path(t.path).name for t in trials if (Path(t.path) / SCHEDULER_STOP).is_file()]
+    assert stopped == [Path(t.path).name for t, a in zip(trials, actions) if a == TrialScheduler.STOP]
+    assert "t000_x" not in stopped and "t002_x" in stopped  # the best goes on, the worst stops
+    assert json.loads((tmp_path / "t002_x" / SCHEDULER_STOP).read_text())["epoch"] == 1
+    # reaching max_t is a normal end, not an early stop
+    assert asha.on_trial_result(None, trials[0], {"epoch": 4, "objective": 0.9}) == TrialScheduler.STOP
+    assert not (tmp_path / "t000_x" / SCHEDULER_STOP).exists()

@@ -211,13 +211,18 @@ def test_defaults(tmp_path):
 def test_objective_mode_follows_the_metric(tmp_path):
     base = "trainer: {cpu: true}\nresources: {gpu: 0}\nsearch: {lr_head: {loguniform: [1.0e-4, 1.0e-2]}}\n"
     assert load_text(tmp_path, base + "objective: {metric: val_loss}").mode == "min"
-    assert load_text(tmp_path, base + "objective: {metric: train_loss}").mode == "min"
+    assert load_text(tmp_path, base + "objective: {metric: val_recall_05}").mode == "max"
     assert load_text(tmp_path, base + "objective: {metric: val_ap}").mode == "max"
 
 
 def test_objective_names_come_from_the_trainer_metrics():
     assert set(SELECTABLE_METRICS) <= set(reported_metrics())
-    assert load_space("demo", sets=["objective.metric=train_loss"]).mode == "min"
+    assert load_space("demo", sets=["objective.metric=val_weighted_recall"]).mode == "max"
+    # reported, but the trainer cannot pick a best epoch by it: the objective would be the
+    # value at another metric's best epoch, not this metric's best
+    for metric in ("train_loss", "epoch_seconds", "clips_per_s"):
+        with pytest.raises(HeaderNetError, match=f"{metric} is reported but cannot pick"):
+            load_space("demo", sets=[f"objective.metric={metric}"])
 
 
 
@@ -446,7 +451,7 @@ BAD_FILES = [
     ("unknown metric", OK + LR + "objective: {metric: val_f2}",
      "x.yaml: objective.metric: val_f2 is not a metric the trainer reports (did you mean val_f1?)"),
     ("bookkeeping metric", OK + LR + "objective: {metric: epoch}",
-     "x.yaml: objective.metric: epoch is not a metric the trainer reports"),
+     "x.yaml: objective.metric: epoch is reported but cannot pick a trial's best epoch"),
     ("bad mode", OK + LR + "objective: {metric: val_f1, mode: maximize}",
      "x.yaml: objective.mode: expected max or min, got maximize"),
     ("mode against the metric", OK + LR + "objective: {metric: val_f1, mode: min}",

@@ -23,11 +23,11 @@ from typing import Any, Sequence
 
 from headernet_core.artifacts import write_json, write_text
 from headernet_core.config import TrainConfig
-from headernet_core.errors import CliParser, fail, run_cli
+from headernet_core.errors import CliParser, HeaderNetError, fail, run_cli
 
 from .space import SearchSpace, find_space_file, load_space
 from .summary import TrialRecord, best_record, format_bytes, write_summary
-from .trial import OBJECTIVE, run_trial, trial_dirname
+from .trial import OBJECTIVE, SCHEDULER_STOP, run_trial, trial_dirname
 
 # Trainer keys holding paths: made absolute in the driver, because Ray runs each trial in its
 # own working directory (and on other machines with the same shared paths).
@@ -47,7 +47,7 @@ class SearchArgs:
     address: str | None
     storage_path: str | None
     resume: bool
-    keep_checkpoints: str
+    keep_checkpoints: str | None
 
 
 def parse_args(argv: Sequence[str] | None) -> SearchArgs:
@@ -64,31 +64,51 @@ def parse_args(argv: Sequence[str] | None) -> SearchArgs:
     parser.add_argument("--storage_path", help="where search folders go; shared storage on a cluster "
                                                "(default: the space's output_root)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
-    parser.add_argument("--keep_checkpoints", choices=("all", "best_trial"), default="all",
-                        help="all: best+last of every trial; best_trial: delete the other trials' weights at the end")
+    parser.add_argument("--keep_checkpoints", choices=("all", "best_trial"),
+                        help="all (default): best+last of every trial; best_trial: delete the other "
+                             "trials' weights at the end (--resume keeps the search's choice)")
     return SearchArgs(**vars(parser.parse_args(argv)))
 
 
 # --- checks before anything starts --------------------------------------------------------
 def resolve_space(args: SearchArgs, saved: dict[str, Any] | None) -> SearchSpace:
-    """The space as the CLI describes it, or exactly as it was when a resumed search started."""
+    """The space as the CLI describes it, or exactly as it was when a resumed search started,
+    with every path made absolute against the folder the search was started from."""
     if saved is not None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(saved["space_file"]).name
             path.write_text(saved["space_yaml"])
             space = load_space(str(path), sets=saved["sets"], num_samples=saved["num_samples"],
                                max_concurrent=saved["max_concurrent"])
-        return dataclasses.replace(space, path=Path(saved["space_file"]))
+        space = dataclasses.replace(space, path=Path(saved["space_file"]))
+        return absolute_paths(space, Path(saved.get("cwd") or Path.cwd()))
     sets = list(args.sets)
     sets += [f"{key}={value}" for key, value in (("train_csv", args.train_csv), ("val_csv", args.val_csv))
              if value is not None]
     space = load_space(args.space, sets=sets, num_samples=args.num_samples,
                        max_concurrent=args.max_concurrent)
-    trainer = dict(space.trainer)
-    for key in PATH_KEYS:
-        if isinstance(trainer.get(key), str):
-            trainer[key] = str(Path(trainer[key]).expanduser().absolute())
-    return dataclasses.replace(space, trainer=trainer)
+    return absolute_paths(space, Path.cwd())
+
+
+def absolute_paths(space: SearchSpace, base: Path) -> SearchSpace:
+    """PATH_KEYS in the fixed settings, in path-valued choices and in choices' overrides."""
+    def fix(key: str, value: Any) -> Any:
+        if key in PATH_KEYS and isinstance(value, str) and value:
+            return str((base / Path(value).expanduser()).absolute())
+        return value
+
+    def fix_all(values: dict[str, Any]) -> dict[str, Any]:
+        return {key: fix(key, value) for key, value in values.items()}
+
+    params = tuple(dataclasses.replace(
+        p, values=tuple(fix(p.name, v) for v in p.values),
+        overrides={fix(p.name, choice): fix_all(extra) for choice, extra in p.overrides.items()})
+        for p in space.params)
+    trainer = fix_all(space.trainer)
+    # The trainer's default checkpoint_root is relative too: pin it to where the search started,
+    # not to whatever working directory Ray gives a trial.
+    trainer.setdefault("checkpoint_root", fix("checkpoint_root", TrainConfig().checkpoint_root))
+    return dataclasses.replace(space, trainer=trainer, params=params)
 
 
 def prepare_demo_data(space: SearchSpace) -> None:
@@ -126,32 +146,24 @@ def check_data(space: SearchSpace) -> None:
 
 
 def check_checkpoints(space: SearchSpace) -> None:
-    """Every backbone source any trial could pick must exist before the search starts."""
+    """Every backbone source any trial could use (through any choice or its overrides) must
+    exist before the search starts, not fail trial by trial hours into it."""
     from headernet_core.backbones.videomae import FOLDERS
 
-    def options(key: str) -> list[Any]:
-        for param in space.params:
-            if param.name == key and param.kind == "choice":
-                return list(param.values)
-        return [space.trainer.get(key, getattr(TrainConfig(), key))]
-
-    ckpts = [c for c in options("backbone_ckpt") if c]
-    root = Path(space.trainer.get("checkpoint_root", TrainConfig().checkpoint_root)).absolute()
-    for family in options("backbone"):
-        if ckpts:
-            for ckpt in ckpts:
-                if not Path(ckpt).exists():
-                    fail(f"{space.path}: backbone_ckpt {ckpt} not found")
+    for values in space.choice_branches():
+        ckpt = values.get("backbone_ckpt")
+        if ckpt:
+            if not Path(ckpt).exists():
+                fail(f"{space.path}: backbone_ckpt {ckpt} not found")
             continue
-        if family != "vmae":
+        variant = values.get("vmae_variant")
+        if values.get("backbone") != "vmae" or variant not in FOLDERS:
             continue
-        for variant in options("vmae_variant"):
-            if variant in FOLDERS:
-                folder = root / FOLDERS[variant]
-                missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
-                if missing:
-                    fail(f"{space.path}: vmae_variant {variant} needs {folder}/{missing[0]} "
-                         f"(download OpenGVLab/{FOLDERS[variant]} or set checkpoint_root/backbone_ckpt)")
+        folder = Path(values["checkpoint_root"]) / FOLDERS[variant]
+        missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
+        if missing:
+            fail(f"{space.path}: vmae_variant {variant} needs {folder / missing[0]} "
+                 f"(download OpenGVLab/{FOLDERS[variant]} or set checkpoint_root/backbone_ckpt)")
 
 
 def check_local_gpus(space: SearchSpace, address: str | None) -> None:
@@ -201,6 +213,35 @@ def check_search_dir(search_dir: Path, resume: bool) -> dict[str, Any] | None:
     return None
 
 
+def check_resume_args(args: SearchArgs, saved: dict[str, Any], search_dir: Path) -> None:
+    """--resume continues the search exactly as it started (Tune restores the same sampler,
+    scheduler and trial count): a flag that asks for something else is an error, not ignored."""
+    started = saved.get("args", {})
+    changed = []
+    try:
+        same_space = find_space_file(args.space).resolve() == Path(saved["space_file"]).resolve()
+    except HeaderNetError:
+        same_space = False
+    if not same_space:
+        changed.append(f"--space {args.space} (started with {saved['space_file']})")
+    for flag in ("num_samples", "max_concurrent"):
+        value = getattr(args, flag)
+        if value is not None and value != saved.get(flag):
+            changed.append(f"--{flag} {value} (started with {saved.get(flag) or 'the space file'})")
+    if args.sets and args.sets != started.get("sets", args.sets):
+        changed.append(f"--set {' '.join(args.sets)} (started with {' '.join(started['sets']) or 'none'})")
+    for flag in ("train_csv", "val_csv"):
+        value = getattr(args, flag)
+        if value is not None and str(Path(value).expanduser().absolute()) != started.get(flag):
+            changed.append(f"--{flag} {value} (started with {started.get(flag) or 'the space file'})")
+    if changed:
+        fail(f"{search_dir}: --resume continues the search as it was started, but "
+             f"{'; '.join(changed)}; drop those flags or start a new search with another --name")
+    if find_space_file(args.space).read_text() != saved["space_yaml"]:
+        print(f"note: {saved['space_file']} changed since this search started; resuming with the "
+              f"copy it started from ({search_dir / 'space.yaml'})")
+
+
 # --- Ray --------------------------------------------------------------------------------------
 def start_ray(address: str | None) -> None:
     """Local Ray by default (started and stopped by this command) or join `address`."""
@@ -219,8 +260,10 @@ def start_ray(address: str | None) -> None:
 def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
+
+    from .scheduler import RecordingASHA
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, search_dir=str(search_dir)),
@@ -231,7 +274,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
     searcher = OptunaSearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
                             sampler=tpe_sampler(space.seed))
     if space.scheduler.get("type") == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs(),
+        scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
                                   grace_period=space.scheduler["grace_period"],
                                   reduction_factor=space.scheduler["reduction_factor"])
     else:
@@ -255,7 +298,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
 # --- after the search ---------------------------------------------------------------------
 def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: bool) -> list[TrialRecord]:
     records = []
-    for result, tune_status in zip(results, _tune_statuses(results)):
+    for result in results:
         folder = Path(result.path)
         status = _read_json(folder / "status.json").get("state")
         best = _read_json(folder / "best_metrics.json")
@@ -264,12 +307,12 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
             state, error = "failed", _one_line(result.error)
         elif status == "finished":
             state = "finished"
-        elif status is None:
-            state = "interrupted" if interrupted else "pending"
-        elif interrupted and tune_status != "TERMINATED":
-            state = "interrupted"  # Ctrl-C ended it: --resume continues it
+        elif (folder / SCHEDULER_STOP).is_file():
+            state = "stopped_early"  # ASHA ended it: --resume leaves it alone
+        elif interrupted:
+            state = "interrupted"  # Ctrl-C or a kill cut it short: --resume continues it
         else:
-            state = "stopped_early"  # the scheduler ended it: --resume leaves it alone
+            state = "pending" if status is None else "stopped_early"
         checkpoint = best.get("checkpoint")
         checkpoint = f"{folder.name}/{checkpoint}" if checkpoint and (folder / checkpoint).is_file() else None
         records.append(TrialRecord(
@@ -281,17 +324,6 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
             node=(_read_json(folder / "trial.json").get("node_id") or "")[:12] or None,
             order=_order(folder.name)))
     return sorted(records, key=lambda r: (r.order, r.name))
-
-
-def _tune_statuses(results) -> list[str | None]:
-    """Tune's own status per result (TERMINATED, RUNNING, ERROR, ...), in the ResultGrid's
-    order: after a Ctrl-C it tells a trial ASHA had already stopped from one cut short. Ray
-    exposes it only on the grid's private analysis object; without it every stopped trial of an
-    interrupted search counts as interrupted (and --resume sorts them out)."""
-    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None)
-    if trials is None or len(trials) != len(results):
-        return [None] * len(results)
-    return [getattr(trial, "status", None) for trial in trials]
 
 
 def _order(name: str) -> int:
@@ -345,13 +377,21 @@ def disk_usage(folder: Path) -> int:
 
 def run_search(args: SearchArgs) -> int:
     if args.address and not args.storage_path:
-        fail("--address needs --storage_path on storage every node can reach (e.g. NFS or s3://)")
+        fail("--address needs --storage_path on storage every node mounts (e.g. an NFS path)")
+    if args.storage_path and "://" in args.storage_path:
+        fail(f"--storage_path {args.storage_path}: expected a filesystem path every node mounts "
+             f"(NFS, a shared disk); URLs are not supported: trials write their artifacts as files")
     current = load_space(args.space, sets=args.sets)  # checked first; gives name and output_root
     name = args.name or current.name
     storage = Path(args.storage_path or current.trainer.get("output_root")
                    or TrainConfig().output_root).expanduser().absolute()
     search_dir = storage / name
     saved = check_search_dir(search_dir, args.resume)
+    if saved is not None:
+        check_resume_args(args, saved, search_dir)
+        if args.keep_checkpoints is None:
+            args.keep_checkpoints = saved.get("args", {}).get("keep_checkpoints")
+    args.keep_checkpoints = args.keep_checkpoints or "all"
     space = resolve_space(args, saved)
     prepare_demo_data(space)
     check_data(space)
@@ -363,7 +403,11 @@ def run_search(args: SearchArgs) -> int:
         write_json(search_dir / SEARCH_RECORD, {
             "space_file": str(space_file), "space_yaml": space_file.read_text(),
             "sets": [*args.sets, *[f"{k}={v}" for k, v in space.trainer.items() if k in PATH_KEYS]],
-            "num_samples": args.num_samples, "max_concurrent": args.max_concurrent})
+            "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
+            "cwd": str(Path.cwd()),
+            "args": {"sets": args.sets, "keep_checkpoints": args.keep_checkpoints,
+                     **{k: str(Path(v).expanduser().absolute()) if v else None
+                        for k, v in (("train_csv", args.train_csv), ("val_csv", args.val_csv))}}})
         write_text(search_dir / "space.yaml", space_file.read_text())
     print(space.describe())
     print(f"search folder: {search_dir}")
@@ -385,7 +429,8 @@ def run_search(args: SearchArgs) -> int:
         prune_checkpoints(search_dir, records, best)
     notes = []
     if interrupted:
-        notes.append(f"interrupted: continue with python -m tuning.search --space {args.space} "
+        space_arg = saved["space_file"] if saved is not None else args.space
+        notes.append(f"interrupted: continue with python -m tuning.search --space {space_arg} "
                      f"--name {name} --resume")
     size = disk_usage(search_dir)
     write_summary(search_dir, name=name, metric=space.metric, mode=space.mode,
@@ -393,7 +438,12 @@ def run_search(args: SearchArgs) -> int:
                   state="interrupted" if interrupted else "finished", disk_bytes=size,
                   notes=notes, val_csv=space.trainer.get("val_csv"))
     print_result(search_dir, space, records, best, size, notes)
-    return 130 if interrupted else 0
+    if interrupted:
+        return 130
+    if records and all(r.status == "failed" for r in records):
+        print(f"every trial failed: see the errors in {search_dir / 'summary.md'}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord],

@@ -32,9 +32,9 @@ Sections. Only `search` is required; defaults in brackets.
                 trainer's defaults]. run_name, resume and overwrite belong to each trial and
                 cannot be set here.
   search        TrainConfig keys to search, in sampling order; at least one.
-  objective     metric [val_f1]: a metric the trainer reports each epoch
-                (`headernet_core.metrics.reported_metrics()`, bookkeeping columns excluded);
-                mode [the metric's own direction: max for val_f1/val_auc/..., min for losses].
+  objective     metric [val_f1]: a validation metric that can pick a trial's best epoch
+                (`headernet_core.config.SELECTABLE_METRICS`; the objective is that epoch's value);
+                mode [the metric's own direction: max for val_f1/val_auc/..., min for val_loss].
                 A mode against a known direction (val_f1 with min) is an error.
   budget        num_samples [20] trials; max_concurrent [1] running at once; seed [42] of the
                 TPE sampler (the trainer's own `seed` stays a trainer key: same init per trial).
@@ -146,9 +146,6 @@ PARAM_OPTIONS: dict[str, tuple[str, ...]] = {
 TRIAL_OWNED = ("run_name", "resume", "overwrite")
 # Text settings that hold a number and so may take a numeric distribution.
 NUMERIC_TEXT = ("neg_pos_ratio",)
-# Reported columns that are counts or settings, not something to optimise.
-NOT_OBJECTIVES = ("epoch", "train_clips", "val_clips", "val_positives", "val_threshold",
-                  "lr_backbone", "lr_head")
 # How many combinations of choice values are checked as whole trial configs.
 MAX_COMBINATIONS = 1000
 
@@ -231,6 +228,23 @@ class SearchSpace:
             current.update(param.overrides.get(value, {}))
             current[param.name] = value
         return None
+
+    def choice_branches(self) -> list[dict[str, Any]]:
+        """Every trainer-key combination the choices can produce (numeric params left at their
+        fixed value): what the pre-flight checks walk so that a checkpoint needed by only one
+        branch, e.g. through a choice's `overrides`, is found missing before Ray starts."""
+        branches = [self._fixed_values()]
+        for param in self.params:
+            if param.kind != "choice":
+                continue
+            grown = []
+            for current in branches:
+                if not param.active(current):
+                    grown.append(current)
+                    continue
+                grown += [{**current, **param.overrides.get(v, {}), param.name: v} for v in param.values]
+            branches = grown
+        return branches
 
     def trainer_values(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """The trial's trainer keys: `trainer` <- overrides of the sampled choices <- sampled."""
@@ -631,18 +645,20 @@ class _Loader:
         where = self.where("objective.metric")
         if not isinstance(metric, str):
             fail(f"{where}: expected a metric name such as val_f1, got {_fmt(metric)}")
-        if metric not in SELECTABLE_METRICS:   # those are reported by construction: no torch import
-            choices = [m for m in reported_metrics() if m not in NOT_OBJECTIVES]
-            if metric not in choices:
-                fail(f"{where}: {metric} is not a metric the trainer reports"
-                     f"{_did_you_mean(metric, choices)}; choose one of {', '.join(choices)}")
-        natural = SELECTABLE_METRICS.get(metric) or (
-            "min" if metric.endswith(("loss", "seconds")) else "max")
+        if metric not in SELECTABLE_METRICS:
+            # A trial's objective is its best epoch's value, and the trainer picks that epoch by
+            # this metric: only validation metrics with a direction can do that.
+            choices = list(SELECTABLE_METRICS)
+            known = metric in reported_metrics()
+            fail(f"{where}: {metric} " + ("is reported but cannot pick a trial's best epoch"
+                                          if known else "is not a metric the trainer reports")
+                 + f"{'' if known else _did_you_mean(metric, choices)}; choose one of {', '.join(choices)}")
+        natural = SELECTABLE_METRICS[metric]
         mode = raw.get("mode", natural)
         where = self.where("objective.mode")
         if mode not in ("max", "min"):
             fail(f"{where}: expected max or min, got {_fmt(mode)}")
-        if mode != natural and (metric in SELECTABLE_METRICS or metric == "train_loss"):
+        if mode != natural:
             better = "higher" if natural == "max" else "lower"
             fail(f"{where}: {mode} would look for the worst {metric} ({better} is better); "
                  f"use {natural}")

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from headernet_core.artifacts import write_json
-from headernet_core.config import SELECTABLE_METRICS
 
 from .space import SearchSpace
 
 OBJECTIVE = "objective"
+SCHEDULER_STOP = "scheduler_stop.json"  # in a trial folder: ASHA stopped it (tuning/scheduler.py)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -68,7 +68,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str) -
         cpu=not gpu_ids, gpus=list(range(len(gpu_ids))) if gpu_ids else None,
         num_workers=min(config.num_workers, cpus - 1),
         # The trial's best epoch is the objective's best epoch.
-        select_metric=space.metric if space.metric in SELECTABLE_METRICS else config.select_metric)
+        select_metric=space.metric)
     # The trial's CPUs are shared by torch's intra-op threads and the loader workers.
     torch.set_num_threads(max(1, cpus - config.num_workers))
     node = ray.get_runtime_context().get_node_id()

@@ -1,0 +1,108 @@
+"""The search CLI's checks that run before Ray starts (fast): checkpoints reachable only through
+a choice's overrides, storage URLs, and --resume flags that ask for a different search."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuning.search import main
+
+
+def write_space(folder: Path, tiny_data, search: dict) -> Path:
+    space = {"name": "s",
+             "trainer": {"train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"]),
+                         "vmae_variant": "tiny", "csn_variant": "tiny", "num_frames": 4,
+                         "input_size": 32, "epochs": 2, "cpu": True,
+                         "output_root": str(folder / "out")},
+             "search": search, "budget": {"num_samples": 3, "max_concurrent": 1, "seed": 0},
+             "resources": {"cpu": 1, "gpu": 0}}
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def error_of(args: list[str], capsys) -> str:
+    import ray
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(lines) == 1, err
+    assert not ray.is_initialized()
+    return lines[0]
+
+
+def test_a_checkpoint_needed_only_through_a_choices_overrides_is_checked(tiny_data, tmp_path, capsys):
+    space = write_space(tmp_path, tiny_data, {"backbone": {
+        "choice": ["csn", "vmae"],
+        "overrides": {"vmae": {"vmae_variant": "large", "checkpoint_root": "ckpts_here"}}}})
+    line = error_of(["--space", str(space)], capsys)
+    # relative paths are resolved against the folder the search starts from
+    assert f"{Path.cwd() / 'ckpts_here' / 'VideoMAEv2-Large'}" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_file_among_choices_is_checked(tiny_data, tmp_path, capsys):
+    real = tmp_path / "real.pth"
+    real.write_bytes(b"")
+    space = write_space(tmp_path, tiny_data, {"backbone_ckpt": {
+        "choice": [str(real), str(tmp_path / "missing.pth")]}})
+    assert "missing.pth not found" in error_of(["--space", str(space)], capsys)
+
+
+def test_storage_urls_are_refused(tiny_data, tmp_path, capsys):
+    space = write_space(tmp_path, tiny_data, {"lr_head": {"loguniform": [1e-4, 1e-3]}})
+    assert "URLs are not supported" in error_of(["--space", str(space), "--storage_path", "s3://b/x"], capsys)
+
+
+def started_search(tmp_path: Path, tiny_data) -> tuple[Path, Path]:
+    """A search folder as an interrupted search leaves it (no Ray needed to check --resume)."""
+    space = write_space(tmp_path, tiny_data, {"lr_head": {"loguniform": [1e-4, 1e-3]}})
+    search_dir = tmp_path / "out" / "s"
+    search_dir.mkdir(parents=True)
+    (search_dir / "tuner.pkl").write_bytes(b"")
+    (search_dir / "search.json").write_text(json.dumps({
+        "space_file": str(space), "space_yaml": space.read_text(), "sets": [],
+        "num_samples": None, "max_concurrent": None, "cwd": str(tmp_path),
+        "args": {"sets": [], "keep_checkpoints": "best_trial", "train_csv": None, "val_csv": None}}))
+    return space, search_dir
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--num_samples", "9"], "--num_samples 9 (started with the space file)"),
+    (["--max_concurrent", "4"], "--max_concurrent 4"),
+    (["--set", "epochs=5"], "--set epochs=5 (started with none)"),
+    (["--train_csv", "other.csv"], "--train_csv other.csv"),
+])
+def test_resume_refuses_flags_that_describe_another_search(tiny_data, tmp_path, capsys, extra, fragment):
+    space, _ = started_search(tmp_path, tiny_data)
+    line = error_of(["--space", str(space), "--resume", *extra], capsys)
+    assert "--resume continues the search as it was started" in line and fragment in line, line
+
+
+def test_resume_refuses_another_space(tiny_data, tmp_path, capsys):
+    _, _ = started_search(tmp_path, tiny_data)
+    other = tmp_path / "other"
+    other.mkdir()
+    other_space = write_space(other, tiny_data, {"lr_head": {"loguniform": [1e-4, 1e-3]}})
+    line = error_of(["--space", str(other_space), "--resume", "--storage_path", str(tmp_path / "out")], capsys)
+    assert f"started with {tmp_path / 'space.yaml'}" in line, line
+
+
+@pytest.mark.parametrize("given, kept", [([], "best_trial"), (["--keep_checkpoints", "all"], "all")])
+def test_resume_keeps_the_searchs_checkpoint_policy_unless_told(tiny_data, tmp_path, monkeypatch,
+                                                                  given, kept):
+    import tuning.search as search
+
+    space, _ = started_search(tmp_path, tiny_data)
+    args = search.parse_args(["--space", str(space), "--resume", *given])
+
+    def stop_before_ray(address):
+        raise RuntimeError("stop before Ray")
+    monkeypatch.setattr(search, "start_ray", stop_before_ray)
+    with pytest.raises(RuntimeError, match="stop before Ray"):
+        search.run_search(args)
+    assert args.keep_checkpoints == kept

@@ -1,0 +1,32 @@
+"""ASHA that records which trials it stopped early (imports Ray: load it only to build a Tuner).
+
+After a Ctrl-C Ray marks the trials it cut short TERMINATED, exactly like the ones ASHA stopped,
+so Tune's status cannot tell "stopped early: done" from "interrupted: --resume continues it".
+This scheduler leaves `scheduler_stop.json` in each trial folder it stops before `max_t`; the
+record is on the search's storage, so it survives a restored search and is read without Ray.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from headernet_core.artifacts import write_json
+
+from .trial import SCHEDULER_STOP
+
+
+class RecordingASHA(ASHAScheduler):
+    """`ASHAScheduler` (time_attr, max_t, grace_period, reduction_factor as usual) + the record."""
+
+    def __init__(self, search_dir: str | Path, **asha_kwargs) -> None:
+        super().__init__(**asha_kwargs)
+        self.search_dir = str(search_dir)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        epoch = result.get(self._time_attr)
+        if action == TrialScheduler.STOP and epoch is not None and epoch < self._max_t:
+            write_json(Path(self.search_dir) / Path(trial.path).name / SCHEDULER_STOP,
+                       {"epoch": int(epoch), "trial_id": trial.trial_id})
+        return action
