@@ -106,3 +106,17 @@ def test_resume_keeps_the_searchs_checkpoint_policy_unless_told(tiny_data, tmp_p
     with pytest.raises(RuntimeError, match="stop before Ray"):
         search.run_search(args)
     assert args.keep_checkpoints == kept
+
+
+def test_gpu_trials_need_a_node_that_holds_their_gpus(tiny_data, tmp_path):
+    from headernet_core.errors import HeaderNetError
+    from tuning.search import check_cluster_gpus
+    from tuning.space import load_space
+
+    space = load_space(str(write_space(tmp_path, tiny_data, {"lr_head": {"loguniform": [1e-4, 1e-3]}})),
+                       sets=["resources.gpu=2", "cpu=false"])
+    node = lambda gpus, alive=True: {"Alive": alive, "Resources": {"CPU": 8, "GPU": gpus}}  # noqa: E731
+    check_cluster_gpus(space, [node(1), node(2)])
+    for nodes in ([node(1), node(1), node(1)], [node(1), node(4, alive=False)], [{"Alive": True, "Resources": {}}]):
+        with pytest.raises(HeaderNetError, match="largest node has"):
+            check_cluster_gpus(space, nodes)

@@ -178,12 +178,20 @@ def check_local_gpus(space: SearchSpace, address: str | None) -> None:
             fail(f"{space.path}: resources.gpu {gpu:g} per trial but this machine has {count} GPU(s)")
 
 
-def check_cluster_gpus(space: SearchSpace) -> None:
-    import ray
+def check_cluster_gpus(space: SearchSpace, nodes: list[dict[str, Any]] | None = None) -> None:
+    """A trial runs on one node: some alive node must hold the GPUs one trial asks for (a
+    cluster of eight 1-GPU nodes cannot run a 2-GPU trial, and Tune would wait forever)."""
     gpu = space.resources.get("gpu", 0)
-    available = ray.cluster_resources().get("GPU", 0)
-    if gpu > 0 and available < gpu:
-        fail(f"{space.path}: resources.gpu {gpu:g} per trial but the Ray cluster has {available:g} GPU(s)")
+    if gpu <= 0:
+        return
+    if nodes is None:
+        import ray
+        nodes = ray.nodes()
+    per_node = [n.get("Resources", {}).get("GPU", 0) for n in nodes if n.get("Alive", True)]
+    largest = max(per_node, default=0)
+    if largest < gpu:
+        fail(f"{space.path}: resources.gpu {gpu:g} per trial but the Ray cluster's largest node has "
+             f"{largest:g} GPU(s) ({sum(per_node):g} in all; a trial runs on one node)")
 
 
 def search_state(search_dir: Path) -> str | None:
