@@ -38,7 +38,8 @@ def rec(i: int, status: str, objective, *, backbone: str = "vmae", epochs: int =
     scored = objective is not None and not math.isnan(objective)
     values = dict(name=f"t{i:03d}_backbone={backbone}", status=status, params=params,
                   objective=objective, best_epoch=epochs if scored else None, epochs_run=epochs,
-                  best_metrics={"val_f1": objective, "val_auc": 0.9, "val_loss": 0.4} if scored
+                  best_metrics={"val_f1": objective, "val_auc": 0.9, "val_loss": 0.4,
+                                "lr_head": 2e-5} if scored
                   else {},
                   checkpoint=f"t{i:03d}/checkpoints/best_epoch_{epochs}.pt" if scored else None,
                   error=None, node="node-a" if i % 2 else "node-b", order=i)
@@ -175,6 +176,8 @@ def test_markdown_report(done):
     assert "t002_" in rows[0] and "t005_" in rows[1]           # best first, tie broken
     assert "t004_" in rows[-1] and OOM in rows[-1]             # failed last, with its error
     assert "![objective_per_trial](plots/objective_per_trial.png)" in text
+    # the epoch's scheduled LR is not mistaken for the sampled one
+    assert "scheduled lr_head 2e-05" in text or "scheduled lr_head 2.0e-05" in text, text
 
 
 # --- importances ----------------------------------------------------------------------------

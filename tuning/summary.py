@@ -450,7 +450,9 @@ def _markdown(summary: dict[str, Any], records: Sequence[TrialRecord],
             lines += _table(["param", "value"],
                             [[k, _fmt_value(v)] for k, v in info["params"].items()]) + [""]
         if info["best_metrics"]:
-            shown = ", ".join(f"{k} {_fmt_value(v)}" for k, v in info["best_metrics"].items())
+            # lr_* here are the schedule's values during that epoch, not the sampled peak LRs
+            shown = ", ".join(f"{'scheduled ' if k.startswith('lr_') else ''}{k} {_fmt_value(v)}"
+                              for k, v in info["best_metrics"].items())
             lines += [f"Metrics of that epoch: {shown}", ""]
         if info["checkpoint_abs"]:
             lines += [f"Checkpoint: `{info['checkpoint_abs']}`", ""]
