@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts, checkpoints
-from .backbones import BackboneInfo, create_backbone
+from .backbones import VARIANTS, BackboneInfo, create_backbone, peek_vmae_config
 from .config import SELECTABLE_METRICS, TrainConfig, cli_values, load_yaml_mapping, parse_neg_pos_ratio
 from .data import (ClipDataset, ClipTransform, EpochSampler, check_clips, check_has_both_classes,
                    normalize, read_split)
@@ -173,6 +173,16 @@ def check_resume_compatible(saved: dict[str, Any], config: TrainConfig, run_dir:
         fail(f"{run_dir}: --resume cannot change {detail}; only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
 
 
+def check_geometry(config: TrainConfig, frame_multiple: int, size_multiple: int, native: int) -> None:
+    """Clip shape against the backbone: VideoMAE needs whole tubelets and whole patches."""
+    if config.num_frames % frame_multiple:
+        fail(f"--num_frames {config.num_frames} must be a multiple of the VideoMAE tubelet size "
+             f"{frame_multiple}")
+    if (config.input_size or native) % size_multiple:
+        fail(f"--input_size {config.input_size} must be a multiple of the VideoMAE patch size "
+             f"{size_multiple} (native size {native})")
+
+
 def prepare(config: TrainConfig) -> Prepared:
     """Validate config, devices, backbone, data and run folder. Writes nothing."""
     config.validate()
@@ -191,16 +201,16 @@ def prepare(config: TrainConfig) -> Prepared:
 
     run_dir, resume_state = check_run_dir(config)
 
+    if config.backbone == "vmae" and config.variant in VARIANTS["vmae"]:
+        peeked = peek_vmae_config(config.variant, config.backbone_ckpt, config.checkpoint_root)
+        if peeked is not None:  # before loading the weights: seconds instead of minutes for Giant
+            check_geometry(config, peeked.tubelet_size, peeked.patch_size, peeked.img_size)
+
     torch.manual_seed(config.seed)
     backbone, info = create_backbone(config.backbone, config.variant, ckpt=config.backbone_ckpt,
                                      checkpoint_root=config.checkpoint_root)
     config = config.resolved(native_size=info.native_size, default_mean=info.mean, default_std=info.std)
-    if config.num_frames % info.frame_multiple:
-        fail(f"--num_frames {config.num_frames} must be a multiple of the VideoMAE tubelet size "
-             f"{info.frame_multiple}")
-    if config.input_size % info.size_multiple:
-        fail(f"--input_size {config.input_size} must be a multiple of the VideoMAE patch size "
-             f"{info.size_multiple} (native size {info.native_size})")
+    check_geometry(config, info.frame_multiple, info.size_multiple, info.native_size)
     if config.finetune_mode == "frozen" and config.gradient_checkpointing:
         warnings.warn("--gradient_checkpointing has no effect with a frozen backbone", stacklevel=2)
     if config.finetune_mode == "frozen" and config.layer_decay is not None:

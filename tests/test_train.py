@@ -297,3 +297,16 @@ def test_settings_a_frozen_backbone_ignores_are_warned_about(tiny_config):
                             ({"gradient_checkpointing": True}, "--gradient_checkpointing has no effect")):
         with pytest.warns(UserWarning, match=fragment):
             prepare(tiny_config(finetune_mode="frozen", **flags))
+
+
+def test_clip_geometry_is_checked_before_the_weights_are_loaded(tiny_config, monkeypatch):
+    """A folder checkpoint's config.json says the tubelet and patch sizes: a --num_frames that
+    cannot fit fails before a (possibly multi-GB) model.safetensors is read."""
+    import headernet_core.backbones.videomae as videomae
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the geometry check")
+    monkeypatch.setattr(videomae, "load_safetensors", must_not_load)
+    for flags, fragment in (({"num_frames": 5}, "tubelet size 2"), ({"input_size": 30}, "patch size")):
+        with pytest.raises(HeaderNetError, match=fragment):
+            prepare(tiny_config(backbone_ckpt=str(FIXTURE_VMAE), **flags))

@@ -76,6 +76,20 @@ def create_backbone(family: str, variant: str, *, ckpt: str | os.PathLike[str] |
     return _create_csn(variant, ckpt)
 
 
+def peek_vmae_config(variant: str, ckpt: str | os.PathLike[str] | None,
+                     checkpoint_root: str | os.PathLike[str]) -> VideoMAEConfig | None:
+    """The VideoMAE config a run will use, read from config.json alone (no weights): lets the
+    trainer reject a --num_frames/--input_size that cannot fit before loading a multi-GB
+    checkpoint. None when only the weights can tell (a .pth without a config.json beside it)."""
+    if ckpt is None and variant not in videomae.FOLDERS:
+        return videomae.VARIANTS[variant]
+    path = Path(ckpt) if ckpt is not None else Path(checkpoint_root) / videomae.FOLDERS[variant]
+    if path.name == "model.safetensors" or path.suffix == ".pth":
+        path = path.parent
+    config_json = path / "config.json"
+    return videomae.read_config_json(config_json) if config_json.is_file() else None
+
+
 def load_backbone(source: str | os.PathLike[str], backbone: str = "vmae") -> nn.Module:
     """Load a backbone from a checkpoint, built from the checkpoint's own config/shapes.
 
