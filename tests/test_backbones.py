@@ -130,7 +130,7 @@ def test_vmae_base_folder_from_real_key_list_loads(tmp_path):
     folder = _write_folder(tmp_path / "VideoMAEv2-Base", real["model_config"], state)
     model, info = create_backbone("vmae", "base", checkpoint_root=str(tmp_path))
     assert info == BackboneInfo("vmae", "vmae-base", str(folder), 224, (0.5,) * 3, (0.5,) * 3, 2,
-                                arch=info.arch)
+                                arch=info.arch, size_multiple=16)
     assert info.arch["embed_dim"] == 768 and info.arch["depth"] == 12
     assert not model.training and model.num_features == 768
     params = list(model.parameters())
@@ -352,7 +352,7 @@ def test_registry_infos_and_warnings():
     with pytest.warns(UserWarning, match="random weights"):
         model, info = create_backbone("vmae", "tiny")
     assert info == BackboneInfo("vmae", "vmae-tiny", None, 64, (0.5,) * 3, (0.5,) * 3, 2,
-                                arch=info.arch)
+                                arch=info.arch, size_multiple=8)
     assert not model.training
     with pytest.warns(UserWarning, match="small random model"):
         _, info = create_backbone("csn", "tiny")
