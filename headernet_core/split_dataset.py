@@ -193,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if not 0 < args.val_split < 1:
         fail(f"--val_split must be between 0 and 1 (exclusive), got {args.val_split}")
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     if args.root_dir is not None and not Path(args.root_dir).is_dir():
         fail(f"--root_dir {args.root_dir}: not a directory")
     df = read_index_csv(args.input_csv, "input", as_text=True)

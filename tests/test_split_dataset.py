@@ -131,6 +131,7 @@ def test_no_group_lets_videos_share_splits(tmp_path, capsys):
 @pytest.mark.parametrize("args, expected", [
     (["--val_split", "0"], "--val_split must be between 0 and 1"),
     (["--val_split", "1.5"], "--val_split must be between 0 and 1"),
+    (["--seed", "-1"], "--seed must be in 0..4294967295, got -1"),
     (["--root_dir", "/definitely/not/here"], "--root_dir /definitely/not/here: not a directory"),
 ])
 def test_bad_arguments(tmp_path, args, expected):
