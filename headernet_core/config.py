@@ -317,8 +317,7 @@ def _scalar(where: str, value: Any, tp: Any) -> Any:
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """argparse over every `TrainConfig` field. Defaults are SUPPRESSed so that only flags the
     user typed override `--config`; the dataclass stays the single source of defaults."""
-    parser = CliParser(prog=prog, description=description,
-                                     argument_default=argparse.SUPPRESS)
+    parser = CliParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of config keys (e.g. a run's config.yaml); flags override it")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
