@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts, checkpoints
-from .backbones import VARIANTS, BackboneInfo, create_backbone, peek_vmae_config
+from .backbones import BackboneInfo, create_backbone, peek_vmae_config
 from .config import SELECTABLE_METRICS, TrainConfig, cli_values, load_yaml_mapping, parse_neg_pos_ratio
 from .data import (ClipDataset, ClipTransform, EpochSampler, check_clips, check_has_both_classes,
                    normalize, read_split)
@@ -201,7 +201,7 @@ def prepare(config: TrainConfig) -> Prepared:
 
     run_dir, resume_state = check_run_dir(config)
 
-    if config.backbone == "vmae" and config.variant in VARIANTS["vmae"]:
+    if config.backbone == "vmae":  # (validate() has checked the variant name)
         peeked = peek_vmae_config(config.variant, config.backbone_ckpt, config.checkpoint_root)
         if peeked is not None:  # before loading the weights: seconds instead of minutes for Giant
             check_geometry(config, peeked.tubelet_size, peeked.patch_size, peeked.img_size)

@@ -84,7 +84,7 @@ def test_resume_refuses_flags_that_describe_another_search(tiny_data, tmp_path, 
 
 
 def test_resume_refuses_another_space(tiny_data, tmp_path, capsys):
-    _, _ = started_search(tmp_path, tiny_data)
+    started_search(tmp_path, tiny_data)
     other = tmp_path / "other"
     other.mkdir()
     other_space = write_space(other, tiny_data, {"lr_head": {"loguniform": [1e-4, 1e-3]}})
@@ -120,3 +120,23 @@ def test_gpu_trials_need_a_node_that_holds_their_gpus(tiny_data, tmp_path):
     for nodes in ([node(1), node(1), node(1)], [node(1), node(4, alive=False)], [{"Alive": True, "Resources": {}}]):
         with pytest.raises(HeaderNetError, match="largest node has"):
             check_cluster_gpus(space, nodes)
+
+
+def test_resume_with_a_damaged_search_record_is_one_line(tiny_data, tmp_path, capsys):
+    space, search_dir = started_search(tmp_path, tiny_data)
+    (search_dir / "search.json").write_text("{not json")
+    assert "search.json: unreadable or incomplete" in error_of(["--space", str(space), "--resume"], capsys)
+
+
+def test_a_resumed_search_resolves_relative_paths_where_it_was_started(tiny_data, tmp_path, monkeypatch):
+    from tuning.search import parse_args, resolve_space
+
+    space = write_space(tmp_path, tiny_data, {"backbone": {
+        "choice": ["csn", "vmae"], "overrides": {"vmae": {"checkpoint_root": "ckpts"}}}})
+    saved = {"space_file": str(space), "space_yaml": space.read_text(), "sets": [],
+             "num_samples": None, "max_concurrent": None, "cwd": str(tmp_path / "launch")}
+    monkeypatch.chdir(tmp_path)  # resumed from another folder
+    resolved = resolve_space(parse_args(["--space", str(space), "--resume"]), saved)
+    overrides = next(p for p in resolved.params if p.name == "backbone").overrides
+    assert overrides["vmae"]["checkpoint_root"] == str(tmp_path / "launch" / "ckpts")
+    assert resolved.trainer["checkpoint_root"] == str(tmp_path / "launch" / "checkpoints")

@@ -498,3 +498,18 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
         load_text(tmp_path, "- a\n- b\n")
     with pytest.raises(HeaderNetError, match=r"x\.yaml: not valid YAML"):
         load_text(tmp_path, "search: {a: [}\n")
+
+
+def test_combinations_follow_when_and_overrides_and_are_capped(tmp_path, monkeypatch):
+    space = load_text(tmp_path, "trainer: {cpu: true}\nresources: {gpu: 0}\nsearch:\n"
+                      "  backbone: {choice: [vmae, csn], overrides: {csn: {csn_variant: tiny}}}\n"
+                      "  vmae_variant: {choice: [tiny, base], when: {backbone: [vmae]}}\n"
+                      "  lr_head: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    seen = [(sampled, values["csn_variant"]) for sampled, values in space.combinations()]
+    assert [s for s, _ in seen] == [
+        {"backbone": "vmae", "vmae_variant": "tiny", "lr_head": 1e-4},
+        {"backbone": "vmae", "vmae_variant": "base", "lr_head": 1e-4},
+        {"backbone": "csn", "lr_head": 1e-4}]
+    assert seen[2][1] == "tiny"   # the csn choice brought its override along
+    monkeypatch.setattr(space_mod, "MAX_COMBINATIONS", 2)
+    assert len(list(space.combinations())) == 2

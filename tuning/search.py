@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from headernet_core.artifacts import write_json, write_text
 from headernet_core.config import TrainConfig
-from headernet_core.errors import CliParser, HeaderNetError, fail, run_cli
+from headernet_core.errors import CliParser, fail, run_cli
 
 from .space import SearchSpace, find_space_file, load_space
 from .summary import TrialRecord, best_record, format_bytes, write_summary
@@ -150,7 +150,7 @@ def check_checkpoints(space: SearchSpace) -> None:
     exist before the search starts, not fail trial by trial hours into it."""
     from headernet_core.backbones.videomae import FOLDERS
 
-    for values in space.choice_branches():
+    for _, values in space.combinations():
         ckpt = values.get("backbone_ckpt")
         if ckpt:
             if not Path(ckpt).exists():
@@ -212,7 +212,11 @@ def check_search_dir(search_dir: Path, resume: bool) -> dict[str, Any] | None:
         record = search_dir / SEARCH_RECORD
         if state is None or not record.is_file():
             fail(f"{search_dir}: nothing to resume (no search was started under this name)")
-        return json.loads(record.read_text())
+        saved = _read_json(record)
+        if not all(key in saved for key in ("space_file", "space_yaml", "sets")):
+            fail(f"{record}: unreadable or incomplete (expected the JSON this command writes when "
+                 f"a search starts); the search cannot be resumed")
+        return saved
     if state == "finished":
         fail(f"{search_dir} already holds a finished search; choose another --name "
              f"(its summary: {search_dir / 'summary.md'})")
@@ -221,31 +225,36 @@ def check_search_dir(search_dir: Path, resume: bool) -> dict[str, Any] | None:
     return None
 
 
+def shaping_flags(args: SearchArgs) -> dict[str, Any]:
+    """The CLI flags that shape a search beyond the space file, as search.json records them
+    and --resume compares them (CSV paths absolute, so the folder run from does not matter)."""
+    csvs = {key: str(Path(value).expanduser().absolute()) if value else None
+            for key, value in (("train_csv", args.train_csv), ("val_csv", args.val_csv))}
+    return {"sets": list(args.sets), **csvs, "keep_checkpoints": args.keep_checkpoints}
+
+
 def check_resume_args(args: SearchArgs, saved: dict[str, Any], search_dir: Path) -> None:
     """--resume continues the search exactly as it started (Tune restores the same sampler,
-    scheduler and trial count): a flag that asks for something else is an error, not ignored."""
-    started = saved.get("args", {})
+    scheduler and trial count): a flag that asks for something else is an error, not ignored.
+    (The space file itself was found by load_space before this runs.)"""
+    space_file = find_space_file(args.space)
     changed = []
-    try:
-        same_space = find_space_file(args.space).resolve() == Path(saved["space_file"]).resolve()
-    except HeaderNetError:
-        same_space = False
-    if not same_space:
+    if space_file.resolve() != Path(saved["space_file"]).resolve():
         changed.append(f"--space {args.space} (started with {saved['space_file']})")
     for flag in ("num_samples", "max_concurrent"):
         value = getattr(args, flag)
         if value is not None and value != saved.get(flag):
             changed.append(f"--{flag} {value} (started with {saved.get(flag) or 'the space file'})")
-    if args.sets and args.sets != started.get("sets", args.sets):
+    started, now = saved.get("args", {}), shaping_flags(args)
+    if now["sets"] and "sets" in started and now["sets"] != started["sets"]:
         changed.append(f"--set {' '.join(args.sets)} (started with {' '.join(started['sets']) or 'none'})")
-    for flag in ("train_csv", "val_csv"):
-        value = getattr(args, flag)
-        if value is not None and str(Path(value).expanduser().absolute()) != started.get(flag):
-            changed.append(f"--{flag} {value} (started with {started.get(flag) or 'the space file'})")
+    for key in ("train_csv", "val_csv"):
+        if now[key] and key in started and now[key] != started[key]:
+            changed.append(f"--{key} {getattr(args, key)} (started with {started[key] or 'the space file'})")
     if changed:
         fail(f"{search_dir}: --resume continues the search as it was started, but "
              f"{'; '.join(changed)}; drop those flags or start a new search with another --name")
-    if find_space_file(args.space).read_text() != saved["space_yaml"]:
+    if space_file.read_text() != saved["space_yaml"]:
         print(f"note: {saved['space_file']} changed since this search started; resuming with the "
               f"copy it started from ({search_dir / 'space.yaml'})")
 
@@ -412,10 +421,7 @@ def run_search(args: SearchArgs) -> int:
             "space_file": str(space_file), "space_yaml": space_file.read_text(),
             "sets": [*args.sets, *[f"{k}={v}" for k, v in space.trainer.items() if k in PATH_KEYS]],
             "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-            "cwd": str(Path.cwd()),
-            "args": {"sets": args.sets, "keep_checkpoints": args.keep_checkpoints,
-                     **{k: str(Path(v).expanduser().absolute()) if v else None
-                        for k, v in (("train_csv", args.train_csv), ("val_csv", args.val_csv))}}})
+            "cwd": str(Path.cwd()), "args": shaping_flags(args)})
         write_text(search_dir / "space.yaml", space_file.read_text())
     print(space.describe())
     print(f"search folder: {search_dir}")

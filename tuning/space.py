@@ -105,7 +105,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -229,22 +229,36 @@ class SearchSpace:
             current[param.name] = value
         return None
 
-    def choice_branches(self) -> list[dict[str, Any]]:
-        """Every trainer-key combination the choices can produce (numeric params left at their
-        fixed value): what the pre-flight checks walk so that a checkpoint needed by only one
-        branch, e.g. through a choice's `overrides`, is found missing before Ray starts."""
-        branches = [self._fixed_values()]
-        for param in self.params:
-            if param.kind != "choice":
-                continue
-            grown = []
-            for current in branches:
-                if not param.active(current):
-                    grown.append(current)
-                    continue
-                grown += [{**current, **param.overrides.get(v, {}), param.name: v} for v in param.values]
-            branches = grown
-        return branches
+    def combinations(self, on_param: Callable[[Param, dict[str, Any]], None] | None = None
+                     ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """Each combination of choice values in sampling order, numeric params at their low
+        bound, at most MAX_COMBINATIONS: (the sampled keys, the trial's full trainer values).
+        The loader validates every combination as a TrainConfig and the search checks each
+        one's checkpoint, so a value needed only through one choice's `overrides` is seen.
+        `on_param(param, sampled so far)` is called the first time each param is active."""
+        seen: set[str] = set()
+        count = 0
+
+        def walk(index: int, sampled: dict[str, Any], current: dict[str, Any]):
+            nonlocal count
+            if count >= MAX_COMBINATIONS:
+                return
+            if index == len(self.params):
+                count += 1
+                yield sampled, current
+                return
+            param = self.params[index]
+            if not param.active(current):
+                yield from walk(index + 1, sampled, current)
+                return
+            if on_param is not None and param.name not in seen:
+                seen.add(param.name)
+                on_param(param, sampled)
+            for value in param.values if param.kind == "choice" else (param.low,):
+                yield from walk(index + 1, {**sampled, param.name: value},
+                                {**current, **param.overrides.get(value, {}), param.name: value})
+
+        yield from walk(0, {}, self._fixed_values())
 
     def trainer_values(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """The trial's trainer keys: `trainer` <- overrides of the sampled choices <- sampled."""
@@ -744,31 +758,15 @@ class _Loader:
             key = named.group(1) if named and named.group(1) in space.trainer else None
             fail(f"{self.where(f'trainer.{key}' if key else 'trainer')}: {exc}")
         checked: set[str] = set()
-        combinations = 0
 
-        def walk(index: int, sampled: dict[str, Any], current: dict[str, Any]) -> None:
-            nonlocal combinations
-            if combinations >= MAX_COMBINATIONS:
-                return
-            if index == len(space.params):
-                combinations += 1
-                if sampled:
-                    _validated(space.trainer_values(sampled),
-                               f"{self.show}: search: a trial with {_fmt_dict(sampled)}")
-                return
-            param = space.params[index]
-            if not param.active(current):
-                walk(index + 1, sampled, current)
-                return
-            if param.name not in checked:
-                checked.add(param.name)
-                self._check_values(space, param, sampled)
-            draws = param.values if param.kind == "choice" else (param.low,)
-            for value in draws:
-                walk(index + 1, {**sampled, param.name: value},
-                     {**current, **param.overrides.get(value, {}), param.name: value})
+        def check_values(param: Param, sampled: dict[str, Any]) -> None:
+            checked.add(param.name)
+            self._check_values(space, param, sampled)
 
-        walk(0, {}, space._fixed_values())
+        for sampled, _ in space.combinations(on_param=check_values):
+            if sampled:
+                _validated(space.trainer_values(sampled),
+                           f"{self.show}: search: a trial with {_fmt_dict(sampled)}")
         if not checked:
             fail(f"{self.where('search')}: no key is ever sampled (every when is false for the "
                  f"fixed keys)")
