@@ -216,10 +216,12 @@ def test_demo_search_on_a_head_and_a_worker_started_as_documented(cluster, tmp_p
     # every artifact is in --storage_path: nothing next to the driver but the demo data
     assert sorted(p.name for p in cwd.iterdir()) == ["demo_data"]
     assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
-    # the dashboard of the documented head listens on 127.0.0.1 only
-    dashboard = [p for p in session_processes(cluster["head"].sid) if "dashboard.py" in " ".join(p.cmdline())]
-    ports = [c.laddr for p in dashboard for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
-    assert ports and all(addr.ip in LOOPBACK for addr in ports), ports
+    # the documented head binds its dashboard to 127.0.0.1 (it serves pages only where
+    # ray[default] is installed, as in the image; whatever it listens on is loopback)
+    [dashboard] = [p for p in session_processes(cluster["head"].sid) if "dashboard.py" in " ".join(p.cmdline())]
+    assert "--host=127.0.0.1" in dashboard.cmdline()
+    ports = [c.laddr for c in dashboard.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert all(addr.ip in LOOPBACK for addr in ports), ports
 
 
 @pytest.mark.slow
@@ -227,12 +229,12 @@ def test_a_worker_that_dies_mid_search_loses_nothing(cluster, tmp_path):
     """The worker's raylet is SIGKILLed while one of its trials is between epochs: Tune retries
     that trial (the demo's max_failures 1) on the head, from its last epoch, and the search
     finishes with every trial. No ASHA here, so every trial runs all its epochs and one is
-    surely mid-run on the worker; 4 trials keep the single-node remainder short."""
+    surely mid-run on the worker; 4 trials of 3 epochs keep the single-node remainder short."""
     storage, cwd = tmp_path / "shared", tmp_path / "driver_cwd"
     cwd.mkdir()
     head_id, worker_id = cluster["head"].node_id(), cluster["worker"].node_id()
     proc = start_search(cluster, cwd, "--space", "demo", "--storage_path", str(storage),
-                        "--set", "scheduler.type=none", "--num_samples", "4")
+                        "--set", "scheduler.type=none", "--set", "epochs=3", "--num_samples", "4")
     search_dir = storage / "demo"
     victim, rows_before = None, None
     deadline = time.time() + 600
@@ -255,7 +257,7 @@ def test_a_worker_that_dies_mid_search_loses_nothing(cluster, tmp_path):
     # the killed trial finished on the head, continuing after the epochs it had done
     assert read_json(victim / "trial.json")["node_id"] == head_id
     rows_after = pd.read_csv(victim / "metrics_epoch.csv")
-    assert list(rows_after["epoch"]) == [1, 2, 3, 4]
+    assert list(rows_after["epoch"]) == [1, 2, 3]
     pd.testing.assert_frame_equal(rows_after.iloc[:len(rows_before)], rows_before)
 
 
