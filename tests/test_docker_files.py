@@ -235,6 +235,7 @@ def test_the_image_is_pinned_non_root_and_installs_the_package_not_the_tree():
     words = shlex.split(install)
     assert words[:5] == ["pip", "install", "--constraint", "docker/constraints.txt", "."], words
     assert "-e" not in words and "--editable" not in words and "[test]" not in install
+    assert f"ray.__version__ == '{ray_version}'" in install  # the build checks what it installed
     patterns = dockerignore()
     for op, args in steps:
         if op == "COPY":
