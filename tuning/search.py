@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from headernet_core.artifacts import write_json, write_text
 from headernet_core.config import TrainConfig
 from headernet_core.errors import CliParser, fail, run_cli
 
+from .cluster import check_address, join_cluster, prepare_environment, start_local_ray
 from .space import SearchSpace, find_space_file, load_space
 from .summary import TrialRecord, best_record, format_bytes, write_summary
 from .trial import OBJECTIVE, SCHEDULER_STOP, run_trial, trial_dirname
@@ -260,18 +260,21 @@ def check_resume_args(args: SearchArgs, saved: dict[str, Any], search_dir: Path)
 
 
 # --- Ray --------------------------------------------------------------------------------------
-def start_ray(address: str | None) -> None:
-    """Local Ray by default (started and stopped by this command) or join `address`."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")       # nothing phones home
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")       # fresher state after a hard kill
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import ray
+def check_ray(address: str | None) -> None:
+    """Before anything is written: Ray's environment (read when ray is imported) and, with
+    --address, a head that answers and accepts this process's token (one line within seconds)."""
+    prepare_environment()
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
-             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        check_address(address)
+
+
+def start_ray(address: str | None) -> None:
+    """Local Ray by default (started and stopped by this command, on 127.0.0.1 only) or join
+    `address` (see tuning/cluster.py)."""
+    if address:
+        join_cluster(address)
+    else:
+        start_local_ray()
 
 
 def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None):
@@ -410,6 +413,7 @@ def run_search(args: SearchArgs) -> int:
             args.keep_checkpoints = saved.get("args", {}).get("keep_checkpoints")
     args.keep_checkpoints = args.keep_checkpoints or "all"
     space = resolve_space(args, saved)
+    check_ray(args.address)
     prepare_demo_data(space)
     check_data(space)
     check_checkpoints(space)
@@ -426,8 +430,8 @@ def run_search(args: SearchArgs) -> int:
     print(space.describe())
     print(f"search folder: {search_dir}")
 
-    import ray
     start_ray(args.address)
+    import ray  # after start_ray: Ray reads its settings from the environment when imported
     try:
         if args.address:
             check_cluster_gpus(space)

@@ -1,0 +1,405 @@
+"""Ray as the search uses it, for real, in separate processes:
+
+- a head and a worker started with `ray start` exactly as docker/README.md tells users (the
+  token made by its command, RAY_AUTH_MODE=token, each node its own HOME and temp dir), the
+  demo search over `--address`, and a worker whose raylet is killed mid-search;
+- an `--address` where nothing listens or that refuses this process's token: one line, exit 2,
+  within seconds, nothing written;
+- the local search's own Ray: every port on 127.0.0.1, the token file 0600, usage stats off
+  whatever the environment says, Ray's settings in place before ray is imported.
+
+Every Ray process here runs in a session started by the test and is stopped by session id
+(`ray stop` would stop every Ray process of the user on the machine, not just these).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER_README = REPO / "docker" / "README.md"
+RAY = Path(sys.executable).with_name("ray")
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+# --- the documented procedure -------------------------------------------------------------
+def documented(prefix: str) -> str:
+    """The command line in a ```bash block of docker/README.md that starts with `prefix`
+    (comments dropped): the tests run what users are told to run."""
+    text = DOCKER_README.read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            command = line.split("  #", 1)[0].strip()
+            if command.startswith(prefix):
+                return command
+    raise AssertionError(f"docker/README.md documents no command starting with {prefix!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without any Ray address or token of the user's, HOME moved
+    into the test's folder (the user's ~/.ray is never touched), the venv's `ray` on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(HOME=str(home), PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}",
+               PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                found.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
+def stop_session(sid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM (what `ray stop` sends) to every process of the session, then SIGKILL."""
+    procs = session_processes(sid)
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive + session_processes(sid):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(session_processes(sid), timeout=10)
+
+
+class Node:
+    """One Ray node of the test cluster: its own HOME (token copy), temp dir and session."""
+
+    def __init__(self, root: Path, name: str):
+        self.home = root / name
+        self.home.mkdir(parents=True)
+        # Ray's socket paths must stay under ~107 characters: a short folder in /tmp.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"hn_{name}_", dir="/tmp"))
+        self.sid: int | None = None
+
+    def env(self) -> dict[str, str]:
+        return clean_env(self.home, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+
+    def start(self, command: str, extra: list[str]) -> None:
+        args = [str(RAY), *shlex.split(command)[1:], *extra, "--temp-dir", str(self.temp_dir)]
+        proc = subprocess.Popen(args, env=self.env(), start_new_session=True, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.sid = proc.pid  # `ray start` leads the session its daemons stay in after it exits
+        output = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0, output[-3000:]
+
+    def raylet(self) -> psutil.Process:
+        [raylet] = [p for p in session_processes(self.sid) if p.name() == "raylet"]
+        return raylet
+
+    def node_id(self) -> str:
+        return next(a.split("=", 1)[1] for a in self.raylet().cmdline() if a.startswith("--node_id="))
+
+    def stop(self) -> None:
+        if self.sid is not None:
+            stop_session(self.sid)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A head and a worker on this machine, 1 CPU each, started as docker/README.md says."""
+    homes = tmp_path / "homes"
+    head, worker, driver = Node(homes, "head"), Node(homes, "worker"), Node(homes, "driver")
+    port = free_port()
+    try:
+        # The token: made once by the documented command, copied (mode kept) to every node.
+        made = subprocess.run(["bash", "-c", documented("(umask 077 && ray get-auth-token")],
+                              env=head.env(), capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        token = head.home / ".ray" / "auth_token"
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+        for node in (worker, driver):
+            (node.home / ".ray").mkdir(mode=0o700)
+            shutil.copy2(token, node.home / ".ray" / "auth_token")  # scp -p
+        small = ["--num-cpus", "1", "--object-store-memory", str(200 * 2**20),
+                 "--dashboard-agent-listen-port", str(free_port())]
+        head_command = documented("ray start --head").replace("--port 6379", f"--port {port}")
+        head.start(head_command, [*small, "--dashboard-port", str(free_port()),
+                                  "--ray-client-server-port", str(free_port())])
+        worker_command = documented("ray start --address").replace("HEAD_IP:6379", f"127.0.0.1:{port}")
+        worker.start(worker_command, small)
+        yield {"address": f"127.0.0.1:{port}", "head": head, "worker": worker, "driver": driver}
+    finally:
+        for node in (worker, head, driver):
+            node.stop()
+    for node in (head, worker, driver):
+        assert node.sid is None or not session_processes(node.sid), f"{node.home.name} left processes"
+        assert not [p for p in psutil.process_iter(["cmdline"])
+                    if str(node.temp_dir) in " ".join(p.info["cmdline"] or [])], "Ray processes left"
+
+
+def start_search(cluster, cwd: Path, *args: str) -> subprocess.Popen:
+    """The documented search command, pointed at this cluster, from the driver's HOME."""
+    documented_search = documented("python -m tuning.search")
+    assert "--address HEAD_IP:6379" in documented_search and "--storage_path" in documented_search
+    driver = cluster["driver"]
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.search", "--address", cluster["address"], *args],
+                            cwd=cwd, env=driver.env(), start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    driver.sid = proc.pid
+    return proc
+
+
+def trial_dirs(search_dir: Path) -> list[Path]:
+    return sorted(p for p in search_dir.iterdir() if p.is_dir() and p.name.startswith("t0"))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def assert_every_trial_complete(search_dir: Path, n: int) -> dict:
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert summary["state"] == "finished" and len(summary["trials"]) == n, summary["counts"]
+    for trial in summary["trials"]:
+        assert trial["status"] in ("finished", "stopped_early"), trial
+        folder = search_dir / trial["name"]
+        for name in ("config.yaml", "status.json", "metrics_epoch.csv", "best_metrics.json", "trial.json"):
+            assert (folder / name).is_file(), folder / name
+        epochs = list(pd.read_csv(folder / "metrics_epoch.csv")["epoch"])
+        assert epochs == list(range(1, trial["epochs_run"] + 1)), (trial["name"], epochs)
+    for name in ("summary.md", "trials.csv", "search.json"):
+        assert (search_dir / name).is_file()
+    return summary
+
+
+# --- a real two-process cluster -------------------------------------------------------------
+@pytest.mark.slow
+def test_demo_search_on_a_head_and_a_worker_started_as_documented(cluster, tmp_path):
+    storage, cwd = tmp_path / "shared", tmp_path / "driver_cwd"
+    cwd.mkdir()
+    proc = start_search(cluster, cwd, "--space", "demo", "--storage_path", str(storage))
+    output = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, output[-4000:]
+    search_dir = storage / "demo"
+    summary = assert_every_trial_complete(search_dir, 6)
+    # trials ran on both nodes, and trials.csv says which
+    nodes = {cluster["head"].node_id()[:12], cluster["worker"].node_id()[:12]}
+    assert set(pd.read_csv(search_dir / "trials.csv")["node"]) == nodes
+    # every artifact is in --storage_path: nothing next to the driver but the demo data
+    assert sorted(p.name for p in cwd.iterdir()) == ["demo_data"]
+    assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
+    # the documented head binds its dashboard to 127.0.0.1 (it serves pages only where
+    # ray[default] is installed, as in the image; whatever it listens on is loopback)
+    [dashboard] = [p for p in session_processes(cluster["head"].sid) if "dashboard.py" in " ".join(p.cmdline())]
+    assert "--host=127.0.0.1" in dashboard.cmdline()
+    ports = [c.laddr for c in dashboard.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert all(addr.ip in LOOPBACK for addr in ports), ports
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_mid_search_loses_nothing(cluster, tmp_path):
+    """The worker's raylet is SIGKILLed while one of its trials is between epochs: Tune retries
+    that trial (the demo's max_failures 1) on the head, from its last epoch, and the search
+    finishes with every trial. No ASHA here, so every trial runs all its epochs and one is
+    surely mid-run on the worker (between its 2 epochs); 3 trials keep the single-node
+    remainder short."""
+    storage, cwd = tmp_path / "shared", tmp_path / "driver_cwd"
+    cwd.mkdir()
+    head_id, worker_id = cluster["head"].node_id(), cluster["worker"].node_id()
+    proc = start_search(cluster, cwd, "--space", "demo", "--storage_path", str(storage),
+                        "--set", "scheduler.type=none", "--set", "epochs=2", "--num_samples", "3")
+    search_dir = storage / "demo"
+    victim, rows_before = None, None
+    deadline = time.time() + 600
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
+            status = read_json(folder / "status.json")
+            if (read_json(folder / "trial.json").get("node_id") == worker_id
+                    and status.get("state") == "running" and status.get("epochs_done", 0) >= 1):
+                rows_before = pd.read_csv(folder / "metrics_epoch.csv")
+                cluster["worker"].raylet().kill()
+                victim = folder
+                break
+        time.sleep(0.1)
+    assert victim is not None, "no trial ran an epoch on the worker: " + (
+        proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "timeout")
+    output = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, output[-4000:]
+    summary = assert_every_trial_complete(search_dir, 3)
+    assert summary["counts"].get("failed", 0) == 0, summary["counts"]
+    # the killed trial finished on the head, continuing after the epochs it had done
+    assert read_json(victim / "trial.json")["node_id"] == head_id
+    rows_after = pd.read_csv(victim / "metrics_epoch.csv")
+    assert list(rows_after["epoch"]) == [1, 2]
+    pd.testing.assert_frame_equal(rows_after.iloc[:len(rows_before)], rows_before)
+
+
+# --- an --address that cannot be used: one line, in seconds, nothing written ---------------
+def refused(env: dict[str, str], cwd: Path, address: str) -> str:
+    storage = cwd / "shared"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tuning.search", "--space", "demo", "--address", address,
+                             "--storage_path", str(storage)], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=120)
+    took = time.monotonic() - started
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert took < 30, f"took {took:.0f} s"  # ~3 s here, mostly importing Ray
+    assert not list(cwd.iterdir()), "wrote " + ", ".join(p.name for p in cwd.iterdir())
+    return lines[0]
+
+
+def test_an_address_where_nothing_listens_is_one_line(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    line = refused(clean_env(tmp_path / "home"), cwd, f"127.0.0.1:{free_port()}")
+    assert "no Ray head answers" in line and "ray start --head" in line, line
+
+
+@pytest.mark.slow
+def test_an_address_that_refuses_our_token_is_one_line_naming_it(cluster, tmp_path):
+    cases = {
+        "no RAY_AUTH_MODE": ({}, "export RAY_AUTH_MODE=token"),
+        "token mode, no token": ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token but no cluster token"),
+        "another token": ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "other")},
+                          "refused this process's token"),
+    }
+    (tmp_path / "other").write_text("0" * 64)
+    for name, (extra, expected) in cases.items():
+        cwd = tmp_path / name.replace(" ", "_").replace(",", "")
+        cwd.mkdir()
+        line = refused(clean_env(tmp_path / "empty_home", **extra), cwd, cluster["address"])
+        assert expected in line, (name, line)
+
+
+# --- the local search's Ray -----------------------------------------------------------------
+GUARDED_MAIN = """
+import builtins, os, sys
+real_import = builtins.__import__
+def guard(name, *args, **kwargs):
+    if name == "ray" or name.startswith("ray."):
+        settings = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS")}
+        if settings != {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}:
+            sys.exit(f"ray imported before its settings were in place: {settings}")
+        builtins.__import__ = real_import
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = guard
+from tuning.search import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp_path):
+    """A real local search: while it runs, every socket its process tree listens on is on
+    127.0.0.1; the token Ray needs is created 0600; usage stats stay off although the user's
+    environment turns them on; Ray's settings are in place before ray is first imported."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "local", "trainer": {
+            "train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"]),
+            "vmae_variant": "tiny", "num_frames": 4, "input_size": 32, "batch_size": 6, "epochs": 2,
+            "cpu": True, "num_workers": 0, "progress": False, "plots": False, "tensorboard": False,
+            "output_root": str(tmp_path / "out")},
+        "search": {"lr_head": {"loguniform": [3e-4, 3e-3]}},
+        "budget": {"num_samples": 2, "max_concurrent": 2, "seed": 0},
+        "resources": {"cpu": 1, "gpu": 0}}))
+    home = tmp_path / "home"
+    env = clean_env(home, RAY_USAGE_STATS_ENABLED="1")
+    env.pop("RAY_DEDUP_LOGS", None)
+    proc = subprocess.Popen([sys.executable, "-c", GUARDED_MAIN, "--space", str(space)], cwd=tmp_path,
+                            env=env, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    listening, usage_stats = set(), set()
+    try:
+        while proc.poll() is None:
+            driver = psutil.Process(proc.pid)
+            for child in [driver, *driver.children(recursive=True)]:
+                try:
+                    listening |= {(child.name(), c.laddr.ip, c.laddr.port) for c in child.net_connections("inet")
+                                  if c.status == psutil.CONN_LISTEN}
+                    if child.pid != driver.pid:  # the driver's /proc environ is the one it started with
+                        usage_stats.add((child.name(), child.environ().get("RAY_USAGE_STATS_ENABLED")))
+                except psutil.Error:
+                    continue
+            time.sleep(0.3)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        stop_session(proc.pid)
+    assert proc.returncode == 0, output[-4000:]
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, listening  # seen while they ran
+    assert all(ip in LOOPBACK for _, ip, _ in listening), sorted(listening)
+    # (ray::* processes rename themselves over their environment block: None there)
+    assert {value for _, value in usage_stats} - {None} == {"0"}, usage_stats
+    assert ("gcs_server", "0") in usage_stats and ("raylet", "0") in usage_stats, usage_stats
+    token = home / ".ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+
+
+def test_the_token_file_is_kept_private(tmp_path, monkeypatch, capsys):
+    from tuning.cluster import keep_token_private
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    keep_token_private(create=True)  # a local search makes it: 0600, in a 0700 folder
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+    made = token.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", made)
+    token.chmod(0o644)  # as `ray get-auth-token --generate` leaves it under the usual umask
+    keep_token_private(create=True)
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == made
+    assert "now 0600" in capsys.readouterr().out
+    elsewhere = tmp_path / "shared_token"
+    elsewhere.write_text(made)
+    elsewhere.chmod(0o640)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(elsewhere))
+    keep_token_private(create=False)  # joining a cluster: the file Ray will read is tightened
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o600
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    elsewhere.chmod(0o644)
+    keep_token_private(create=False)  # no token auth: not Ray's file to police
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o644
+
+
+def test_a_user_environment_cannot_turn_usage_stats_on(monkeypatch):
+    from tuning.cluster import prepare_environment
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
+    prepare_environment()
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert os.environ["RAY_DEDUP_LOGS"] == "1"  # a default: the user's choice stands

@@ -1,0 +1,158 @@
+"""Ray for a search: a local Ray only this machine can reach, or an existing cluster
+(`--address`) checked in seconds, before anything is written.
+
+Three Ray behaviours (2.60) this module works around, each checked by tests/test_cluster.py:
+- Ray reads its settings (log deduplication, ...) from the environment when it is imported, so
+  `prepare_environment` runs before this command's first `import ray`.
+- A local `ray.init()` listens on every interface (GCS, raylet, each worker) unless its node
+  address is exactly 127.0.0.1, and it turns a given 127.0.0.1 into the machine's address
+  except in its single-machine mode (the macOS/Windows default), used here for the local Ray.
+- Token authentication (on by default since 2.59) writes `~/.ray/auth_token` with the umask's
+  mode, usually readable by every user of the machine; a client with no or a wrong token is
+  retried for ~20 s and then gets tracebacks that never say "token".
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from headernet_core.errors import fail
+
+# Forced, whatever the user's environment says: nothing phones home.
+FORCED_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+# Defaults the user may override.
+DEFAULT_ENV = {
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # our loggers: CSV/JSON + each run's tb/
+    "TUNE_GLOBAL_CHECKPOINT_S": "2",            # fresher search state after a hard kill
+    "RAY_DEDUP_LOGS": "0",                      # every trial's lines, not "[repeated 3x]"
+}
+LOOPBACK = "127.0.0.1"
+PROBE_TIMEOUT_S = 5.0
+TOKEN_HELP = "see docker/README.md, 'The cluster token'"
+
+
+def prepare_environment() -> None:
+    """Ray's settings for this process and every Ray process it starts; call before `import ray`."""
+    os.environ.update(FORCED_ENV)
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def token_file() -> Path | None:
+    """The file Ray reads the cluster token from (None when RAY_AUTH_TOKEN holds it)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def keep_token_private(create: bool) -> None:
+    """The token is the key to the cluster (anyone holding it runs code on every node). Ray
+    writes it with the umask's mode; create it 0600 here instead (for the local Ray, where Ray
+    would create it), and make an existing one that others can read 0600."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or (path := token_file()) is None:
+        return
+    if create and not path.exists() and "RAY_AUTH_TOKEN_PATH" not in os.environ:
+        from ray._private.authentication.authentication_token_generator import (
+            generate_new_authentication_token,
+        )
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it meanwhile: tightened below
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(generate_new_authentication_token())
+            return
+    try:
+        info = path.stat()
+    except OSError:
+        return
+    if info.st_mode & 0o077 and info.st_uid == os.getuid():
+        path.chmod(0o600)
+        print(f"note: {path} (the Ray cluster token) was readable by other users; it is now 0600")
+
+
+def check_address(address: str) -> None:
+    """One `error:` line within seconds unless the Ray head at `address` answers and accepts
+    this process's token: `ray.init` would retry for minutes (nothing listening) or ~20 s
+    (token refused) and end in tracebacks."""
+    import grpc
+    from ray._private import services
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    if address.startswith("ray://"):
+        return  # Ray Client: it has its own connection timeout
+    try:
+        gcs = services.canonicalize_bootstrap_address(address)
+    except Exception as error:  # noqa: BLE001 - Ray raises several kinds for a bad address
+        fail(f"--address {address}: not a Ray head address HOST:PORT ({' '.join(str(error).split())})")
+    if gcs is None:
+        fail(f"--address {address}: no running Ray cluster found on this machine; give HOST:PORT of the head")
+    token_mode = is_token_auth_enabled()
+    if token_mode and not _has_token():
+        fail(f"--address {address}: RAY_AUTH_MODE=token but no cluster token in {token_file()} "
+             f"(RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token) or RAY_AUTH_TOKEN; copy the head's "
+             f"token file to this machine ({TOKEN_HELP})")
+    channel = init_grpc_channel(gcs)
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+            gcs_service_pb2.GetClusterIdRequest(), timeout=PROBE_TIMEOUT_S)
+    except grpc.RpcError as error:
+        code = error.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED and not token_mode:
+            fail(f"--address {address}: the cluster requires token authentication and this process "
+                 f"sends no token: export RAY_AUTH_MODE=token, with the cluster's token in "
+                 f"~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN ({TOKEN_HELP})")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            source = "RAY_AUTH_TOKEN" if token_file() is None else token_file()
+            fail(f"--address {address}: the cluster refused this process's token (from {source}, "
+                 f"RAY_AUTH_MODE=token): it is not the head's token ({TOKEN_HELP})")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            fail(f"--address {address}: no Ray head answers at {gcs} within {PROBE_TIMEOUT_S:g} s "
+                 f"(is `ray start --head --port {gcs.rsplit(':', 1)[-1]}` running there, and the port open?)")
+        fail(f"--address {address}: {gcs} answers, but not as a Ray head of this version "
+             f"({code.name}: {' '.join(str(error.details()).split())[:200]})")
+    finally:
+        channel.close()
+
+
+def _has_token() -> bool:
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+    except AuthenticationError:  # RAY_AUTH_TOKEN_PATH names a missing or empty file
+        return False
+
+
+def start_local_ray() -> None:
+    """A Ray for this command alone, every port on 127.0.0.1 (nothing else can reach it)."""
+    prepare_environment()
+    keep_token_private(create=True)
+    import ray
+    from ray._private import ray_constants
+
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # keeps 127.0.0.1 as the node address (see the top)
+    try:
+        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False,
+                 dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=True,
+                 logging_level="WARNING")
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
+
+
+def join_cluster(address: str) -> None:
+    """Connect to the cluster `check_address` has already reached."""
+    prepare_environment()
+    keep_token_private(create=False)
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        fail(f"--address {address}: could not join the Ray cluster: {' '.join(str(error).split())[:300]}")
