@@ -3,10 +3,13 @@
 Bad input must never end in a traceback: every check that can blame the user raises
 `HeaderNetError` with a message naming the file or field and what was expected, and the thin
 CLIs run their body through `run_cli`, which prints `error: <message>` and exits with code 2.
+An I/O error nobody checked for (a disk that fills up, a folder that vanished) is reported the
+same way, naming the file: the environment, not the program, is what has to change.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable, NoReturn
 
@@ -30,9 +33,24 @@ def run_cli(main: Callable[[], object]) -> None:
         message = " ".join(str(exc).split())  # always one line
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
+    except OSError as exc:
+        print(f"error: {' '.join(describe_os_error(exc).split())}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except RecursionError:
+        print("error: input nested too deeply to read (a config, space or JSON file?)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`<path>: <reason> [ERRNO]` for an I/O error, on one line."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    code = f" [{errno.errorcode[exc.errno]}]" if exc.errno in errno.errorcode else ""
+    if exc.filename is not None:
+        return f"{exc.filename}: {reason}{code}"
+    return f"{reason}{code}"
 
 
 class CliParser(argparse.ArgumentParser):

@@ -31,7 +31,7 @@ def write_clips(folder: Path, n: int, *, seed: int, frames: int = 6, size: int =
                 clip[t, 10:16, x:x + 6] = 250
         name = f"{prefix}_{i:03d}_{label}"
         np.save(folder / f"{name}_s.npy", clip)
-        rows.append({"path": f"clips/{name}", "label": label, "video_id": f"match{i % 4}",
+        rows.append({"path": f"clips/{name}", "label": label, "video_id": f"{prefix}-match{i % 4}",
                      "half": 1 + i % 2, "frame": 100 + i})
     return pd.DataFrame(rows)
 
