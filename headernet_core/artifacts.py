@@ -129,5 +129,14 @@ def write_json(path: str | Path, data: Any, *, durable: bool = False) -> None:
     write_text(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n", durable=durable)
 
 
+def read_json_dict(path: str | Path) -> dict[str, Any]:
+    """A JSON object file as a dict; {} when it is absent, unreadable or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def write_yaml(path: str | Path, data: dict[str, Any]) -> None:
     write_text(path, yaml.safe_dump(_json_safe(data), sort_keys=False))

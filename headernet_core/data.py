@@ -60,7 +60,10 @@ def read_index_csv(csv_path: str | Path, split: str, *, as_text: bool = False) -
         df = pd.read_csv(csv_path, dtype=dtype, keep_default_na=not as_text, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         fail(f"{csv_path}: {split} CSV is empty; expected a header line {SCHEMA_HINT}")
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+    except UnicodeDecodeError as exc:
+        fail(f"{csv_path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+             f"save it as UTF-8")
+    except (pd.errors.ParserError, OSError) as exc:
         fail(f"{csv_path}: not a readable CSV ({' '.join(str(exc).split())})")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:

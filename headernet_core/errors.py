@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
+import threading
 from typing import Callable, NoReturn
 
 EXIT_BAD_INPUT = 2
@@ -25,8 +27,29 @@ def fail(message: str) -> NoReturn:
     raise HeaderNetError(message)
 
 
+def sigterm_as_sigint() -> None:
+    """Treat SIGTERM (`kill`, `docker stop`, a batch scheduler) like Ctrl-C: whatever handles
+    SIGINT at that moment runs (Ray Tune's graceful stop during a search, else
+    KeyboardInterrupt), so the command ends with its interrupted state saved and exit code 130.
+    Call it again after a library that installs its own SIGTERM handler (`ray.init` does)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def forward(signum, frame) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, forward)
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a CLI body: `HeaderNetError` becomes one stderr line and exit code 2."""
+    """Run a CLI body: `HeaderNetError` becomes one stderr line and exit code 2; an interruption
+    (Ctrl-C or SIGTERM) exits with 130."""
+    previous = signal.getsignal(signal.SIGTERM)
+    sigterm_as_sigint()
     try:
         main()
     except HeaderNetError as exc:
@@ -42,6 +65,9 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .artifacts import write_json
+from .artifacts import read_json_dict, write_json
 from .locks import owner_alive, owner_record
 
 STATUS_NAME = "status.json"
@@ -68,11 +68,7 @@ def _store(path: Path, payload: dict[str, Any]) -> None:
 
 def read_status_record(run_dir: str | Path) -> dict[str, Any]:
     """The status.json record ({} when absent or unreadable)."""
-    try:
-        record = json.loads((Path(run_dir) / STATUS_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return read_json_dict(Path(run_dir) / STATUS_NAME)
 
 
 def heartbeat_age(record: dict[str, Any]) -> float | None:

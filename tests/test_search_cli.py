@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tuning import resume_guard
 from tuning.search import main
 
 
@@ -64,6 +65,7 @@ def started_search(tmp_path: Path, tiny_data) -> tuple[Path, Path]:
     search_dir = tmp_path / "out" / "s"
     search_dir.mkdir(parents=True)
     (search_dir / "tuner.pkl").write_bytes(b"")
+    resume_guard.record(search_dir, {"tuner.pkl": b"", "experiment_state-x.json": b"{}"}, fresh=True)
     (search_dir / "search.json").write_text(json.dumps({
         "space_file": str(space), "space_yaml": space.read_text(), "sets": [],
         "num_samples": None, "max_concurrent": None, "cwd": str(tmp_path),
