@@ -75,6 +75,10 @@ def atomic_path(path: str | Path, *, durable: bool = False, replace: bool = True
             _link_no_clobber(tmp, path)
         if durable:
             fsync_path(path.parent)
+    except OSError as exc:
+        if exc.filename is None or exc.filename == str(tmp):  # name the file, not its temp
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

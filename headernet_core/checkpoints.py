@@ -46,7 +46,7 @@ def save(path: Path, payload: dict[str, Any]) -> None:
             torch.save({"format": FORMAT, **payload}, writer)
         except RuntimeError:
             if writer.error is not None:
-                raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
+                raise writer.error from None
             raise
 
 

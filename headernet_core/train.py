@@ -32,11 +32,11 @@ from .data import (ClipDataset, ClipTransform, EpochSampler, check_clips, check_
                    normalize, read_split, split_warnings)
 from .errors import HeaderNetError, describe_os_error, fail, run_cli
 from .locks import FolderLock, Heartbeat
-from .paths import check_writable_dir, is_inside
-from .status import beat, read_status_record, effective_state, write_status
 from .losses import build_loss
 from .metrics import classification_metrics, is_improvement
 from .model import HeaderClassifier, build_classifier, build_optimizer, nominal_lr
+from .paths import check_writable_dir, is_inside
+from .status import beat, effective_state, read_status_record, write_status
 
 # metrics_epoch.csv starts with upstream's legacy columns, in upstream's order (lr_* = mean LR
 # over the epoch's optimizer steps, without the layer-decay scale).
@@ -198,13 +198,19 @@ def check_frames(config: TrainConfig, shapes: Sequence[tuple[int, ...]]) -> None
              f"{MAX_FRAME_REPEAT * longest}")
 
 
-def check_inputs_outside(config: TrainConfig, run_dir: Path) -> None:
-    """Inputs are never written: none may live where the run writes or deletes its artifacts."""
+def check_inputs_outside(config: TrainConfig, run_dir: Path, clip_paths: Sequence[str]) -> None:
+    """Inputs are never written: no CSV, checkpoint or clip may live in the run folder (which a
+    run writes into and `--overwrite` clears)."""
     for key in ("train_csv", "val_csv", "backbone_ckpt"):
         value = getattr(config, key)
-        if value and any(is_inside(value, run_dir / name) for name in RUN_ARTIFACTS):
-            fail(f"--{key} {value} lies inside the run folder's own files ({run_dir}); copy it "
-                 f"elsewhere or choose another --run_name")
+        if value and is_inside(value, run_dir):
+            fail(f"--{key} {value} lies inside the run folder {run_dir}; inputs are never "
+                 f"written: choose another --run_name or --output_root")
+    folder = os.path.join(os.path.abspath(run_dir), "")
+    inside = next((clip for clip in clip_paths if clip.startswith(folder)), None)
+    if inside is not None:
+        fail(f"clip {inside} lies inside the run folder {run_dir}; inputs are never written: "
+             f"choose another --run_name or --output_root")
 
 
 def prepare(config: TrainConfig) -> Prepared:
@@ -228,7 +234,7 @@ def prepare(config: TrainConfig) -> Prepared:
 
     check_writable_dir(config.output_root, "--output_root")
     run_dir, resume_state = check_run_dir(config)
-    check_inputs_outside(config, run_dir)
+    check_inputs_outside(config, run_dir, [*train_df["clip_path"], *val_df["clip_path"]])
 
     if config.backbone == "vmae":  # (validate() has checked the variant name)
         peeked = peek_vmae_config(config.variant, config.backbone_ckpt, config.checkpoint_root)
@@ -500,7 +506,7 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             status = "finished"
         write_status(run_dir, status, state.epoch)
     except BaseException as exc:
-        if state.epoch >= config.epochs:
+        if state.epoch >= config.epochs and read_status(run_dir) == "finished":  # all written
             write_status(run_dir, "finished", state.epoch)
         elif isinstance(exc, SystemExit) and exc.code in (0, None):
             write_status(run_dir, "stopped", state.epoch)  # e.g. Ray Tune's scheduler ended it

@@ -121,6 +121,8 @@ def build_workspace(root: Path) -> None:
     folder = started("no_state", {"tuner.pkl": state["tuner.pkl"]})  # stopped before Tune's first save
 
     runs = root / "runs"
+    (runs / "mine" / "checkpoints").mkdir(parents=True)   # an unfinished run holding an input
+    (runs / "mine" / "checkpoints" / "backbone.pth").write_bytes(b"the user's only copy")
     (runs / "done").mkdir(parents=True)
     (runs / "done" / "status.json").write_text(json.dumps({"state": "finished", "epochs_done": 1}))
     (runs / "done" / "config.yaml").write_text("epochs: 1\n")
@@ -215,6 +217,8 @@ CASES: dict[str, Case] = {
     "search demo space, mistyped val csv": Case("search", ["--space", "demo", "--set", "train_csv=data/train.csv", "--set", "val_csv=data/my_vall.csv"], "my_vall.csv: val CSV not found"),
     "search demo space, user csvs missing": Case("search", ["--space", "demo", "--set", "train_csv=mine/train.csv", "--set", "val_csv=mine/val.csv"], "mine/train.csv: train CSV not found"),
     "search into a data folder": Case("search", [*SEARCH, "--storage_path", ".", "--name", "data"], "already holds files that are not a search's"),
+    "train overwrite would delete an input": Case("train", [*TRAIN, "--run_name", "mine", "--overwrite", "--backbone", "csn", "--backbone_ckpt", "runs/mine/checkpoints/backbone.pth"], "lies inside the run folder"),
+    "train run folder is the clip folder": Case("train", [*TRAIN, "--output_root", "data", "--run_name", "clips"], "lies inside the run folder"),
     "train over a finished run": Case("train", [*TRAIN, "--output_root", "runs", "--run_name", "done", "--overwrite"], "finished run and is never overwritten"),
     # --- decoding -----------------------------------------------------------------------------------
     "train config not utf-8": Case("train", [*TRAIN, "--config", "cfg/latin1.yaml"], "cfg/latin1.yaml: not UTF-8 text"),

@@ -529,7 +529,7 @@ def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord
         counts[record.status] = counts.get(record.status, 0) + 1
     print("\n" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" of {space.num_samples} trials")
     if best is None:
-        print("no trial finished an epoch")
+        print("no best trial: no trial finished an epoch without failing")
     else:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
         print(f"best trial {best.name}: {space.metric} {best.objective:.4f} at epoch {best.best_epoch} ({params})")
