@@ -35,7 +35,7 @@ from .locks import FolderLock, Heartbeat
 from .losses import build_loss
 from .metrics import classification_metrics, is_improvement
 from .model import HeaderClassifier, build_classifier, build_optimizer, nominal_lr
-from .paths import check_writable_dir, is_inside
+from .paths import check_name, check_writable_dir, is_inside
 from .status import beat, effective_state, read_status_record, write_status
 
 # metrics_epoch.csv starts with upstream's legacy columns, in upstream's order (lr_* = mean LR
@@ -625,6 +625,7 @@ def config_for_cli(argv: Sequence[str] | None) -> TrainConfig:
             fail("--resume reads the run's own config.yaml; drop --config")
         if not typed.get("run_name"):
             fail("--resume needs --run_name (the run folder to continue)")
+        check_name(typed["run_name"], "--run_name", extra="=")  # before it becomes a path
         output_root = typed.get("output_root", TrainConfig().output_root)
         config_path = str(Path(output_root) / typed["run_name"] / "config.yaml")
         if not Path(config_path).is_file():

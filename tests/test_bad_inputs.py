@@ -243,6 +243,7 @@ CASES: dict[str, Case] = {
     "resume without the key": Case("search", [*SEARCH, "--name", "trunc_state", "--resume"], "no resume key at",
                                    env={"HEADERNET_RESUME_KEY": "/nonexistent/headernet.key"}),
     "resume nothing there": Case("search", [*SEARCH, "--name", "never", "--resume"], "nothing to resume"),
+    "train resume escapes": Case("train", ["--resume", "--run_name", "../data", "--output_root", "runs"], "--run_name must be a plain folder name"),
     "train resume nothing there": Case("train", [*TRAIN, "--run_name", "never", "--resume"], "nothing to resume"),
 }
 

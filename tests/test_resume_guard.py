@@ -64,6 +64,8 @@ def test_install_replaces_damaged_stale_and_planted_tune_files(tmp_path):
     ("blob truncated", "is damaged or was changed"),
     ("blob missing", "is missing"),
     ("foreign entry", "unexpected entry"),
+    ("blob a fifo", "missing or unreadable"),          # must not block the check
+    ("manifest a fifo", "manifest.json is missing"),
 ])
 def test_every_damage_is_one_line_naming_the_file(tmp_path, damage, fragment):
     folder = signed_folder(tmp_path)
@@ -81,6 +83,12 @@ def test_every_damage_is_one_line_naming_the_file(tmp_path, damage, fragment):
         blob.write_bytes(blob.read_bytes()[:10])
     elif damage == "blob missing":
         blob.unlink()
+    elif damage == "blob a fifo":
+        blob.unlink()
+        os.mkfifo(blob)
+    elif damage == "manifest a fifo":
+        (snapshot / "manifest.json").unlink()
+        os.mkfifo(snapshot / "manifest.json")
     elif damage == "foreign entry":  # even correctly signed, only Tune's own file names restore
         key = resume_guard.load_key(create=False)
         body = {k: v for k, v in manifest.items() if k != "mac"}

@@ -26,6 +26,7 @@ own `last.pt`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import hmac
@@ -34,6 +35,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ EXPERIMENT_STATE = "experiment_state-*.json"
 TUNE_STATE = (TUNER_PKL, EXPERIMENT_STATE, "searcher-state-*.pkl", "search_gen_state-*.json",
               "callback-states-*.pkl", "basic-variant-state-*.json")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+MAX_STATE_BYTES = 2**30
 RECOVER = ("start a new search with another --name, or recover results from the trial folders "
            "(each holds metrics_epoch.csv, best_metrics.json and its checkpoints)")
 
@@ -98,6 +101,17 @@ def load_key(*, create: bool) -> bytes:
     return key
 
 
+def _read_regular(path: Path) -> bytes:
+    """A regular file's bytes; OSError for anything else (a planted FIFO or a link to a device
+    must not hang or flood the check)."""
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise IsADirectoryError(errno.EINVAL, "not a regular file", str(path))
+    if info.st_size > MAX_STATE_BYTES:
+        raise OSError(errno.EFBIG, "too large for Ray Tune state", str(path))
+    return path.read_bytes()
+
+
 def _mac(key: bytes, body: dict) -> str:
     return hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()
 
@@ -120,7 +134,11 @@ def record(search_dir: Path, files: dict[str, bytes], *, fresh: bool = False) ->
     for name, data in files.items():
         digest = hashlib.sha256(data).hexdigest()
         blob = folder / digest
-        if not (blob.is_file() and blob.stat().st_size == len(data)):
+        try:
+            present = _read_regular(blob) == data
+        except OSError:
+            present = False
+        if not present:
             with atomic_path(blob, durable=True) as tmp:
                 tmp.write_bytes(data)
         entries[name] = digest
@@ -136,11 +154,11 @@ def record(search_dir: Path, files: dict[str, bytes], *, fresh: bool = False) ->
 def _verified_entries(folder: Path, key: bytes) -> dict[str, str]:
     """The manifest's entries if its MAC holds (else {}: a damaged manifest is not extended)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads(_read_regular(folder / MANIFEST))
         body = {k: v for k, v in manifest.items() if k != "mac"}
         if hmac.compare_digest(str(manifest.get("mac")), _mac(key, body)):
             return dict(body["files"])
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
         pass
     return {}
 
@@ -162,11 +180,11 @@ def verify(search_dir: Path) -> VerifiedState:
              f"{RECOVER}")
     key = load_key(create=False)
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(_read_regular(manifest_path))
         body = {k: v for k, v in manifest.items() if k != "mac"}
         entries = dict(body["files"])
         mac = str(manifest["mac"])
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         fail(f"{manifest_path} is damaged (not the JSON this command writes); {RECOVER}")
     if body.get("format") != FORMAT or not hmac.compare_digest(mac, _mac(key, body)):
         fail(f"{manifest_path} is not signed with this account's resume key ({key_path()}): it was "
@@ -177,9 +195,9 @@ def verify(search_dir: Path) -> VerifiedState:
             fail(f"{manifest_path}: unexpected entry {name!r}; {RECOVER}")
         blob = folder / digest
         try:
-            data = blob.read_bytes()
-        except OSError:
-            fail(f"{blob} (the signed copy of {name}) is missing; {RECOVER}")
+            data = _read_regular(blob)
+        except OSError as exc:
+            fail(f"{blob} (the signed copy of {name}) is missing or unreadable ({exc.strerror}); {RECOVER}")
         if hashlib.sha256(data).hexdigest() != digest:
             fail(f"{blob} (the signed copy of {name}, {len(data)} bytes) is damaged or was changed; "
                  f"{RECOVER}")
@@ -205,7 +223,7 @@ def install(search_dir: Path, state: VerifiedState) -> list[str]:
             continue
         signed = state.files.get(entry.name)
         with contextlib.suppress(OSError):
-            if signed is not None and entry.read_bytes() == signed:
+            if signed is not None and _read_regular(entry) == signed:
                 continue
         displaced_dir.mkdir(parents=True, exist_ok=True)
         os.replace(entry, displaced_dir / entry.name)
