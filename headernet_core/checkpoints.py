@@ -19,9 +19,35 @@ from .errors import fail
 FORMAT = "headernet-v1"
 
 
+class _Writer:
+    """A file torch.save writes through: torch reports a failed write (disk full, quota) as
+    an opaque RuntimeError; this keeps the OSError that caused it."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **payload}, tmp)
+    """Write atomically and durably: `last.pt` is what a resume trusts, and a best checkpoint
+    must be on disk before the previous one is deleted. A write error raises the OSError."""
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as fh:
+        writer = _Writer(fh)
+        try:
+            torch.save({"format": FORMAT, **payload}, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

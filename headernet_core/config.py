@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from .errors import CliParser, HeaderNetError, fail
+from .paths import check_name
 
 # Learning-rate defaults by (backbone, finetune_mode): (lr_backbone, lr_head).
 # Pretrained VideoMAE fine-tunes with a small backbone LR and a 20x larger head LR; the CSN is
@@ -31,6 +33,14 @@ LR_TABLE: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("csn", "partial"): (1e-4, 1e-3),
     ("csn", "frozen"): (None, 1e-3),
 }
+
+# Bounds that catch a typo before it allocates memory or forks processes (no real run needs more).
+MAX_SEED = 2**32 - 1            # numpy's legacy seed range, like split_dataset's --seed
+MAX_NUM_FRAMES = 1024
+MAX_INPUT_SIZE = 1024
+MAX_NUM_WORKERS = 128
+MAX_YAML_BYTES = 10 * 2**20     # a config or space file is a few KB
+MAX_YAML_DEPTH = 32
 
 # Metrics the trainer reports each epoch that make sense to select the best epoch on,
 # with the direction that is better.
@@ -160,17 +170,20 @@ class TrainConfig:
             for key in ("train_csv", "val_csv"):
                 if not getattr(self, key):
                     fail(f"--{key} is required (a CSV with columns path,label)")
+        self._check_finite()
         positive_ints = ("num_frames", "epochs", "batch_size", "grad_accum", "unfreeze_blocks")
         for key in positive_ints:
             value = getattr(self, key)
             if value < 1:
                 fail(f"--{key} must be a positive integer, got {value}")
-        if self.seed < 0:
-            fail(f"--seed must be >= 0, got {self.seed}")
-        if self.num_workers < 0:
-            fail(f"--num_workers must be >= 0, got {self.num_workers}")
-        if self.input_size is not None and self.input_size < 1:
-            fail(f"--input_size must be a positive integer, got {self.input_size}")
+        if not 0 <= self.seed <= MAX_SEED:
+            fail(f"--seed must be in 0..{MAX_SEED}, got {self.seed}")
+        if not 0 <= self.num_workers <= MAX_NUM_WORKERS:
+            fail(f"--num_workers must be in 0..{MAX_NUM_WORKERS}, got {self.num_workers}")
+        if self.num_frames > MAX_NUM_FRAMES:
+            fail(f"--num_frames must be at most {MAX_NUM_FRAMES}, got {self.num_frames}")
+        if self.input_size is not None and not 1 <= self.input_size <= MAX_INPUT_SIZE:
+            fail(f"--input_size must be in 1..{MAX_INPUT_SIZE} pixels, got {self.input_size}")
         for key in ("lr_backbone", "lr_head"):
             value = getattr(self, key)
             if value is not None and not value > 0:
@@ -205,13 +218,23 @@ class TrainConfig:
             fail("--gpus and --cpu contradict each other; pass one")
         if self.resume and self.overwrite:
             fail("--resume and --overwrite contradict each other; pass one")
-        if self.run_name is not None and (not self.run_name or "/" in self.run_name
-                                          or self.run_name in (".", "..")):
-            fail(f"--run_name must be a plain folder name, got {self.run_name!r}")
+        if self.run_name is not None:  # '=' too: a search names its trial runs key=value
+            check_name(self.run_name, "--run_name", extra="=")
         for key, choices in _choices().items():
             if getattr(self, key) not in choices:
                 fail(f"--{key} must be one of {', '.join(map(str, choices))}, got {getattr(self, key)!r}")
         return self
+
+    def _check_finite(self) -> None:
+        """NaN and infinity pass every `<`/`>` check, so they are refused first, by type."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            inner, _ = _unwrap_optional(hints[f.name])
+            value = getattr(self, f.name)
+            if inner is float and value is not None and not math.isfinite(value):
+                fail(f"--{f.name} must be a finite number, got {value}")
+            if inner == list[float] and value is not None and not all(map(math.isfinite, value)):
+                fail(f"--{f.name} must be finite numbers, got {value}")
 
     def resolved(self, *, native_size: int, default_mean: Sequence[float],
                  default_std: Sequence[float]) -> "TrainConfig":
@@ -243,7 +266,7 @@ def parse_neg_pos_ratio(value: Any) -> float | None:
         ratio = float(text)
     except ValueError:
         fail(f"--neg_pos_ratio must be 'all' or a positive number, got {value!r}")
-    if not ratio > 0:
+    if not 0 < ratio < math.inf:
         fail(f"--neg_pos_ratio must be 'all' or a positive number, got {value!r}")
     return int(ratio) if ratio.is_integer() else ratio
 
@@ -292,6 +315,12 @@ def _scalar(where: str, value: Any, tp: Any) -> Any:
     if tp is int:
         if isinstance(value, bool):
             fail(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip())  # exact, also beyond a float's 2**53
+        except ValueError:
+            pass
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -352,19 +381,47 @@ def _cli_type(name: str, tp: Any):
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """`yaml.safe_load` a file that must hold a mapping; errors name the file."""
+    """`yaml.safe_load` a file that must hold a mapping; errors name the file. UTF-8 with or
+    without a BOM and CRLF line ends are read; anything else is one line naming the file."""
     path = Path(path)
     if not path.is_file():
         fail(f"{path}: config file not found")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        fail(f"{path}: {size} bytes is not a config file (expected a few KB of YAML)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        fail(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+             f"save it as UTF-8")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         fail(f"{path}: not valid YAML ({str(exc).splitlines()[0]})")
+    except RecursionError:
+        data = None
+        fail(f"{path}: nested too deeply to be a config file (at most {MAX_YAML_DEPTH} levels)")
     if data is None:
         return {}
     if not isinstance(data, dict):
         fail(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    if _depth(data) > MAX_YAML_DEPTH:
+        fail(f"{path}: nested too deeply to be a config file (at most {MAX_YAML_DEPTH} levels)")
     return data
+
+
+def _depth(data: Any) -> int:
+    """How deeply lists and mappings nest in `data` (iterative: any depth is measured)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            if level > MAX_YAML_DEPTH:
+                break
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def cli_values(argv: Sequence[str] | None, prog: str, description: str) -> tuple[str | None, dict[str, Any]]:

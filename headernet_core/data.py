@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from .errors import fail
+from .paths import same_file
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -55,11 +56,14 @@ def read_index_csv(csv_path: str | Path, split: str, *, as_text: bool = False) -
     if not csv_path.is_file():
         fail(f"{csv_path}: {split} CSV not found{flag}")
     dtype: type | dict[str, type] = str if as_text else {c: str for c in REQUIRED_COLUMNS}
-    try:
-        df = pd.read_csv(csv_path, dtype=dtype, keep_default_na=not as_text)
+    try:  # utf-8-sig: a spreadsheet's byte-order mark must not rename the first column
+        df = pd.read_csv(csv_path, dtype=dtype, keep_default_na=not as_text, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         fail(f"{csv_path}: {split} CSV is empty; expected a header line {SCHEMA_HINT}")
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+    except UnicodeDecodeError as exc:
+        fail(f"{csv_path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+             f"save it as UTF-8")
+    except (pd.errors.ParserError, OSError) as exc:
         fail(f"{csv_path}: not a readable CSV ({' '.join(str(exc).split())})")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
@@ -198,9 +202,11 @@ def clip_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
     return None
 
 
-def check_clips(df: pd.DataFrame, csv_path: str | Path) -> None:
+def check_clips(df: pd.DataFrame, csv_path: str | Path) -> list[tuple[int, ...]]:
     """Read each clip's header (not its data) and fail on the first unusable one, so a bad
-    cache file stops the run before training instead of killing a worker mid-epoch."""
+    cache file stops the run before training instead of killing a worker mid-epoch. Returns
+    the clips' shapes."""
+    shapes = []
     for position, clip_path in enumerate(df["clip_path"]):
         where = f"{csv_path}: row {row_number(position)}: clip {clip_path}"
         try:
@@ -213,6 +219,35 @@ def check_clips(df: pd.DataFrame, csv_path: str | Path) -> None:
         size = os.path.getsize(clip_path)
         if size < needed:
             fail(f"{where} is truncated ({size} bytes; its header needs {needed})")
+        shapes.append(tuple(shape))
+    return shapes
+
+
+def split_warnings(train_df: pd.DataFrame, val_df: pd.DataFrame, train_csv: str | Path,
+                   val_csv: str | Path) -> list[str]:
+    """What makes validation scores lie without being an error: the same file as train and
+    val, clips in both splits, matches (`video_id`) in both, and clips listed twice."""
+    messages = []
+    if same_file(train_csv, val_csv):
+        messages.append(f"{train_csv} is both --train_csv and --val_csv: validation scores will "
+                        f"be training scores")
+    else:
+        shared = set(train_df["clip_path"]) & set(val_df["clip_path"])
+        if shared:
+            messages.append(f"{len(shared)} of the {len(val_df)} clips in {val_csv} are also in "
+                            f"{train_csv} (e.g. {sorted(shared)[0]}): validation scores will be "
+                            f"too high")
+        if "video_id" in train_df and "video_id" in val_df:
+            ids = set(train_df["video_id"].astype(str)) & set(val_df["video_id"].astype(str))
+            if ids:
+                messages.append(f"{len(ids)} video_id value(s) are in both {train_csv} and "
+                                f"{val_csv} (e.g. {sorted(ids)[0]}): clips of one match in both "
+                                f"splits leak; split_dataset keeps each video_id in one split")
+    for df, csv in ((train_df, train_csv), (val_df, val_csv)):
+        repeats = int(df["clip_path"].duplicated().sum())
+        if repeats:
+            messages.append(f"{csv}: {repeats} row(s) repeat a clip listed earlier in the file")
+    return messages
 
 
 def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:

@@ -51,11 +51,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .artifacts import atomic_path, write_text
+from .artifacts import atomic_path, remove_stale_temps, write_text
 from .errors import CliParser, fail, run_cli
+from .paths import check_writable_dir
 
 CSV_NAME = "all_clips.csv"
 CLIP_DIR = "clips"
+MATCH_PREFIX = "demo-match-"      # every clip file name starts with it (--overwrite deletes only those)
 POSITIVE_KINDS = ("header",)
 NEGATIVE_KINDS = ("near_miss", "pass_behind", "bounce_elsewhere", "no_event")
 KINDS = POSITIVE_KINDS + NEGATIVE_KINDS
@@ -495,18 +497,20 @@ def _check_args(seed: int, matches: int, clips_per_match: int, size: int, frames
 def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"{out_dir}: exists and is not a folder")
+    check_writable_dir(out_dir, "--out")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             fail(f"{out_dir}: folder exists and is not empty; pass --overwrite to replace "
                  f"the demo dataset in it, or choose another --out")
-        # remove only what this generator writes; anything else in the folder stays
+        # remove only what this generator writes (its own clip names); anything else stays
         (out_dir / CSV_NAME).unlink(missing_ok=True)
         clip_dir = out_dir / CLIP_DIR
         if clip_dir.is_dir():
             # clips, their meta files, and temp files an interrupted run left behind
-            for pattern in ("*_s.npy", "*_meta.json", ".*.tmp"):
+            for pattern in (f"{MATCH_PREFIX}*_s.npy", f"{MATCH_PREFIX}*_meta.json"):
                 for f in clip_dir.glob(pattern):
                     f.unlink()
+            remove_stale_temps(clip_dir)
     (out_dir / CLIP_DIR).mkdir(parents=True, exist_ok=True)
 
 
@@ -520,7 +524,7 @@ def generate(out_dir: Path, *, seed: int = 0, matches: int = 8, clips_per_match:
     """Write the demo dataset into `out_dir`; return the path of `all_clips.csv`.
 
     Refuses (HeaderNetError) a non-empty `out_dir` unless `overwrite`, which deletes only the
-    files this generator writes (all_clips.csv, clips/*_s.npy, clips/*_meta.json). The CSV is
+    files this generator writes (all_clips.csv, clips/demo-match-*_s.npy and _meta.json). The CSV is
     written last, so its presence means the dataset is complete.
     """
     out_dir = Path(out_dir)
@@ -529,7 +533,7 @@ def generate(out_dir: Path, *, seed: int = 0, matches: int = 8, clips_per_match:
     rows = []
     for m in range(matches):
         style = _match_style(np.random.default_rng([seed, m, 1_000_003]))
-        video_id = f"demo-match-{m:02d}"
+        video_id = f"{MATCH_PREFIX}{m:02d}"
         kinds = _kinds_for_match(np.random.default_rng([seed, m, 1_000_033]), clips_per_match)
         # frame numbers like upstream's samples: increasing, well apart, two halves
         layout = np.random.default_rng([seed, m, 1_000_037])

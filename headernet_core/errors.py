@@ -3,11 +3,16 @@
 Bad input must never end in a traceback: every check that can blame the user raises
 `HeaderNetError` with a message naming the file or field and what was expected, and the thin
 CLIs run their body through `run_cli`, which prints `error: <message>` and exits with code 2.
+An I/O error nobody checked for (a disk that fills up, a folder that vanished) is reported the
+same way, naming the file: the environment, not the program, is what has to change.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
+import threading
 from typing import Callable, NoReturn
 
 EXIT_BAD_INPUT = 2
@@ -22,17 +27,56 @@ def fail(message: str) -> NoReturn:
     raise HeaderNetError(message)
 
 
+def sigterm_as_sigint() -> None:
+    """Treat SIGTERM (`kill`, `docker stop`, a batch scheduler) like Ctrl-C: whatever handles
+    SIGINT at that moment runs (Ray Tune's graceful stop during a search, else
+    KeyboardInterrupt), so the command ends with its interrupted state saved and exit code 130.
+    Call it again after a library that installs its own SIGTERM handler (`ray.init` does)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def forward(signum, frame) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, forward)
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a CLI body: `HeaderNetError` becomes one stderr line and exit code 2."""
+    """Run a CLI body: `HeaderNetError` becomes one stderr line and exit code 2; an interruption
+    (Ctrl-C or SIGTERM) exits with 130."""
+    previous = signal.getsignal(signal.SIGTERM)
+    sigterm_as_sigint()
     try:
         main()
     except HeaderNetError as exc:
         message = " ".join(str(exc).split())  # always one line
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
+    except OSError as exc:
+        print(f"error: {' '.join(describe_os_error(exc).split())}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except RecursionError:
+        print("error: input nested too deeply to read (a config, space or JSON file?)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`<path>: <reason> [ERRNO]` for an I/O error, on one line."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    code = f" [{errno.errorcode[exc.errno]}]" if exc.errno in errno.errorcode else ""
+    if exc.filename is not None:
+        return f"{exc.filename}: {reason}{code}"
+    return f"{reason}{code}"
 
 
 class CliParser(argparse.ArgumentParser):

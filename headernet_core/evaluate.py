@@ -17,23 +17,31 @@ import pandas as pd
 
 from . import artifacts, checkpoints
 from .backbones import build_backbone
-from .config import TrainConfig
+from .config import MAX_NUM_WORKERS, TrainConfig
 from .data import check_clips, read_split
 from .errors import CliParser, fail, run_cli
 from .losses import build_loss
 from .metrics import classification_metrics
 from .model import HeaderClassifier
+from .paths import check_output_file, same_file
 from .train import make_loader, predict, predictions_frame, resolve_amp, resolve_devices
 
 
 def load_classifier(checkpoint: str | Path) -> tuple[HeaderClassifier, TrainConfig, dict]:
     """A trained classifier (eval mode, CPU), its run config and the raw checkpoint payload."""
     payload = checkpoints.load(checkpoint)
-    config = TrainConfig.from_dict(payload["config"], source=f"{checkpoint} config")
     backbone_meta = payload.get("backbone") or {}
-    if "arch" not in backbone_meta:
-        fail(f"{checkpoint}: no backbone architecture stored; was it written by headernet_core.train?")
-    backbone = build_backbone(backbone_meta["family"], backbone_meta["arch"])
+    if not isinstance(payload.get("config"), dict) or not isinstance(backbone_meta, dict) \
+            or not isinstance(backbone_meta.get("arch"), dict):
+        fail(f"{checkpoint}: no run config or backbone architecture stored; was it written by "
+             f"headernet_core.train?")
+    config = TrainConfig.from_dict(payload["config"], source=f"{checkpoint} config")
+    family = backbone_meta.get("family")
+    try:
+        backbone = build_backbone(family, backbone_meta["arch"])
+    except (TypeError, KeyError, ValueError) as exc:
+        fail(f"{checkpoint}: the stored backbone family {family!r} does not match the stored "
+             f"architecture ({type(exc).__name__}: {exc}); the checkpoint is damaged or was edited")
     model = HeaderClassifier(backbone, config.head_dropout)
     try:
         model.load_state_dict(payload["state_dict"])
@@ -76,6 +84,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         if args.batch_size is not None and args.batch_size < 1:
             fail(f"--batch_size must be a positive integer, got {args.batch_size}")
+        if not 0 <= args.num_workers <= MAX_NUM_WORKERS:
+            fail(f"--num_workers must be in 0..{MAX_NUM_WORKERS}, got {args.num_workers}")
+        for flag in ("predictions", "metrics"):  # checked before minutes of inference
+            if getattr(args, flag):
+                check_output_file(getattr(args, flag), f"--{flag}", inputs=(args.checkpoint, args.val_csv))
+        if args.predictions and args.metrics and same_file(args.predictions, args.metrics):
+            fail(f"--predictions and --metrics are the same file {args.metrics}; give two paths")
         metrics, predictions = evaluate(args.checkpoint, args.val_csv, batch_size=args.batch_size,
                                         num_workers=args.num_workers, cpu=args.cpu)
         if args.predictions:

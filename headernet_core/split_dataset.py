@@ -6,6 +6,8 @@
 Upstream's tool split rows at random, so neighbouring clips of one match landed in both splits
 (leakage) and a small val split could miss positives. Here no `video_id` is in both splits
 (when the column exists; `--no_group` turns that off) and both splits keep the label balance.
+Existing `train.csv`/`val.csv` in the output folder are kept unless `--overwrite`, and the input
+CSV itself is never written, whatever the flags.
 Cells are copied as written, except `path`: `--root_dir R` rewrites each to `R/<basename>`
 (relative to the working directory when R is under it), for CSVs generated on another machine;
 without it, a path that only finds its clip relative to the input CSV's folder is rewritten
@@ -28,6 +30,7 @@ from .artifacts import atomic_path
 from .data import (check_paths_present, find_clip, parse_labels, path_basename, read_index_csv,
                    resolve_clip)
 from .errors import CliParser, fail, run_cli
+from .paths import check_writable_dir, same_file
 
 GROUP_COLUMN = "video_id"
 MAX_FOLDS = 20  # finest val fraction the grouped split can aim at is 1/20
@@ -170,9 +173,30 @@ def describe(name: str, part: pd.DataFrame, grouped_by: str | None) -> str:
     return line
 
 
-def write_csv(part: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        part.to_csv(tmp, index=False)
+def write_csv(part: pd.DataFrame, path: Path, *, replace: bool = False) -> None:
+    """Write a split CSV; an existing file is replaced only with `replace` (another process's
+    file appearing meanwhile included)."""
+    try:
+        with atomic_path(path, replace=replace) as tmp:
+            part.to_csv(tmp, index=False)
+    except FileExistsError:
+        fail(f"{path} already exists; pass --overwrite to replace it or choose another folder")
+
+
+def check_outputs(input_csv: str | Path, output_dir: str | Path, overwrite: bool) -> list[Path]:
+    """The split files to write: never the input CSV, and existing ones only with --overwrite."""
+    check_writable_dir(output_dir, "--output_dir")
+    outputs = [Path(output_dir) / "train.csv", Path(output_dir) / "val.csv"]
+    for path in outputs:
+        if path.is_dir():
+            fail(f"--output_dir: {path} is a folder; expected to write the split CSV there")
+        if path.exists() and same_file(path, input_csv):
+            fail(f"--output_dir {output_dir} would overwrite --input_csv {input_csv}; inputs are "
+                 f"never written: choose another --output_dir")
+        if path.exists() and not overwrite:
+            fail(f"{path} already exists (an earlier split?); pass --overwrite to replace it or "
+                 f"choose another --output_dir")
+    return outputs
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -186,6 +210,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="split seed (default: 42)")
     parser.add_argument("--no_group", action="store_true",
                         help="split clips, not video_id groups (clips of one video may end up in both)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace train.csv/val.csv already in --output_dir (never the input CSV)")
     return parser.parse_args(argv)
 
 
@@ -197,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     if args.root_dir is not None and not Path(args.root_dir).is_dir():
         fail(f"--root_dir {args.root_dir}: not a directory")
+    train_path, val_path = check_outputs(args.input_csv, args.output_dir, args.overwrite)
     df = read_index_csv(args.input_csv, "input", as_text=True)
     paths = check_paths_present(df["path"], args.input_csv)
     if args.root_dir is not None:
@@ -211,16 +238,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"note: {args.input_csv} has no {GROUP_COLUMN} column; splitting clips, not videos")
     train, val = split_frame(df, args.val_split, args.seed, group=not args.no_group,
                              source=str(args.input_csv))
-    out = Path(args.output_dir)
-    write_csv(train, out / "train.csv")
-    write_csv(val, out / "val.csv")
+    write_csv(train, train_path, replace=args.overwrite)
+    write_csv(val, val_path, replace=args.overwrite)
     grouped_by = GROUP_COLUMN if has_groups else None
     for name, part in (("train", train), ("val", val)):
         print(describe(name, part, grouped_by))
     if has_groups and args.no_group:
         shared = len(set(train[GROUP_COLUMN]) & set(val[GROUP_COLUMN]))
         print(f"--no_group: {shared} {GROUP_COLUMN} values appear in both splits")
-    print(f"wrote {out / 'train.csv'} and {out / 'val.csv'}")
+    print(f"wrote {train_path} and {val_path}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ the epochs (train -> validate -> write artifacts -> callback), and `main` is the
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -30,11 +29,14 @@ from . import artifacts, checkpoints
 from .backbones import BackboneInfo, create_backbone, peek_vmae_config
 from .config import SELECTABLE_METRICS, TrainConfig, cli_values, load_yaml_mapping, parse_neg_pos_ratio
 from .data import (ClipDataset, ClipTransform, EpochSampler, check_clips, check_has_both_classes,
-                   normalize, read_split)
-from .errors import fail, run_cli
+                   normalize, read_split, split_warnings)
+from .errors import HeaderNetError, describe_os_error, fail, run_cli
+from .locks import FolderLock, Heartbeat
 from .losses import build_loss
 from .metrics import classification_metrics, is_improvement
 from .model import HeaderClassifier, build_classifier, build_optimizer, nominal_lr
+from .paths import check_name, check_writable_dir, is_inside
+from .status import beat, effective_state, read_status_record, write_status
 
 # metrics_epoch.csv starts with upstream's legacy columns, in upstream's order (lr_* = mean LR
 # over the epoch's optimizer steps, without the layer-decay scale).
@@ -43,6 +45,8 @@ LEADING_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_precision"
 # What a run writes into its folder; other files there (e.g. Ray Tune's) are left alone.
 RUN_ARTIFACTS = ("config.yaml", "status.json", "metrics_epoch.csv", "best_metrics.json",
                  "val_predictions.csv", "checkpoints", "plots", "tb")
+# --num_frames beyond this many times the longest clip is refused (short clips repeat frames).
+MAX_FRAME_REPEAT = 8
 # Settings that may change when a stopped run is resumed; anything else must match.
 RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "gpus", "cpu", "tensorboard", "plots",
                      "resume", "overwrite", "output_root"}
@@ -134,13 +138,8 @@ def default_run_name(config: TrainConfig) -> str:
 
 
 def read_status(run_dir: Path) -> str | None:
-    path = run_dir / "status.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("state")
-    except (OSError, ValueError):
-        return None
+    """The run's state; `dead` for one that says running but whose process is gone."""
+    return effective_state(read_status_record(run_dir))
 
 
 def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
@@ -158,7 +157,9 @@ def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
         if not config.overwrite:
             hint = ("--resume to continue it" if last.is_file() else
                     "--overwrite to start it again (it ended before its first epoch)")
-            fail(f"{run_dir} already exists; pass {hint} or choose another --run_name")
+            state = read_status(run_dir)
+            state = f" ({'its process died' if state == 'dead' else state})" if state else ""
+            fail(f"{run_dir} already exists{state}; pass {hint} or choose another --run_name")
         if read_status(run_dir) == "finished":
             fail(f"{run_dir} is a finished run and is never overwritten; choose another --run_name")
     return run_dir, None
@@ -173,14 +174,43 @@ def check_resume_compatible(saved: dict[str, Any], config: TrainConfig, run_dir:
         fail(f"{run_dir}: --resume cannot change {detail}; only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
 
 
-def check_geometry(config: TrainConfig, frame_multiple: int, size_multiple: int, native: int) -> None:
-    """Clip shape against the backbone: VideoMAE needs whole tubelets and whole patches."""
+def check_geometry(config: TrainConfig, frame_multiple: int, size_multiple: int, native: int,
+                   min_size: int = 1) -> None:
+    """Clip shape against the backbone: VideoMAE needs whole tubelets and whole patches, the
+    CSN a frame its strides do not shrink below one pixel."""
+    if (config.input_size or native) < min_size:
+        fail(f"--input_size {config.input_size} is too small for --backbone {config.backbone}: "
+             f"its strides need at least {min_size} pixels (native size {native})")
     if config.num_frames % frame_multiple:
         fail(f"--num_frames {config.num_frames} must be a multiple of the VideoMAE tubelet size "
              f"{frame_multiple}")
     if (config.input_size or native) % size_multiple:
         fail(f"--input_size {config.input_size} must be a multiple of the VideoMAE patch size "
              f"{size_multiple} (native size {native})")
+
+
+def check_frames(config: TrainConfig, shapes: Sequence[tuple[int, ...]]) -> None:
+    """Short clips repeat frames, within reason: --num_frames far beyond every clip is a typo."""
+    longest = max(shape[0] for shape in shapes)
+    if config.num_frames > MAX_FRAME_REPEAT * longest:
+        fail(f"--num_frames {config.num_frames} is more than {MAX_FRAME_REPEAT}x the longest clip "
+             f"({longest} frames in {config.train_csv} / {config.val_csv}); use at most "
+             f"{MAX_FRAME_REPEAT * longest}")
+
+
+def check_inputs_outside(config: TrainConfig, run_dir: Path, clip_paths: Sequence[str]) -> None:
+    """Inputs are never written: no CSV, checkpoint or clip may live in the run folder (which a
+    run writes into and `--overwrite` clears)."""
+    for key in ("train_csv", "val_csv", "backbone_ckpt"):
+        value = getattr(config, key)
+        if value and is_inside(value, run_dir):
+            fail(f"--{key} {value} lies inside the run folder {run_dir}; inputs are never "
+                 f"written: choose another --run_name or --output_root")
+    folder = os.path.join(os.path.abspath(run_dir), "")
+    inside = next((clip for clip in clip_paths if clip.startswith(folder)), None)
+    if inside is not None:
+        fail(f"clip {inside} lies inside the run folder {run_dir}; inputs are never written: "
+             f"choose another --run_name or --output_root")
 
 
 def prepare(config: TrainConfig) -> Prepared:
@@ -195,11 +225,16 @@ def prepare(config: TrainConfig) -> Prepared:
     # Cheap checks first: data before loading a (possibly multi-GB) backbone checkpoint.
     train_df = read_split(config.train_csv, "train")
     check_has_both_classes(train_df, config.train_csv)
-    check_clips(train_df, config.train_csv)
+    train_clips = check_clips(train_df, config.train_csv)
     val_df = read_split(config.val_csv, "val")
-    check_clips(val_df, config.val_csv)
+    clips = check_clips(val_df, config.val_csv) + train_clips
+    check_frames(config, clips)
+    for message in split_warnings(train_df, val_df, config.train_csv, config.val_csv):
+        warnings.warn(message, stacklevel=2)
 
+    check_writable_dir(config.output_root, "--output_root")
     run_dir, resume_state = check_run_dir(config)
+    check_inputs_outside(config, run_dir, [*train_df["clip_path"], *val_df["clip_path"]])
 
     if config.backbone == "vmae":  # (validate() has checked the variant name)
         peeked = peek_vmae_config(config.variant, config.backbone_ckpt, config.checkpoint_root)
@@ -210,7 +245,7 @@ def prepare(config: TrainConfig) -> Prepared:
     backbone, info = create_backbone(config.backbone, config.variant, ckpt=config.backbone_ckpt,
                                      checkpoint_root=config.checkpoint_root)
     config = config.resolved(native_size=info.native_size, default_mean=info.mean, default_std=info.std)
-    check_geometry(config, info.frame_multiple, info.size_multiple, info.native_size)
+    check_geometry(config, info.frame_multiple, info.size_multiple, info.native_size, info.min_size)
     if config.finetune_mode == "frozen" and config.gradient_checkpointing:
         warnings.warn("--gradient_checkpointing has no effect with a frozen backbone", stacklevel=2)
     if config.finetune_mode == "frozen" and config.layer_decay is not None:
@@ -339,13 +374,6 @@ def write_metrics_csv(run_dir: Path, history: list[dict[str, float]]) -> None:
         frame[columns].to_csv(tmp, index=False)
 
 
-def write_status(run_dir: Path, state: str, epochs_done: int, error: str | None = None) -> None:
-    payload = {"state": state, "epochs_done": epochs_done, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if error:
-        payload["error"] = error
-    artifacts.write_json(run_dir / "status.json", payload)
-
-
 def summary_line(config: TrainConfig, row: dict[str, float], is_best: bool) -> str:
     return (f"epoch {int(row['epoch'])}/{config.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} auc {row['val_auc']:.3f} "
@@ -364,9 +392,36 @@ def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> Cos
 
 
 def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | None = None,
-          *, log: Callable[[str], None] = print) -> TrainResult:
-    """Run (or resume) one training run and write its artifacts; `on_epoch` may return True to stop."""
+          *, log: Callable[[str], None] = print, lock: bool = True) -> TrainResult:
+    """Run (or resume) one training run and write its artifacts; `on_epoch` may return True to stop.
+
+    `lock=False` is for a caller that already owns the folder (a search owns its trials')."""
     prep = prepare(config)
+    owner = FolderLock(prep.run_dir, "a training run") if lock else None
+    heartbeat = Heartbeat(lambda: beat(prep.run_dir), *([owner.beat] if owner else []))
+    created = not prep.run_dir.exists()
+    try:
+        if owner is not None:
+            owner.acquire()
+            if not config.resume:
+                check_run_dir(prep.config)  # another run may have written here meanwhile
+        artifacts.remove_stale_temps(prep.run_dir, prep.run_dir / "checkpoints")
+        heartbeat.start()
+        return _run(prep, on_epoch, log)
+    except OSError as exc:  # disk full, quota, a vanished folder: status.json says failed
+        resume = (f"; once that is fixed, --resume --run_name {prep.config.run_name} continues from "
+                  f"its last completed epoch" if (prep.run_dir / "checkpoints" / "last.pt").is_file() else "")
+        raise HeaderNetError(f"{describe_os_error(exc)}: run {prep.run_dir} stopped{resume}") from exc
+    finally:
+        heartbeat.stop()
+        if owner is not None:
+            owner.release()
+            if created and prep.run_dir.is_dir() and not any(prep.run_dir.iterdir()):
+                prep.run_dir.rmdir()  # refused before writing anything: leave nothing behind
+
+
+def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
+         log: Callable[[str], None]) -> TrainResult:
     config, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir
     amp_dtype = resolve_amp(config.amp, device)
 
@@ -431,12 +486,13 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
             is_best = is_improvement(row, state.best_metrics, config.select_metric,
                                      SELECTABLE_METRICS[config.select_metric])
             if is_best:
-                _save_best(run_dir, model, config, prep.info, epoch, row, state.best_epoch,
+                _save_best(run_dir, model, config, prep.info, epoch, row,
                            predictions_frame(prep.val_df, prob, row["val_threshold"]))
                 state.best_epoch, state.best_metrics = epoch, row
             write_metrics_csv(run_dir, state.history)
             last = run_dir / "checkpoints" / "last.pt"
             checkpoints.save(last, _last_payload(model, optimizer, scheduler, scaler, config, prep.info, state))
+            _drop_stale_best(run_dir, state.best_epoch)  # only now: last.pt points at the new best
             _write_epoch_extras(run_dir, config, writer, row, state, prob, labels, is_best)
             # Finished is recorded before the callback: a Tune scheduler may end the process there.
             write_status(run_dir, "finished" if state.epoch >= config.epochs else "running", state.epoch)
@@ -450,7 +506,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
             status = "finished"
         write_status(run_dir, status, state.epoch)
     except BaseException as exc:
-        if state.epoch >= config.epochs:
+        if state.epoch >= config.epochs and read_status(run_dir) == "finished":  # all written
             write_status(run_dir, "finished", state.epoch)
         elif isinstance(exc, SystemExit) and exc.code in (0, None):
             write_status(run_dir, "stopped", state.epoch)  # e.g. Ray Tune's scheduler ended it
@@ -485,7 +541,7 @@ def _model_payload(model: HeaderClassifier, config: TrainConfig, info: BackboneI
 
 
 def _save_best(run_dir: Path, model: HeaderClassifier, config: TrainConfig, info: BackboneInfo,
-               epoch: int, row: dict[str, float], previous: int | None, predictions: pd.DataFrame) -> None:
+               epoch: int, row: dict[str, float], predictions: pd.DataFrame) -> None:
     ckpt_dir = run_dir / "checkpoints"
     checkpoints.save(ckpt_dir / f"best_epoch_{epoch}.pt",
                      {**_model_payload(model, config, info), "epoch": epoch, "metrics": row})
@@ -493,8 +549,6 @@ def _save_best(run_dir: Path, model: HeaderClassifier, config: TrainConfig, info
         predictions.to_csv(tmp, index=False)
     artifacts.write_json(run_dir / "best_metrics.json",
                          {**row, "epoch": epoch, "checkpoint": f"checkpoints/best_epoch_{epoch}.pt"})
-    if previous is not None and previous != epoch:
-        (ckpt_dir / f"best_epoch_{previous}.pt").unlink(missing_ok=True)
 
 
 def _remove_run_artifacts(run_dir: Path) -> None:
@@ -507,7 +561,8 @@ def _remove_run_artifacts(run_dir: Path) -> None:
 
 
 def _drop_stale_best(run_dir: Path, best_epoch: int | None) -> None:
-    """After a crash between writing a new best and last.pt, keep only the recorded best."""
+    """Keep only the best checkpoint last.pt records: the previous best after a new one, a new
+    best written just before a crash (last.pt still records the previous one)."""
     for path in (run_dir / "checkpoints").glob("best_epoch_*.pt"):
         if path.name != f"best_epoch_{best_epoch}.pt":
             path.unlink()
@@ -570,6 +625,7 @@ def config_for_cli(argv: Sequence[str] | None) -> TrainConfig:
             fail("--resume reads the run's own config.yaml; drop --config")
         if not typed.get("run_name"):
             fail("--resume needs --run_name (the run folder to continue)")
+        check_name(typed["run_name"], "--run_name", extra="=")  # before it becomes a path
         output_root = typed.get("output_root", TrainConfig().output_root)
         config_path = str(Path(output_root) / typed["run_name"] / "config.yaml")
         if not Path(config_path).is_file():

@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny on-disk dataset in the training CSV format, and tiny run configs."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -11,6 +14,11 @@ import pytest
 
 # Tests run on 2 cores next to other processes: one intra-op thread avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The search's resume-signing key (tuning/resume_guard.py) of this test session, never the
+# user's own ~/.config one; subprocesses inherit it.
+_KEY_DIR = tempfile.mkdtemp(prefix="headernet-test-key-")
+atexit.register(shutil.rmtree, _KEY_DIR, ignore_errors=True)
+os.environ["HEADERNET_RESUME_KEY"] = os.path.join(_KEY_DIR, "resume.key")
 warnings.filterwarnings("ignore", message=".*random weights.*")
 warnings.filterwarnings("ignore", message=".*small random model.*")
 
@@ -31,7 +39,7 @@ def write_clips(folder: Path, n: int, *, seed: int, frames: int = 6, size: int =
                 clip[t, 10:16, x:x + 6] = 250
         name = f"{prefix}_{i:03d}_{label}"
         np.save(folder / f"{name}_s.npy", clip)
-        rows.append({"path": f"clips/{name}", "label": label, "video_id": f"match{i % 4}",
+        rows.append({"path": f"clips/{name}", "label": label, "video_id": f"{prefix}-match{i % 4}",
                      "half": 1 + i % 2, "frame": 100 + i})
     return pd.DataFrame(rows)
 

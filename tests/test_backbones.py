@@ -357,7 +357,7 @@ def test_registry_infos_and_warnings():
     with pytest.warns(UserWarning, match="small random model"):
         _, info = create_backbone("csn", "tiny")
     assert info == BackboneInfo("csn", "csn-tiny", None, 64, (0.485, 0.456, 0.406),
-                                (0.229, 0.224, 0.225), 1, arch=info.arch)
+                                (0.229, 0.224, 0.225), 1, arch=info.arch, min_size=32)
 
 
 @pytest.mark.parametrize("family", ["vmae", "csn"])

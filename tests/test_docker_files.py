@@ -161,7 +161,8 @@ def test_compose_starts_the_documented_head_and_workers():
         build = service["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
         mounts = {v.split(":")[1]: v.split(":")[2:] for v in service["volumes"]}
-        assert mounts.keys() == {*VOLUMES, "/run/ray-auth"}, mounts
+        resume_key = {"/home/ray/.config/headernet-tune"} if name == "head" else set()
+        assert mounts.keys() == {*VOLUMES, "/run/ray-auth", *resume_key}, mounts
         assert mounts["/data"] == mounts["/checkpoints"] == mounts["/run/ray-auth"] == ["ro"]
         # a health check where a Ray node runs, with a command Ray has
         sub, params = ray_command(service["healthcheck"]["test"][1:])

@@ -42,6 +42,15 @@ def write_space(tmp_path: Path, tiny_data, *, search: dict | None = None, **sect
     return path
 
 
+def planted_pickle(marker: Path) -> bytes:
+    """A pickle that creates `marker` when it is loaded (what an attacker would plant)."""
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    import pickle
+    return pickle.dumps(Planted())
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -120,6 +129,21 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
     code, err = run_cli(["--space", str(space)], capsys)
     assert code == 2 and "finished search" in err
 
+    # the signed copies of Tune's real state files: each damaged one is named, nothing changes
+    import shutil
+    manifest = json.loads((search_dir / ".resume" / "manifest.json").read_text())["files"]
+    for pattern in ("tuner.pkl", "experiment_state-*", "searcher-state-*", "search_gen_state-*"):
+        [name] = [n for n in manifest if Path(n).match(pattern)]
+        damaged = tmp_path / "damaged" / "s"
+        shutil.rmtree(damaged.parent, ignore_errors=True)
+        shutil.copytree(search_dir, damaged)
+        blob = damaged / ".resume" / manifest[name]
+        blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+        before = {p: p.stat().st_mtime_ns for p in damaged.rglob("*")}
+        code, err = run_cli(["--space", str(space), "--resume", "--storage_path", str(damaged.parent)], capsys)
+        assert code == 2 and f"signed copy of {name}" in err and "--name" in err, err
+        assert {p: p.stat().st_mtime_ns for p in damaged.rglob("*")} == before
+
 
 def test_a_search_whose_every_trial_failed_exits_non_zero(tiny_data, tmp_path, capsys):
     space = write_space(tmp_path, tiny_data, search={"lr_head": {"loguniform": [3e-4, 3e-3]}},
@@ -169,13 +193,22 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tiny_data, tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     kept = {p: p.stat().st_mtime_ns for d in done for p in (d / "checkpoints").glob("best_epoch_*.pt")}
+    # Tune's live files, damaged by the kill or planted by someone who can write the folder:
+    # the resume uses the signed copies and never loads these
+    marker = tmp_path / "PLANTED_PICKLE_RAN"
+    for live in [*search_dir.glob("experiment_state-*.json"), *search_dir.glob("searcher-state-*.pkl")]:
+        live.write_bytes(live.read_bytes()[: live.stat().st_size // 2])
+    (search_dir / "tuner.pkl").write_bytes(planted_pickle(marker))
+    (search_dir / "searcher-state-2099-12-31_23-59-59.pkl").write_bytes(planted_pickle(marker))
+    (search_dir / "callback-states-2099-12-31_23-59-59.pkl").write_bytes(planted_pickle(marker))
 
     # 2. resumed, then Ctrl-C: what finished is summarised and the command says how to go on
     proc, done = start_and_wait([*cmd, "--resume"], tmp_path, env, search_dir, more_than=len(done))
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output[-3000:]
-    assert "--resume" in output
+    assert "--resume" in output and "moved to" in output  # the planted files were set aside
+    assert not marker.exists()
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "interrupted"
     assert summary["counts"]["finished"] >= len(done) >= 2
@@ -193,6 +226,61 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tiny_data, tmp_path)
     assert len(indices) == len(set(indices)) == 4, indices
     for path, mtime in kept.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
+    assert not marker.exists()
+
+
+# --- ASHA's decisions survive a kill; SIGTERM ends a search like Ctrl-C ---------------------
+def test_asha_stops_survive_a_kill_and_sigterm_ends_a_search_like_ctrl_c(tiny_data, tmp_path):
+    space = write_space(tmp_path, tiny_data, budget={"num_samples": 10, "max_concurrent": 2, "seed": 0})
+    search_dir = tmp_path / "out" / "s"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "tuning.search", "--space", str(space)]
+
+    def wait_for(proc, condition, what: str):
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if search_dir.is_dir() and condition():
+                return
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"{what} never happened: {proc.communicate()[0][-3000:]}")
+
+    def asha_stopped() -> list[str]:
+        return [d.name for d in trial_dirs(search_dir) if (d / "scheduler_stop.json").is_file()]
+
+    # 1. killed as soon as ASHA has stopped a trial: Tune's saved state may not know it yet
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(proc, asha_stopped, "an ASHA stop")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    stopped, started = asha_stopped(), len(trial_dirs(search_dir))
+
+    # 2. resumed, then SIGTERM (kill, docker stop) once a new trial runs: exit 130 with an
+    # interim summary that says how to go on
+    proc = subprocess.Popen([*cmd, "--resume"], cwd=tmp_path, env=env, start_new_session=True,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(proc, lambda: len(trial_dirs(search_dir)) > started, "a new trial")
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "--resume" in output
+    assert json.loads((search_dir / "search_summary.json").read_text())["state"] == "interrupted"
+
+    # 3. to the end: every trial ASHA stopped is still stopped early, with the epochs it had
+    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=500)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert summary["state"] == "finished" and len(summary["trials"]) == 10
+    by_name = {t["name"]: t for t in summary["trials"]}
+    for name in stopped:
+        trial = by_name[name]
+        assert trial["status"] == "stopped_early" and trial["epochs_run"] < 3, trial
+        rows = pd.read_csv(search_dir / name / "metrics_epoch.csv")
+        assert len(rows) == trial["epochs_run"], (name, len(rows))
+    for trial in summary["trials"]:
+        assert (trial["status"] == "stopped_early") == (search_dir / trial["name"] / "scheduler_stop.json").is_file()
 
 
 # --- a trial whose process dies is retried from its last epoch (max_failures) --------------

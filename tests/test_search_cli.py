@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tuning import resume_guard
 from tuning.search import main
 
 
@@ -64,6 +65,7 @@ def started_search(tmp_path: Path, tiny_data) -> tuple[Path, Path]:
     search_dir = tmp_path / "out" / "s"
     search_dir.mkdir(parents=True)
     (search_dir / "tuner.pkl").write_bytes(b"")
+    resume_guard.record(search_dir, {"tuner.pkl": b"", "experiment_state-x.json": b"{}"}, fresh=True)
     (search_dir / "search.json").write_text(json.dumps({
         "space_file": str(space), "space_yaml": space.read_text(), "sets": [],
         "num_samples": None, "max_concurrent": None, "cwd": str(tmp_path),
@@ -140,3 +142,33 @@ def test_a_resumed_search_resolves_relative_paths_where_it_was_started(tiny_data
     overrides = next(p for p in resolved.params if p.name == "backbone").overrides
     assert overrides["vmae"]["checkpoint_root"] == str(tmp_path / "launch" / "ckpts")
     assert resolved.trainer["checkpoint_root"] == str(tmp_path / "launch" / "checkpoints")
+
+
+def test_a_second_search_on_the_same_folder_is_refused(tiny_data, tmp_path, capsys):
+    """One search per folder: a live owner (here this process, as another search would be)
+    keeps a second start or --resume out; nothing is written."""
+    from headernet_core.locks import FolderLock
+
+    space, search_dir = started_search(tmp_path, tiny_data)
+    before = sorted(p.name for p in search_dir.iterdir())
+    with FolderLock(search_dir, "a search"):
+        line = error_of(["--space", str(space), "--resume"], capsys)
+        assert "is in use by a search (pid" in line, line
+        other = tmp_path / "out" / "fresh"
+        with FolderLock(other, "a search"):
+            assert "is in use by a search" in error_of(["--space", str(space), "--name", "fresh"], capsys)
+    assert sorted(p.name for p in search_dir.iterdir()) == before
+
+
+def test_a_search_warns_about_splits_that_leak(tiny_data, tmp_path, monkeypatch):
+    import tuning.search as search
+
+    space = write_space(tmp_path, tiny_data, {"lr_head": {"loguniform": [1e-4, 1e-3]}})
+    args = search.parse_args(["--space", str(space), "--val_csv", str(tiny_data["train_csv"])])
+
+    def stop_before_ray(address):
+        raise RuntimeError("stop before Ray")
+    monkeypatch.setattr(search, "start_ray", stop_before_ray)
+    with pytest.warns(UserWarning, match="is both --train_csv and --val_csv"):
+        with pytest.raises(RuntimeError, match="stop before Ray"):
+            search.run_search(args)

@@ -64,3 +64,32 @@ def test_asha_records_the_trials_it_stops_before_max_t(tmp_path):
     # reaching max_t is a normal end, not an early stop
     assert asha.on_trial_result(None, trials[0], {"epoch": 4, "objective": 0.9}) == TrialScheduler.STOP
     assert not (tmp_path / "t000_x" / SCHEDULER_STOP).exists()
+
+
+def test_a_trial_asha_stopped_is_not_trained_again_after_a_resume(tmp_path, monkeypatch):
+    """Tune's saved state may predate ASHA's stop (a kill between the two): the restored trial
+    must keep ASHA's decision, report its recorded best once and not train."""
+    import ray
+    from ray import tune
+
+    import headernet_core.train
+    from tuning.trial import run_trial
+
+    folder = tmp_path / "t002_lr_head=1e-3"
+    folder.mkdir()
+    (folder / SCHEDULER_STOP).write_text(json.dumps({"epoch": 1}))
+    (folder / "status.json").write_text(json.dumps({"state": "running", "epochs_done": 1}))
+    (folder / "best_metrics.json").write_text(json.dumps({"epoch": 1, "val_f1": 0.25, "val_loss": 0.7}))
+    reports = []
+    context = SimpleNamespace(get_trial_dir=lambda: str(folder), get_trial_id=lambda: "abc")
+    monkeypatch.setattr(tune, "get_context", lambda: context)
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("an ASHA-stopped trial was trained again")
+    monkeypatch.setattr(headernet_core.train, "train", must_not_train)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    run_trial({"lr_head": 1e-3}, space=load_space("demo"), search_dir=str(tmp_path))
+    assert len(reports) == 1 and reports[0]["epoch"] == 1 and reports[0]["objective"] == 0.25

@@ -321,6 +321,9 @@ def test_best_record_rules():
     assert best_record([rec(5, "failed", None), rec(6, "finished", NAN)], "max") is None
     assert best_record([], "min") is None
     assert best_record([rec(7, "finished", math.inf), a], "max") is a
+    # a failed trial's numbers come from a run that broke: never the best, even when higher
+    assert best_record([rec(8, "failed", 0.99, error="OOM"), a], "max") is a
+    assert best_record([rec(8, "failed", 0.99, error="OOM"), rec(9, "failed", 0.5)], "max") is None
 
 
 @pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"),

@@ -20,11 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from headernet_core.artifacts import write_json, write_text
+from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_json, write_text
 from headernet_core.config import TrainConfig
-from headernet_core.errors import CliParser, fail, run_cli
+from headernet_core.errors import CliParser, fail, run_cli, sigterm_as_sigint
+from headernet_core.locks import LOCK_NAME, FolderLock
+from headernet_core.paths import check_name, check_writable_dir, same_file
 
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray
+from . import resume_guard
 from .space import SearchSpace, find_space_file, load_space
 from .summary import TrialRecord, best_record, format_bytes, write_summary
 from .trial import OBJECTIVE, SCHEDULER_STOP, run_trial, trial_dirname
@@ -33,6 +36,10 @@ from .trial import OBJECTIVE, SCHEDULER_STOP, run_trial, trial_dirname
 # own working directory (and on other machines with the same shared paths).
 PATH_KEYS = ("train_csv", "val_csv", "backbone_ckpt", "checkpoint_root", "output_root")
 SEARCH_RECORD = "search.json"   # how the search was started, so --resume rebuilds the same space
+SPACE_COPY = "space.yaml"
+# What a search folder holds before Ray first writes to it: a new search may reuse such a folder
+# (an earlier start that stopped there), never one holding anything else.
+PRE_RAY_FILES = {SEARCH_RECORD, SPACE_COPY, LOCK_NAME}
 
 
 @dataclasses.dataclass
@@ -111,10 +118,22 @@ def absolute_paths(space: SearchSpace, base: Path) -> SearchSpace:
     return dataclasses.replace(space, trainer=trainer, params=params)
 
 
+def demo_csvs(space: SearchSpace) -> tuple[Path, Path]:
+    """Where the demo space's own split CSVs live: `<demo_data>/splits/{train,val}.csv`."""
+    folder = Path(space.demo_data).absolute()
+    return folder / "splits" / "train.csv", folder / "splits" / "val.csv"
+
+
 def prepare_demo_data(space: SearchSpace) -> None:
-    """The demo space generates its dataset on first use."""
+    """The demo space generates its dataset on first use: only when the CSVs are the demo's own
+    paths and neither exists (a user's CSV, or one of the two, is never generated over)."""
     train_csv, val_csv = space.trainer.get("train_csv"), space.trainer.get("val_csv")
-    if not space.demo_data or not train_csv or (Path(train_csv).is_file() and Path(val_csv).is_file()):
+    if not space.demo_data or not train_csv or not val_csv:
+        return
+    own = demo_csvs(space)
+    if not (same_file(train_csv, own[0]) and same_file(val_csv, own[1])):
+        return  # the user's data: check_data reports what is missing
+    if Path(train_csv).exists() or Path(val_csv).exists():
         return
     from headernet_core.demo_data import generate
     from headernet_core.split_dataset import split_frame, write_csv
@@ -133,8 +152,11 @@ def prepare_demo_data(space: SearchSpace) -> None:
 
 
 def check_data(space: SearchSpace) -> None:
-    from headernet_core.data import check_clips, check_has_both_classes, read_split
+    import warnings
 
+    from headernet_core.data import check_clips, check_has_both_classes, read_split, split_warnings
+
+    frames = {}
     for key in ("train_csv", "val_csv"):
         path = space.trainer.get(key)
         if not path:
@@ -143,6 +165,10 @@ def check_data(space: SearchSpace) -> None:
         if key == "train_csv":
             check_has_both_classes(frame, path)
         check_clips(frame, path)
+        frames[key] = frame
+    for message in split_warnings(frames["train_csv"], frames["val_csv"],
+                                  space.trainer["train_csv"], space.trainer["val_csv"]):
+        warnings.warn(message, stacklevel=2)
 
 
 def check_checkpoints(space: SearchSpace) -> None:
@@ -222,6 +248,13 @@ def check_search_dir(search_dir: Path, resume: bool) -> dict[str, Any] | None:
              f"(its summary: {search_dir / 'summary.md'})")
     if state is not None:
         fail(f"{search_dir} holds an unfinished search; continue it with --resume or choose another --name")
+    if search_dir.exists() and not search_dir.is_dir():
+        fail(f"{search_dir} is a file; choose another --name or --storage_path")
+    other = sorted(p.name for p in search_dir.iterdir() if p.name not in PRE_RAY_FILES) \
+        if search_dir.is_dir() else []
+    if other:
+        fail(f"{search_dir} already holds files that are not a search's (e.g. {other[0]}); a new "
+             f"search never writes over them: choose another --name or --storage_path")
     return None
 
 
@@ -284,6 +317,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
     from ray.tune.search.optuna import OptunaSearch
 
     from .scheduler import RecordingASHA
+    from .snapshot import ResumeSnapshot
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, search_dir=str(search_dir)),
@@ -308,7 +342,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
                                     trial_name_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=search_dir.name, storage_path=str(search_dir.parent),
-            callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), ResumeSnapshot()],
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Tune checkpoints are tiny progress markers (weights live in each run folder);
             # keeping them all avoids restoring from one that was already deleted.
@@ -352,10 +386,7 @@ def _order(name: str) -> int:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json_dict(path)
 
 
 def _one_line(error: BaseException) -> str:
@@ -401,23 +432,51 @@ def run_search(args: SearchArgs) -> int:
     if args.storage_path and "://" in args.storage_path:
         fail(f"--storage_path {args.storage_path}: expected a filesystem path every node mounts "
              f"(NFS, a shared disk); URLs are not supported: trials write their artifacts as files")
+    if args.name is not None:
+        check_name(args.name, "--name")
     current = load_space(args.space, sets=args.sets)  # checked first; gives name and output_root
     name = args.name or current.name
     storage = Path(args.storage_path or current.trainer.get("output_root")
                    or TrainConfig().output_root).expanduser().absolute()
+    check_writable_dir(storage, "--storage_path" if args.storage_path else "the space's output_root")
     search_dir = storage / name
     saved = check_search_dir(search_dir, args.resume)
     if saved is not None:
         check_resume_args(args, saved, search_dir)
         if args.keep_checkpoints is None:
             args.keep_checkpoints = saved.get("args", {}).get("keep_checkpoints")
+    # Resume only from state this project signed, checked before anything is written.
+    verified = resume_guard.verify(search_dir) if saved is not None else None
     args.keep_checkpoints = args.keep_checkpoints or "all"
     space = resolve_space(args, saved)
     check_ray(args.address)
-    prepare_demo_data(space)
-    check_data(space)
     check_checkpoints(space)
     check_local_gpus(space, args.address)
+    if saved is None:
+        resume_guard.load_key(create=True)  # a search that could not be resumed is not started
+    prepare_demo_data(space)
+    check_data(space)
+
+    lock, created = FolderLock(search_dir, "a search"), not search_dir.exists()
+    lock.acquire()
+    try:
+        check_search_dir(search_dir, args.resume)  # again: no other search can start from here on
+        remove_stale_temps(search_dir, search_dir / resume_guard.SNAPSHOT_DIR)
+        if verified is not None:
+            replaced = resume_guard.install(search_dir, verified)
+            if replaced:
+                print(f"note: resuming from the signed state; unsigned or stale Ray Tune files "
+                      f"{', '.join(replaced)} moved to {search_dir / resume_guard.SNAPSHOT_DIR / resume_guard.DISPLACED}")
+        return search_owned(args, space, search_dir, name, saved)
+    finally:
+        lock.release()
+        if created and search_dir.is_dir() and not any(search_dir.iterdir()):
+            search_dir.rmdir()  # refused before writing anything: leave nothing behind
+
+
+def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
+                 saved: dict[str, Any] | None) -> int:
+    """The search itself, once every check passed and this process owns the search folder."""
     if saved is None:
         search_dir.mkdir(parents=True, exist_ok=True)
         space_file = find_space_file(args.space)
@@ -426,16 +485,19 @@ def run_search(args: SearchArgs) -> int:
             "sets": [*args.sets, *[f"{k}={v}" for k, v in space.trainer.items() if k in PATH_KEYS]],
             "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
             "cwd": str(Path.cwd()), "args": shaping_flags(args)})
-        write_text(search_dir / "space.yaml", space_file.read_text())
+        write_text(search_dir / SPACE_COPY, space_file.read_text())
     print(space.describe())
     print(f"search folder: {search_dir}")
 
     start_ray(args.address)
     import ray  # after start_ray: Ray reads its settings from the environment when imported
+    sigterm_as_sigint()  # ray.init installed its own SIGTERM handler (exit 1, no summary)
     try:
         if args.address:
             check_cluster_gpus(space)
         tuner = build_tuner(space, search_dir, saved)
+        if saved is None:
+            resume_guard.sign_tuner(search_dir)
         results = tuner.fit()
         done = results.num_terminated + results.num_errors
         interrupted = done < space.num_samples
@@ -471,7 +533,7 @@ def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord
         counts[record.status] = counts.get(record.status, 0) + 1
     print("\n" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" of {space.num_samples} trials")
     if best is None:
-        print("no trial finished an epoch")
+        print("no best trial: no trial finished an epoch without failing")
     else:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
         print(f"best trial {best.name}: {space.metric} {best.objective:.4f} at epoch {best.best_epoch} ({params})")

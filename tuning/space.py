@@ -112,6 +112,7 @@ import yaml
 from headernet_core.config import SELECTABLE_METRICS, TrainConfig, coerce, load_yaml_mapping
 from headernet_core.errors import HeaderNetError, fail
 from headernet_core.metrics import reported_metrics
+from headernet_core.paths import MAX_NAME_LEN
 
 SPACES_DIRNAME = "search_spaces"
 REPO_SPACES_DIR = Path(__file__).resolve().parents[1] / SPACES_DIRNAME
@@ -461,9 +462,9 @@ class _Loader:
             value = self.path.stem
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
-        if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or len(value) > MAX_NAME_LEN:
             fail(f"{self.where('name')}: expected a folder name of letters, digits, '.', '_' "
-                 f"or '-', got {_fmt(value)}")
+                 f"or '-' (at most {MAX_NAME_LEN} characters), got {_fmt(value)}")
         return value
 
     def _trainer(self, raw: dict[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,9 @@ search folder, every file atomically, so rewriting it at any time is safe:
     plots/objective_per_trial.png   the objective by launch order with the best-so-far line
     plots/param_<name>.png          objective against each searched param
 
-The best trial is the record with the best finite objective (its best epoch's value), whatever
-its status: a trial that failed after a good epoch still has that epoch's checkpoint. Ties go to
-more epochs run, then to the smaller name.
+The best trial is the record with the best finite objective (its best epoch's value) among the
+trials that did not fail: a failed trial's numbers come from a run that broke, so a search whose
+every trial failed names no best trial. Ties go to more epochs run, then to the smaller name.
 
 Parameter importances (PED-ANOVA: Optuna 5.0's default evaluator, named explicitly so an Optuna
 4.x install, which defaults to fANOVA, gives the same kind of number) are computed only when
@@ -108,10 +108,10 @@ def format_bytes(n: int | float) -> str:
 
 
 def best_record(records: Sequence[TrialRecord], mode: str) -> TrialRecord | None:
-    """The record with the highest (max) or lowest (min) finite objective; ties: more epochs
-    run, then the smaller name. None when no record has a finite objective."""
+    """The record with the highest (max) or lowest (min) finite objective among those that did
+    not fail; ties: more epochs run, then the smaller name. None when no such record exists."""
     _check_choice("mode", mode, MODES)
-    ranked = sorted((r for r in records if _finite(r.objective) is not None),
+    ranked = sorted((r for r in records if r.status != "failed" and _finite(r.objective) is not None),
                     key=lambda r: _rank_key(r, mode))
     return ranked[0] if ranked else None
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from headernet_core.artifacts import write_json
+from headernet_core.artifacts import read_json_dict, write_json
 
 from .space import SearchSpace
 
@@ -89,8 +89,21 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str) -
             tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(tmp))
         reported = True
 
-    result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch))
+    if (run_dir / SCHEDULER_STOP).is_file():
+        # ASHA stopped this trial before the search was interrupted (Tune's saved state may
+        # predate that): its decision stands, the trial is not trained further.
+        report_recorded(run_dir, report)
+        return
+    # The search owns the folder (its lock); a retried trial takes over its own run folder.
+    result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch), lock=False)
     if not reported and result.best_metrics:
         # Restored after its last epoch had finished: tell Tune the final state once.
-        last_row = json.loads((run_dir / "best_metrics.json").read_text())
-        report({**last_row, "epoch": result.epochs_done}, result.best_metrics, result.best_epoch)
+        report_recorded(run_dir, report)
+
+
+def report_recorded(run_dir: Path, report) -> None:
+    """Report a run's recorded best epoch as its final result (nothing when it has none)."""
+    best = read_json_dict(run_dir / "best_metrics.json")
+    if best:
+        epochs_done = int(read_json_dict(run_dir / "status.json").get("epochs_done") or best["epoch"])
+        report({**best, "epoch": epochs_done}, best, int(best["epoch"]))

@@ -54,6 +54,7 @@ class BackboneInfo:
     # checkpoints so a trained model rebuilds without the original backbone checkpoint.
     arch: Mapping[str, Any] = field(default_factory=dict)
     size_multiple: int = 1  # H and W must be multiples of this (VideoMAE patch size; CSN 1)
+    min_size: int = 1       # smallest H and W that still give the last layer a real pixel
 
 
 def create_backbone(family: str, variant: str, *, ckpt: str | os.PathLike[str] | None = None,
@@ -159,7 +160,8 @@ def _create_csn(variant: str, ckpt: str | os.PathLike[str] | None) -> tuple[IrCS
         else:
             logger.info("ir-CSN-%s randomly initialised (trained from scratch)", variant)
     native = 224 if ckpt is not None else CSN_NATIVE_SIZE.get(variant, 224)
-    info = BackboneInfo("csn", name, source, native, *CSN_MEAN_STD, frame_multiple=1, arch=_arch(config))
+    info = BackboneInfo("csn", name, source, native, *CSN_MEAN_STD, frame_multiple=1, arch=_arch(config),
+                        min_size=csn.MIN_INPUT_SIZE)
     return model, info
 
 

@@ -11,6 +11,7 @@ Order: config, blocks, model class, checkpoint conversion/loading, variant table
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 EXPANSION = 4
 STAGE_STRIDES = (1, 2, 2, 2)  # temporal and spatial, applied by the first block of a stage
+# The stem (conv stride 2, max-pool stride 2) and the stages shrink H and W 32x: a smaller frame
+# leaves the last stage less than one pixel of picture (the rest is padding).
+MIN_INPUT_SIZE = 2 * 2 * math.prod(STAGE_STRIDES)
 
 
 # --- config -----------------------------------------------------------------------------------

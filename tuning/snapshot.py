@@ -1,0 +1,74 @@
+"""The Tune callback that signs Tune's state after every save (imports Ray: load it only to
+build a Tuner). The why and the format: `tuning/resume_guard.py`.
+
+It holds nothing (no path, no key): it is pickled into tuner.pkl, and finds the search folder
+and Tune's local staging folder through the trials it is given, the key through
+`resume_guard.load_key` in the driver.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+
+from ray.tune import Callback
+
+from . import resume_guard
+
+logger = logging.getLogger(__name__)
+
+
+class ResumeSnapshot(Callback):
+    """Copies and signs Tune's latest state files whenever Tune has saved new ones."""
+
+    def __init__(self) -> None:
+        self._seen: tuple | None = None
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        self._forget_pickled_errors(trials)
+        self._snapshot(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._forget_pickled_errors([trial])
+
+    def on_experiment_end(self, trials, **info) -> None:
+        # Tune forced its final save just before this call.
+        self._forget_pickled_errors(trials)
+        self._snapshot(trials)
+
+    @staticmethod
+    def _forget_pickled_errors(trials) -> None:
+        """Tune would unpickle a failed trial's error.pkl from the search folder when it builds
+        the results; its error.txt (plain text) says the same and is read instead."""
+        for trial in trials:
+            if trial.run_metadata.pickled_error_filename is not None:
+                trial.run_metadata.pickled_error_filename = None
+
+    def _snapshot(self, trials) -> None:
+        if not trials:
+            return
+        storage = trials[0].storage
+        staging = Path(storage.experiment_driver_staging_path)
+        if not staging.is_dir():
+            return
+        names = sorted(entry.name for entry in staging.iterdir() if entry.is_file())
+        newest = {}
+        for pattern in resume_guard.TUNE_STATE[1:]:  # tuner.pkl is not in the staging folder
+            matches = fnmatch.filter(names, pattern)
+            if matches:
+                newest[pattern] = max(matches)  # Tune's own choice: the newest session's file
+        state = newest.get(resume_guard.EXPERIMENT_STATE)
+        if state is None:
+            return
+        stat = (staging / state).stat()
+        seen = (state, stat.st_mtime_ns, stat.st_size)
+        if seen == self._seen:
+            return
+        files = {name: (staging / name).read_bytes() for name in newest.values()}
+        try:
+            resume_guard.record(Path(storage.experiment_fs_path), files)
+        except Exception as exc:  # noqa: BLE001 - a failed snapshot must not end the search
+            logger.warning("could not sign the search's resume state (%s); --resume will refuse "
+                           "this search if the next snapshot fails too", exc)
+            return
+        self._seen = seen
