@@ -68,6 +68,8 @@ class TrainConfig:
     mean: list[float] | None = _opt(None, "normalisation mean per channel (default: per backbone)")
     std: list[float] | None = _opt(None, "normalisation std per channel (default: per backbone)")
     num_workers: int = _opt(2, "data-loader worker processes")
+    threads: int | None = _opt(None, "torch threads on the CPU (default: idle cores less loader workers; "
+                                     "an explicit OMP_NUM_THREADS wins)")
 
     # --- model ------------------------------------------------------------------------
     backbone: str = _opt("vmae", "backbone family", choices=("vmae", "csn"))
@@ -81,6 +83,11 @@ class TrainConfig:
     unfreeze_blocks: int = _opt(4, "partial mode: how many last blocks train")
     gradient_checkpointing: bool = _opt(False, "recompute block activations in backward (saves memory)")
     head_dropout: float = _opt(0.5, "dropout before the linear head")
+    feature_cache: bool = _opt(True, "frozen backbone: compute each clip's feature once per view, on "
+                                     "disk, and train the head on it (shared by runs and trials)")
+    feature_cache_dir: str | None = _opt(None, "where cached features go (default: <output_root>/feature_cache)")
+    feature_cache_views: int = _opt(4, "cached views per train clip with --augment (view 0 un-augmented; "
+                                       "each epoch picks one per clip); 1 without --augment")
 
     # --- optimisation -----------------------------------------------------------------
     optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"), aliases=("--optimizer_type",))
@@ -109,6 +116,7 @@ class TrainConfig:
     # --- devices ----------------------------------------------------------------------
     gpus: list[int] | None = _opt(None, "GPU ids; several = DataParallel (default: first GPU, else CPU)")
     cpu: bool = _opt(False, "run on the CPU even where a GPU is visible")
+    compile: bool = _opt(False, "torch.compile the model (on failure: a message, then eager)")
 
     # --- run --------------------------------------------------------------------------
     run_name: str | None = _opt(None, "run folder name (default: <backbone>_<variant>_<time>)")
@@ -154,13 +162,19 @@ class TrainConfig:
     def trains_backbone(self) -> bool:
         return self.finetune_mode != "frozen"
 
+    @property
+    def uses_feature_cache(self) -> bool:
+        """A frozen backbone's features are computed once and cached (see features.py)."""
+        return self.finetune_mode == "frozen" and self.feature_cache
+
     def validate(self, *, need_data: bool = True) -> "TrainConfig":
         """Check everything that needs no file or model; raise one clear line on the first problem."""
         if need_data:
             for key in ("train_csv", "val_csv"):
                 if not getattr(self, key):
                     fail(f"--{key} is required (a CSV with columns path,label)")
-        positive_ints = ("num_frames", "epochs", "batch_size", "grad_accum", "unfreeze_blocks")
+        positive_ints = ("num_frames", "epochs", "batch_size", "grad_accum", "unfreeze_blocks",
+                         "feature_cache_views")
         for key in positive_ints:
             value = getattr(self, key)
             if value < 1:
@@ -169,6 +183,8 @@ class TrainConfig:
             fail(f"--seed must be >= 0, got {self.seed}")
         if self.num_workers < 0:
             fail(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.threads is not None and self.threads < 1:
+            fail(f"--threads must be a positive integer, got {self.threads}")
         if self.input_size is not None and self.input_size < 1:
             fail(f"--input_size must be a positive integer, got {self.input_size}")
         for key in ("lr_backbone", "lr_head"):
