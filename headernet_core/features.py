@@ -163,11 +163,19 @@ class ShardStore:
             return None
         return features
 
-    def fetch(self, keys: np.ndarray, compute: Callable[[np.ndarray], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def fetch(self, keys: np.ndarray, compute: Callable[[np.ndarray], torch.Tensor],
+              groups: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
         """Features `(N, D)` for `keys` in order, and how many rows this call computed.
-        `compute(positions)` returns the features of those rows (float32, on the CPU)."""
-        chunks = [np.arange(start, min(start + self.shard_clips, len(keys)))
-                  for start in range(0, len(keys), self.shard_clips)]
+        `compute(positions)` returns the features of those rows (float32, on the CPU).
+        `groups`: lengths of consecutive runs of keys that never share a shard (one per view,
+        so that adding a view leaves the others' shards as they are)."""
+        chunks, first = [], 0
+        for length in (groups if groups is not None else [len(keys)]):
+            chunks += [np.arange(start, min(start + self.shard_clips, first + length))
+                       for start in range(first, first + length, self.shard_clips)]
+            first += length
+        if first != len(keys):
+            raise ValueError(f"groups cover {first} keys, got {len(keys)}")
         found: dict[int, torch.Tensor] = {}
         computed = 0
         waiting = []
@@ -271,8 +279,9 @@ class FrozenFeatures:
         keys = self.spec.keys([(paths[i], dataset.aug_params((i, v))[1]) for i, v in entries])
         compute = BackboneRunner(backbone, dataset, self.config, device, amp_dtype)
         start = time.perf_counter()
-        features, computed = self.store.fetch(keys, lambda positions: compute([entries[p] for p in positions]))
         n = len(self.train_paths)
+        features, computed = self.store.fetch(keys, lambda positions: compute([entries[p] for p in positions]),
+                                              groups=[n] * self.views + [len(self.val_paths)])
         self.train = features[:n * self.views].view(self.views, n, -1)
         self.val = features[n * self.views:]
         log(f"feature cache {self.store.root}: {len(entries)} clip-views ({self.views} per train clip), "

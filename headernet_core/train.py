@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -208,6 +209,9 @@ def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepar
         if peeked is not None:  # before loading the weights: seconds instead of minutes for Giant
             check_geometry(config, peeked.tubelet_size, peeked.patch_size, peeked.img_size)
 
+    # Every global RNG from the seed: a run (or a reused Ray actor's next trial) starts the same.
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
     torch.manual_seed(config.seed)
     backbone, info = create_backbone(config.backbone, config.variant, ckpt=config.backbone_ckpt,
                                      checkpoint_root=config.checkpoint_root)
