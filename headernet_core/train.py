@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -551,11 +550,10 @@ def _write_epoch_extras(run_dir: Path, config: TrainConfig, writer, row: dict[st
         writer.flush()
     if config.plots:
         from .plots import write_plots
-        best_pred = pd.read_csv(run_dir / "val_predictions.csv") if state.best_epoch else None
-        write_plots(run_dir / "plots", pd.DataFrame(state.history),
-                    best_pred["label"].to_numpy() if best_pred is not None else None,
-                    best_pred["prob_header"].to_numpy() if best_pred is not None else None,
-                    state.best_epoch)
+        # ROC and PR show the best epoch: drawn again only when it changes (half the plot time
+        # of an epoch, which a search pays for every epoch of every trial).
+        write_plots(run_dir / "plots", pd.DataFrame(state.history), labels if is_best else None,
+                    prob if is_best else None, state.best_epoch)
 
 
 def _last_payload(model, optimizer, scheduler, scaler, config, info, state: RunState) -> dict[str, Any]:

@@ -190,3 +190,19 @@ def test_checked_splits_are_reused_until_the_csv_changes(tiny_data, monkeypatch)
             data.load_split(tiny_data["train_csv"], "train", checked)  # the file changed
     finally:
         os.utime(tiny_data["train_csv"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_roc_and_pr_plots_are_redrawn_only_when_the_best_epoch_changes(tiny_config):
+    seen = []
+
+    def on_epoch(report) -> None:
+        plots = report.run_dir / "plots"
+        seen.append((report.is_best, (plots / "roc.png").stat().st_mtime_ns,
+                     (plots / "loss.png").stat().st_mtime_ns))
+
+    train(tiny_config(epochs=4, plots=True, lr_head=3e-2, lr_backbone=3e-2), on_epoch=on_epoch,
+          log=lambda _: None)
+    assert seen[0][0] and not all(best for best, *_ in seen)  # both cases happen
+    for (_, roc_before, loss_before), (is_best, roc, loss) in zip(seen, seen[1:]):
+        assert loss > loss_before  # the curves gain an epoch every time
+        assert (roc != roc_before) == is_best
