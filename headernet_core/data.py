@@ -24,6 +24,7 @@ Why it looks like this:
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 from collections import deque
@@ -177,17 +178,37 @@ def check_has_both_classes(df: pd.DataFrame, csv_path: str | Path) -> None:
 
 
 # --- clip files ---------------------------------------------------------------------------
-def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, bytes of data the header promises) from the header alone; ValueError if
-    the file is not a `.npy`."""
+@dataclass(frozen=True)
+class NpyLayout:
+    """Where a `.npy` file keeps its array: what `np.load` learns from the header."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    offset: int            # bytes before the data
+
+    @property
+    def end(self) -> int:
+        """Bytes the file needs to hold all the data the header promises."""
+        return self.offset + math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_npy_layout(path: str | Path) -> NpyLayout:
+    """The header alone (ValueError if the file is not a `.npy`)."""
     with open(path, "rb") as fp:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(fp)
         else:  # 2.0 and 3.0 share one layout
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-        data_bytes = math.prod(shape) * dtype.itemsize
-        return shape, dtype, fp.tell() + data_bytes
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(fp)
+        return NpyLayout(tuple(shape), dtype, bool(fortran_order), fp.tell())
+
+
+def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes of data the header promises) from the header alone; ValueError if
+    the file is not a `.npy`."""
+    layout = read_npy_layout(path)
+    return layout.shape, layout.dtype, layout.end
 
 
 def clip_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
@@ -467,6 +488,9 @@ class ClipDataset:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.views = views
+        # Parsing a .npy header (ast.literal_eval) cost as much as copying the clip: once per
+        # clip and process, checked against the file's size and mtime on every read.
+        self._layouts: dict[int, tuple[int, int, NpyLayout]] = {}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -492,7 +516,7 @@ class ClipDataset:
         plans = []
         for key in keys:
             index, params = self.aug_params(key)
-            clip = open_clip(os.fsdecode(self.paths[index]))
+            clip = self.map_clip(index)
             plans.append((index, params, clip, crop_region(clip.shape[1], clip.shape[2], params)))
         num_frames = self.transform.num_frames
         height = max(region[2] for *_, region in plans)
@@ -501,14 +525,39 @@ class ClipDataset:
         out = frames.numpy()
         aug = np.empty((len(plans), len(AUG_FIELDS)), dtype=np.float32)
         for b, (index, params, clip, (top, left, h, w)) in enumerate(plans):
-            if h < height or w < width:
-                out[b] = 0
+            out[b, :, h:] = 0  # the padding only (the crop itself is overwritten next)
+            out[b, :, :h, w:] = 0
             for f, t in enumerate(sample_frame_indices(clip.shape[0], num_frames)):
                 out[b, f, :h, :w] = clip[t, top:top + h, left:left + w]
             aug[b] = (h, w, params.flip, params.brightness, params.contrast) if params else (h, w, 0, 1, 1)
         indices = np.array([index for index, *_ in plans], dtype=np.int64)
-        return ClipBatch(frames, torch.from_numpy(aug), torch.from_numpy(self.labels[indices]),
-                         torch.from_numpy(indices))
+        small = [torch.from_numpy(a) for a in (aug, self.labels[indices], indices)]
+        if pin:  # a copy from pageable memory would make the device wait for the host
+            small = [tensor.pin_memory() for tensor in small]
+        return ClipBatch(frames, *small)
+
+
+    def map_clip(self, index: int) -> np.ndarray:
+        """Clip `index` memory-mapped as a plain array (nothing read yet)."""
+        path = os.fsdecode(self.paths[index])
+        try:
+            with open(path, "rb") as fp:
+                stat = os.fstat(fp.fileno())
+                cached = self._layouts.get(index)
+                if cached is None or cached[:2] != (stat.st_size, stat.st_mtime_ns):
+                    layout = read_npy_layout(path)
+                    problem = clip_problem(layout.shape, layout.dtype)
+                    if problem:
+                        fail(f"clip {path} {problem}")
+                    if stat.st_size < layout.end:
+                        fail(f"clip {path} is truncated ({stat.st_size} bytes; its header needs {layout.end})")
+                    cached = self._layouts[index] = (stat.st_size, stat.st_mtime_ns, layout)
+                buffer = mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            fail(f"clip {path} cannot be read ({' '.join(str(exc).split())})")
+        layout = cached[2]
+        return np.ndarray(layout.shape, dtype=layout.dtype, buffer=buffer, offset=layout.offset,
+                          order="F" if layout.fortran_order else "C")
 
 
 def open_clip(path: str) -> np.ndarray:

@@ -350,4 +350,6 @@ class FeatureLoader:
     def to_device(self, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         features, labels = batch
+        if device.type == "cuda":  # from pageable memory the copy would wait for the device
+            features, labels = features.pin_memory(), labels.pin_memory()
         return features.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -6,8 +6,8 @@ machine with one core busy ran a frozen tiny epoch 2.6x slower than 1 thread, an
 next to 2 busy loader workers ~20x slower. The policy (`--threads` unset):
 
 1. `OMP_NUM_THREADS` set (Ray sets it per trial from the trial's CPUs): leave torch as it is.
-2. Otherwise use the cores that are idle right now (sampled from /proc/stat over a fraction of
-   a second, only the cores this process may run on), less one per loader worker, at least 1.
+2. Otherwise use the cores that are idle right now (>= 90% idle over half a second of
+   /proc/stat, only the cores this process may run on), less one per loader thread, at least 1.
 
 So an idle 2-core machine gets 2 threads and a busy one 1, which is never slower than
 `OMP_NUM_THREADS=1` (measured in docs/performance.md). `--threads N` fixes the count.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 
-SAMPLE_S = 0.25
+SAMPLE_S = 0.5
 
 
 def usable_cpus() -> list[int]:
@@ -66,7 +66,9 @@ def choose_threads(requested: int | None, num_workers: int) -> tuple[int | None,
         return None, "OMP_NUM_THREADS"
     cores = len(usable_cpus())
     idle = idle_cpus()
-    free = cores if idle is None else min(cores, int(idle + 0.5))
+    # A core counts as idle when it was at least 90% idle: an OpenMP thread on a core that
+    # another process wants even half the time stalls every parallel op.
+    free = cores if idle is None else min(cores, int(idle + 0.1))
     return max(1, free - num_workers), f"{cores} cores, {'?' if idle is None else f'{idle:.1f}'} idle, " \
                                        f"{num_workers} loader workers"
 

@@ -369,3 +369,18 @@ def test_a_bad_clip_stops_the_loader_with_one_line(tmp_path):
     loader = BatchLoader(dataset, EpochSampler([0, 1], neg_pos_ratio=None, seed=0, shuffle=False), 1, threads=2)
     with pytest.raises(HeaderNetError, match="bad.npy has shape"):
         list(loader)
+
+
+def test_a_clip_rewritten_between_epochs_is_read_as_it_is_now(tmp_path):
+    path = save_clip(tmp_path / "c.npy", frames=4, side=12, seed=1)
+    dataset = ClipDataset([str(path)], [1], ClipTransform(num_frames=2, size=8, train=False))
+    assert dataset[0].frames.shape == (1, 2, 12, 12, 3)
+    np.save(path, np.full((6, 10, 14, 3), 7, np.uint8))  # another shape: the cached header is stale
+    batch = dataset[0]
+    assert batch.frames.shape == (1, 2, 10, 14, 3) and (batch.frames == 7).all()
+    np.save(path, np.zeros((6, 10, 14), np.uint8))
+    with pytest.raises(HeaderNetError, match=r"c.npy has shape \(6, 10, 14\)"):
+        dataset[0]
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(HeaderNetError, match="c.npy"):
+        dataset[0]

@@ -130,8 +130,8 @@ def test_compile_runs_when_the_backend_works(tiny_config, monkeypatch):
 
 
 # --- threads ------------------------------------------------------------------------------
-@pytest.mark.parametrize("idle,workers,expected", [(2.0, 0, 2), (1.1, 0, 1), (0.2, 0, 1), (2.0, 1, 1),
-                                                   (None, 0, 2)])
+@pytest.mark.parametrize("idle,workers,expected", [(2.0, 0, 2), (1.92, 0, 2), (1.6, 0, 1), (1.1, 0, 1),
+                                                   (0.2, 0, 1), (2.0, 1, 1), (None, 0, 2)])
 def test_thread_policy_uses_the_idle_cores(monkeypatch, idle, workers, expected):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "usable_cpus", lambda: [0, 1])
