@@ -67,8 +67,8 @@ class TrainConfig:
     aug_crop_scale: float = _opt(0.8, "min side fraction of the random crop (1 = no crop)")
     mean: list[float] | None = _opt(None, "normalisation mean per channel (default: per backbone)")
     std: list[float] | None = _opt(None, "normalisation std per channel (default: per backbone)")
-    num_workers: int = _opt(2, "data-loader worker processes")
-    threads: int | None = _opt(None, "torch threads on the CPU (default: idle cores less loader workers; "
+    num_workers: int = _opt(2, "loader threads reading clips ahead of the training step (0: none)")
+    threads: int | None = _opt(None, "torch threads on the CPU (default: idle cores less loader threads; "
                                      "an explicit OMP_NUM_THREADS wins)")
 
     # --- model ------------------------------------------------------------------------

@@ -13,8 +13,8 @@ Why it looks like this:
   the sampled frames' crop box into the batch (one copy, into pinned memory for a GPU) and
   sends the clip's augmentation draw along as five numbers; `headernet_core.augment` resizes,
   flips, jitters and normalises the whole batch on the training device. The old per-clip CPU
-  transform spent ~95% of a worker's time on float round trips and delivered 0.04x a raw
-  `np.load`; this delivers about half of it (bench/loader.py).
+  transform spent ~95% of a worker's time on float round trips and delivered 0.03x a raw
+  `np.load`; a loader thread now delivers ~0.6x (bench/loader.py, docs/performance.md).
 - Dataset keys are `(index, epoch)`: the augmentation of a clip is a pure function of
   `(seed, epoch, index)`, so results do not depend on worker count, worker order or persistent
   workers (upstream had to re-pickle the dataset each epoch for that).

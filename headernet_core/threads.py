@@ -70,7 +70,7 @@ def choose_threads(requested: int | None, num_workers: int) -> tuple[int | None,
     # another process wants even half the time stalls every parallel op.
     free = cores if idle is None else min(cores, int(idle + 0.1))
     return max(1, free - num_workers), f"{cores} cores, {'?' if idle is None else f'{idle:.1f}'} idle, " \
-                                       f"{num_workers} loader workers"
+                                       f"{num_workers} loader threads"
 
 
 def apply_thread_policy(requested: int | None, num_workers: int) -> str:
