@@ -49,6 +49,7 @@ from torch import nn
 
 from .artifacts import atomic_path
 from .augment import DeviceTransform
+from .backbones import BackboneInfo
 from .config import TrainConfig, parse_neg_pos_ratio
 from .data import AugParams, BatchLoader, ClipDataset, ClipTransform, EpochSampler
 
@@ -237,7 +238,7 @@ class FrozenFeatures:
     """The cached features one frozen run trains on: `views` per train clip and the
     un-augmented view of each val clip. `build` fills them (from disk or the backbone)."""
 
-    def __init__(self, config: TrainConfig, info, backbone: nn.Module, train_df: pd.DataFrame,
+    def __init__(self, config: TrainConfig, info: BackboneInfo, backbone: nn.Module, train_df: pd.DataFrame,
                  val_df: pd.DataFrame, amp_dtype: torch.dtype | None) -> None:
         self.config = config
         self.transform = ClipTransform.from_config(config, train=True)

@@ -413,6 +413,8 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
         val_loader, _ = make_loader(prep.val_df, config, train=False, pin=pin)
     else:
         net = model.head
+        feature_backbone = nn.DataParallel(model.backbone, device_ids=prep.device_ids) if parallel \
+            else model.backbone
         train_loader, train_sampler = features.loader(train=True)
         val_loader, _ = features.loader(train=False)
     if config.compile:
@@ -447,8 +449,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
             epoch_start = time.perf_counter()
             backbone_clips = 0
             if features is not None:  # computes what the cache lacks, once per run
-                backbone = nn.DataParallel(model.backbone, device_ids=prep.device_ids) if parallel else model.backbone
-                backbone_clips = features.build(backbone, device, amp_dtype, log)
+                backbone_clips = features.build(feature_backbone, device, amp_dtype, log)
             train_stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion,
                                           config, state, device, amp_dtype, writer,
                                           desc=f"epoch {epoch}/{config.epochs}")

@@ -206,3 +206,24 @@ def test_roc_and_pr_plots_are_redrawn_only_when_the_best_epoch_changes(tiny_conf
     for (_, roc_before, loss_before), (is_best, roc, loss) in zip(seen, seen[1:]):
         assert loss > loss_before  # the curves gain an epoch every time
         assert (roc != roc_before) == is_best
+
+
+@pytest.mark.slow  # a fresh interpreter importing optuna, matplotlib and scikit-learn
+def test_the_search_driver_checks_csvs_and_clips_without_importing_torch(tiny_data):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import sys
+from headernet_core.data import check_splits
+checked = check_splits({{"train": {str(tiny_data["train_csv"])!r}, "val": {str(tiny_data["val_csv"])!r}}})
+import tuning.search
+assert len(checked) == 2
+print(sorted(m for m in ("torch", "torchvision", "timm") if m in sys.modules))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
