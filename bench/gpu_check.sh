@@ -9,8 +9,10 @@
 #
 #   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU
 #   bash bench/gpu_check.sh --dry           # the same steps on the CPU with tiny models (a test)
+#   PYTHON=.venv/bin/python bash bench/gpu_check.sh   # an interpreter with the project installed
 #
 # Raw JSON lines and stderr go to $OUT (or a temp folder): gpu_check.jsonl, gpu_check.log.
+# Each measurement is its own process with a timeout; BUDGET_S (450) stops starting new ones.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
