@@ -77,7 +77,9 @@ class TrainConfig:
     aug_crop_scale: float = _opt(0.8, "min side fraction of the random crop (1 = no crop)")
     mean: list[float] | None = _opt(None, "normalisation mean per channel (default: per backbone)")
     std: list[float] | None = _opt(None, "normalisation std per channel (default: per backbone)")
-    num_workers: int = _opt(2, "data-loader worker processes")
+    num_workers: int = _opt(2, "loader threads reading clips ahead of the training step (0: none)")
+    threads: int | None = _opt(None, "torch threads on the CPU (default: idle cores less loader threads; "
+                                     "an explicit OMP_NUM_THREADS wins)")
 
     # --- model ------------------------------------------------------------------------
     backbone: str = _opt("vmae", "backbone family", choices=("vmae", "csn"))
@@ -91,6 +93,11 @@ class TrainConfig:
     unfreeze_blocks: int = _opt(4, "partial mode: how many last blocks train")
     gradient_checkpointing: bool = _opt(False, "recompute block activations in backward (saves memory)")
     head_dropout: float = _opt(0.5, "dropout before the linear head")
+    feature_cache: bool = _opt(True, "frozen backbone: compute each clip's feature once per view, on "
+                                     "disk, and train the head on it (shared by runs and trials)")
+    feature_cache_dir: str | None = _opt(None, "where cached features go (default: <output_root>/feature_cache)")
+    feature_cache_views: int = _opt(4, "cached views per train clip with --augment (view 0 un-augmented; "
+                                       "each epoch picks one per clip); 1 without --augment")
 
     # --- optimisation -----------------------------------------------------------------
     optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"), aliases=("--optimizer_type",))
@@ -119,6 +126,7 @@ class TrainConfig:
     # --- devices ----------------------------------------------------------------------
     gpus: list[int] | None = _opt(None, "GPU ids; several = DataParallel (default: first GPU, else CPU)")
     cpu: bool = _opt(False, "run on the CPU even where a GPU is visible")
+    compile: bool = _opt(False, "torch.compile the model (on failure: a message, then eager)")
 
     # --- run --------------------------------------------------------------------------
     run_name: str | None = _opt(None, "run folder name (default: <backbone>_<variant>_<time>)")
@@ -164,6 +172,11 @@ class TrainConfig:
     def trains_backbone(self) -> bool:
         return self.finetune_mode != "frozen"
 
+    @property
+    def uses_feature_cache(self) -> bool:
+        """A frozen backbone's features are computed once and cached (see features.py)."""
+        return self.finetune_mode == "frozen" and self.feature_cache
+
     def validate(self, *, need_data: bool = True) -> "TrainConfig":
         """Check everything that needs no file or model; raise one clear line on the first problem."""
         if need_data:
@@ -171,7 +184,8 @@ class TrainConfig:
                 if not getattr(self, key):
                     fail(f"--{key} is required (a CSV with columns path,label)")
         self._check_finite()
-        positive_ints = ("num_frames", "epochs", "batch_size", "grad_accum", "unfreeze_blocks")
+        positive_ints = ("num_frames", "epochs", "batch_size", "grad_accum", "unfreeze_blocks",
+                         "feature_cache_views")
         for key in positive_ints:
             value = getattr(self, key)
             if value < 1:
@@ -184,6 +198,8 @@ class TrainConfig:
             fail(f"--num_frames must be at most {MAX_NUM_FRAMES}, got {self.num_frames}")
         if self.input_size is not None and not 1 <= self.input_size <= MAX_INPUT_SIZE:
             fail(f"--input_size must be in 1..{MAX_INPUT_SIZE} pixels, got {self.input_size}")
+        if self.threads is not None and self.threads < 1:
+            fail(f"--threads must be a positive integer, got {self.threads}")
         for key in ("lr_backbone", "lr_head"):
             value = getattr(self, key)
             if value is not None and not value > 0:

@@ -7,7 +7,7 @@ parameters, so a "frozen" backbone cannot drift and `partial` trains exactly the
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -110,11 +110,46 @@ def param_groups(model: HeaderClassifier, config: TrainConfig) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: HeaderClassifier, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: HeaderClassifier, config: TrainConfig, *, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD or AdamW over `param_groups`; `fused` (the trainer sets it on CUDA) runs AdamW's
+    update as one kernel instead of one per parameter group and op."""
     groups = param_groups(model, config)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr_head, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr_head, betas=tuple(config.betas))
+    return torch.optim.AdamW(groups, lr=config.lr_head, betas=tuple(config.betas), fused=fused or None)
+
+
+COMPILE_BACKEND: Any = "inductor"  # tests swap in a backend that fails
+
+
+class CompiledWithFallback(nn.Module):
+    """`torch.compile(module)` that falls back to `module` itself, once and with a message,
+    when compiling fails. torch.compile is lazy: most failures (no C compiler, an unsupported
+    op) surface at the first forward, which is where they are caught."""
+
+    def __init__(self, module: nn.Module, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.eager = module
+        self.log = log
+        self.failed = False
+        try:
+            self.compiled: Callable[..., Any] = torch.compile(module, backend=COMPILE_BACKEND)
+        except Exception as exc:  # noqa: BLE001 - any compile failure means "run eagerly"
+            self._fall_back(exc)
+
+    def _fall_back(self, exc: BaseException) -> None:
+        self.failed = True
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        self.log(f"warning: --compile failed ({type(exc).__name__}: {reason}); training continues "
+                 f"without torch.compile")
+
+    def forward(self, *args: Any) -> Any:
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001
+                self._fall_back(exc)
+        return self.eager(*args)
 
 
 def nominal_lr(optimizer: torch.optim.Optimizer, name: str) -> float:

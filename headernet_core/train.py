@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -26,17 +27,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts, checkpoints
+from .augment import ClipLoader, DeviceTransform
 from .backbones import BackboneInfo, create_backbone, peek_vmae_config
 from .config import SELECTABLE_METRICS, TrainConfig, cli_values, load_yaml_mapping, parse_neg_pos_ratio
-from .data import (ClipDataset, ClipTransform, EpochSampler, check_clips, check_has_both_classes,
-                   normalize, read_split, split_warnings)
+from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, load_split,
+                   split_warnings)
 from .errors import HeaderNetError, describe_os_error, fail, run_cli
+from .features import FrozenFeatures
 from .locks import FolderLock, Heartbeat
 from .losses import build_loss
 from .metrics import classification_metrics, is_improvement
-from .model import HeaderClassifier, build_classifier, build_optimizer, nominal_lr
+from .model import CompiledWithFallback, HeaderClassifier, build_classifier, build_optimizer, nominal_lr
 from .paths import check_name, check_writable_dir, is_inside
 from .status import beat, effective_state, read_status_record, write_status
+from .threads import apply_thread_policy
 
 # metrics_epoch.csv starts with upstream's legacy columns, in upstream's order (lr_* = mean LR
 # over the epoch's optimizer steps, without the layer-decay scale).
@@ -49,7 +53,9 @@ RUN_ARTIFACTS = ("config.yaml", "status.json", "metrics_epoch.csv", "best_metric
 MAX_FRAME_REPEAT = 8
 # Settings that may change when a stopped run is resumed; anything else must match.
 RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "gpus", "cpu", "tensorboard", "plots",
-                     "resume", "overwrite", "output_root"}
+                     "resume", "overwrite", "output_root", "threads", "compile", "feature_cache_dir"}
+# Training steps between reads of the running loss from the device (the only host syncs).
+LOG_EVERY = 20
 
 
 @dataclass
@@ -189,9 +195,9 @@ def check_geometry(config: TrainConfig, frame_multiple: int, size_multiple: int,
              f"{size_multiple} (native size {native})")
 
 
-def check_frames(config: TrainConfig, shapes: Sequence[tuple[int, ...]]) -> None:
+def check_frames(config: TrainConfig, clip_frames: Sequence[int]) -> None:
     """Short clips repeat frames, within reason: --num_frames far beyond every clip is a typo."""
-    longest = max(shape[0] for shape in shapes)
+    longest = max(clip_frames)
     if config.num_frames > MAX_FRAME_REPEAT * longest:
         fail(f"--num_frames {config.num_frames} is more than {MAX_FRAME_REPEAT}x the longest clip "
              f"({longest} frames in {config.train_csv} / {config.val_csv}); use at most "
@@ -213,8 +219,9 @@ def check_inputs_outside(config: TrainConfig, run_dir: Path, clip_paths: Sequenc
              f"choose another --run_name or --output_root")
 
 
-def prepare(config: TrainConfig) -> Prepared:
-    """Validate config, devices, backbone, data and run folder. Writes nothing."""
+def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepared:
+    """Validate config, devices, backbone, data and run folder. Writes nothing. `checked`:
+    split CSVs a search driver has already validated (reused while the files are unchanged)."""
     config.validate()
     if config.run_name is None:
         if config.resume:
@@ -223,12 +230,9 @@ def prepare(config: TrainConfig) -> Prepared:
     device, device_ids = resolve_devices(config)
     resolve_amp(config.amp, device)
     # Cheap checks first: data before loading a (possibly multi-GB) backbone checkpoint.
-    train_df = read_split(config.train_csv, "train")
-    check_has_both_classes(train_df, config.train_csv)
-    train_clips = check_clips(train_df, config.train_csv)
-    val_df = read_split(config.val_csv, "val")
-    clips = check_clips(val_df, config.val_csv) + train_clips
-    check_frames(config, clips)
+    train_df = load_split(config.train_csv, "train", checked)
+    val_df = load_split(config.val_csv, "val", checked)
+    check_frames(config, [*train_df["clip_frames"], *val_df["clip_frames"]])
     for message in split_warnings(train_df, val_df, config.train_csv, config.val_csv):
         warnings.warn(message, stacklevel=2)
 
@@ -241,6 +245,9 @@ def prepare(config: TrainConfig) -> Prepared:
         if peeked is not None:  # before loading the weights: seconds instead of minutes for Giant
             check_geometry(config, peeked.tubelet_size, peeked.patch_size, peeked.img_size)
 
+    # Every global RNG from the seed: a run (or a reused Ray actor's next trial) starts the same.
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
     torch.manual_seed(config.seed)
     backbone, info = create_backbone(config.backbone, config.variant, ckpt=config.backbone_ckpt,
                                      checkpoint_root=config.checkpoint_root)
@@ -259,44 +266,41 @@ def prepare(config: TrainConfig) -> Prepared:
 
 # --- the loop ------------------------------------------------------------------------------
 def make_loader(df: pd.DataFrame, config: TrainConfig, *, train: bool, pin: bool
-                ) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
-    transform = ClipTransform(num_frames=config.num_frames, size=config.input_size,
-                              train=train and config.augment, flip=config.aug_flip,
-                              jitter=config.aug_jitter, crop_scale=config.aug_crop_scale,
-                              seed=config.seed)
-    dataset = ClipDataset(df["clip_path"].tolist(), df["label"].tolist(), transform)
+                ) -> tuple[ClipLoader, EpochSampler]:
+    """`num_workers` threads read uint8 crops + augmentation draws (data.BatchLoader);
+    `loader.to_device` finishes each batch on the training device (augment.DeviceTransform).
+    Nothing here touches the global RNG: a resumed run draws the same dropout masks."""
+    dataset = ClipDataset(df["clip_path"].tolist(), df["label"].tolist(),
+                          ClipTransform.from_config(config, train=train))
     sampler = EpochSampler(df["label"].to_numpy(), seed=config.seed, shuffle=train,
                            neg_pos_ratio=parse_neg_pos_ratio(config.neg_pos_ratio) if train else None)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
-        pin_memory=pin, persistent_workers=config.num_workers > 0, drop_last=False,
-        # Our sampler decides the order; a private generator keeps the loader off the global RNG
-        # so that a resumed run draws the same dropout masks as an uninterrupted one.
-        generator=torch.Generator().manual_seed(config.seed))
-    return loader, sampler
+    batches = BatchLoader(dataset, sampler, config.batch_size, threads=config.num_workers, pin=pin)
+    return ClipLoader(batches, DeviceTransform(config.input_size, config.mean, config.std)), sampler
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterion,
                     config: TrainConfig, state: RunState, device: torch.device,
                     amp_dtype: torch.dtype | None, writer, desc: str) -> dict[str, float]:
+    """One pass over `loader` (clips, or cached features with a frozen backbone). Nothing waits
+    for the device per step: the running loss and accuracy stay on the device, and each step's
+    loss is kept there until the next log point (every LOG_EVERY steps and the epoch's end),
+    where one read checks them all for divergence and writes them to TensorBoard."""
     model.train()
-    loss_sum, correct, seen, micro = 0.0, 0, 0, 0
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    pending: list[tuple[int, int, torch.Tensor]] = []  # (batch, global step, loss) not read yet
+    seen, micro, optimizer_steps = 0, 0, 0
     lr_sums = {"lr_backbone": 0.0, "lr_head": 0.0}
-    optimizer_steps = 0
     steps = len(loader)
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, total=steps, disable=not config.progress, leave=False,
                dynamic_ncols=True, file=sys.stderr)
     optimizer.zero_grad(set_to_none=True)
-    for i, (clips, labels, _) in enumerate(bar):
-        clips = normalize(clips.to(device, non_blocking=True), config.mean, config.std)
-        labels = labels.to(device, non_blocking=True)
+    for i, batch in enumerate(bar):
+        inputs, labels = loader.to_device(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(clips)
+            logits = model(inputs)
         loss = criterion(logits.float(), labels)
-        if not torch.isfinite(loss):
-            fail(f"training diverged: loss is {loss.item()} at epoch {state.epoch + 1}, batch {i + 1}; "
-                 "lower --lr_backbone/--lr_head or try --amp off")
         if micro == 0:  # the epoch's last group of micro-batches may be shorter than grad_accum
             group_size = min(config.grad_accum, steps - i)
         scaler.scale(loss / group_size).backward()
@@ -315,38 +319,54 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
             state.global_step += 1
             if scheduler is not None:
                 scheduler.step_update(state.global_step)
-        batch = labels.numel()
-        loss_sum += loss.item() * batch
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += batch
-        if writer is not None:
-            writer.add_scalar("step/train_loss", loss.item(), state.global_step)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", clips_s=f"{seen / (time.perf_counter() - start):.1f}")
+        batch_size = len(labels)
+        loss_sum += loss.detach() * batch_size
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += batch_size
+        pending.append((i, state.global_step, loss.detach()))
+        if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
+            running_loss = _read_losses(pending, loss_sum, state, writer)
+            bar.set_postfix(loss=f"{running_loss / seen:.4f}",
+                            clips_s=f"{seen / (time.perf_counter() - start):.1f}")
     bar.close()
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "train_clips": float(seen),
-            "train_seconds": seconds, "clips_per_s": seen / seconds,
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+            "train_clips": float(seen), "train_seconds": seconds, "clips_per_s": seen / seconds,
             **{key: total / max(1, optimizer_steps) for key, total in lr_sums.items()}}
+
+
+def _read_losses(pending: list[tuple[int, int, torch.Tensor]], loss_sum: torch.Tensor,
+                 state: RunState, writer) -> float:
+    """One host sync for the steps since the last read: fail on the first non-finite loss
+    (naming its batch), log each step's loss; returns the running loss sum."""
+    values = torch.stack([loss for *_, loss in pending] + [loss_sum]).tolist()
+    for (i, step, _), value in zip(pending, values):
+        if not math.isfinite(value):
+            fail(f"training diverged: loss is {value} at epoch {state.epoch + 1}, batch {i + 1}; "
+                 "lower --lr_backbone/--lr_head or try --amp off")
+        if writer is not None:
+            writer.add_scalar("step/train_loss", value, step)
+    pending.clear()
+    return values[-1]
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, config: TrainConfig, device: torch.device,
             amp_dtype: torch.dtype | None, criterion: nn.Module) -> tuple[np.ndarray, np.ndarray, float]:
-    """Class-1 probabilities in dataset order, labels, and mean loss."""
+    """Class-1 probabilities in dataset order, labels, and mean loss (read from the device once)."""
     model.eval()
-    probs, labels_all, loss_sum = [], [], 0.0
-    for clips, labels, _ in tqdm(loader, desc="validate", disable=not config.progress, leave=False,
-                                 dynamic_ncols=True, file=sys.stderr):
-        clips = normalize(clips.to(device, non_blocking=True), config.mean, config.std)
-        labels = labels.to(device)
+    probs, labels_all, loss_sum = [], [], torch.zeros((), device=device)
+    for batch in tqdm(loader, desc="validate", disable=not config.progress, leave=False,
+                      dynamic_ncols=True, file=sys.stderr):
+        inputs, labels = loader.to_device(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(clips).float()
-        loss_sum += criterion(logits, labels).item() * labels.numel()
-        probs.append(torch.softmax(logits, dim=1)[:, 1].cpu())
-        labels_all.append(labels.cpu())
-    prob = torch.cat(probs).numpy().astype(np.float64)
-    label = torch.cat(labels_all).numpy()
-    return prob, label, loss_sum / len(label)
+            logits = model(inputs).float()
+        loss_sum += criterion(logits, labels) * len(labels)
+        probs.append(torch.softmax(logits, dim=1)[:, 1])
+        labels_all.append(labels)
+    prob = torch.cat(probs).cpu().numpy().astype(np.float64)
+    label = torch.cat(labels_all).cpu().numpy()
+    return prob, label, loss_sum.item() / len(label)
 
 
 def predictions_frame(val_df: pd.DataFrame, prob: np.ndarray, threshold: float) -> pd.DataFrame:
@@ -392,11 +412,13 @@ def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> Cos
 
 
 def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | None = None,
-          *, log: Callable[[str], None] = print, lock: bool = True) -> TrainResult:
+          *, log: Callable[[str], None] = print, lock: bool = True,
+          checked: CheckedSplits | None = None) -> TrainResult:
     """Run (or resume) one training run and write its artifacts; `on_epoch` may return True to stop.
 
-    `lock=False` is for a caller that already owns the folder (a search owns its trials')."""
-    prep = prepare(config)
+    `lock=False` is for a caller that already owns the folder (a search owns its trials');
+    `checked`: split CSVs already validated by the caller (see `prepare`)."""
+    prep = prepare(config, checked)
     owner = FolderLock(prep.run_dir, "a training run") if lock else None
     heartbeat = Heartbeat(lambda: beat(prep.run_dir), *([owner.beat] if owner else []))
     created = not prep.run_dir.exists()
@@ -436,13 +458,26 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         log(f"backbone {prep.info.name} loaded from {prep.info.source}")
 
     if device.type == "cpu":
-        _share_cores_with_loader(config.num_workers)
+        log(apply_thread_policy(config.threads, config.num_workers))
+    # A frozen backbone runs once per clip and view, into the feature cache; the head trains on that.
+    features = FrozenFeatures(config, prep.info, model.backbone, prep.train_df, prep.val_df, amp_dtype) \
+        if config.uses_feature_cache else None
     model.to(device)
-    net: nn.Module = nn.DataParallel(model, device_ids=prep.device_ids) if len(prep.device_ids) > 1 else model
-    pin = device.type == "cuda"
-    train_loader, train_sampler = make_loader(prep.train_df, config, train=True, pin=pin)
-    val_loader, _ = make_loader(prep.val_df, config, train=False, pin=pin)
-    optimizer = build_optimizer(model, config)
+    parallel = len(prep.device_ids) > 1
+    if features is None:
+        net: nn.Module = nn.DataParallel(model, device_ids=prep.device_ids) if parallel else model
+        pin = device.type == "cuda"
+        train_loader, train_sampler = make_loader(prep.train_df, config, train=True, pin=pin)
+        val_loader, _ = make_loader(prep.val_df, config, train=False, pin=pin)
+    else:
+        net = model.head
+        feature_backbone = nn.DataParallel(model.backbone, device_ids=prep.device_ids) if parallel \
+            else model.backbone
+        train_loader, train_sampler = features.loader(train=True)
+        val_loader, _ = features.loader(train=False)
+    if config.compile:
+        net = CompiledWithFallback(net, log)
+    optimizer = build_optimizer(model, config, fused=device.type == "cuda")
     steps_per_epoch = math.ceil(math.ceil(len(train_sampler) / config.batch_size) / config.grad_accum)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -470,17 +505,22 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             epoch = state.epoch + 1
             train_sampler.set_epoch(epoch)
             epoch_start = time.perf_counter()
+            backbone_clips = 0
+            if features is not None:  # computes what the cache lacks, once per run
+                backbone_clips = features.build(feature_backbone, device, amp_dtype, log)
             train_stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion,
                                           config, state, device, amp_dtype, writer,
                                           desc=f"epoch {epoch}/{config.epochs}")
             prob, labels, val_loss = predict(net, val_loader, config, device, amp_dtype, criterion)
+            if features is None:  # every train and val clip went through the backbone
+                backbone_clips = int(train_stats["train_clips"]) + len(labels)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 val = classification_metrics(labels, prob, loss=val_loss)
             for w in {str(w.message) for w in caught}:
                 log(f"warning: {w}")
-            row = {"epoch": epoch, **train_stats, **val,
-                   "epoch_seconds": time.perf_counter() - epoch_start}
+            row = {"epoch": epoch, **train_stats, **val, "val_clips": len(labels),
+                   "backbone_clips": backbone_clips, "epoch_seconds": time.perf_counter() - epoch_start}
             state.epoch = epoch
             state.history.append(row)
             is_best = is_improvement(row, state.best_metrics, config.select_metric,
@@ -522,16 +562,6 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         f"{(state.best_metrics or {}).get(config.select_metric, float('nan')):.4f} -> {best_ckpt}")
     return TrainResult(run_dir, status, state.epoch, state.best_epoch, state.best_metrics or {},
                        best_ckpt, config)
-
-
-def _share_cores_with_loader(num_workers: int) -> None:
-    """On the CPU, intra-op threads and loader workers share the cores: oversubscribing them
-    (2 torch threads + 2 workers on 2 cores) made training ~20x slower here. An explicit
-    OMP_NUM_THREADS (which Ray sets per trial) wins."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores - num_workers))
 
 
 # --- artifacts of one epoch -----------------------------------------------------------------
@@ -579,11 +609,10 @@ def _write_epoch_extras(run_dir: Path, config: TrainConfig, writer, row: dict[st
         writer.flush()
     if config.plots:
         from .plots import write_plots
-        best_pred = pd.read_csv(run_dir / "val_predictions.csv") if state.best_epoch else None
-        write_plots(run_dir / "plots", pd.DataFrame(state.history),
-                    best_pred["label"].to_numpy() if best_pred is not None else None,
-                    best_pred["prob_header"].to_numpy() if best_pred is not None else None,
-                    state.best_epoch)
+        # ROC and PR show the best epoch: drawn again only when it changes (half the plot time
+        # of an epoch, which a search pays for every epoch of every trial).
+        write_plots(run_dir / "plots", pd.DataFrame(state.history), labels if is_best else None,
+                    prob if is_best else None, state.best_epoch)
 
 
 def _last_payload(model, optimizer, scheduler, scaler, config, info, state: RunState) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The benchmark scripts keep running against the current library (numbers are not checked:
-timings belong in docs/performance.md, not in assertions)."""
+timings belong in docs/performance.md, not in assertions). Everything bench/gpu_check.sh does
+on a GPU runs here on the CPU with tiny models, so the first GPU session does not find it broken."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,25 +12,80 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def run_bench(*args: str) -> list[dict]:
     done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
+TINY = ("--variant", "tiny", "--cpu", "--num_frames", "4", "--size", "32", "--steps", "1",
+        "--warmup", "0", "--threads", "1")
+
+
 @pytest.mark.parametrize("backbone", ["vmae", "csn"])
 def test_throughput_bench_reports_each_mode(backbone):
-    rows = run_bench("bench/throughput.py", "--backbone", backbone, "--variant", "tiny", "--cpu",
-                     "--num_frames", "4", "--size", "32", "--batch_size", "2", "--steps", "1",
-                     "--warmup", "0", "--threads", "1", "--checkpointing", "both")
+    rows = run_bench("bench/throughput.py", "--backbone", backbone, *TINY, "--batch_size", "2",
+                     "--checkpointing", "both", "--peak_tflops", "1")
     assert [r["gradient_checkpointing"] for r in rows] == [False, True]
     assert all(r["backbone"] == f"{backbone}-tiny" and r["clips_per_s"] > 0 for r in rows)
+    for r in rows:  # FLOPs counted by FlopCounterMode; MFU against the given peak
+        assert r["gflop_per_clip"] > 0
+        assert r["mfu"] == pytest.approx(r["gflop_per_clip"] * r["clips_per_s"] / 1000, rel=0.01)
 
 
-def test_loader_bench_reads_a_split(tiny_data):
-    rows = run_bench("bench/loader.py", "--csv", str(tiny_data["train_csv"]), "--num_frames", "4",
-                     "--size", "32", "--workers", "0")
-    assert rows == [{**rows[0], "clips": 18, "workers": 0}] and rows[0]["clips_per_s"] > 0
+def test_throughput_bench_compiled_largest_and_through_the_trainer():
+    rows = run_bench("bench/throughput.py", "--backbone", "vmae", *TINY, "--batch_size", "2", "4",
+                     "--largest", "--compile", "both", "--compile_backend", "eager", "--mode", "both",
+                     "--workers", "1", "--trainer_clips", "6", "--source_size", "40")
+    bare = [r for r in rows if r["mode"] == "bare"]
+    trainer = [r for r in rows if r["mode"] == "trainer"]
+    assert [(r["compile"], r["batch"], r["largest_fit"]) for r in bare] == [(False, 4, True), (True, 4, True)]
+    assert [(r["compile"], r["batch"], r["train_clips"]) for r in trainer] == \
+        [(False, 2, 6), (False, 4, 6), (True, 2, 6), (True, 4, 6)]
+    assert all(r["clips_per_s"] > 0 and r["source_size"] == 40 for r in trainer)
+
+
+@pytest.mark.parametrize("variant", ["base", "large", "giant"])
+def test_published_variants_build_with_random_weights(variant):
+    """Without any checkpoint folder (the table of architectures is enough)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from throughput import add_mfu, peak_tflops, random_backbone
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+    with torch.device("meta"):  # the real shapes, no memory
+        model, native, *_ = random_backbone("vmae", variant)
+    assert native == 224 and model.num_features in (768, 1024, 1408)
+    cpu = torch.device("cpu")
+    assert peak_tflops(cpu, None) is None and "mfu" not in add_mfu({"gflop_per_clip": 1, "clips_per_s": 1}, cpu, None)
+
+
+def test_loader_bench_prints_one_json_line():
+    rows = run_bench("bench/loader.py", "--clips", "6", "--frames", "4", "--size", "16",
+                     "--source_size", "20", "--rounds", "3", "--json", "--legacy")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["np_load_clips_per_s"] > 0 and row["loader_clips_per_s"] > 0
+    assert row["ratio_to_np_load"] > 0 and row["legacy_transform_clips_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_prints_the_whole_table(tmp_path):
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry"], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env={**ENV, "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if "failed" in r or "skipped" in r], rows
+    assert len(table) == 1 + len(rows) and len(rows) >= 12
+    assert {r["mode"] for r in rows} == {"bare", "trainer"}
+    assert sum(1 for r in rows if r.get("largest_fit")) == 2
+    assert any(r.get("compile") for r in rows) and any(r["backbone"] == "csn-tiny" for r in rows)
+    assert "trainer / bare step" in done.stdout

@@ -7,11 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.utils.data import DataLoader
-from torchvision.transforms.v2 import functional as TF
 
 from headernet_core.config import TrainConfig
 from headernet_core.data import (
+    BatchLoader,
     ClipDataset,
     ClipTransform,
     EpochSampler,
@@ -19,7 +18,6 @@ from headernet_core.data import (
     check_has_both_classes,
     epoch_indices,
     load_clip_frames,
-    normalize,
     read_split,
     sample_frame_indices,
 )
@@ -267,59 +265,29 @@ def test_epoch_sampler_train_and_eval():
     assert len(evaluation) == len(LABELS)
 
 
-# --- transform ----------------------------------------------------------------------------
-def test_augmentation_is_reproducible_from_seed_epoch_index(tmp_path):
-    frames = np.load(save_clip(tmp_path / "c.npy", frames=4, side=32))
+# --- augmentation draws and the loader side -------------------------------------------------
+def test_augmentation_draw_is_reproducible_from_seed_epoch_index():
     transform = ClipTransform(num_frames=4, size=24, train=True, seed=5, jitter=0.3)
-    a = transform(frames, epoch=2, index=9)
-    assert a.shape == (3, 4, 24, 24) and a.dtype == torch.uint8 and a.is_contiguous()
-    assert torch.equal(a, ClipTransform(num_frames=4, size=24, train=True, seed=5, jitter=0.3)(
-        frames, epoch=2, index=9))
-    others = [transform(frames, epoch=3, index=9), transform(frames, epoch=2, index=10),
-              ClipTransform(num_frames=4, size=24, train=True, seed=6, jitter=0.3)(frames, epoch=2, index=9)]
-    assert all(not torch.equal(a, other) for other in others)
+    a = transform.params(2, 9)
+    assert a == ClipTransform(num_frames=4, size=24, train=True, seed=5, jitter=0.3).params(2, 9)
+    others = [transform.params(3, 9), transform.params(2, 10),
+              ClipTransform(num_frames=4, size=24, train=True, seed=6, jitter=0.3).params(2, 9)]
+    assert all(a != other for other in others)
+    assert 0.7 <= a.brightness <= 1.3 and 0.7 <= a.contrast <= 1.3 and 0.8 <= a.crop_side <= 1
+    assert transform.epoch_params(2, 9) == a
+    assert ClipTransform(num_frames=4, size=24, train=False).epoch_params(2, 9) is None
 
 
-def test_augmentation_is_the_same_for_every_frame(tmp_path):
-    still = np.repeat(np.load(save_clip(tmp_path / "c.npy", frames=1, side=32)), 6, axis=0)
-    transform = ClipTransform(num_frames=6, size=20, train=True, jitter=0.3, crop_scale=0.5)
-    for index in range(8):
-        clip = transform(still, epoch=0, index=index)
-        assert all(torch.equal(clip[:, 0], clip[:, t]) for t in range(6))
-
-
-def test_flip_applies_to_all_frames():
-    # each frame is dark on the left and bright on the right, with a different level per frame
-    frames = np.zeros((5, 16, 16, 3), np.uint8)
-    for t in range(5):
-        frames[t, :, 8:] = 100 + 20 * t
-    plain = ClipTransform(num_frames=5, size=16, train=True, flip=0.0, jitter=0.0, crop_scale=1.0)
-    flipped = ClipTransform(num_frames=5, size=16, train=True, flip=1.0, jitter=0.0, crop_scale=1.0)
-    assert torch.equal(plain(frames), torch.from_numpy(frames).permute(3, 0, 1, 2))
-    assert torch.equal(flipped(frames), torch.from_numpy(frames[:, :, ::-1].copy()).permute(3, 0, 1, 2))
-    coin = ClipTransform(num_frames=5, size=16, train=True, flip=0.5, jitter=0.0, crop_scale=1.0)
-    outcomes = set()
-    for index in range(20):
-        left_bright = (coin(frames, index=index)[0, :, :, 0] > 0).all(dim=1)  # per frame
-        assert left_bright.all() or not left_bright.any()
-        outcomes.add(bool(left_bright.all()))
-    assert outcomes == {True, False}
-
-
-def test_grey_channels_stay_identical(tmp_path):
-    frames = np.load(save_clip(tmp_path / "g.npy", frames=5, side=32, grey=True))
-    transform = ClipTransform(num_frames=5, size=24, train=True, jitter=0.5)
-    for index in range(5):
-        clip = transform(frames, epoch=1, index=index)
-        assert torch.equal(clip[0], clip[1]) and torch.equal(clip[1], clip[2])
-
-
-def test_validation_transform_only_resizes(tmp_path):
-    frames = np.load(save_clip(tmp_path / "c.npy", frames=3, side=32))
-    transform = ClipTransform(num_frames=3, size=24, train=False, flip=1.0, jitter=1.0)
-    expected = TF.resize(torch.from_numpy(frames).permute(0, 3, 1, 2), [24, 24], antialias=True)
-    for epoch, index in [(0, 0), (5, 3)]:
-        assert torch.equal(transform(frames, epoch=epoch, index=index), expected.permute(1, 0, 2, 3))
+def test_cached_views_are_fixed_draws_and_epochs_pick_among_them():
+    transform = ClipTransform(num_frames=4, size=24, train=True, seed=5)
+    assert transform.view_params(0, 3) is None  # view 0: the clip as validation sees it
+    assert transform.view_params(1, 3) == transform.view_params(1, 3) != transform.view_params(2, 3)
+    assert transform.view_params(1, 3) not in {transform.params(e, 3) for e in range(5)}
+    picks = transform.epoch_views(epoch=1, clips=500, views=4)
+    assert picks.shape == (500,) and set(picks.tolist()) == {0, 1, 2, 3}
+    assert np.array_equal(picks, transform.epoch_views(epoch=1, clips=500, views=4))
+    assert not np.array_equal(picks, transform.epoch_views(epoch=2, clips=500, views=4))
+    assert not transform.epoch_views(epoch=1, clips=10, views=1).any()
 
 
 def test_transform_from_config():
@@ -329,46 +297,90 @@ def test_transform_from_config():
     assert ClipTransform.from_config(config.replace(augment=True), train=True).train
 
 
-def test_normalize_math():
-    clips = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1, 1).expand(2, 3, 2, 2, 2)
-    out = normalize(clips, mean=[0.0, 0.2, 0.5], std=[1.0, 0.5, 0.25])
-    assert out.dtype == torch.float32 and out.shape == (2, 3, 2, 2, 2)
-    expected = torch.tensor([0.0, (0.2 - 0.2) / 0.5, (1.0 - 0.5) / 0.25])
-    torch.testing.assert_close(out[0, :, 0, 0, 0], expected)
-    assert clips.dtype == torch.uint8  # the input is untouched
-    with pytest.raises(ValueError, match="uint8"):
-        normalize(out, mean=[0.5] * 3, std=[0.5] * 3)
+def test_train_batch_holds_the_crop_box_of_the_sampled_frames(tmp_path):
+    paths = [str(save_clip(tmp_path / f"c{i}.npy", frames=9, side=40, seed=i)) for i in range(3)]
+    transform = ClipTransform(num_frames=4, size=24, train=True, seed=3, crop_scale=0.5, jitter=0.2)
+    dataset = ClipDataset(paths, [1, 0, 1], transform)
+    batch = dataset.read_batch([(0, 7), (2, 7), (1, 8)])
+    assert batch.frames.dtype == torch.uint8 and batch.frames.shape[:2] == (3, 4)
+    assert batch.labels.tolist() == [1, 1, 0] and batch.indices.tolist() == [0, 2, 1]
+    for b, (index, epoch) in enumerate([(0, 7), (2, 7), (1, 8)]):
+        params = transform.params(epoch, index)
+        top, left, side = params.crop_box(40, 40)
+        clip = np.load(paths[index])[sample_frame_indices(9, 4)]
+        expected = clip[:, top:top + side, left:left + side]
+        assert np.array_equal(batch.frames[b, :, :side, :side].numpy(), expected)
+        assert not batch.frames[b, :, side:].any() and not batch.frames[b, :, :, side:].any()  # padding
+        assert batch.aug[b].tolist() == pytest.approx([side, side, float(params.flip), params.brightness,
+                                                       params.contrast])
 
 
-# --- dataset and loader -------------------------------------------------------------------
-def test_dataset_items(tmp_path):
-    paths = [str(save_clip(tmp_path / f"c{i}.npy", frames=7 + i, side=20, seed=i)) for i in range(3)]
-    dataset = ClipDataset(paths, [1, 0, 1], ClipTransform(num_frames=8, size=16, train=True))
-    assert len(dataset) == 3
-    clip, label, index = dataset[(2, 5)]
-    assert clip.shape == (3, 8, 16, 16) and clip.dtype == torch.uint8 and clip.is_contiguous()
-    assert (label, index) == (1, 2)
-    assert torch.equal(dataset[1][0], dataset[(1, 0)][0])
+def test_eval_batch_holds_whole_frames_of_any_size(tmp_path):
+    paths = [str(save_clip(tmp_path / "a.npy", frames=5, side=20)),
+             str(save_clip(tmp_path / "b.npy", frames=3, side=12, seed=1))]
+    dataset = ClipDataset(paths, [0, 1], ClipTransform(num_frames=5, size=16, train=False, flip=1.0))
+    batch = dataset.read_batch([0, 1])
+    assert batch.frames.shape == (2, 5, 20, 20, 3)
+    assert np.array_equal(batch.frames[1, :, :12, :12].numpy(), np.load(paths[1])[sample_frame_indices(3, 5)])
+    assert batch.aug.tolist() == [[20, 20, 0, 1, 1], [12, 12, 0, 1, 1]]
+    one = dataset[1]  # a single key is a batch of one
+    assert one.frames.shape == (1, 5, 12, 12, 3) and torch.equal(one.frames[0], batch.frames[1, :, :12, :12])
     with pytest.raises(IndexError):
-        dataset[3]
+        dataset[2]
 
 
-def test_dataloader_workers_match_single_process(tmp_path):
+def test_view_keys_read_the_cached_views(tmp_path):
+    path = str(save_clip(tmp_path / "a.npy", frames=5, side=30))
+    transform = ClipTransform(num_frames=2, size=16, train=True, seed=4)
+    dataset = ClipDataset([path], [1], transform, views=True)
+    assert dataset.aug_params((0, 0)) == (0, None)
+    assert dataset.aug_params((0, 2)) == (0, transform.view_params(2, 0))
+    assert dataset[(0, 0)].aug[0].tolist() == [30, 30, 0, 1, 1]
+
+
+def test_loader_threads_match_the_single_threaded_order(tmp_path):
     paths = [str(save_clip(tmp_path / f"c{i}.npy", frames=9, side=24, seed=i)) for i in range(12)]
     labels = [1, 0, 0, 0] * 3
     dataset = ClipDataset(paths, labels, ClipTransform(num_frames=4, size=16, train=True, jitter=0.3))
 
-    def run(workers: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def run(threads: int) -> list:
         sampler = EpochSampler(labels, neg_pos_ratio=2, seed=1, shuffle=True)
-        loader = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers)
+        loader = BatchLoader(dataset, sampler, batch_size=4, threads=threads)
+        assert len(loader) == 3
         batches = []
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
             batches += list(loader)
         return batches
 
-    single, multi = run(0), run(2)
-    assert len(single) == len(multi) == 6  # 3 pos + 6 neg = 9 keys = 3 batches, 2 epochs
-    for (c0, l0, i0), (c1, l1, i1) in zip(single, multi):
-        assert c0.shape[1:] == (3, 4, 16, 16)
-        assert torch.equal(c0, c1) and torch.equal(l0, l1) and torch.equal(i0, i1)
+    single, threaded = run(0), run(2)
+    assert len(single) == len(threaded) == 6  # 3 pos + 6 neg = 9 keys = 3 batches, 2 epochs
+    for a, b in zip(single, threaded):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert sorted(i for batch in single[:3] for i in batch.indices.tolist()) == \
+        sorted(epoch_indices(np.array(labels), 2, 1, 0).tolist())
+
+
+def test_a_bad_clip_stops_the_loader_with_one_line(tmp_path):
+    good = str(save_clip(tmp_path / "good.npy"))
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((3, 8, 8), np.uint8))
+    dataset = ClipDataset([good, str(bad)], [0, 1], ClipTransform(num_frames=2, size=8, train=False))
+    loader = BatchLoader(dataset, EpochSampler([0, 1], neg_pos_ratio=None, seed=0, shuffle=False), 1, threads=2)
+    with pytest.raises(HeaderNetError, match="bad.npy has shape"):
+        list(loader)
+
+
+def test_a_clip_rewritten_between_epochs_is_read_as_it_is_now(tmp_path):
+    path = save_clip(tmp_path / "c.npy", frames=4, side=12, seed=1)
+    dataset = ClipDataset([str(path)], [1], ClipTransform(num_frames=2, size=8, train=False))
+    assert dataset[0].frames.shape == (1, 2, 12, 12, 3)
+    np.save(path, np.full((6, 10, 14, 3), 7, np.uint8))  # another shape: the cached header is stale
+    batch = dataset[0]
+    assert batch.frames.shape == (1, 2, 10, 14, 3) and (batch.frames == 7).all()
+    np.save(path, np.zeros((6, 10, 14), np.uint8))
+    with pytest.raises(HeaderNetError, match=r"c.npy has shape \(6, 10, 14\)"):
+        dataset[0]
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(HeaderNetError, match="c.npy"):
+        dataset[0]

@@ -5,7 +5,6 @@ describe is run for real, without Docker, by tests/test_cluster.py."""
 from __future__ import annotations
 
 import copy
-import fnmatch
 import re
 import shlex
 from pathlib import Path

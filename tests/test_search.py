@@ -283,6 +283,33 @@ def test_asha_stops_survive_a_kill_and_sigterm_ends_a_search_like_ctrl_c(tiny_da
         assert (trial["status"] == "stopped_early") == (search_dir / trial["name"] / "scheduler_stop.json").is_file()
 
 
+# --- a frozen search: features computed once for all trials, actors reused ------------------
+def test_frozen_search_computes_each_feature_once_and_reuses_trial_actors(tiny_data, tmp_path, capsys):
+    views, train_clips, val_clips = 2, 18, 9
+    space = write_space(tmp_path, tiny_data, search={"lr_head": {"loguniform": [1e-3, 1e-2]}},
+                        trainer={"finetune_mode": "frozen", "backbone": "vmae", "epochs": 2,
+                                 "feature_cache_views": views},
+                        budget={"num_samples": 4, "max_concurrent": 2, "seed": 0},
+                        scheduler={"type": "none"})
+    main(["--space", str(space)])
+    search_dir = tmp_path / "out" / "s"
+    folders = trial_dirs(search_dir)
+    assert len(folders) == 4
+    backbone_clips = sum(pd.read_csv(f / "metrics_epoch.csv")["backbone_clips"].sum() for f in folders)
+    needed = train_clips * views + val_clips
+    assert needed <= backbone_clips <= 1.1 * needed, backbone_clips
+    assert list((tmp_path / "out" / "feature_cache").rglob("*.safetensors"))  # beside the search
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert any(n.startswith("feature cache: the backbone ran on") for n in summary["notes"])
+    # actors were reused (fewer processes than trials), each trial still wrote its own folder
+    pids = {json.loads((f / "trial.json").read_text())["pid"] for f in folders}
+    assert len(pids) < 4, pids
+    for trial in summary["trials"]:
+        config = yaml.safe_load((search_dir / trial["name"] / "config.yaml").read_text())
+        assert config["lr_head"] == pytest.approx(trial["params"]["lr_head"])
+        assert config["run_name"] == trial["name"] and trial["status"] == "finished"
+
+
 # --- a trial whose process dies is retried from its last epoch (max_failures) --------------
 def test_killed_trial_is_retried_from_its_last_epoch(tmp_path):
     """The trial's worker is SIGKILLed (what the OOM killer does) after its first epoch: with

@@ -116,6 +116,25 @@ def best_record(records: Sequence[TrialRecord], mode: str) -> TrialRecord | None
     return ranked[0] if ranked else None
 
 
+def feature_cache_note(search_dir: Path, records: Sequence[TrialRecord]) -> str | None:
+    """How many clips the frozen-feature cache kept out of the backbone, summed over the
+    trials' metrics_epoch.csv (`backbone_clips` against train + val clips); None if it saved
+    nothing (no frozen trial, or the cache was off)."""
+    ran = without = 0
+    for record in records:
+        try:
+            with open(search_dir / record.name / "metrics_epoch.csv", newline="") as fp:
+                for row in csv.DictReader(fp):
+                    ran += int(float(row["backbone_clips"]))
+                    without += int(float(row["train_clips"])) + int(float(row["val_clips"]))
+        except (OSError, KeyError, ValueError):
+            continue
+    if ran >= without:
+        return None
+    return (f"feature cache: the backbone ran on {ran:,} clips instead of {without:,} "
+            f"({without / max(ran, 1):.1f}x fewer)")
+
+
 # --- the summary ----------------------------------------------------------------------------
 def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
                   space_params: Sequence[Param], records: Sequence[TrialRecord], state: str,

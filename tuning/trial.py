@@ -43,12 +43,26 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and math.isfinite(float(v))}
 
 
-def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str) -> None:
-    """The Tune function trainable (wrapped with `tune.with_parameters`)."""
+def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
+              checked: dict | None = None) -> None:
+    """The Tune function trainable (wrapped with `tune.with_parameters`). `checked`: the split
+    CSVs the driver validated (`headernet_core.data.check_splits`), so a trial does not read
+    and check every CSV row and clip header again.
+
+    Trials reuse their Ray actor (`reuse_actors=True`): torch, the trainer and the backbone
+    code are imported once per actor, not once per trial. Nothing a trial sets leaks into the
+    next: the run folder comes from this trial's name (`get_trial_dir()` points at a different
+    local folder after a reuse, but always ends in the trial's folder name), `train()` seeds
+    every global RNG and sets the thread count, and the warning registry and compile caches
+    are reset here."""
+    import gc
+    import warnings
+
     import ray
     import torch
     from ray import tune
 
+    from headernet_core.features import CACHE_DIRNAME
     from headernet_core.train import train
 
     context = tune.get_context()
@@ -62,15 +76,18 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str) -
 
     config = space.trial_config(sampled)
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    num_workers = min(config.num_workers, cpus - 1)
     config = config.replace(
         output_root=search_dir, run_name=run_name, progress=False,
         resume=resume, overwrite=not resume,
         cpu=not gpu_ids, gpus=list(range(len(gpu_ids))) if gpu_ids else None,
-        num_workers=min(config.num_workers, cpus - 1),
+        num_workers=num_workers,
+        # The trial's CPUs are shared by torch's intra-op threads and the loader threads.
+        threads=config.threads or max(1, cpus - num_workers),
+        # Every trial (and every search) on this storage shares one frozen-feature cache.
+        feature_cache_dir=config.feature_cache_dir or str(Path(search_dir).parent / CACHE_DIRNAME),
         # The trial's best epoch is the objective's best epoch.
         select_metric=space.metric)
-    # The trial's CPUs are shared by torch's intra-op threads and the loader workers.
-    torch.set_num_threads(max(1, cpus - config.num_workers))
     node = ray.get_runtime_context().get_node_id()
     write_json(run_dir / "trial.json", {"trial_id": context.get_trial_id(), "name": run_name,
                                         "params": sampled, "node_id": node,
@@ -94,8 +111,17 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str) -
         # predate that): its decision stands, the trial is not trained further.
         report_recorded(run_dir, report)
         return
+    # What an earlier trial of this actor left behind: its GPU memory, compiled graphs (a new
+    # model would otherwise recompile until torch.compile's cache limit turns compiling off).
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if config.compile:
+        torch._dynamo.reset()
     # The search owns the folder (its lock); a retried trial takes over its own run folder.
-    result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch), lock=False)
+    with warnings.catch_warnings():  # a fresh registry: this trial's warnings are shown too
+        result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch),
+                       lock=False, checked=checked)
     if not reported and result.best_metrics:
         # Restored after its last epoch had finished: tell Tune the final state once.
         report_recorded(run_dir, report)
