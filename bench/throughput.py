@@ -20,7 +20,7 @@ from headernet_core.backbones import create_backbone
 from headernet_core.config import TrainConfig
 from headernet_core.data import normalize
 from headernet_core.model import build_classifier, build_optimizer
-from headernet_core.train import resolve_amp
+from headernet_core.trainer import resolve_amp
 
 
 def measure(args: argparse.Namespace, checkpointing: bool) -> dict:

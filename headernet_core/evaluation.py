@@ -23,7 +23,7 @@ from .errors import CliParser, fail, run_cli
 from .losses import build_loss
 from .metrics import classification_metrics
 from .model import HeaderClassifier
-from .train import make_loader, predict, predictions_frame, resolve_amp, resolve_devices
+from .trainer import make_loader, predict, predictions_frame, resolve_amp, resolve_devices
 
 
 def load_classifier(checkpoint: str | Path) -> tuple[HeaderClassifier, TrainConfig, dict]:

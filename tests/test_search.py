@@ -111,7 +111,7 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
         assert (search_dir / name).is_file()
 
     # the best trial's checkpoint reproduces its reported metric
-    from headernet_core.evaluate import evaluate
+    from headernet_core.evaluation import evaluate
     best = summary["best_trial"]
     metrics, _ = evaluate(best["checkpoint_abs"], tiny_data["val_csv"])
     assert metrics["val_f1"] == pytest.approx(best["objective"], abs=1e-6)
@@ -285,6 +285,6 @@ def test_readme_demo_search(tmp_path):
     assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
     assert "best trial" in result.stdout and summary["best_trial"]["checkpoint_abs"] in result.stdout
     # the best checkpoint, evaluated on its own, reproduces the reported objective
-    from headernet_core.evaluate import evaluate
+    from headernet_core.evaluation import evaluate
     metrics, _ = evaluate(summary["best_trial"]["checkpoint_abs"], tmp_path / "demo_data" / "splits" / "val.csv")
     assert metrics["val_f1"] == pytest.approx(summary["best_trial"]["objective"], abs=1e-6)

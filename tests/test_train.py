@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from headernet_core.evaluate import evaluate, load_classifier
+from headernet_core.evaluation import evaluate, load_classifier
 from headernet_core.errors import HeaderNetError
-from headernet_core.train import LEADING_COLUMNS, main, prepare, train
+from headernet_core.trainer import LEADING_COLUMNS, main, prepare, train
 
 REPO = Path(__file__).resolve().parents[1]
 

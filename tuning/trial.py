@@ -49,7 +49,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str) -
     import torch
     from ray import tune
 
-    from headernet_core.train import train
+    from headernet_core.trainer import train
 
     context = tune.get_context()
     run_name = Path(context.get_trial_dir()).name
