@@ -7,8 +7,10 @@ CLIs run their body through `run_cli`, which prints `error: <message>` and exits
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Callable, NoReturn
+import warnings
+from typing import Callable, Iterator, NoReturn
 
 EXIT_BAD_INPUT = 2
 
@@ -22,10 +24,24 @@ def fail(message: str) -> NoReturn:
     raise HeaderNetError(message)
 
 
-def run_cli(main: Callable[[], object]) -> None:
-    """Run a CLI body: `HeaderNetError` becomes one stderr line and exit code 2."""
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show Python warnings as `warning: <message>` (one line, no source location) while a CLI
+    runs: they are messages to the user, not to the developer of the line that warned."""
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {' '.join(str(message).split())}\n"
     try:
-        main()
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a CLI body: `HeaderNetError` becomes one stderr line and exit code 2; warnings are
+    one line each."""
+    try:
+        with one_line_warnings():
+            main()
     except HeaderNetError as exc:
         message = " ".join(str(exc).split())  # always one line
         print(f"error: {message}", file=sys.stderr)

@@ -293,7 +293,7 @@ def test_every_bad_input_is_one_clear_line_and_writes_nothing(tiny_data, tmp_pat
 
 
 def test_settings_a_frozen_backbone_ignores_are_warned_about(tiny_config):
-    for flags, fragment in (({"layer_decay": 0.75}, "--layer_decay has no effect"),
+    for flags, fragment in (({"layer_decay": 0.75}, "--layer_decay 0.75 has no effect"),
                             ({"gradient_checkpointing": True}, "--gradient_checkpointing has no effect")):
         with pytest.warns(UserWarning, match=fragment):
             prepare(tiny_config(finetune_mode="frozen", **flags))

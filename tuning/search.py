@@ -27,7 +27,7 @@ from headernet_core.errors import CliParser, fail, run_cli
 
 from .space import SearchSpace, find_space_file, load_space
 from .summary import TrialRecord, best_record, format_bytes, write_summary
-from .trial import OBJECTIVE, SCHEDULER_STOP, run_trial, trial_dirname
+from .trial import OBJECTIVE, SCHEDULER_STOP, run_trial, search_warnings, trial_dirname
 
 # Trainer keys holding paths: made absolute in the driver, because Ray runs each trial in its
 # own working directory (and on other machines with the same shared paths).
@@ -424,6 +424,8 @@ def run_search(args: SearchArgs) -> int:
             "cwd": str(Path.cwd()), "args": shaping_flags(args)})
         write_text(search_dir / "space.yaml", space_file.read_text())
     print(space.describe())
+    for line in search_warnings(space, search_dir):
+        print(f"warning: {line}")
     print(f"search folder: {search_dir}")
 
     import ray

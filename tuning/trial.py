@@ -32,6 +32,57 @@ def trial_dirname(trial: Any) -> str:
     return "".join(c if c.isalnum() or c in "._=-" else "_" for c in name)[:120]
 
 
+def replaced_settings(space: SearchSpace, search_dir: str | Path) -> list[str]:
+    """One line per trainer setting of the space that `run_trial` replaces in every trial
+    (how and why), for the search to print once. Settings the space leaves at the trainer's
+    default are not mentioned."""
+    given = dict(space.trainer)
+    searched = {p.name for p in space.params}
+    cpus = max(1, int(space.resources.get("cpu", 1)))
+    lines = [f"search.{key} is replaced in every trial, see below" for key in sorted(searched)
+             if key in TRIAL_REPLACED]
+    if given.get("select_metric", space.metric) != space.metric:
+        lines.append(f"select_metric {given['select_metric']} is replaced by {space.metric} in "
+                     f"trials: a trial's best epoch is the one with the best search objective")
+    if given.get("num_workers", 0) > cpus - 1:
+        lines.append(f"num_workers {given['num_workers']} becomes {cpus - 1} in trials: "
+                     f"resources.cpu {cpus:g} leaves {cpus - 1} core(s) beside the training thread")
+    if given.get("gpus"):
+        lines.append(f"gpus {' '.join(map(str, given['gpus']))} is replaced in trials: Ray gives each "
+                     f"trial its own GPUs (resources.gpu)")
+    if given.get("progress"):
+        lines.append("progress is off in trials: per-batch bars would interleave in the search console")
+    root = given.get("output_root")
+    if root and Path(root).absolute() != Path(search_dir).absolute().parent:
+        lines.append(f"output_root {root} is not used: trials write into the search folder {search_dir}")
+    return lines
+
+
+def search_warnings(space: SearchSpace, search_dir: str | Path) -> list[str]:
+    """Every warning the search's trials would give about their settings, once: the settings
+    trials replace, then `ignored_settings` over each combination of choices (the trials log
+    their own copy into their folders)."""
+    from headernet_core.config import TrainConfig, ignored_settings
+
+    lines = replaced_settings(space, search_dir)
+    where: dict[str, list[str]] = {}
+    combos = 0
+    for sampled, values in space.combinations():
+        combos += 1
+        choices = " ".join(f"{p.name}={sampled[p.name]}" for p in space.params
+                           if p.kind == "choice" and p.name in sampled)
+        for line in ignored_settings(TrainConfig.from_dict(values, source=str(space.path))):
+            where.setdefault(line, []).append(choices)
+    for line, places in where.items():
+        lines.append(line if len(places) == combos or not places[0] else
+                     f"{line} (trials with {' / '.join(dict.fromkeys(places))})")
+    return lines
+
+
+# The trainer keys run_trial sets itself (see replaced_settings for how).
+TRIAL_REPLACED = ("select_metric", "num_workers", "gpus", "cpu", "progress", "output_root")
+
+
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.1e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3) else f"{value:.3g}"
