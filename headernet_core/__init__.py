@@ -23,6 +23,7 @@ _EXPORTS = {
     "TrainResult": "headernet_core.trainer",
     "evaluate": "headernet_core.evaluation",
     "load_classifier": "headernet_core.evaluation",
+    "predict": "headernet_core.prediction",
     "load_backbone": "headernet_core.backbones",
     "create_backbone": "headernet_core.backbones",
 }

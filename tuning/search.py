@@ -33,6 +33,9 @@ from .trial import OBJECTIVE, SCHEDULER_STOP, run_trial, search_warnings, trial_
 # own working directory (and on other machines with the same shared paths).
 PATH_KEYS = ("train_csv", "val_csv", "backbone_ckpt", "checkpoint_root", "output_root")
 SEARCH_RECORD = "search.json"   # how the search was started, so --resume rebuilds the same space
+STUDY_FILE = "optuna_study.log"  # the Optuna study (journal storage): optuna-dashboard <this file>
+# The demo dataset the README's commands make: 10 matches (2 held out as test, 2 for val).
+DEMO_MATCHES, DEMO_TEST_SPLIT = 10, 0.2
 
 
 @dataclasses.dataclass
@@ -48,6 +51,9 @@ class SearchArgs:
     storage_path: str | None
     resume: bool
     keep_checkpoints: str | None
+    retrain_best: int | None = None
+    test_csv: str | None = None
+    verbose: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> SearchArgs:
@@ -67,6 +73,13 @@ def parse_args(argv: Sequence[str] | None) -> SearchArgs:
     parser.add_argument("--keep_checkpoints", choices=("all", "best_trial"),
                         help="all (default): best+last of every trial; best_trial: delete the other "
                              "trials' weights at the end (--resume keeps the search's choice)")
+    parser.add_argument("--retrain_best", type=int, metavar="EPOCHS",
+                        help="after the search, train the best config for EPOCHS as <search>/final/ "
+                             "(overrides the space's retrain.epochs; 0: no retrain)")
+    parser.add_argument("--test_csv", help="held-out CSV the retrained model is scored on, at the "
+                                           "threshold chosen on validation (overrides retrain.test_csv)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own console (per-trial result boxes, every trial's output)")
     return SearchArgs(**vars(parser.parse_args(argv)))
 
 
@@ -90,6 +103,22 @@ def resolve_space(args: SearchArgs, saved: dict[str, Any] | None) -> SearchSpace
     return absolute_paths(space, Path.cwd())
 
 
+def with_retrain_flags(space: SearchSpace, args: SearchArgs) -> SearchSpace:
+    """--retrain_best/--test_csv over the space's `retrain` section (not part of what --resume
+    must repeat: they act after the search). A test CSV alone keeps the space's epochs."""
+    retrain = dict(space.retrain)
+    if args.retrain_best is not None:
+        if args.retrain_best < 0:
+            fail(f"--retrain_best must be >= 0 epochs, got {args.retrain_best}")
+        retrain = {"train_on_val": False, "test_csv": None, **retrain, "epochs": args.retrain_best}
+    if args.test_csv is not None:
+        if not retrain.get("epochs"):
+            fail("--test_csv scores the retrained best config: add --retrain_best EPOCHS "
+                 "(or a retrain section in the space)")
+        retrain["test_csv"] = str(Path(args.test_csv).expanduser().absolute())
+    return dataclasses.replace(space, retrain=retrain if retrain.get("epochs") else {})
+
+
 def absolute_paths(space: SearchSpace, base: Path) -> SearchSpace:
     """PATH_KEYS in the fixed settings, in path-valued choices and in choices' overrides."""
     def fix(key: str, value: Any) -> Any:
@@ -108,7 +137,10 @@ def absolute_paths(space: SearchSpace, base: Path) -> SearchSpace:
     # The trainer's default checkpoint_root is relative too: pin it to where the search started,
     # not to whatever working directory Ray gives a trial.
     trainer.setdefault("checkpoint_root", fix("checkpoint_root", TrainConfig().checkpoint_root))
-    return dataclasses.replace(space, trainer=trainer, params=params)
+    retrain = dict(space.retrain)
+    if retrain.get("test_csv"):
+        retrain["test_csv"] = str((base / Path(retrain["test_csv"]).expanduser()).absolute())
+    return dataclasses.replace(space, trainer=trainer, params=params, retrain=retrain)
 
 
 def prepare_demo_data(space: SearchSpace) -> None:
@@ -117,19 +149,22 @@ def prepare_demo_data(space: SearchSpace) -> None:
     if not space.demo_data or not train_csv or (Path(train_csv).is_file() and Path(val_csv).is_file()):
         return
     from headernet_core.demo_data import generate
-    from headernet_core.split_dataset import split_frame, write_csv
+    from headernet_core.split_dataset import relative_to, split_parts, write_csv
     import pandas as pd
 
     folder = Path(space.demo_data).absolute()
     print(f"demo dataset missing: generating it in {folder} (once)")
     csv = folder / "raw" / "all_clips.csv"
     if not csv.is_file():  # the CSV is written last: without it the folder is incomplete
-        csv = generate(folder / "raw", seed=0, overwrite=True)
+        csv = generate(folder / "raw", seed=0, overwrite=True, matches=DEMO_MATCHES)
     frame = pd.read_csv(csv)
-    frame["path"] = [str((csv.parent / p).absolute()) for p in frame["path"]]
-    train, val = split_frame(frame, 0.2, seed=42, group=True)  # split_dataset's defaults
-    write_csv(train, Path(train_csv))
-    write_csv(val, Path(val_csv))
+    # The README's split command, in-process: paths relative to the split CSVs' folder
+    frame["path"] = [relative_to(csv.parent / p, Path(train_csv).parent) for p in frame["path"]]
+    test_csv = space.retrain.get("test_csv")
+    parts = split_parts(frame, 0.2, DEMO_TEST_SPLIT if test_csv else None, seed=42, group=True)
+    for name, path in (("train", train_csv), ("val", val_csv), ("test", test_csv)):
+        if name in parts:
+            write_csv(parts[name], Path(path))
 
 
 def check_data(space: SearchSpace) -> None:
@@ -143,6 +178,9 @@ def check_data(space: SearchSpace) -> None:
         if key == "train_csv":
             check_has_both_classes(frame, path)
         check_clips(frame, path)
+    test_csv = space.retrain.get("test_csv")
+    if test_csv:  # scored after the search: a missing file must not surface hours from now
+        check_clips(read_split(test_csv, "test"), test_csv)
 
 
 def check_checkpoints(space: SearchSpace) -> None:
@@ -274,22 +312,39 @@ def start_ray(address: str | None) -> None:
              log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
-def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None):
+def study_storage(search_dir: Path):
+    """The Optuna study's storage: a journal file in the search folder (append-only, safe on
+    NFS; `optuna.load_study(storage=...)` and `optuna-dashboard <file>` read it live)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(search_dir / STUDY_FILE)))
+
+
+def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None,
+                verbose: bool = False):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from .console import console_run_config
     from .scheduler import RecordingASHA
 
+    console = console_run_config(metric=space.metric, mode=space.mode,
+                                 params=[p.name for p in space.params], search_dir=search_dir,
+                                 max_failures=space.max_failures, verbose=verbose)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, space=space, search_dir=str(search_dir)),
+        tune.with_parameters(run_trial, space=space, search_dir=str(search_dir), quiet=not verbose),
         {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)})
     if saved is not None:
+        # Tune restores the searcher (its study is the same journal file) and the RunConfig,
+        # console included, as the search started.
         return tune.Tuner.restore(str(search_dir), trainable=trainable,
                                   resume_unfinished=True, resume_errored=True)
     searcher = OptunaSearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
-                            sampler=tpe_sampler(space.seed))
+                            sampler=tpe_sampler(space.seed, space.startup_trials),
+                            storage=study_storage(search_dir), study_name=search_dir.name)
     if space.scheduler.get("type") == "asha":
         scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
                                   grace_period=space.scheduler["grace_period"],
@@ -305,7 +360,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
                                     trial_name_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=search_dir.name, storage_path=str(search_dir.parent),
-            callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+            **{**console, "callbacks": [CSVLoggerCallback(), JsonLoggerCallback(), *console["callbacks"]]},
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Tune checkpoints are tiny progress markers (weights live in each run folder);
             # keeping them all avoids restoring from one that was already deleted.
@@ -364,18 +419,20 @@ def _one_line(error: BaseException) -> str:
     return type(error).__name__
 
 
-def tpe_sampler(seed: int):
+def tpe_sampler(seed: int, startup_trials: int = 10):
     """Seeded multivariate TPE with `group=True`: conditional parameters (e.g. `lr_backbone`
     only where the backbone trains) are modelled per branch instead of being treated as
-    independent. Both options are marked experimental in Optuna; the warning says nothing the
-    user can act on, so it is kept off the console."""
+    independent. The first `startup_trials` trials are random (Optuna's n_startup_trials).
+    Both options are marked experimental in Optuna; the warning says nothing the user can act
+    on, so it is kept off the console."""
     import warnings
 
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          n_startup_trials=startup_trials)
 
 
 def prune_checkpoints(search_dir: Path, records: list[TrialRecord], best: TrialRecord | None) -> None:

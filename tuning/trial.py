@@ -9,6 +9,7 @@ state is the run folder's `checkpoints/last.pt`, which a retried or restored tri
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -94,13 +95,19 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and math.isfinite(float(v))}
 
 
-def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str) -> None:
-    """The Tune function trainable (wrapped with `tune.with_parameters`)."""
+def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
+              quiet: bool = False) -> None:
+    """The Tune function trainable (wrapped with `tune.with_parameters`). `quiet`: no INFO
+    lines from Ray Train's storage layer ("Checkpoint successfully created" per epoch) reach
+    the search's console; warnings and errors still do."""
     import ray
     import torch
     from ray import tune
 
     from headernet_core.trainer import train
+
+    if quiet:
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     context = tune.get_context()
     run_name = Path(context.get_trial_dir()).name
