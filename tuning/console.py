@@ -1,18 +1,19 @@
 """What a search prints while it runs: one line per trial event and a compact periodic table.
 
 Built only from Ray Tune's own extension points (no scraping of Ray's output):
-- `TrialEvents` (a `tune.Callback`): `[m:ss] t003 started | epoch 2/4 <metric> ... | stopped early
+- `TrialEvents` (a `tune.Callback`): `[m:ss] t003 started | epoch 2 <metric> ... | stopped early
   | finished | failed`, with the short `tNNN` name of the trial's folder (`trial.trial_dirname`)
-  and the search's best so far.
+  and the search's best so far. An epoch that ends its trial says so on its own line.
 - `CompactTable` (a `tune.ProgressReporter`, the legacy reporter API that Ray honours when
-  `RAY_AIR_NEW_OUTPUT=0`): at most every `TABLE_EVERY_S` seconds and only when something
-  changed, the running trials and the best ones, with their searched params, epoch, objective
-  and the search's best so far in launch order.
+  `RAY_AIR_NEW_OUTPUT=0`): after every `TABLE_EVERY_EVENTS` events (at most once a minute), the
+  running trials and the best ones, with their searched params, epoch, objective and the
+  search's best so far in launch order.
 - Everything else is kept quiet with Ray's own switches: `RunConfig(verbose=1)` of the legacy
-  output (no per-trial boxes), `log_to_file` (each trial's stdout/stderr, the trainer's epoch
-  lines and warnings, go to `stdout`/`stderr` in its folder), and the worker's `ray.train` logger
-  at WARNING (no "Checkpoint successfully created"; `tuning.trial.run_trial(quiet=True)`).
-  Optuna's INFO lines are off in the driver.
+  output (no per-trial boxes); in each trial (`tuning.trial.run_trial(quiet=True)`) its
+  stdout/stderr (the trainer's epoch lines and warnings) go to `train.log` in its folder and
+  the worker's `ray.train` logger is at WARNING (no "Checkpoint successfully created"). Ray's
+  `log_to_file` is not used: it tees, the console still gets every line. Optuna's INFO lines
+  are off in the driver.
 
 `--verbose` restores Ray's default console (new output engine, per-trial result boxes, trial
 output forwarded to the driver) and keeps the event lines.
@@ -29,21 +30,12 @@ from typing import Any, Sequence, TextIO
 import optuna
 from ray import tune
 
-from .trial import SCHEDULER_STOP, trial_dirname
+from .trial import SCHEDULER_STOP, one_line_error, trial_dirname
 
-TABLE_EVERY_S = 60.0        # the table at most this often (each event already has its line)
-TABLE_TOP = 3               # finished trials shown besides the running ones: the best few
-
-
-def one_line_error(error: BaseException | str | None) -> str:
-    """Ray wraps trial errors in tracebacks; keep the innermost message, on one line."""
-    if error is None:
-        return "unknown error"
-    text = str(error).strip().splitlines()
-    for line in reversed(text):
-        if line.strip() and not line.startswith(" "):
-            return line.strip()[:500]
-    return type(error).__name__
+TABLE_EVERY_EVENTS = 20     # the table after this many event lines (trial starts and epochs),
+TABLE_MIN_GAP_S = 60.0      # and at most once a minute: a recap of what scrolled by, as often
+                            # in a fast demo as in a slow search, whatever the machine's speed
+TABLE_TOP = 2               # finished trials shown besides the running ones: the best few
 
 
 def short_name(trial: Any) -> str:
@@ -103,6 +95,7 @@ class TrialEvents(_Console, tune.Callback):
         self.max_failures = max_failures
         self.best: tuple[str, float] | None = None
         self.failures: dict[str, int] = {}
+        self.ended: set[str] = set()
 
     def setup(self, **info) -> None:
         self.start = time.time()       # also on --resume, where Tune restores this object
@@ -118,6 +111,7 @@ class TrialEvents(_Console, tune.Callback):
         self._line(trial, f"started   {params}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info) -> None:
+        """An epoch; when the scheduler ends the trial with it (`done`), its end too."""
         epoch = int(result.get("epoch", 0))
         value, objective = _finite(result.get(self.metric)), _finite(result.get("objective"))
         text = f"epoch {epoch}  {self.metric} {format_value(value) if value is not None else '-'}"
@@ -127,17 +121,23 @@ class TrialEvents(_Console, tune.Callback):
             text += "  * search best"
         elif self.best:
             text += f"  (search best {format_value(self.best[1])}, {self.best[0]})"
+        if result.get("done"):
+            self.ended.add(trial.trial_id)
+            text += f"  -> {self._ending(trial, epoch)}"
         self._line(trial, text)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        result = trial.last_result or {}
-        epoch = int(result.get("epoch", 0))
+        if trial.trial_id in self.ended:     # said with its last epoch
+            return
+        epoch = int((trial.last_result or {}).get("epoch", 0))
         objective = self._objective(trial)
         shown = f"{self.metric} {format_value(objective)}" if objective is not None else "no epoch"
+        self._line(trial, f"{self._ending(trial, epoch)}: best {shown}")
+
+    def _ending(self, trial: Any, epoch: int) -> str:
         if Path(self.search_dir, Path(trial.path).name, SCHEDULER_STOP).is_file():
-            self._line(trial, f"stopped early by ASHA after epoch {epoch}: best {shown}")
-        else:
-            self._line(trial, f"finished after epoch {epoch}: best {shown}")
+            return f"stopped early by ASHA after epoch {epoch}"
+        return f"finished after epoch {epoch}"
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info) -> None:
         count = self.failures[trial.trial_id] = self.failures.get(trial.trial_id, 0) + 1
@@ -152,12 +152,13 @@ class CompactTable(_Console, tune.ProgressReporter):
     """The periodic table (see the module docstring)."""
 
     def __init__(self, metric: str, mode: str, params: Sequence[str], search_dir: str | Path,
-                 every_s: float = TABLE_EVERY_S, out: TextIO | None = None) -> None:
+                 every_events: int = TABLE_EVERY_EVENTS, min_gap_s: float = TABLE_MIN_GAP_S,
+                 out: TextIO | None = None) -> None:
         super().__init__(metric, mode, params, search_dir, out)
-        self.every_s = every_s
+        self.every_events, self.min_gap_s = every_events, min_gap_s
         self.total: int | None = None
         self.last_time = time.time()
-        self.last_state: tuple = ()
+        self.seen: dict[str, int] = {}      # trial id -> events counted at the last table
 
     def setup(self, start_time: float | None = None, total_samples: int | None = None,
               metric: str | None = None, mode: str | None = None, **kwargs) -> None:
@@ -165,18 +166,21 @@ class CompactTable(_Console, tune.ProgressReporter):
         self.start = self.last_time = start_time or time.time()
 
     @staticmethod
-    def _state(trials: list) -> tuple:
-        return tuple((t.trial_id, t.status, (t.last_result or {}).get("epoch")) for t in trials)
+    def _events(trials: list) -> dict[str, int]:
+        """Per trial, the event lines it has caused: its start and one per epoch."""
+        return {t.trial_id: int(t.status != "PENDING") + int((t.last_result or {}).get("epoch", 0))
+                for t in trials}
 
     def should_report(self, trials: list, done: bool = False) -> bool:
-        """Every `every_s` while something changed; never at the end (the search prints its
-        own result) nor while nothing has started."""
-        if done or not any(t.status != "PENDING" for t in trials):
+        """After `every_events` new events, at most every `min_gap_s`; never at the end (the
+        search prints its own result)."""
+        if done or time.time() - self.last_time < self.min_gap_s:
             return False
-        return time.time() - self.last_time >= self.every_s and self._state(trials) != self.last_state
+        now = self._events(trials)
+        return sum(n - self.seen.get(k, 0) for k, n in now.items()) >= self.every_events
 
     def report(self, trials: list, done: bool, *sys_info: str) -> None:
-        self.last_time, self.last_state = time.time(), self._state(trials)
+        self.last_time, self.seen = time.time(), self._events(trials)
         self.emit("\n".join(self.table(trials)))
 
     def table(self, trials: list) -> list[str]:
@@ -206,7 +210,7 @@ class CompactTable(_Console, tune.ProgressReporter):
             objective = _finite(result.get("objective"))
             rows.append([short_name(trial), trial.status.lower(),
                          *[format_value(trial.config.get(p, "-")) for p in self.params],
-                         str(result.get("epoch", "-")),
+                         str(int(result["epoch"])) if "epoch" in result else "-",
                          format_value(objective) if objective is not None else "-",
                          format_value(running_best) if running_best is not None else "-"])
         widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
@@ -228,6 +232,6 @@ def console_run_config(*, metric: str, mode: str, params: Sequence[str], search_
         return {"callbacks": [events], "verbose": 1}
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return {"callbacks": [events], "verbose": 1, "log_to_file": True,
+    return {"callbacks": [events], "verbose": 1,
             "progress_reporter": CompactTable(metric, mode, params, search_dir)}
 

@@ -27,7 +27,8 @@ from headernet_core.errors import CliParser, fail, run_cli
 
 from .space import SearchSpace, find_space_file, load_space
 from .summary import TrialRecord, best_record, format_bytes, write_summary
-from .trial import OBJECTIVE, SCHEDULER_STOP, run_trial, search_warnings, trial_dirname
+from .trial import (OBJECTIVE, SCHEDULER_STOP, one_line_error, run_trial, search_warnings,
+                    trial_dirname)
 
 # Trainer keys holding paths: made absolute in the driver, because Ray runs each trial in its
 # own working directory (and on other machines with the same shared paths).
@@ -376,7 +377,7 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
         best = _read_json(folder / "best_metrics.json")
         error = None
         if result.error is not None:
-            state, error = "failed", _one_line(result.error)
+            state, error = "failed", one_line_error(result.error)
         elif status == "finished":
             state = "finished"
         elif (folder / SCHEDULER_STOP).is_file():
@@ -408,15 +409,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _one_line(error: BaseException) -> str:
-    """Ray wraps trial errors; keep the innermost message on one line."""
-    text = str(error).strip().splitlines()
-    for line in reversed(text):
-        if line.strip() and not line.startswith(" "):
-            return line.strip()[:500]
-    return type(error).__name__
 
 
 def tpe_sampler(seed: int, startup_trials: int = 10):
@@ -466,7 +458,10 @@ def run_search(args: SearchArgs) -> int:
         if args.keep_checkpoints is None:
             args.keep_checkpoints = saved.get("args", {}).get("keep_checkpoints")
     args.keep_checkpoints = args.keep_checkpoints or "all"
-    space = resolve_space(args, saved)
+    space = with_retrain_flags(resolve_space(args, saved), args)
+    verbose = bool(saved.get("verbose")) if saved is not None else args.verbose
+    if saved is not None and args.verbose != verbose:
+        print(f"note: a resumed search keeps the console it started with ({'--verbose' if verbose else 'compact'})")
     prepare_demo_data(space)
     check_data(space)
     check_checkpoints(space)
@@ -478,19 +473,19 @@ def run_search(args: SearchArgs) -> int:
             "space_file": str(space_file), "space_yaml": space_file.read_text(),
             "sets": [*args.sets, *[f"{k}={v}" for k, v in space.trainer.items() if k in PATH_KEYS]],
             "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-            "cwd": str(Path.cwd()), "args": shaping_flags(args)})
+            "cwd": str(Path.cwd()), "args": shaping_flags(args), "verbose": args.verbose})
         write_text(search_dir / "space.yaml", space_file.read_text())
     print(space.describe())
     for line in search_warnings(space, search_dir):
         print(f"warning: {line}")
-    print(f"search folder: {search_dir}")
+    print(f"search folder: {search_dir}  (live study: optuna-dashboard {search_dir / STUDY_FILE})")
 
     import ray
     start_ray(args.address)
     try:
         if args.address:
             check_cluster_gpus(space)
-        tuner = build_tuner(space, search_dir, saved)
+        tuner = build_tuner(space, search_dir, saved, verbose)
         results = tuner.fit()
         done = results.num_terminated + results.num_errors
         interrupted = done < space.num_samples
@@ -513,6 +508,11 @@ def run_search(args: SearchArgs) -> int:
     print_result(search_dir, space, records, best, size, notes)
     if interrupted:
         return 130
+    if best is not None and space.retrain:
+        from .retrain import DEVICE_KEYS, retrain
+        retrain(search_dir, epochs=space.retrain["epochs"], test_csv=space.retrain.get("test_csv"),
+                train_on_val=space.retrain.get("train_on_val", False),
+                devices={k: v for k, v in space.trainer.items() if k in DEVICE_KEYS})
     if records and all(r.status == "failed" for r in records):
         print(f"every trial failed: see the errors in {search_dir / 'summary.md'}", file=sys.stderr)
         return 1

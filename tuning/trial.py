@@ -8,13 +8,15 @@ state is the run folder's `checkpoints/last.pt`, which a retried or restored tri
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from headernet_core.artifacts import write_json
 
@@ -22,6 +24,7 @@ from .space import SearchSpace
 
 OBJECTIVE = "objective"
 SCHEDULER_STOP = "scheduler_stop.json"  # in a trial folder: ASHA stopped it (tuning/scheduler.py)
+TRIAL_LOG = "train.log"                  # in a trial folder: the trainer's output (compact console)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -84,6 +87,17 @@ def search_warnings(space: SearchSpace, search_dir: str | Path) -> list[str]:
 TRIAL_REPLACED = ("select_metric", "num_workers", "gpus", "cpu", "progress", "output_root")
 
 
+def one_line_error(error: BaseException | str | None) -> str:
+    """Ray wraps trial errors in tracebacks; keep the innermost message, on one line."""
+    if error is None:
+        return "unknown error"
+    text = str(error).strip().splitlines()
+    for line in reversed(text):
+        if line.strip() and not line.startswith(" "):
+            return line.strip()[:500]
+    return type(error).__name__
+
+
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.1e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3) else f"{value:.3g}"
@@ -95,11 +109,32 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and math.isfinite(float(v))}
 
 
+def _quiet_teardown(unraisable: Any) -> None:
+    """Ray ends a finished trial's actor with SIGTERM, whose handler raises SystemExit inside
+    whatever finalizer runs then; Python prints that as "Exception ignored in ..." (nine lines
+    of a harmless traceback per trial). Drop those; report any other unraisable as usual."""
+    if not isinstance(unraisable.exc_value, SystemExit):
+        sys.__unraisablehook__(unraisable)
+
+
+@contextlib.contextmanager
+def trial_output(run_dir: Path, quiet: bool) -> Iterator[None]:
+    """`quiet`: the trial's stdout and stderr (the trainer's lines, its warnings) go to
+    `<run_dir>/train.log` instead of being forwarded to the search's console by Ray."""
+    if not quiet:
+        yield
+        return
+    with open(run_dir / TRIAL_LOG, "a", buffering=1) as stream, \
+            contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        yield
+
+
 def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
               quiet: bool = False) -> None:
-    """The Tune function trainable (wrapped with `tune.with_parameters`). `quiet`: no INFO
-    lines from Ray Train's storage layer ("Checkpoint successfully created" per epoch) reach
-    the search's console; warnings and errors still do."""
+    """The Tune function trainable (wrapped with `tune.with_parameters`). `quiet`: the
+    trainer's output goes to the trial's train.log (`trial_output`) and Ray Train's storage
+    layer logs no INFO lines ("Checkpoint successfully created" per epoch); Ray's own warnings
+    and errors still reach the console."""
     import ray
     import torch
     from ray import tune
@@ -108,6 +143,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
 
     if quiet:
         logging.getLogger("ray.train").setLevel(logging.WARNING)
+        sys.unraisablehook = _quiet_teardown
 
     context = tune.get_context()
     run_name = Path(context.get_trial_dir()).name
@@ -147,7 +183,8 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
             tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(tmp))
         reported = True
 
-    result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch))
+    with trial_output(run_dir, quiet):
+        result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch))
     if not reported and result.best_metrics:
         # Restored after its last epoch had finished: tell Tune the final state once.
         last_row = json.loads((run_dir / "best_metrics.json").read_text())
