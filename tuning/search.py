@@ -161,11 +161,10 @@ def prepare_demo_data(space: SearchSpace) -> None:
     frame = pd.read_csv(csv)
     # The README's split command, in-process: paths relative to the split CSVs' folder
     frame["path"] = [relative_to(csv.parent / p, Path(train_csv).parent) for p in frame["path"]]
-    test_csv = space.retrain.get("test_csv")
-    parts = split_parts(frame, 0.2, DEMO_TEST_SPLIT if test_csv else None, seed=42, group=True)
+    test_csv = space.retrain.get("test_csv") or Path(train_csv).with_name("test.csv")
+    parts = split_parts(frame, 0.2, DEMO_TEST_SPLIT, seed=42, group=True)
     for name, path in (("train", train_csv), ("val", val_csv), ("test", test_csv)):
-        if name in parts:
-            write_csv(parts[name], Path(path))
+        write_csv(parts[name], Path(path))
 
 
 def check_data(space: SearchSpace) -> None:
