@@ -90,7 +90,7 @@ def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_pa
     assert [t["status"] for t in summary["trials"]] == ["finished"] * 4, summary["trials"]
 
     # the console: event lines with tNNN names and the objective, Ray's chatter kept out
-    for fragment in ("t001 started", "t004 started", "t001 epoch 1  val_f1", "-> finished after epoch 2"):
+    for fragment in ("t001 started", "t004 started", "t001 epoch 1  val_f1", "t001 finished after epoch 2: best val_f1"):
         assert fragment in console, fragment
     assert console.count("warning: progress is off in trials") == 1
     for noise in ("Checkpoint successfully created", "run_trial pid", "Trial status:", "╭"):
@@ -159,7 +159,8 @@ def test_the_study_file_opens_in_optuna_dashboard(tmp_path):
 
 
 def test_a_resumed_search_continues_the_same_study(tiny_data, tmp_path):
-    """Ctrl-C after the first trial, then --resume: the study file holds every trial once."""
+    """Ctrl-C after the first trial, then --resume: the study file holds every trial once.
+    (Started with --verbose: Ray's own console, which the resumed search keeps.)"""
     space = write_space(tmp_path / "space.yaml", trainer={
         **TINY, "epochs": 2, "cpu": True, "progress": False, "output_root": str(tmp_path / "out"),
         "train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"])},
@@ -167,8 +168,8 @@ def test_a_resumed_search_continues_the_same_study(tiny_data, tmp_path):
     search_dir = tmp_path / "out" / "journey"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "tuning.search", "--space", str(space)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([*cmd, "--verbose"], cwd=tmp_path, env=env, start_new_session=True,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
@@ -184,11 +185,14 @@ def test_a_resumed_search_continues_the_same_study(tiny_data, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output[-3000:]
+    assert "Trial status:" in output and "run_trial pid" in output   # Ray's console, trial output
+    assert "t001 started" in output                                  # and the event lines
     before = load_study(search_dir)
     assert 1 <= len(before.trials) <= 3
     resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "keeps the console it started with (--verbose)" in resumed.stdout
     study = load_study(search_dir)
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert study.study_name == before.study_name == "journey"
