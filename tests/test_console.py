@@ -21,9 +21,14 @@ def fake_trial(tmp_path: Path, index: int, status: str = "RUNNING", epoch: int |
     name = f"t{index:03d}_lr_head={lr:.1e}"
     (tmp_path / name).mkdir(exist_ok=True)
     result = {} if epoch is None else {"epoch": float(epoch), "val_f1": objective, "objective": objective}
+    error_file = None
+    if error is not None:
+        error_file = tmp_path / name / "error.txt"
+        error_file.write_text(error)
     return SimpleNamespace(experiment_tag=f"{index}_lr_head={lr}", config={"lr_head": lr},
                            trial_id=f"id{index}", status=status, last_result=result,
-                           path=str(tmp_path / name), get_error=lambda: error)
+                           path=str(tmp_path / name), error_file=error_file and str(error_file),
+                           get_error=lambda: None)
 
 
 def test_one_line_per_trial_event(tmp_path):
@@ -83,9 +88,11 @@ def test_the_table_is_compact_and_comes_after_enough_events(tmp_path):
 
 def test_console_setup_uses_rays_legacy_reporter_unless_verbose(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    monkeypatch.delenv("TUNE_PRINT_ALL_TRIAL_ERRORS", raising=False)
     quiet = console_run_config(metric="val_f1", mode="max", params=["lr_head"], search_dir=tmp_path,
                                max_failures=0, verbose=False)
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0" and isinstance(quiet["progress_reporter"], CompactTable)
+    assert os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] == "0"
     assert quiet["verbose"] == 1 and isinstance(quiet["callbacks"][0], TrialEvents)
     loud = console_run_config(metric="val_f1", mode="max", params=["lr_head"], search_dir=tmp_path,
                               max_failures=0, verbose=True)

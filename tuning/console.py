@@ -11,9 +11,10 @@ Built only from Ray Tune's own extension points (no scraping of Ray's output):
 - Everything else is kept quiet with Ray's own switches: `RunConfig(verbose=1)` of the legacy
   output (no per-trial boxes); in each trial (`tuning.trial.run_trial(quiet=True)`) its
   stdout/stderr (the trainer's epoch lines and warnings) go to `train.log` in its folder and
-  the worker's `ray.train` logger is at WARNING (no "Checkpoint successfully created"). Ray's
-  `log_to_file` is not used: it tees, the console still gets every line. Optuna's INFO lines
-  are off in the driver.
+  the worker's `ray.train`/`ray.tune` loggers are at WARNING (no "Checkpoint successfully
+  created", no "Restored from checkpoint"); a failed trial's traceback stays in its error.txt
+  (`TUNE_PRINT_ALL_TRIAL_ERRORS=0`). Ray's `log_to_file` is not used: it tees, the console
+  still gets every line. Optuna's INFO lines are off in the driver.
 
 `--verbose` restores Ray's default console (new output engine, per-trial result boxes, trial
 output forwarded to the driver) and keeps the event lines.
@@ -41,6 +42,15 @@ TABLE_TOP = 2               # finished trials shown besides the running ones: th
 def short_name(trial: Any) -> str:
     """`t003` of `t003_backbone=csn_...` (the trial folder's launch-order prefix)."""
     return trial_dirname(trial).split("_", 1)[0]
+
+
+def error_text(trial: Any) -> str:
+    """The trial's error on one line. Tune writes it to the driver's copy of the trial folder
+    (`error_file`) before the callbacks run; the storage copy (`get_error`) comes later."""
+    path = getattr(trial, "error_file", None)
+    if path and os.path.isfile(path):
+        return one_line_error(Path(path).read_text())
+    return one_line_error(trial.get_error())
 
 
 def format_value(value: Any) -> str:
@@ -141,11 +151,11 @@ class TrialEvents(_Console, tune.Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info) -> None:
         count = self.failures[trial.trial_id] = self.failures.get(trial.trial_id, 0) + 1
-        self._line(trial, f"failed ({one_line_error(trial.get_error())}); retry {count} of "
+        self._line(trial, f"failed ({error_text(trial)}); retry {count} of "
                           f"{self.max_failures} from its last epoch")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self._line(trial, f"failed: {one_line_error(trial.get_error())}")
+        self._line(trial, f"failed: {error_text(trial)}")
 
 
 class CompactTable(_Console, tune.ProgressReporter):
@@ -228,9 +238,10 @@ def console_run_config(*, metric: str, mode: str, params: Sequence[str], search_
     Ray reads for it (legacy output so that `progress_reporter` is honoured)."""
     events = TrialEvents(metric, mode, params, search_dir, max_failures)
     if verbose:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "1"
+        os.environ["RAY_AIR_NEW_OUTPUT"] = os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1"
         return {"callbacks": [events], "verbose": 1}
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"     # the event line says it; error.txt has it all
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return {"callbacks": [events], "verbose": 1,
             "progress_reporter": CompactTable(metric, mode, params, search_dir)}

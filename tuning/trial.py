@@ -36,6 +36,10 @@ def trial_dirname(trial: Any) -> str:
     return "".join(c if c.isalnum() or c in "._=-" else "_" for c in name)[:120]
 
 
+# The trainer keys run_trial sets itself (see replaced_settings for how).
+TRIAL_REPLACED = ("select_metric", "num_workers", "gpus", "cpu", "progress", "output_root")
+
+
 def replaced_settings(space: SearchSpace, search_dir: str | Path) -> list[str]:
     """One line per trainer setting of the space that `run_trial` replaces in every trial
     (how and why), for the search to print once. Settings the space leaves at the trainer's
@@ -43,7 +47,7 @@ def replaced_settings(space: SearchSpace, search_dir: str | Path) -> list[str]:
     given = dict(space.trainer)
     searched = {p.name for p in space.params}
     cpus = max(1, int(space.resources.get("cpu", 1)))
-    lines = [f"search.{key} is replaced in every trial, see below" for key in sorted(searched)
+    lines = [f"search.{key} has no effect: every trial sets {key} itself" for key in sorted(searched)
              if key in TRIAL_REPLACED]
     if given.get("select_metric", space.metric) != space.metric:
         lines.append(f"select_metric {given['select_metric']} is replaced by {space.metric} in "
@@ -81,10 +85,6 @@ def search_warnings(space: SearchSpace, search_dir: str | Path) -> list[str]:
         lines.append(line if len(places) == combos or not places[0] else
                      f"{line} (trials with {' / '.join(dict.fromkeys(places))})")
     return lines
-
-
-# The trainer keys run_trial sets itself (see replaced_settings for how).
-TRIAL_REPLACED = ("select_metric", "num_workers", "gpus", "cpu", "progress", "output_root")
 
 
 def one_line_error(error: BaseException | str | None) -> str:
@@ -132,9 +132,9 @@ def trial_output(run_dir: Path, quiet: bool) -> Iterator[None]:
 def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
               quiet: bool = False) -> None:
     """The Tune function trainable (wrapped with `tune.with_parameters`). `quiet`: the
-    trainer's output goes to the trial's train.log (`trial_output`) and Ray Train's storage
-    layer logs no INFO lines ("Checkpoint successfully created" per epoch); Ray's own warnings
-    and errors still reach the console."""
+    trainer's output goes to the trial's train.log (`trial_output`) and Ray Train/Tune log no
+    INFO lines from the trial ("Checkpoint successfully created" per epoch); their warnings and
+    errors still reach the console."""
     import ray
     import torch
     from ray import tune
@@ -142,7 +142,8 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     from headernet_core.trainer import train
 
     if quiet:
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        for name in ("ray.train", "ray.tune"):   # per-epoch "Checkpoint ... created", "Restored ..."
+            logging.getLogger(name).setLevel(logging.WARNING)
         sys.unraisablehook = _quiet_teardown
 
     context = tune.get_context()
