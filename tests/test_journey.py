@@ -23,7 +23,8 @@ from headernet_core.config import TrainConfig
 from headernet_core.evaluation import evaluate
 from headernet_core.trainer import train
 from tuning.retrain import main as retrain_main
-from tuning.search import STUDY_FILE, main as search_main
+from tuning.search import main as search_main
+from tuning.study import STUDY_FILE
 from tuning.summary import FINAL_HEADING
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ TINY = {"vmae_variant": "tiny", "csn_variant": "tiny", "num_frames": 4, "input_s
 
 
 def load_study(search_dir: Path) -> optuna.Study:
+    """What the README says: optuna.load_study on the journal file in the search folder."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
     return optuna.load_study(study_name=None,
@@ -145,7 +147,7 @@ def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_pa
 def test_the_study_file_opens_in_optuna_dashboard(tmp_path):
     """optuna-dashboard (the optional `dashboard` extra) serves the journal file as it is."""
     dashboard = pytest.importorskip("optuna_dashboard")
-    from tuning.search import study_storage
+    from tuning.study import study_storage
     study = optuna.create_study(storage=study_storage(tmp_path), study_name="s", direction="maximize")
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
     app = dashboard.wsgi(str(tmp_path / STUDY_FILE))

@@ -34,7 +34,6 @@ from .trial import (OBJECTIVE, SCHEDULER_STOP, one_line_error, run_trial, search
 # own working directory (and on other machines with the same shared paths).
 PATH_KEYS = ("train_csv", "val_csv", "backbone_ckpt", "checkpoint_root", "output_root")
 SEARCH_RECORD = "search.json"   # how the search was started, so --resume rebuilds the same space
-STUDY_FILE = "optuna_study.log"  # the Optuna study (journal storage): optuna-dashboard <this file>
 # The demo dataset the README's commands make: 10 matches (2 held out as test, 2 for val).
 DEMO_MATCHES, DEMO_TEST_SPLIT = 10, 0.2
 
@@ -312,24 +311,15 @@ def start_ray(address: str | None) -> None:
              log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
-def study_storage(search_dir: Path):
-    """The Optuna study's storage: a journal file in the search folder (append-only, safe on
-    NFS; `optuna.load_study(storage=...)` and `optuna-dashboard <file>` read it live)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(str(search_dir / STUDY_FILE)))
-
-
 def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None,
                 verbose: bool = False):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from .console import console_run_config
     from .scheduler import RecordingASHA
+    from .study import StudySearch, clear_stale_lock, study_storage
 
     console = console_run_config(metric=space.metric, mode=space.mode,
                                  params=[p.name for p in space.params], search_dir=search_dir,
@@ -340,11 +330,12 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
     if saved is not None:
         # Tune restores the searcher (its study is the same journal file) and the RunConfig,
         # console included, as the search started.
+        clear_stale_lock(search_dir)
         return tune.Tuner.restore(str(search_dir), trainable=trainable,
                                   resume_unfinished=True, resume_errored=True)
-    searcher = OptunaSearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
-                            sampler=tpe_sampler(space.seed, space.startup_trials),
-                            storage=study_storage(search_dir), study_name=search_dir.name)
+    searcher = StudySearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
+                           sampler=tpe_sampler(space.seed, space.startup_trials),
+                           storage=study_storage(search_dir), study_name=search_dir.name)
     if space.scheduler.get("type") == "asha":
         scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
                                   grace_period=space.scheduler["grace_period"],
@@ -477,9 +468,10 @@ def run_search(args: SearchArgs) -> int:
     print(space.describe())
     for line in search_warnings(space, search_dir):
         print(f"warning: {line}")
-    print(f"search folder: {search_dir}  (live study: optuna-dashboard {search_dir / STUDY_FILE})")
-
     import ray
+
+    from .study import STUDY_FILE
+    print(f"search folder: {search_dir}  (live study: optuna-dashboard {search_dir / STUDY_FILE})")
     start_ray(args.address)
     try:
         if args.address:
