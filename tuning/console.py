@@ -6,7 +6,7 @@ Built only from Ray Tune's own extension points (no scraping of Ray's output):
   and the search's best so far. An epoch that ends its trial says so on its own line.
 - `CompactTable` (a `tune.ProgressReporter`, the legacy reporter API that Ray honours when
   `RAY_AIR_NEW_OUTPUT=0`): after every `TABLE_EVERY_EVENTS` events (at most once a minute), the
-  running trials and the best ones, with their searched params, epoch, objective and the
+  running trials and the best one, with their searched params, epoch, objective and the
   search's best so far in launch order.
 - Everything else is kept quiet with Ray's own switches: `RunConfig(verbose=1)` of the legacy
   output (no per-trial boxes); in each trial (`tuning.trial.run_trial(quiet=True)`) its
@@ -36,7 +36,7 @@ from .trial import SCHEDULER_STOP, one_line_error, trial_dirname
 TABLE_EVERY_EVENTS = 20     # the table after this many event lines (trial starts and epochs),
 TABLE_MIN_GAP_S = 60.0      # and at most once a minute: a recap of what scrolled by, as often
                             # in a fast demo as in a slow search, whatever the machine's speed
-TABLE_TOP = 2               # finished trials shown besides the running ones: the best few
+TABLE_TOP = 1               # finished trials shown besides the running ones: the best
 
 
 def short_name(trial: Any) -> str:
@@ -211,6 +211,9 @@ class CompactTable(_Console, tune.ProgressReporter):
                 f"{counts['ERROR']} failed, {counts['PENDING']} pending of {self.total or len(trials)}")
         if best is not None:
             head += f" | best so far {short_name(best)} {self.metric} {format_value(best_so_far)}"
+        hidden = len(started) - len(shown)
+        if hidden:
+            head += f" | {hidden} more in trials.csv at the end"
         header = ["trial", "status", *self.params, "epoch", self.metric, "best so far"]
         rows = []
         for trial, running_best in zip(started, so_far):
@@ -224,12 +227,8 @@ class CompactTable(_Console, tune.ProgressReporter):
                          format_value(objective) if objective is not None else "-",
                          format_value(running_best) if running_best is not None else "-"])
         widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
-        lines = [head] + ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
-                          for row in [header, *rows]]
-        hidden = len(started) - len(rows)
-        if hidden:
-            lines.append(f"  (+{hidden} more finished trials; every trial in trials.csv at the end)")
-        return lines
+        return [head] + ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+                         for row in [header, *rows]]
 
 
 def console_run_config(*, metric: str, mode: str, params: Sequence[str], search_dir: str | Path,
