@@ -21,7 +21,7 @@ import pandas as pd
 
 from common import demo_split
 from headernet_core.config import TrainConfig
-from headernet_core.train import train
+from headernet_core.trainer import train
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Training throughput, peak memory and MFU of a backbone + head: the bare model step, and the
-real trainer (`headernet_core.train.train`, loader and all) on synthetic clips.
+real trainer (`headernet_core.trainer.train`, loader and all) on synthetic clips.
 
     python bench/throughput.py --backbone vmae --variant base --batch_size 8 16 32 --num_frames 16
     python bench/throughput.py --backbone vmae --variant base --batch_size 8 16 32 --compile on
@@ -35,7 +35,7 @@ from headernet_core.backbones import CSN_MEAN_STD, CSN_NATIVE_SIZE, VMAE_MEAN_ST
 from headernet_core.config import TrainConfig
 from headernet_core import model as model_module
 from headernet_core.model import build_classifier, build_optimizer
-from headernet_core.train import resolve_amp
+from headernet_core.trainer import resolve_amp
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against the device name in order.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
@@ -185,7 +185,7 @@ def random_checkpoint_folder(folder: Path, arch) -> Path:
 
 
 def trainer_row(args: argparse.Namespace, batch_size: int, compiled: bool, device: torch.device) -> dict:
-    from headernet_core.train import train
+    from headernet_core.trainer import train
 
     _, native, _, _, arch = random_backbone(args.backbone, args.variant)
     size = args.size or native

@@ -273,6 +273,63 @@ class TrainConfig:
         )
 
 
+class IgnoredSettingWarning(UserWarning):
+    """A setting that has no effect in this run (warned once per setting, never an error)."""
+
+
+# VideoMAE config.json keys the encoder here does not implement (the released models train
+# without them at fine-tuning time; the head's dropout is --head_dropout).
+VMAE_UNUSED_DROPOUTS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+def ignored_settings(config: TrainConfig, vmae_model_config: Any = None) -> list[str]:
+    """One line per setting of `config` (before `resolved()`) that has no effect, naming the
+    flag and why. A setting counts as given when it differs from its default (the trainer
+    cannot tell a typed default from an untouched one). `vmae_model_config` (a VideoMAEConfig
+    read from a checkpoint's config.json) adds its dropout rates, which are not used.
+
+    The one table of these rules: the trainer warns with it in single runs and in Tune trials,
+    and the search prints it once for the trials it will run."""
+    default = TrainConfig()
+    changed = {f.name for f in dataclasses.fields(TrainConfig)
+               if getattr(config, f.name) != getattr(default, f.name)}
+    rules: list[tuple[str, bool, str]] = [
+        ("lr_backbone", config.finetune_mode == "frozen",
+         "with --finetune_mode frozen (the backbone does not train)"),
+        ("layer_decay", config.finetune_mode == "frozen",
+         "with a frozen backbone (it trains no backbone parameter)"),
+        ("gradient_checkpointing", config.finetune_mode == "frozen",
+         "with a frozen backbone (no backbone gradients to save memory on)"),
+        ("unfreeze_blocks", config.finetune_mode != "partial",
+         f"with --finetune_mode {config.finetune_mode} (only partial unfreezes the last N blocks)"),
+        ("focal_alpha", config.loss != "focal", f"with --loss {config.loss} (focal loss only)"),
+        ("focal_gamma", config.loss != "focal", f"with --loss {config.loss} (focal loss only)"),
+        ("momentum", config.optimizer != "sgd", f"with --optimizer {config.optimizer} (SGD only)"),
+        ("betas", config.optimizer != "adamw", f"with --optimizer {config.optimizer} (AdamW only)"),
+        ("warmup_epochs", config.scheduler == "none", "with --scheduler none (no schedule to warm up)"),
+        *[(key, not config.augment, "with --no-augment (augmentation is off)")
+          for key in ("aug_flip", "aug_jitter", "aug_crop_scale")],
+    ]
+    lines = [f"{_flag_and_value(key, getattr(config, key))} has no effect {why}"
+             for key, applies, why in rules if applies and key in changed]
+    if vmae_model_config is not None and config.backbone == "vmae":
+        for key in VMAE_UNUSED_DROPOUTS:
+            value = getattr(vmae_model_config, key, 0.0)
+            if value:
+                lines.append(f"VideoMAE config.json {key} {value:g} has no effect (this encoder "
+                             f"has no dropout or drop path; --head_dropout regularises the head)")
+    return lines
+
+
+def _flag_and_value(key: str, value: Any) -> str:
+    """`--key value` as typed on the command line (`--key` / `--no-key` for on/off)."""
+    if isinstance(value, bool):
+        return f"--{key}" if value else f"--no-{key}"
+    shown = " ".join(map(str, value)) if isinstance(value, list) else \
+        f"{value:g}" if isinstance(value, float) else str(value)
+    return f"--{key} {shown}"
+
+
 def parse_neg_pos_ratio(value: Any) -> float | None:
     """'all' -> None (use every negative); a positive number -> that ratio."""
     text = str(value).strip().lower()

@@ -552,7 +552,7 @@ class ClipDataset:
         for key in keys:
             index, params = self.aug_params(key)
             clip = self.map_clip(index)
-            plans.append((index, params, clip, crop_region(clip.shape[1], clip.shape[2], params)))
+            plans.append((index, params, clip, self.region(clip.shape[1], clip.shape[2], params)))
         num_frames = self.transform.num_frames
         height = max(region[2] for *_, region in plans)
         width = max(region[3] for *_, region in plans)
@@ -562,7 +562,7 @@ class ClipDataset:
         for b, (index, params, clip, (top, left, h, w)) in enumerate(plans):
             out[b, :, h:] = 0  # the padding only (the crop itself is overwritten next)
             out[b, :, :h, w:] = 0
-            for f, t in enumerate(sample_frame_indices(clip.shape[0], num_frames)):
+            for f, t in enumerate(self.frame_indices(clip.shape[0])):
                 out[b, f, :h, :w] = clip[t, top:top + h, left:left + w]
             aug[b] = (h, w, params.flip, params.brightness, params.contrast) if params else (h, w, 0, 1, 1)
         indices = np.array([index for index, *_ in plans], dtype=np.int64)
@@ -571,6 +571,15 @@ class ClipDataset:
             small = [tensor.pin_memory() for tensor in small]
         return ClipBatch(frames, *small)
 
+
+    def frame_indices(self, num_available: int) -> np.ndarray:
+        """Which frames of a clip of `num_available` frames are read (a test-time view of
+        `headernet_core.evaluation` shifts them)."""
+        return sample_frame_indices(num_available, self.transform.num_frames)
+
+    def region(self, height: int, width: int, params: AugParams | None) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the pixels read from each frame (see `crop_region`)."""
+        return crop_region(height, width, params)
 
     def map_clip(self, index: int) -> np.ndarray:
         """Clip `index` memory-mapped as a plain array (nothing read yet)."""

@@ -9,11 +9,13 @@ same way, naming the file: the environment, not the program, is what has to chan
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import signal
 import sys
 import threading
-from typing import Callable, NoReturn
+import warnings
+from typing import Callable, Iterator, NoReturn
 
 EXIT_BAD_INPUT = 2
 
@@ -45,13 +47,26 @@ def sigterm_as_sigint() -> None:
     signal.signal(signal.SIGTERM, forward)
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show Python warnings as `warning: <message>` (one line, no source location) while a CLI
+    runs: they are messages to the user, not to the developer of the line that warned."""
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {' '.join(str(message).split())}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a CLI body: `HeaderNetError` becomes one stderr line and exit code 2; an interruption
-    (Ctrl-C or SIGTERM) exits with 130."""
+    """Run a CLI body: `HeaderNetError` becomes one stderr line and exit code 2; warnings are
+    one line each; an interruption (Ctrl-C or SIGTERM) exits with 130."""
     previous = signal.getsignal(signal.SIGTERM)
     sigterm_as_sigint()
     try:
-        main()
+        with one_line_warnings():
+            main()
     except HeaderNetError as exc:
         message = " ".join(str(exc).split())  # always one line
         print(f"error: {message}", file=sys.stderr)

@@ -144,6 +144,20 @@ def classification_metrics(labels: np.ndarray, prob_header: np.ndarray,
     return {key: out[key] for key in METRIC_KEYS}
 
 
+def metrics_at_threshold(labels: np.ndarray, prob_header: np.ndarray,
+                         threshold: float) -> dict[str, float]:
+    """Positive-class precision/recall/F1, accuracy and the confusion counts when a clip is a
+    header iff prob_header >= `threshold` (a threshold fixed beforehand, e.g. on validation:
+    the honest numbers for a test set, unlike the swept `val_f1`)."""
+    y, p = _check_inputs(labels, prob_header)
+    pred = (p >= threshold).astype(np.int64)
+    prec, rec, f1 = _binary_prf(y, pred, "binary")
+    tp, fp = int(((pred == 1) & (y == 1)).sum()), int(((pred == 1) & (y == 0)).sum())
+    fn, tn = int(((pred == 0) & (y == 1)).sum()), int(((pred == 0) & (y == 0)).sum())
+    return {"threshold": float(threshold), "precision": prec, "recall": rec, "f1": f1,
+            "accuracy": float(accuracy_score(y, pred)), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
 def _value(metrics: Mapping[str, float], key: str) -> float:
     """A metric as float; missing or None counts as NaN (the worst value)."""
     value = metrics.get(key)

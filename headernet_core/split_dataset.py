@@ -1,17 +1,23 @@
-"""Split one clip-index CSV into `train.csv` and `val.csv`, stratified by label, grouped by video.
+"""Split one clip-index CSV into `train.csv`, `val.csv` [and `test.csv`], stratified by label,
+grouped by video.
 
     python -m headernet_core.split_dataset --input_csv all.csv --output_dir splits \
-        [--root_dir clips/] [--val_split 0.2] [--seed 42] [--no_group]
+        [--root_dir clips/] [--val_split 0.2] [--test_split 0.2] [--seed 42] [--no_group]
 
 Upstream's tool split rows at random, so neighbouring clips of one match landed in both splits
-(leakage) and a small val split could miss positives. Here no `video_id` is in both splits
-(when the column exists; `--no_group` turns that off) and both splits keep the label balance.
-Existing `train.csv`/`val.csv` in the output folder are kept unless `--overwrite`, and the input
-CSV itself is never written, whatever the flags.
-Cells are copied as written, except `path`: `--root_dir R` rewrites each to `R/<basename>`
-(relative to the working directory when R is under it), for CSVs generated on another machine;
-without it, a path that only finds its clip relative to the input CSV's folder is rewritten
-relative to the output folder, so the new CSVs point at the same clips.
+(leakage) and a small val split could miss positives. Here no `video_id` is in two splits
+(when the column exists; `--no_group` turns that off) and every split keeps the label balance.
+`--test_split F` first sets F of the clips aside as `test.csv` (held out from the search, scored
+once at the end), then `--val_split` of all clips goes to `val.csv`, the rest to `train.csv`.
+
+Cells are copied as written, except `path`, which is written so that the CSVs work from any
+working directory: an absolute path stays absolute; a relative one that finds its clip (as the
+trainer looks: from the working directory, then the input CSV's folder) is rewritten relative to
+the output folder, which the trainer tries when the working directory does not hold it.
+Existing split CSVs in the output folder are kept unless `--overwrite`, and the input CSV
+itself is never written, whatever the flags.
+`--root_dir R` rewrites each path to `R/<basename>` (for CSVs made on another machine): absolute
+when R is, else relative to the output folder.
 """
 from __future__ import annotations
 
@@ -27,8 +33,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
 
 from .artifacts import atomic_path
-from .data import (check_paths_present, find_clip, parse_labels, path_basename, read_index_csv,
-                   resolve_clip)
+from .data import check_paths_present, find_clip, parse_labels, path_basename, read_index_csv
 from .errors import CliParser, fail, run_cli
 from .paths import check_writable_dir, same_file
 
@@ -37,26 +42,43 @@ MAX_FOLDS = 20  # finest val fraction the grouped split can aim at is 1/20
 
 
 def split_frame(df: pd.DataFrame, val_split: float, seed: int, group: bool, *,
-                source: str = "input CSV") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, val) rows of `df`, each in the input order with a fresh index. Stratified by
-    `label`; grouped by `video_id` when `group` and the column exists. `source` names the data
-    in error messages."""
+                source: str = "input CSV", part: str = "val") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rest, held-out) rows of `df`, each in the input order with a fresh index: `val_split`
+    of the rows are held out. Stratified by `label`; grouped by `video_id` when `group` and the
+    column exists. `source` names the data and `part` the held-out split ("val"/"test", its flag
+    is `--<part>_split`) in error messages."""
     if not 0 < val_split < 1:
-        fail(f"--val_split must be between 0 and 1 (exclusive), got {val_split}")
+        fail(f"--{part}_split must be between 0 and 1 (exclusive), got {val_split}")
     labels = parse_labels(df["label"], source)
     if not labels.any():
         fail(f"{source}: no positive clips (label 1) among {len(labels)} rows; nothing to stratify")
     if group and GROUP_COLUMN in df.columns:
         groups = df[GROUP_COLUMN].astype(str).to_numpy()
-        train_rows, val_rows = grouped_split(labels, groups, val_split, seed, source)
+        train_rows, val_rows = grouped_split(labels, groups, val_split, seed, source, part)
     else:
-        train_rows, val_rows = stratified_split(labels, val_split, seed, source)
+        train_rows, val_rows = stratified_split(labels, val_split, seed, source, part)
     return (df.iloc[np.sort(train_rows)].reset_index(drop=True),
             df.iloc[np.sort(val_rows)].reset_index(drop=True))
 
 
-def stratified_split(labels: np.ndarray, val_split: float, seed: int,
-                     source: str) -> tuple[np.ndarray, np.ndarray]:
+def split_parts(df: pd.DataFrame, val_split: float, test_split: float | None, seed: int,
+                group: bool, *, source: str = "input CSV") -> dict[str, pd.DataFrame]:
+    """{"train", "val"[, "test"]} frames. With `test_split`, that fraction of the rows is held
+    out first as test; val is then `val_split` of ALL rows, taken from the rest (so each
+    fraction means the same with or without a test split)."""
+    parts: dict[str, pd.DataFrame] = {}
+    if test_split is not None:
+        if not 0 < test_split < 1 or not val_split + test_split < 1:
+            fail(f"--test_split must be in (0, 1) with --val_split + --test_split < 1, got "
+                 f"{test_split} and {val_split}")
+        df, parts["test"] = split_frame(df, test_split, seed, group, source=source, part="test")
+        val_split = val_split / (1 - test_split)
+    parts["train"], parts["val"] = split_frame(df, val_split, seed, group, source=source)
+    return {name: parts[name] for name in ("train", "val", "test") if name in parts}
+
+
+def stratified_split(labels: np.ndarray, val_split: float, seed: int, source: str,
+                     part: str = "val") -> tuple[np.ndarray, np.ndarray]:
     """Clip-level split with scikit-learn's StratifiedShuffleSplit: val gets ceil(val_split x N)
     rows and each class in proportion."""
     counts = np.bincount(labels, minlength=2)
@@ -66,13 +88,13 @@ def stratified_split(labels: np.ndarray, val_split: float, seed: int,
     classes = int((counts > 0).sum())
     val_size = math.ceil(val_split * len(labels))
     if min(val_size, len(labels) - val_size) < classes:
-        fail(f"{source}: too few clips ({len(labels)}) for --val_split {val_split}: val would get "
-             f"{val_size} and train {len(labels) - val_size}; each needs one clip per class")
+        fail(f"{source}: too few clips ({len(labels)}) for --{part}_split {val_split}: {part} would "
+             f"get {val_size} and the rest {len(labels) - val_size}; each needs one clip per class")
     splitter = StratifiedShuffleSplit(n_splits=1, test_size=val_split, random_state=seed)
     try:
         train_rows, val_rows = next(splitter.split(np.zeros(len(labels)), labels))
     except ValueError as exc:
-        fail(f"{source}: cannot split {len(labels)} clips with --val_split {val_split}: {exc}")
+        fail(f"{source}: cannot split {len(labels)} clips with --{part}_split {val_split}: {exc}")
     return train_rows, val_rows
 
 
@@ -84,7 +106,7 @@ def fold_plan(val_split: float, max_folds: int) -> tuple[int, int]:
 
 
 def grouped_split(labels: np.ndarray, groups: np.ndarray, val_split: float, seed: int,
-                  source: str) -> tuple[np.ndarray, np.ndarray]:
+                  source: str, part: str = "val") -> tuple[np.ndarray, np.ndarray]:
     """Group-level split with scikit-learn's StratifiedGroupKFold.
 
     StratifiedGroupKFold deals whole groups into k folds keeping each fold's label mix close to
@@ -111,7 +133,7 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, val_split: float, seed
         try:
             folds = [test for _, test in splitter.split(np.zeros(len(labels)), labels, group_ids)]
         except ValueError as exc:
-            fail(f"{source}: cannot split {len(names)} {GROUP_COLUMN} groups with --val_split "
+            fail(f"{source}: cannot split {len(names)} {GROUP_COLUMN} groups with --{part}_split "
                  f"{val_split}: {exc}")
     best = min((_rotation(folds, start, m) for start in range(k)),
                key=lambda rows: _score(labels, rows, target))
@@ -119,7 +141,7 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, val_split: float, seed
     val_mask[best] = True
     if not labels[val_mask].any() or not labels[~val_mask].any():
         fail(f"{source}: cannot give both splits positives with {positive_groups} positive "
-             f"{GROUP_COLUMN} groups; lower/raise --val_split or use --no_group")
+             f"{GROUP_COLUMN} groups; lower/raise --{part}_split or use --no_group")
     train_rows, val_rows = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
     return (val_rows, train_rows) if swap else (train_rows, val_rows)
 
@@ -137,31 +159,38 @@ def _score(labels: np.ndarray, val_rows: np.ndarray, target: float) -> tuple[int
     return missing, abs(len(val_rows) - target * len(labels))
 
 
-def rebase_path(path_text: str, root_dir: str | Path) -> str:
-    """`<root_dir>/<basename>`, relative to the working directory when under it, else absolute."""
-    target = Path(os.path.abspath(root_dir)) / path_basename(path_text)
-    try:
-        return str(target.relative_to(Path.cwd()))
-    except ValueError:
-        return str(target)
+def relative_to(target: str | Path, output_dir: str | Path) -> str:
+    """`target` (absolute, or relative to the working directory) relative to `output_dir`."""
+    return os.path.relpath(os.path.abspath(target), os.path.abspath(output_dir))
+
+
+def rebase_path(path_text: str, root_dir: str | Path, output_dir: str | Path) -> str:
+    """`<root_dir>/<basename>` for a CSV in `output_dir`: absolute when `root_dir` is, else
+    relative to `output_dir`."""
+    target = Path(root_dir) / path_basename(path_text)
+    return str(target) if target.is_absolute() else relative_to(target, output_dir)
 
 
 def carry_paths(paths: Sequence[str], input_csv: str | Path, output_dir: str | Path) -> tuple[list[str], int]:
-    """Paths for CSVs written to `output_dir`, and how many changed. A path that finds its clip
-    from the input CSV (e.g. relative to its folder, like demo_data's `clips/x`) but would not
-    find the same clip from `output_dir` is rewritten relative to `output_dir`, keeping its
-    suffix style, so train.csv/val.csv point at the clips the input pointed at."""
-    in_dir, out_dir = Path(input_csv).parent, Path(output_dir)
-    carried, changed = [], 0
+    """Paths for CSVs written to `output_dir`, and how many point at no clip from here.
+
+    Where the trainer would find a path's clip from the input CSV (`find_clip`: as written,
+    under the CSV's folder, or `<CSV folder>/<basename>`), an absolute path found as written is
+    kept; any other is rewritten relative to `output_dir`, keeping its suffix style (`x` for
+    `x_s.npy`). So the split works from any working directory and moves with its clips. Paths
+    that find no clip are kept as written."""
+    in_dir = Path(input_csv).parent
+    carried, unresolved = [], 0
     for text in paths:
         hit = find_clip(text, in_dir)
-        same = hit is not None and resolve_clip(text, out_dir) == os.path.abspath(hit[1])
-        if hit is None or same:
+        if hit is None:
+            unresolved += 1
             carried.append(text)
-            continue
-        carried.append(os.path.relpath(hit[0], out_dir))
-        changed += 1
-    return carried, changed
+        elif Path(text).is_absolute() and hit[0] == Path(text):
+            carried.append(text)
+        else:
+            carried.append(relative_to(hit[0], output_dir))
+    return carried, unresolved
 
 
 def describe(name: str, part: pd.DataFrame, grouped_by: str | None) -> str:
@@ -183,11 +212,13 @@ def write_csv(part: pd.DataFrame, path: Path, *, replace: bool = False) -> None:
         fail(f"{path} already exists; pass --overwrite to replace it or choose another folder")
 
 
-def check_outputs(input_csv: str | Path, output_dir: str | Path, overwrite: bool) -> list[Path]:
-    """The split files to write: never the input CSV, and existing ones only with --overwrite."""
+def check_outputs(input_csv: str | Path, output_dir: str | Path, names: Sequence[str],
+                  overwrite: bool) -> dict[str, Path]:
+    """The split files to write (`<output_dir>/<name>.csv`): never the input CSV, and existing
+    ones only with --overwrite."""
     check_writable_dir(output_dir, "--output_dir")
-    outputs = [Path(output_dir) / "train.csv", Path(output_dir) / "val.csv"]
-    for path in outputs:
+    outputs = {name: Path(output_dir) / f"{name}.csv" for name in names}
+    for path in outputs.values():
         if path.is_dir():
             fail(f"--output_dir: {path} is a folder; expected to write the split CSV there")
         if path.exists() and same_file(path, input_csv):
@@ -202,16 +233,19 @@ def check_outputs(input_csv: str | Path, output_dir: str | Path, overwrite: bool
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = CliParser(
         prog="python -m headernet_core.split_dataset",
-        description="Split a clip CSV into train.csv/val.csv, stratified by label and grouped by video_id.")
+        description="Split a clip CSV into train.csv/val.csv[/test.csv], stratified by label and "
+                    "grouped by video_id.")
     parser.add_argument("--input_csv", required=True, help="CSV with columns path,label[,video_id,...]")
-    parser.add_argument("--output_dir", required=True, help="folder for train.csv and val.csv")
+    parser.add_argument("--output_dir", required=True, help="folder for train.csv, val.csv[, test.csv]")
     parser.add_argument("--root_dir", help="rewrite each path to ROOT_DIR/<basename of path>")
     parser.add_argument("--val_split", type=float, default=0.2, help="fraction of clips for val (default: 0.2)")
+    parser.add_argument("--test_split", type=float, default=None,
+                        help="fraction of clips held out as test.csv (default: no test split)")
     parser.add_argument("--seed", type=int, default=42, help="split seed (default: 42)")
     parser.add_argument("--no_group", action="store_true",
                         help="split clips, not video_id groups (clips of one video may end up in both)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace train.csv/val.csv already in --output_dir (never the input CSV)")
+                        help="replace split CSVs already in --output_dir (never the input CSV)")
     return parser.parse_args(argv)
 
 
@@ -223,30 +257,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     if args.root_dir is not None and not Path(args.root_dir).is_dir():
         fail(f"--root_dir {args.root_dir}: not a directory")
-    train_path, val_path = check_outputs(args.input_csv, args.output_dir, args.overwrite)
+    names = ["train", "val", *(["test"] if args.test_split is not None else [])]
+    outputs = check_outputs(args.input_csv, args.output_dir, names, args.overwrite)
     df = read_index_csv(args.input_csv, "input", as_text=True)
     paths = check_paths_present(df["path"], args.input_csv)
     if args.root_dir is not None:
-        df["path"] = [rebase_path(p, args.root_dir) for p in paths]
+        df["path"] = [rebase_path(p, args.root_dir, args.output_dir) for p in paths]
     else:
-        df["path"], changed = carry_paths(paths, args.input_csv, args.output_dir)
-        if changed:
-            print(f"note: {changed} paths rewritten relative to {args.output_dir} so they still "
-                  f"point at the same clips")
+        df["path"], unresolved = carry_paths(paths, args.input_csv, args.output_dir)
+        if unresolved:
+            print(f"note: {unresolved} of {len(paths)} paths point at no clip from here; kept as "
+                  f"written (--root_dir rewrites them to a folder of clips)")
     has_groups = GROUP_COLUMN in df.columns
     if not has_groups:
         print(f"note: {args.input_csv} has no {GROUP_COLUMN} column; splitting clips, not videos")
-    train, val = split_frame(df, args.val_split, args.seed, group=not args.no_group,
-                             source=str(args.input_csv))
-    write_csv(train, train_path, replace=args.overwrite)
-    write_csv(val, val_path, replace=args.overwrite)
+    parts = split_parts(df, args.val_split, args.test_split, args.seed, group=not args.no_group,
+                        source=str(args.input_csv))
+    for name, part in parts.items():
+        write_csv(part, outputs[name], replace=args.overwrite)
     grouped_by = GROUP_COLUMN if has_groups else None
-    for name, part in (("train", train), ("val", val)):
+    for name, part in parts.items():
         print(describe(name, part, grouped_by))
     if has_groups and args.no_group:
-        shared = len(set(train[GROUP_COLUMN]) & set(val[GROUP_COLUMN]))
+        shared = len(set(parts["train"][GROUP_COLUMN]) & set(parts["val"][GROUP_COLUMN]))
         print(f"--no_group: {shared} {GROUP_COLUMN} values appear in both splits")
-    print(f"wrote {train_path} and {val_path}")
+    print(f"wrote {' and '.join(str(outputs[name]) for name in parts)}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from . import artifacts, checkpoints
 from .augment import ClipLoader, DeviceTransform
 from .backbones import BackboneInfo, create_backbone, peek_vmae_config
-from .config import SELECTABLE_METRICS, TrainConfig, cli_values, load_yaml_mapping, parse_neg_pos_ratio
+from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, cli_values,
+                     ignored_settings, load_yaml_mapping, parse_neg_pos_ratio)
 from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, load_split,
                    split_warnings)
 from .errors import HeaderNetError, describe_os_error, fail, run_cli
@@ -240,10 +241,13 @@ def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepar
     run_dir, resume_state = check_run_dir(config)
     check_inputs_outside(config, run_dir, [*train_df["clip_path"], *val_df["clip_path"]])
 
+    peeked = None
     if config.backbone == "vmae":  # (validate() has checked the variant name)
         peeked = peek_vmae_config(config.variant, config.backbone_ckpt, config.checkpoint_root)
         if peeked is not None:  # before loading the weights: seconds instead of minutes for Giant
             check_geometry(config, peeked.tubelet_size, peeked.patch_size, peeked.img_size)
+    for line in ignored_settings(config, peeked):
+        warnings.warn(line, IgnoredSettingWarning, stacklevel=2)
 
     # Every global RNG from the seed: a run (or a reused Ray actor's next trial) starts the same.
     random.seed(config.seed)
@@ -253,10 +257,6 @@ def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepar
                                      checkpoint_root=config.checkpoint_root)
     config = config.resolved(native_size=info.native_size, default_mean=info.mean, default_std=info.std)
     check_geometry(config, info.frame_multiple, info.size_multiple, info.native_size, info.min_size)
-    if config.finetune_mode == "frozen" and config.gradient_checkpointing:
-        warnings.warn("--gradient_checkpointing has no effect with a frozen backbone", stacklevel=2)
-    if config.finetune_mode == "frozen" and config.layer_decay is not None:
-        warnings.warn("--layer_decay has no effect with a frozen backbone", stacklevel=2)
 
     if resume_state is not None:
         check_resume_compatible(resume_state["config"], config, run_dir)

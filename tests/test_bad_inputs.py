@@ -253,12 +253,12 @@ def run_in_process(case: Case) -> tuple[int, str]:
     import contextlib
     import io
 
-    from headernet_core import demo_data, evaluate, split_dataset, train
+    from headernet_core import demo_data, evaluation, split_dataset, trainer
     from headernet_core.errors import run_cli
     from tuning import search
 
     mains: dict[str, Callable[[list[str]], None]] = {
-        "train": train.main, "evaluate": evaluate.main, "demo": demo_data.main, "search": search.main,
+        "train": trainer.main, "evaluate": evaluation.main, "demo": demo_data.main, "search": search.main,
         "split": lambda argv: run_cli(lambda: split_dataset.main(argv)),
     }
     err = io.StringIO()

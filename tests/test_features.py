@@ -16,7 +16,7 @@ import torch
 
 from headernet_core.data import AugParams
 from headernet_core.features import FeatureSpec, ShardStore, shard_lock, weights_digest
-from headernet_core.train import train
+from headernet_core.trainer import train
 
 SPEC = FeatureSpec(weights="w" * 64, backbone='{"family": "vmae"}', num_frames=4, input_size=32,
                    mean=(0.5,) * 3, std=(0.5,) * 3, precision="float32")

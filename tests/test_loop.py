@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from headernet_core import data, model as model_module, threads, train as train_module
+from headernet_core import data, model as model_module, threads, trainer as train_module
 from headernet_core.config import TrainConfig
 from headernet_core.errors import HeaderNetError
 from headernet_core.model import HeaderClassifier, build_optimizer
-from headernet_core.train import RunState, train, train_one_epoch
+from headernet_core.trainer import RunState, train, train_one_epoch
 
 
 class FeatureBatches:

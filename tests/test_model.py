@@ -14,7 +14,7 @@ from headernet_core.backbones import create_backbone
 from headernet_core.config import LR_TABLE, TrainConfig
 from headernet_core.errors import HeaderNetError
 from headernet_core.model import build_classifier, build_optimizer, nominal_lr
-from headernet_core.train import build_scheduler, resolve_amp, resolve_devices, train
+from headernet_core.trainer import build_scheduler, resolve_amp, resolve_devices, train
 
 
 def make(backbone: str = "vmae", **values):

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from headernet_core import demo_data, split_dataset
-from headernet_core.train import RUN_ARTIFACTS, config_for_cli, train
+from headernet_core.trainer import RUN_ARTIFACTS, config_for_cli, train
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TARGET_AUC = 0.90

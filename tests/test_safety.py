@@ -134,7 +134,7 @@ def test_the_heartbeat_refreshes_only_a_running_run(tmp_path):
 
 
 def test_a_second_run_on_the_same_folder_is_refused(tiny_config, capsys):
-    from headernet_core.train import train
+    from headernet_core.trainer import train
 
     config = tiny_config(epochs=1)
     run_dir = Path(config.output_root) / config.run_name
@@ -145,7 +145,7 @@ def test_a_second_run_on_the_same_folder_is_refused(tiny_config, capsys):
 
 
 def test_an_existing_run_whose_process_died_says_so(tiny_config):
-    from headernet_core.train import prepare
+    from headernet_core.trainer import prepare
 
     config = tiny_config()
     run_dir = Path(config.output_root) / config.run_name
@@ -157,7 +157,7 @@ def test_an_existing_run_whose_process_died_says_so(tiny_config):
 
 
 def test_a_run_removes_the_temp_files_a_kill_left(tiny_config):
-    from headernet_core.train import train
+    from headernet_core.trainer import train
 
     first = train(tiny_config(epochs=1), log=lambda _: None)
     stale = first.run_dir / "checkpoints" / ".last.pt.0badf00d.tmp"
@@ -181,7 +181,7 @@ def test_an_io_error_mid_run_is_one_line_and_the_last_epoch_resumes(tiny_data, t
     """A real write error (a file-size limit: last.pt grows a little each epoch, so epoch 2's
     does not fit; --epochs 3 has the same size as 1): exit 2 with one line, status.json failed with the reason, the previous
     last.pt intact, and --resume finishes the run with a consistent best checkpoint."""
-    from headernet_core.train import main
+    from headernet_core.trainer import main
 
     flags = ["--train_csv", str(tiny_data["train_csv"]), "--val_csv", str(tiny_data["val_csv"]),
              "--vmae_variant", "tiny", "--num_frames", "4", "--input_size", "32", "--batch_size", "4",
@@ -228,7 +228,7 @@ def test_sigterm_ends_a_command_like_ctrl_c(capsys):
 # --- splits that leak ----------------------------------------------------------------------------
 def test_leaking_splits_are_warned_about(tiny_data, tmp_path, tiny_config):
     from headernet_core.data import read_split, split_warnings
-    from headernet_core.train import prepare
+    from headernet_core.trainer import prepare
 
     train_csv, val_csv = tiny_data["train_csv"], tiny_data["val_csv"]
     train = read_split(train_csv, "train")

@@ -90,6 +90,8 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
         "num_frames": {"choice": [4, 5]}, "lr_head": {"loguniform": [3e-4, 3e-3]}},
         budget={"num_samples": 5, "max_concurrent": 2, "seed": 3})
     main(["--space", str(space)])
+    console = capsys.readouterr().out.splitlines()   # a failed trial is one event line
+    assert any("failed: " in line and "tubelet" in line for line in console), console
     search_dir = tmp_path / "out" / "s"
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "finished" and len(summary["trials"]) == 5
@@ -120,7 +122,7 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
         assert (search_dir / name).is_file()
 
     # the best trial's checkpoint reproduces its reported metric
-    from headernet_core.evaluate import evaluate
+    from headernet_core.evaluation import evaluate
     best = summary["best_trial"]
     metrics, _ = evaluate(best["checkpoint_abs"], tiny_data["val_csv"])
     assert metrics["val_f1"] == pytest.approx(best["objective"], abs=1e-6)
@@ -384,22 +386,37 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tiny_data, tmp_path):
 
 def test_readme_demo_search(tmp_path):
     """The README's "run it" command, from a folder without the demo data: it generates the
-    data, samples with Optuna, lets ASHA stop trials early and summarises."""
+    data, samples with Optuna (TPE after its random start-up trials), lets ASHA stop trials
+    early, summarises, retrains the best config and scores it on the test split; its console
+    stays short and readable."""
     result = subprocess.run([sys.executable, "-m", "tuning.search", "--space", "demo"], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     search_dir = tmp_path / "report" / "header_experiments" / "demo"
     summary = json.loads((search_dir / "search_summary.json").read_text())
-    assert summary["state"] == "finished" and len(summary["trials"]) == 6
-    assert any(t["status"] == "stopped_early" and t["epochs_run"] < 4 for t in summary["trials"])
+    assert summary["state"] == "finished" and len(summary["trials"]) == 8
+    assert any(t["status"] == "stopped_early" and t["epochs_run"] < 3 for t in summary["trials"])
     for t in summary["trials"]:  # ASHA's own record says which trials it stopped
         assert (t["status"] == "stopped_early") == (search_dir / t["name"] / "scheduler_stop.json").is_file()
-    assert len({json.dumps(t["params"], sort_keys=True) for t in summary["trials"]}) == 6
+    assert len({json.dumps(t["params"], sort_keys=True) for t in summary["trials"]}) == 8
     assert summary["best_trial"]["objective"] > 0.8
     assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
     assert "best trial" in result.stdout and summary["best_trial"]["checkpoint_abs"] in result.stdout
     # the best checkpoint, evaluated on its own, reproduces the reported objective
-    from headernet_core.evaluate import evaluate
+    from headernet_core.evaluation import evaluate
     metrics, _ = evaluate(summary["best_trial"]["checkpoint_abs"], tmp_path / "demo_data" / "splits" / "val.csv")
     assert metrics["val_f1"] == pytest.approx(summary["best_trial"]["objective"], abs=1e-6)
+
+    # TPE sampled from its model once its 4 random start-up trials had ended
+    from test_journey import load_study, model_based
+    assert model_based(load_study(search_dir), 4), "every trial was sampled at random"
+    # the retrained best, scored once on the held-out test split
+    final = summary["final"]
+    assert final["test_clips"] == len(pd.read_csv(tmp_path / "demo_data" / "splits" / "test.csv"))
+    assert final["test_f1"] > 0.5 and (search_dir / "final" / "test_metrics.json").is_file()
+    # the console: at most 60 lines, one per trial event with the tNNN name and the objective
+    console = (result.stdout + result.stderr).splitlines()
+    assert len(console) <= 60, "\n".join(console)
+    assert sum(" started " in line for line in console) == 8
+    assert any(line.startswith("[") and " t00" in line and "val_f1 " in line for line in console)

@@ -72,7 +72,7 @@ def test_a_trial_asha_stopped_is_not_trained_again_after_a_resume(tmp_path, monk
     import ray
     from ray import tune
 
-    import headernet_core.train
+    import headernet_core.trainer
     from tuning.trial import run_trial
 
     folder = tmp_path / "t002_lr_head=1e-3"
@@ -89,7 +89,7 @@ def test_a_trial_asha_stopped_is_not_trained_again_after_a_resume(tmp_path, monk
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("an ASHA-stopped trial was trained again")
-    monkeypatch.setattr(headernet_core.train, "train", must_not_train)
+    monkeypatch.setattr(headernet_core.trainer, "train", must_not_train)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     run_trial({"lr_head": 1e-3}, space=load_space("demo"), search_dir=str(tmp_path))
     assert len(reports) == 1 and reports[0]["epoch"] == 1 and reports[0]["objective"] == 0.25

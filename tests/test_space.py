@@ -68,7 +68,8 @@ def test_shipped_space_loads_samples_and_builds_valid_configs(name):
 def test_shipped_space_details():
     demo = load_space("demo")
     assert demo.resources == {"cpu": 1.0, "gpu": 0.0}
-    assert (demo.num_samples, demo.max_concurrent, demo.seed, demo.max_failures) == (6, 2, 0, 1)
+    assert (demo.num_samples, demo.max_concurrent, demo.seed, demo.max_failures) == (8, 2, 0, 1)
+    assert demo.startup_trials < demo.num_samples    # the demo reaches TPE's model
     assert demo.scheduler == {"type": "asha", "grace_period": 1, "reduction_factor": 2.0}
     assert [p.name for p in demo.params] == ["backbone", "lr_backbone", "lr_head"]
     assert demo.trainer["cpu"] is True and demo.trainer["vmae_variant"] == "tiny"

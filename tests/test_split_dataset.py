@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,24 +72,31 @@ def run_main(tmp_path: Path, *args: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             pd.read_csv(tmp_path / "out" / "val.csv", keep_default_na=False))
 
 
-def test_root_dir_rewrites_paths_relative_under_cwd(tmp_path, monkeypatch):
+def test_absolute_root_dir_gives_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "clips").mkdir()
     clip_table(videos=4).to_csv(tmp_path / "all.csv", index=False)
     train, val = run_main(tmp_path, "--root_dir", str(tmp_path / "clips"))
     paths = pd.concat([train, val])["path"]
-    assert all(p.startswith("clips/match") and "/" not in p[len("clips/"):] for p in paths)
+    assert all(Path(p).parent == tmp_path / "clips" and Path(p).name.startswith("match") for p in paths)
     assert all(m.startswith("/scratch/other/") for m in train["metadata"])  # other columns untouched
 
 
-def test_root_dir_outside_cwd_gives_absolute_paths(tmp_path, monkeypatch):
+def test_relative_root_dir_is_written_relative_to_the_output_folder(tmp_path, monkeypatch):
+    """`--root_dir ../clips` typed in one folder must not mean "../clips from wherever the
+    trainer runs": the CSV holds the clips' place relative to itself."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     (tmp_path / "clips").mkdir()
-    clip_table(videos=4).to_csv(tmp_path / "all.csv", index=False)
-    train, _ = run_main(tmp_path, "--root_dir", "../clips")
-    assert train["path"][0] == str(tmp_path / "clips" / Path(train["path"][0]).name)
+    table = clip_table(videos=4, clips_per_video=5)
+    for p in table["path"]:
+        np.save(tmp_path / "clips" / f"{Path(p).name}_s.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    table.to_csv(tmp_path / "all.csv", index=False)
+    train, _ = run_main(tmp_path, "--root_dir", "../clips")   # output: tmp_path/out
+    assert train["path"][0] == f"../clips/{Path(train['path'][0]).name}"
+    monkeypatch.chdir(tmp_path / "clips")                      # read from anywhere else
+    assert len(read_split(tmp_path / "out" / "train.csv", "train")) == len(train)
 
 
 def test_paths_relative_to_input_csv_still_resolve_from_output_dir(tmp_path, monkeypatch):
@@ -106,6 +114,55 @@ def test_paths_relative_to_input_csv_still_resolve_from_output_dir(tmp_path, mon
     after = pd.concat([read_split(data / "splits" / name, name[:-4]) for name in ("train.csv", "val.csv")])
     assert sorted(after["clip_path"]) == sorted(before["clip_path"])
     assert set(after["path"]) - {table.loc[0, "path"]} == {f"../{p}" for p in table["path"][1:]}
+
+
+def test_paths_relative_to_the_working_directory_work_from_any_folder(tmp_path, monkeypatch):
+    """Paths written relative to where the split was made (the loader finds them from there)
+    are rewritten relative to the output folder; read from another folder they find the same
+    clips."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "clips").mkdir(parents=True)
+    table = clip_table(videos=4, clips_per_video=5)
+    table["path"] = [f"data/clips/{Path(p).name}" for p in table["path"]]  # relative to the cwd
+    for p in table["path"]:
+        np.save(tmp_path / f"{p}_s.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    (tmp_path / "lists").mkdir()
+    table.to_csv(tmp_path / "lists" / "all.csv", index=False)
+    split_dataset.main(["--input_csv", "lists/all.csv", "--output_dir", "splits"])
+    expected = sorted(str(tmp_path / f"{p}_s.npy") for p in table["path"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    after = pd.concat([read_split(tmp_path / "splits" / f"{name}.csv", name) for name in ("train", "val")])
+    assert sorted(after["clip_path"]) == expected
+    assert all(p.startswith("../data/clips/") for p in after["path"])
+
+
+def test_test_split_is_a_third_grouped_stratified_split(tmp_path, capsys):
+    clip_table(videos=20, clips_per_video=10, seed=4).to_csv(tmp_path / "all.csv", index=False)
+    split_dataset.main(["--input_csv", str(tmp_path / "all.csv"), "--output_dir", str(tmp_path / "out"),
+                        "--val_split", "0.2", "--test_split", "0.2", "--seed", "1"])
+    parts = {name: pd.read_csv(tmp_path / "out" / f"{name}.csv") for name in ("train", "val", "test")}
+    assert sum(len(p) for p in parts.values()) == 200
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not set(parts[a]["video_id"]) & set(parts[b]["video_id"]), (a, b)
+    for name in ("val", "test"):  # each about a fifth of ALL clips, with positives
+        assert abs(len(parts[name]) - 40) <= 10 and parts[name]["label"].sum() > 0, name
+    assert "test: " in capsys.readouterr().out
+    # without --test_split nothing changes: two files, the same train/val as before
+    split_dataset.main(["--input_csv", str(tmp_path / "all.csv"), "--output_dir", str(tmp_path / "two")])
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["train.csv", "val.csv"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--test_split", "0"], "--test_split must be in (0, 1)"),
+    (["--val_split", "0.5", "--test_split", "0.5"], "--val_split + --test_split < 1"),
+])
+def test_bad_test_split(tmp_path, args, expected):
+    clip_table(videos=8).to_csv(tmp_path / "all.csv", index=False)
+    with pytest.raises(HeaderNetError, match=re.escape(expected)):
+        run_main(tmp_path, *args)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cells_are_copied_as_written(tmp_path):

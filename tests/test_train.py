@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from headernet_core.evaluate import evaluate, load_classifier
+from headernet_core.evaluation import evaluate, load_classifier
 from headernet_core.errors import HeaderNetError
-from headernet_core.train import LEADING_COLUMNS, main, prepare, train
+from headernet_core.trainer import LEADING_COLUMNS, main, prepare, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,7 +293,7 @@ def test_every_bad_input_is_one_clear_line_and_writes_nothing(tiny_data, tmp_pat
 
 
 def test_settings_a_frozen_backbone_ignores_are_warned_about(tiny_config):
-    for flags, fragment in (({"layer_decay": 0.75}, "--layer_decay has no effect"),
+    for flags, fragment in (({"layer_decay": 0.75}, "--layer_decay 0.75 has no effect"),
                             ({"gradient_checkpointing": True}, "--gradient_checkpointing has no effect")):
         with pytest.warns(UserWarning, match=fragment):
             prepare(tiny_config(finetune_mode="frozen", **flags))

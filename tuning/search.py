@@ -30,7 +30,8 @@ from .cluster import check_address, join_cluster, prepare_environment, start_loc
 from . import resume_guard
 from .space import SearchSpace, find_space_file, load_space
 from .summary import TrialRecord, best_record, feature_cache_note, format_bytes, write_summary
-from .trial import OBJECTIVE, SCHEDULER_STOP, run_trial, trial_dirname
+from .trial import (OBJECTIVE, SCHEDULER_STOP, one_line_error, run_trial, search_warnings,
+                    trial_dirname)
 
 if TYPE_CHECKING:
     from headernet_core.data import CheckedSplits
@@ -43,6 +44,8 @@ SPACE_COPY = "space.yaml"
 # What a search folder holds before Ray first writes to it: a new search may reuse such a folder
 # (an earlier start that stopped there), never one holding anything else.
 PRE_RAY_FILES = {SEARCH_RECORD, SPACE_COPY, LOCK_NAME}
+# The demo dataset the README's commands make: 10 matches (2 held out as test, 2 for val).
+DEMO_MATCHES, DEMO_TEST_SPLIT = 10, 0.2
 
 
 @dataclasses.dataclass
@@ -58,6 +61,9 @@ class SearchArgs:
     storage_path: str | None
     resume: bool
     keep_checkpoints: str | None
+    retrain_best: int | None = None
+    test_csv: str | None = None
+    verbose: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> SearchArgs:
@@ -77,6 +83,13 @@ def parse_args(argv: Sequence[str] | None) -> SearchArgs:
     parser.add_argument("--keep_checkpoints", choices=("all", "best_trial"),
                         help="all (default): best+last of every trial; best_trial: delete the other "
                              "trials' weights at the end (--resume keeps the search's choice)")
+    parser.add_argument("--retrain_best", type=int, metavar="EPOCHS",
+                        help="after the search, train the best config for EPOCHS as <search>/final/ "
+                             "(overrides the space's retrain.epochs; 0: no retrain)")
+    parser.add_argument("--test_csv", help="held-out CSV the retrained model is scored on, at the "
+                                           "threshold chosen on validation (overrides retrain.test_csv)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own console (per-trial result boxes, every trial's output)")
     return SearchArgs(**vars(parser.parse_args(argv)))
 
 
@@ -100,6 +113,22 @@ def resolve_space(args: SearchArgs, saved: dict[str, Any] | None) -> SearchSpace
     return absolute_paths(space, Path.cwd())
 
 
+def with_retrain_flags(space: SearchSpace, args: SearchArgs) -> SearchSpace:
+    """--retrain_best/--test_csv over the space's `retrain` section (not part of what --resume
+    must repeat: they act after the search). A test CSV alone keeps the space's epochs."""
+    retrain = dict(space.retrain)
+    if args.retrain_best is not None:
+        if args.retrain_best < 0:
+            fail(f"--retrain_best must be >= 0 epochs, got {args.retrain_best}")
+        retrain = {"train_on_val": False, "test_csv": None, **retrain, "epochs": args.retrain_best}
+    if args.test_csv is not None:
+        if not retrain.get("epochs"):
+            fail("--test_csv scores the retrained best config: add --retrain_best EPOCHS "
+                 "(or a retrain section in the space)")
+        retrain["test_csv"] = str(Path(args.test_csv).expanduser().absolute())
+    return dataclasses.replace(space, retrain=retrain if retrain.get("epochs") else {})
+
+
 def absolute_paths(space: SearchSpace, base: Path) -> SearchSpace:
     """PATH_KEYS in the fixed settings, in path-valued choices and in choices' overrides."""
     def fix(key: str, value: Any) -> Any:
@@ -118,7 +147,10 @@ def absolute_paths(space: SearchSpace, base: Path) -> SearchSpace:
     # The trainer's default checkpoint_root is relative too: pin it to where the search started,
     # not to whatever working directory Ray gives a trial.
     trainer.setdefault("checkpoint_root", fix("checkpoint_root", TrainConfig().checkpoint_root))
-    return dataclasses.replace(space, trainer=trainer, params=params)
+    retrain = dict(space.retrain)
+    if retrain.get("test_csv"):
+        retrain["test_csv"] = str((base / Path(retrain["test_csv"]).expanduser()).absolute())
+    return dataclasses.replace(space, trainer=trainer, params=params, retrain=retrain)
 
 
 def demo_csvs(space: SearchSpace) -> tuple[Path, Path]:
@@ -139,19 +171,21 @@ def prepare_demo_data(space: SearchSpace) -> None:
     if Path(train_csv).exists() or Path(val_csv).exists():
         return
     from headernet_core.demo_data import generate
-    from headernet_core.split_dataset import split_frame, write_csv
+    from headernet_core.split_dataset import relative_to, split_parts, write_csv
     import pandas as pd
 
     folder = Path(space.demo_data).absolute()
     print(f"demo dataset missing: generating it in {folder} (once)")
     csv = folder / "raw" / "all_clips.csv"
     if not csv.is_file():  # the CSV is written last: without it the folder is incomplete
-        csv = generate(folder / "raw", seed=0, overwrite=True)
+        csv = generate(folder / "raw", seed=0, overwrite=True, matches=DEMO_MATCHES)
     frame = pd.read_csv(csv)
-    frame["path"] = [str((csv.parent / p).absolute()) for p in frame["path"]]
-    train, val = split_frame(frame, 0.2, seed=42, group=True)  # split_dataset's defaults
-    write_csv(train, Path(train_csv))
-    write_csv(val, Path(val_csv))
+    # The README's split command, in-process: paths relative to the split CSVs' folder
+    frame["path"] = [relative_to(csv.parent / p, Path(train_csv).parent) for p in frame["path"]]
+    test_csv = space.retrain.get("test_csv") or Path(train_csv).with_name("test.csv")
+    parts = split_parts(frame, 0.2, DEMO_TEST_SPLIT, seed=42, group=True)
+    for name, path in (("train", train_csv), ("val", val_csv), ("test", test_csv)):
+        write_csv(parts[name], Path(path))
 
 
 def check_data(space: SearchSpace) -> CheckedSplits:
@@ -169,6 +203,9 @@ def check_data(space: SearchSpace) -> CheckedSplits:
     train_df, val_df = (load_split(csvs[split], split, checked) for split in ("train", "val"))
     for message in split_warnings(train_df, val_df, csvs["train"], csvs["val"]):
         warnings.warn(message, stacklevel=2)
+    test_csv = space.retrain.get("test_csv")
+    if test_csv:  # scored after the search: a missing file must not surface hours from now
+        load_split(test_csv, "test")
     return checked
 
 
@@ -314,23 +351,32 @@ def start_ray(address: str | None) -> None:
 
 
 def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None,
-                checked: CheckedSplits | None = None):
+                checked: CheckedSplits | None = None, verbose: bool = False):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
+    from .console import console_run_config
     from .scheduler import RecordingASHA
     from .snapshot import ResumeSnapshot
+    from .study import StudySearch, clear_stale_lock, study_storage
 
+    console = console_run_config(metric=space.metric, mode=space.mode,
+                                 params=[p.name for p in space.params], search_dir=search_dir,
+                                 max_failures=space.max_failures, verbose=verbose)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, space=space, search_dir=str(search_dir), checked=checked),
+        tune.with_parameters(run_trial, space=space, search_dir=str(search_dir), checked=checked,
+                             quiet=not verbose),
         {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)})
     if saved is not None:
+        # Tune restores the searcher (its study is the same journal file) and the RunConfig,
+        # console included, as the search started.
+        clear_stale_lock(search_dir)
         return tune.Tuner.restore(str(search_dir), trainable=trainable,
                                   resume_unfinished=True, resume_errored=True)
-    searcher = OptunaSearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
-                            sampler=tpe_sampler(space.seed))
+    searcher = StudySearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
+                           sampler=tpe_sampler(space.seed, space.startup_trials),
+                           storage=study_storage(search_dir), study_name=search_dir.name)
     if space.scheduler.get("type") == "asha":
         scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
                                   grace_period=space.scheduler["grace_period"],
@@ -349,7 +395,8 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
                                     trial_name_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=search_dir.name, storage_path=str(search_dir.parent),
-            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), ResumeSnapshot()],
+            **{**console, "callbacks": [CSVLoggerCallback(), JsonLoggerCallback(), ResumeSnapshot(),
+                                        *console["callbacks"]]},
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Tune checkpoints are tiny progress markers (weights live in each run folder);
             # keeping them all avoids restoring from one that was already deleted.
@@ -365,7 +412,7 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
         best = _read_json(folder / "best_metrics.json")
         error = None
         if result.error is not None:
-            state, error = "failed", _one_line(result.error)
+            state, error = "failed", one_line_error(result.error)
         elif status == "finished":
             state = "finished"
         elif (folder / SCHEDULER_STOP).is_file():
@@ -396,27 +443,20 @@ def _read_json(path: Path) -> dict[str, Any]:
     return read_json_dict(path)
 
 
-def _one_line(error: BaseException) -> str:
-    """Ray wraps trial errors; keep the innermost message on one line."""
-    text = str(error).strip().splitlines()
-    for line in reversed(text):
-        if line.strip() and not line.startswith(" "):
-            return line.strip()[:500]
-    return type(error).__name__
-
-
-def tpe_sampler(seed: int):
+def tpe_sampler(seed: int, startup_trials: int = 10):
     """Seeded multivariate TPE with `group=True`: conditional parameters (e.g. `lr_backbone`
     only where the backbone trains) are modelled per branch instead of being treated as
-    independent. Both options are marked experimental in Optuna; the warning says nothing the
-    user can act on, so it is kept off the console."""
+    independent. The first `startup_trials` trials are random (Optuna's n_startup_trials).
+    Both options are marked experimental in Optuna; the warning says nothing the user can act
+    on, so it is kept off the console."""
     import warnings
 
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          n_startup_trials=startup_trials)
 
 
 def prune_checkpoints(search_dir: Path, records: list[TrialRecord], best: TrialRecord | None) -> None:
@@ -455,8 +495,12 @@ def run_search(args: SearchArgs) -> int:
     # Resume only from state this project signed, checked before anything is written.
     verified = resume_guard.verify(search_dir) if saved is not None else None
     args.keep_checkpoints = args.keep_checkpoints or "all"
-    space = resolve_space(args, saved)
+    space = with_retrain_flags(resolve_space(args, saved), args)
     check_ray(args.address)
+    verbose = bool(saved.get("verbose")) if saved is not None else args.verbose
+    if saved is not None and args.verbose != verbose:
+        print(f"note: a resumed search keeps the console it started with ({'--verbose' if verbose else 'compact'})")
+    args.verbose = verbose
     check_checkpoints(space)
     check_local_gpus(space, args.address)
     if saved is None:
@@ -491,10 +535,13 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
             "space_file": str(space_file), "space_yaml": space_file.read_text(),
             "sets": [*args.sets, *[f"{k}={v}" for k, v in space.trainer.items() if k in PATH_KEYS]],
             "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-            "cwd": str(Path.cwd()), "args": shaping_flags(args)})
+            "cwd": str(Path.cwd()), "args": shaping_flags(args), "verbose": args.verbose})
         write_text(search_dir / SPACE_COPY, space_file.read_text())
     print(space.describe())
-    print(f"search folder: {search_dir}")
+    for line in search_warnings(space, search_dir):
+        print(f"warning: {line}")
+    from .study import STUDY_FILE
+    print(f"search folder: {search_dir}  (live study: optuna-dashboard {search_dir / STUDY_FILE})")
 
     start_ray(args.address)
     import ray  # after start_ray: Ray reads its settings from the environment when imported
@@ -502,7 +549,7 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
     try:
         if args.address:
             check_cluster_gpus(space)
-        tuner = build_tuner(space, search_dir, saved, checked)
+        tuner = build_tuner(space, search_dir, saved, checked, args.verbose)
         if saved is None:
             resume_guard.sign_tuner(search_dir)
         results = tuner.fit()
@@ -530,6 +577,11 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
     print_result(search_dir, space, records, best, size, notes)
     if interrupted:
         return 130
+    if best is not None and space.retrain:
+        from .retrain import DEVICE_KEYS, retrain
+        retrain(search_dir, epochs=space.retrain["epochs"], test_csv=space.retrain.get("test_csv"),
+                train_on_val=space.retrain.get("train_on_val", False),
+                devices={k: v for k, v in space.trainer.items() if k in DEVICE_KEYS})
     if records and all(r.status == "failed" for r in records):
         print(f"every trial failed: see the errors in {search_dir / 'summary.md'}", file=sys.stderr)
         return 1

@@ -21,10 +21,11 @@ are fixed, which are searched and how, what to optimise, and how much to spend:
       focal_alpha: {uniform: [0.55, 0.95]}
       unfreeze_blocks: {int: [2, 12], step: 2}
     objective: {metric: val_f1, mode: max}
-    budget: {num_samples: 20, max_concurrent: 2, seed: 42}
+    budget: {num_samples: 20, max_concurrent: 2, seed: 42, startup_trials: 8}
     scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
     resources: {cpu: 4, gpu: 1}
     max_failures: 1
+    retrain: {epochs: 30, test_csv: data/splits/test.csv}
 
 Sections. Only `search` is required; defaults in brackets.
   name          experiment folder name [the file name without .yaml]; letters, digits, . _ -
@@ -37,7 +38,9 @@ Sections. Only `search` is required; defaults in brackets.
                 mode [the metric's own direction: max for val_f1/val_auc/..., min for val_loss].
                 A mode against a known direction (val_f1 with min) is an error.
   budget        num_samples [20] trials; max_concurrent [1] running at once; seed [42] of the
-                TPE sampler (the trainer's own `seed` stays a trainer key: same init per trial).
+                TPE sampler (the trainer's own `seed` stays a trainer key: same init per trial);
+                startup_trials [10]: TPE samples at random until this many trials have ended
+                (Optuna's n_startup_trials), then from its model of the results so far.
   scheduler     type: asha | none [none: every trial runs all its epochs]. With asha:
                 grace_period [1] epochs before the first cut (>= 1 and below the epochs of
                 the longest trial) and reduction_factor [2] (> 1): 1/rf of the trials go on at
@@ -48,6 +51,10 @@ Sections. Only `search` is required; defaults in brackets.
                 `trainer: {cpu: true}` and gpu > 0 forbids it: a 0-GPU Ray trial still sees
                 every GPU, and a reserved GPU that the trainer ignores is wasted.
   max_failures  retries of a failed trial from its last checkpoint [0].
+  retrain       [none] after the search finishes, train the best trial's config again as
+                `<search>/final/` and score it once on a held-out test CSV (tuning/retrain.py):
+                epochs (>= 1), test_csv [none: no test], train_on_val [false]. The CLI's
+                --retrain_best N / --test_csv set or override it (--retrain_best 0: skip).
   demo_data     a folder [none]: when the trainer's train_csv/val_csv are missing, the demo
                 dataset (headernet_core.demo_data) is generated there and split into
                 <folder>/splits/{train,val}.csv first. For the demo space only.
@@ -118,17 +125,18 @@ SPACES_DIRNAME = "search_spaces"
 REPO_SPACES_DIR = Path(__file__).resolve().parents[1] / SPACES_DIRNAME
 
 SECTIONS = ("name", "trainer", "search", "objective", "budget", "scheduler", "resources",
-            "max_failures", "demo_data")
-MAPPING_SECTIONS = ("trainer", "search", "objective", "budget", "scheduler", "resources")
+            "max_failures", "retrain", "demo_data")
+MAPPING_SECTIONS = ("trainer", "search", "objective", "budget", "scheduler", "resources", "retrain")
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "objective": ("metric", "mode"),
-    "budget": ("num_samples", "max_concurrent", "seed"),
+    "budget": ("num_samples", "max_concurrent", "seed", "startup_trials"),
     "scheduler": ("type", "grace_period", "reduction_factor"),
     "resources": ("cpu", "gpu"),
+    "retrain": ("epochs", "test_csv", "train_on_val"),
 }
 DEFAULTS: dict[str, Any] = {
     "metric": "val_f1",
-    "num_samples": 20, "max_concurrent": 1, "seed": 42,
+    "num_samples": 20, "max_concurrent": 1, "seed": 42, "startup_trials": 10,
     "scheduler": "none", "grace_period": 1, "reduction_factor": 2.0,
     "cpu": 1.0, "gpu": 1.0,
     "max_failures": 0,
@@ -217,6 +225,9 @@ class SearchSpace:
     resources: dict[str, float]         # {"cpu": float, "gpu": float}
     max_failures: int
     demo_data: str | None = None        # generate the demo dataset here when its CSVs are missing
+    startup_trials: int = DEFAULTS["startup_trials"]    # TPE's random start-up trials
+    retrain: dict[str, Any] = field(default_factory=dict)   # {} | {"epochs": int,
+                                        #  "test_csv": str | None, "train_on_val": bool}
 
     def define_by_run(self, trial: Any) -> None:
         """Optuna define-by-run: sample the params in order, skipping those whose `when`
@@ -295,7 +306,8 @@ class SearchSpace:
         retries = (f", a failed trial is retried up to {self.max_failures}x"
                    if self.max_failures else "")
         lines.append(f"  budget:    {self.num_samples} trials, {self.max_concurrent} at a time, "
-                     f"sampler seed {self.seed}{retries}")
+                     f"sampler seed {self.seed}, TPE after {self.startup_trials} random "
+                     f"trials{retries}")
         if self.scheduler["type"] == "asha":
             lines.append(f"  scheduler: ASHA, first cut after {self.scheduler['grace_period']} "
                          f"epochs, 1/{_fmt(self.scheduler['reduction_factor'])} go on at each rung "
@@ -304,6 +316,11 @@ class SearchSpace:
             lines.append(f"  scheduler: none (every trial runs all {self.max_epochs()} epochs)")
         lines.append(f"  resources: {_fmt(self.resources['cpu'])} CPU + "
                      f"{_fmt(self.resources['gpu'])} GPU per trial")
+        if self.retrain:
+            test = self.retrain.get("test_csv")
+            lines.append(f"  retrain:   the best config for {self.retrain['epochs']} epochs"
+                         f"{' on train + val' if self.retrain.get('train_on_val') else ''}"
+                         f"{f', then test on {_show(Path(test))}' if test else ''}")
         return "\n".join(lines)
 
     def _fixed_values(self) -> dict[str, Any]:
@@ -396,12 +413,14 @@ class _Loader:
         resources = self._resources(data["resources"], trainer, params)
         max_failures = self._int("max_failures", data.get("max_failures", DEFAULTS["max_failures"]),
                                  minimum=0)
+        retrain = self._retrain(data["retrain"])
         demo_data = data.get("demo_data")
         if demo_data is not None and (not isinstance(demo_data, str) or not demo_data):
             fail(f"{self.where('demo_data')}: expected a folder path, got {_fmt(demo_data)}")
         space = SearchSpace(name=name, path=self.path, trainer=trainer, params=params,
                             metric=metric, mode=mode, scheduler=scheduler, resources=resources,
-                            max_failures=max_failures, demo_data=demo_data, **budget)
+                            max_failures=max_failures, demo_data=demo_data, retrain=retrain,
+                            **budget)
         self._check_trials(space)
         return space
 
@@ -689,7 +708,27 @@ class _Loader:
                                         minimum=1),
             "seed": self._int("budget.seed", raw.get("seed", DEFAULTS["seed"]), minimum=0,
                               maximum=2**32 - 1),
+            "startup_trials": self._int("budget.startup_trials",
+                                        raw.get("startup_trials", DEFAULTS["startup_trials"]),
+                                        minimum=0),
         }
+
+    def _retrain(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """{} (no retrain) or {"epochs", "test_csv", "train_on_val"}; an `epochs` of 0 is off."""
+        self._known_keys("retrain", raw)
+        if not raw:
+            return {}
+        epochs = self._int("retrain.epochs", raw.get("epochs"), minimum=0)
+        test_csv = raw.get("test_csv")
+        if test_csv is not None and (not isinstance(test_csv, str) or not test_csv):
+            fail(f"{self.where('retrain.test_csv')}: expected a CSV path, got {_fmt(test_csv)}")
+        train_on_val = raw.get("train_on_val", False)
+        if not isinstance(train_on_val, bool):
+            fail(f"{self.where('retrain.train_on_val')}: expected true or false, got "
+                 f"{_fmt(train_on_val)}")
+        if epochs == 0:
+            return {}
+        return {"epochs": epochs, "test_csv": test_csv, "train_on_val": train_on_val}
 
     def _scheduler(self, raw: dict[str, Any], max_epochs: int) -> dict[str, Any]:
         self._known_keys("scheduler", raw)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import re
 import shlex
@@ -177,6 +178,45 @@ def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
     write_text(search_dir / SUMMARY_MD, _markdown(summary, records, space_params, best))
     write_json(search_dir / SUMMARY_JSON, summary)   # last: its presence means all are written
     return summary
+
+
+FINAL_HEADING = "## Final model (best config retrained, scored on the test split)"
+
+
+def add_final_model(search_dir: Path, final: Mapping[str, Any]) -> None:
+    """Record a retrained final model (tuning.retrain) in an existing summary: the `final` key
+    of search_summary.json and a section of summary.md before the trials table (replacing an
+    earlier one)."""
+    search_dir = Path(search_dir)
+    summary = json.loads((search_dir / SUMMARY_JSON).read_text())
+    summary["final"] = _plain(dict(final))
+    text = (search_dir / SUMMARY_MD).read_text()
+    if FINAL_HEADING in text:   # drop the earlier section, up to the next heading
+        head, _, rest = text.partition(FINAL_HEADING)
+        text = head + rest[rest.find("\n## ") + 1:] if "\n## " in rest else head
+    section = _final_markdown(final)
+    marker = "## Trials (best first)"
+    text = text.replace(marker, section + marker, 1) if marker in text else text + "\n" + section
+    write_text(search_dir / SUMMARY_MD, text)
+    write_json(search_dir / SUMMARY_JSON, summary)
+
+
+def _final_markdown(final: Mapping[str, Any]) -> str:
+    lines = [FINAL_HEADING, "",
+             f"`{final['run_dir']}`: trial **{final['trial']}**'s config trained for "
+             f"{final['epochs']} epochs{' on train + val' if final.get('train_on_val') else ''}.", ""]
+    if final.get("test_csv"):
+        lines += [f"Test split `{final['test_csv']}` ({final.get('test_clips')} clips, "
+                  f"{final.get('test_positives')} headers), scored once at threshold "
+                  f"{_fmt_value(final['threshold'])} ({final['threshold_source']}), "
+                  f"{final['views']} view(s) per clip, weights `{final['checkpoint']}`:", ""]
+        keys = [k for k in ("test_f1", "test_precision", "test_recall", "test_accuracy",
+                            "test_auc", "test_ap") if k in final]
+        lines += _table(keys, [[_fmt_value(final[k]) for k in keys]]) + [""]
+        lines += [f"Errors per match: `{final['per_video']}`.", ""]
+    else:
+        lines += ["No test CSV was given: nothing scored.", ""]
+    return "\n".join(lines) + "\n"
 
 
 # --- records --------------------------------------------------------------------------------

@@ -8,12 +8,15 @@ state is the run folder's `checkpoints/last.pt`, which a retried or restored tri
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from headernet_core.artifacts import read_json_dict, write_json
 
@@ -21,6 +24,7 @@ from .space import SearchSpace
 
 OBJECTIVE = "objective"
 SCHEDULER_STOP = "scheduler_stop.json"  # in a trial folder: ASHA stopped it (tuning/scheduler.py)
+TRIAL_LOG = "train.log"                  # in a trial folder: the trainer's output (compact console)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -30,6 +34,68 @@ def trial_dirname(trial: Any) -> str:
     parts = [f"{key}={_short(value)}" for key, value in sorted(trial.config.items())]
     name = "_".join([f"t{index}", *parts])
     return "".join(c if c.isalnum() or c in "._=-" else "_" for c in name)[:120]
+
+
+# The trainer keys run_trial sets itself (see replaced_settings for how).
+TRIAL_REPLACED = ("select_metric", "num_workers", "gpus", "cpu", "progress", "output_root")
+
+
+def replaced_settings(space: SearchSpace, search_dir: str | Path) -> list[str]:
+    """One line per trainer setting of the space that `run_trial` replaces in every trial
+    (how and why), for the search to print once. Settings the space leaves at the trainer's
+    default are not mentioned."""
+    given = dict(space.trainer)
+    searched = {p.name for p in space.params}
+    cpus = max(1, int(space.resources.get("cpu", 1)))
+    lines = [f"search.{key} has no effect: every trial sets {key} itself" for key in sorted(searched)
+             if key in TRIAL_REPLACED]
+    if given.get("select_metric", space.metric) != space.metric:
+        lines.append(f"select_metric {given['select_metric']} is replaced by {space.metric} in "
+                     f"trials: a trial's best epoch is the one with the best search objective")
+    if given.get("num_workers", 0) > cpus - 1:
+        lines.append(f"num_workers {given['num_workers']} becomes {cpus - 1} in trials: "
+                     f"resources.cpu {cpus:g} leaves {cpus - 1} core(s) beside the training thread")
+    if given.get("gpus"):
+        lines.append(f"gpus {' '.join(map(str, given['gpus']))} is replaced in trials: Ray gives each "
+                     f"trial its own GPUs (resources.gpu)")
+    if given.get("progress"):
+        lines.append("progress is off in trials: per-batch bars would interleave in the search console")
+    root = given.get("output_root")
+    if root and Path(root).absolute() != Path(search_dir).absolute().parent:
+        lines.append(f"output_root {root} is not used: trials write into the search folder {search_dir}")
+    return lines
+
+
+def search_warnings(space: SearchSpace, search_dir: str | Path) -> list[str]:
+    """Every warning the search's trials would give about their settings, once: the settings
+    trials replace, then `ignored_settings` over each combination of choices (the trials log
+    their own copy into their folders)."""
+    from headernet_core.config import TrainConfig, ignored_settings
+
+    lines = replaced_settings(space, search_dir)
+    where: dict[str, list[str]] = {}
+    combos = 0
+    for sampled, values in space.combinations():
+        combos += 1
+        choices = " ".join(f"{p.name}={sampled[p.name]}" for p in space.params
+                           if p.kind == "choice" and p.name in sampled)
+        for line in ignored_settings(TrainConfig.from_dict(values, source=str(space.path))):
+            where.setdefault(line, []).append(choices)
+    for line, places in where.items():
+        lines.append(line if len(places) == combos or not places[0] else
+                     f"{line} (trials with {' / '.join(dict.fromkeys(places))})")
+    return lines
+
+
+def one_line_error(error: BaseException | str | None) -> str:
+    """Ray wraps trial errors in tracebacks; keep the innermost message, on one line."""
+    if error is None:
+        return "unknown error"
+    text = str(error).strip().splitlines()
+    for line in reversed(text):
+        if line.strip() and not line.startswith(" "):
+            return line.strip()[:500]
+    return type(error).__name__
 
 
 def _short(value: Any) -> str:
@@ -43,8 +109,28 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and math.isfinite(float(v))}
 
 
+def _quiet_teardown(unraisable: Any) -> None:
+    """Ray ends a finished trial's actor with SIGTERM, whose handler raises SystemExit inside
+    whatever finalizer runs then; Python prints that as "Exception ignored in ..." (nine lines
+    of a harmless traceback per trial). Drop those; report any other unraisable as usual."""
+    if not isinstance(unraisable.exc_value, SystemExit):
+        sys.__unraisablehook__(unraisable)
+
+
+@contextlib.contextmanager
+def trial_output(run_dir: Path, quiet: bool) -> Iterator[None]:
+    """`quiet`: the trial's stdout and stderr (the trainer's lines, its warnings) go to
+    `<run_dir>/train.log` instead of being forwarded to the search's console by Ray."""
+    if not quiet:
+        yield
+        return
+    with open(run_dir / TRIAL_LOG, "a", buffering=1) as stream, \
+            contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        yield
+
+
 def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
-              checked: dict | None = None) -> None:
+              checked: dict | None = None, quiet: bool = False) -> None:
     """The Tune function trainable (wrapped with `tune.with_parameters`). `checked`: the split
     CSVs the driver validated (`headernet_core.data.check_splits`), so a trial does not read
     and check every CSV row and clip header again.
@@ -54,7 +140,9 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     next: the run folder comes from this trial's name (`get_trial_dir()` points at a different
     local folder after a reuse, but always ends in the trial's folder name), `train()` seeds
     every global RNG and sets the thread count, and the warning registry and compile caches
-    are reset here."""
+    are reset here. `quiet`: the trainer's output goes to the trial's train.log
+    (`trial_output`) and Ray Train/Tune log no INFO lines from the trial ("Checkpoint
+    successfully created" per epoch); their warnings and errors still reach the console."""
     import gc
     import warnings
 
@@ -63,7 +151,12 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     from ray import tune
 
     from headernet_core.features import CACHE_DIRNAME
-    from headernet_core.train import train
+    from headernet_core.trainer import train
+
+    if quiet:
+        for name in ("ray.train", "ray.tune"):   # per-epoch "Checkpoint ... created", "Restored ..."
+            logging.getLogger(name).setLevel(logging.WARNING)
+        sys.unraisablehook = _quiet_teardown
 
     context = tune.get_context()
     run_name = Path(context.get_trial_dir()).name
@@ -119,7 +212,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     if config.compile:
         torch._dynamo.reset()
     # The search owns the folder (its lock); a retried trial takes over its own run folder.
-    with warnings.catch_warnings():  # a fresh registry: this trial's warnings are shown too
+    with warnings.catch_warnings(), trial_output(run_dir, quiet):  # a fresh warning registry
         result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch),
                        lock=False, checked=checked)
     if not reported and result.best_metrics:

@@ -1,0 +1,70 @@
+"""The search's Optuna study in the search folder, when Tune's searcher snapshot lags behind it
+(what a hard kill and --resume leave): no crash, every trial's recorded state kept."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tuning.study import STUDY_FILE, StudySearch, clear_stale_lock, study_storage
+
+
+def space(trial) -> None:
+    trial.suggest_float("x", 0.0, 1.0)
+
+
+def searcher(folder) -> StudySearch:
+    return StudySearch(space=space, metric="objective", mode="max", storage=study_storage(folder),
+                       study_name="s", sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def test_a_restored_snapshot_that_lags_behind_the_study(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    first = searcher(tmp_path)
+    first.suggest("a")
+    first.suggest("b")
+    first.save(str(tmp_path / "searcher-state.pkl"))          # Tune's snapshot
+    first.on_trial_result("a", {"objective": 0.4, "training_iteration": 1})
+    first.on_trial_complete("a", {"objective": 0.5})           # after the snapshot
+    first.suggest("c")                                         # asked after it: Tune forgets it
+    # the driver is killed; --resume restores the older snapshot over the same journal
+    second = searcher(tmp_path)
+    second.restore(str(tmp_path / "searcher-state.pkl"))
+    # Tune re-runs a's last epoch and completes it again: the study keeps what it recorded
+    second.on_trial_result("a", {"objective": 0.9, "training_iteration": 1})
+    second.on_trial_complete("a", {"objective": 0.9})
+    second.on_trial_result("b", {"objective": 0.6, "training_iteration": 1})
+    second.on_trial_complete("b", {"objective": 0.6})
+    second.suggest("d")
+    second.on_trial_complete("d", {"objective": 0.7})
+    study = optuna.load_study(study_name=None, storage=study_storage(tmp_path))
+    assert [(t.number, t.state, t.value) for t in study.trials] == [
+        (0, TrialState.COMPLETE, 0.5), (1, TrialState.COMPLETE, 0.6),
+        (2, TrialState.FAIL, None), (3, TrialState.COMPLETE, 0.7)]
+    assert (tmp_path / STUDY_FILE).is_file()
+
+
+def test_plain_optuna_search_would_fail_there(tmp_path):
+    """Why StudySearch exists: the same sequence with Ray's OptunaSearch raises."""
+    from ray.tune.search.optuna import OptunaSearch
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    make = lambda: OptunaSearch(space=space, metric="objective", mode="max",   # noqa: E731
+                                storage=study_storage(tmp_path), study_name="s")
+    first = make()
+    first.suggest("a")
+    first.save(str(tmp_path / "state.pkl"))
+    first.on_trial_complete("a", {"objective": 0.5})
+    second = make()
+    second.restore(str(tmp_path / "state.pkl"))
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        second.on_trial_result("a", {"objective": 0.9, "training_iteration": 1})
+
+
+def test_a_lock_left_by_a_killed_driver_is_cleared_before_a_resume(tmp_path):
+    study = optuna.create_study(storage=study_storage(tmp_path), study_name="s")
+    lock = tmp_path / f"{STUDY_FILE}.lock"
+    lock.symlink_to(tmp_path / STUDY_FILE)          # what JournalFileSymlinkLock leaves behind
+    clear_stale_lock(tmp_path)
+    assert not lock.is_symlink()
+    study.enqueue_trial({"x": 0.5})                 # writes without waiting for a lock
+    clear_stale_lock(tmp_path)                      # nothing there: fine

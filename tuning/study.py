@@ -1,0 +1,64 @@
+"""The search's Optuna study, kept in the search folder (imports Ray: load it only to build a Tuner).
+
+`optuna_study.log` is an Optuna journal file (append-only, safe on NFS): `optuna.load_study` and
+`optuna-dashboard <file>` read it while the search runs, and `--resume` continues the same
+study, because Tune's searcher state holds the storage, not a copy of the trials.
+
+A journal outlives Tune's searcher snapshot, which can be seconds older after a hard kill. Then
+`--resume` may (a) re-run the last epoch of a trial the study already holds as finished: Optuna
+refuses to update a finished trial, so `StudySearch` keeps the recorded result instead of
+failing the search; (b) never hear again of trials asked after the snapshot: they are marked
+FAIL in the study when the searcher is restored, so none stays "running" forever.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import LOCK_FILE_SUFFIX
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+STUDY_FILE = "optuna_study.log"
+
+
+def study_storage(search_dir: str | Path) -> JournalStorage:
+    """The journal storage of the study in `search_dir`."""
+    return JournalStorage(JournalFileBackend(str(Path(search_dir) / STUDY_FILE)))
+
+
+def clear_stale_lock(search_dir: str | Path) -> None:
+    """Before a resume: a journal lock left by a killed driver (one search owns its folder, so
+    any lock there is stale) would make the resumed search wait 30 s and warn, then break it."""
+    Path(search_dir, STUDY_FILE + LOCK_FILE_SUFFIX).unlink(missing_ok=True)
+
+
+class StudySearch(OptunaSearch):
+    """`OptunaSearch` over a persistent study that a restored snapshot may lag behind."""
+
+    def _finished_in_study(self, trial_id: str) -> bool:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return False
+        return self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if not self._finished_in_study(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        if self._finished_in_study(trial_id):
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        known = {t.number for t in self._ot_trials.values()}
+        for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number not in known:     # asked after the snapshot: Tune will not run it
+                self._ot_study.tell(trial.number, state=TrialState.FAIL)
+
