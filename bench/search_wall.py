@@ -49,7 +49,8 @@ def main() -> None:
         if (out / "wall").exists():
             sys.exit(f"{out / 'wall'} exists: use another --workdir")
         done = subprocess.run([sys.executable, "-m", "tuning.search", "--space", str(space_file),
-                               "--storage_path", str(out), "--name", "wall"],
+                               "--storage_path", str(out), "--name", "wall",
+                               "--retrain_best", "0"],   # the search alone, not the retrain after it
                               cwd=tmp, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode != 0:

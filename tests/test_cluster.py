@@ -31,6 +31,8 @@ import psutil
 import pytest
 import yaml
 
+from tuning.space import load_space
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKER_README = REPO / "docker" / "README.md"
 RAY = Path(sys.executable).with_name("ray")
@@ -208,7 +210,7 @@ def test_demo_search_on_a_head_and_a_worker_started_as_documented(cluster, tmp_p
     output = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, output[-4000:]
     search_dir = storage / "demo"
-    summary = assert_every_trial_complete(search_dir, 6)
+    summary = assert_every_trial_complete(search_dir, load_space("demo").num_samples)
     # trials ran on both nodes, and trials.csv says which
     nodes = {cluster["head"].node_id()[:12], cluster["worker"].node_id()[:12]}
     assert set(pd.read_csv(search_dir / "trials.csv")["node"]) == nodes

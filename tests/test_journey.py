@@ -140,7 +140,7 @@ def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_pa
     trial_best = json.loads((search_dir / best["name"] / "best_metrics.json").read_text())
     assert test2["checkpoint"] == "final2/checkpoints/last.pt"
     assert test2["threshold"] == pytest.approx(trial_best["val_threshold"])
-    combined = pd.read_csv(search_dir / "final2" / "train_plus_val.csv")
+    combined = pd.read_csv(search_dir / "final2_train_plus_val.csv")
     assert len(combined) == len(pd.read_csv(splits / "train.csv")) + len(pd.read_csv(splits / "val.csv"))
 
 

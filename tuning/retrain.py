@@ -13,8 +13,8 @@ search; a space's `retrain:` section does it by default, as the demo's does.)
    `--name`). Devices are chosen afresh: the trial's `cpu`, `gpus`, `num_workers`, `progress`
    (set per trial by Ray) come from the flags if given, else from the search space's own
    trainer settings (when run by the search), else the trainer's defaults (first GPU, else the
-   CPU). `--train_on_val` trains on train + val (the combined CSV is written into the run
-   folder; validation metrics are then on seen data).
+   CPU). `--train_on_val` trains on train + val (the combined CSV is written beside the run
+   folder, `<name>_train_plus_val.csv`; validation metrics are then on seen data).
 3. Scored on `--test_csv` at a threshold chosen on validation, never on the test set:
    - by default, the run's best epoch (by its `select_metric`, the search objective, on val)
      at that epoch's validation threshold, stored in its checkpoint;
@@ -121,14 +121,16 @@ def retrain(search_dir: str | Path, *, epochs: int, test_csv: str | Path | None 
     if test_csv is not None:   # checked before hours of training, not after
         test_csv = str(Path(test_csv).absolute())
         check_clips(read_split(test_csv, "test"), test_csv)
+    combined = search_dir / f"{name}_{COMBINED_CSV}"   # beside the run folder: inputs never live in one
     if train_on_val:
-        config = config.replace(train_csv=combined_csv(config, run_dir / COMBINED_CSV))
+        config = config.replace(train_csv=combined_csv(config, combined))
     log(f"retraining {trial} for {epochs} epochs as {run_dir}")
     try:
         result = train(config, log=log)
     except BaseException:
         if not (run_dir / "status.json").exists():   # failed before writing the run: leave nothing
             shutil.rmtree(run_dir, ignore_errors=True)
+            combined.unlink(missing_ok=True)
         raise
     record: dict[str, Any] = {
         "run_dir": str(run_dir), "trial": trial, "epochs": epochs, "train_on_val": train_on_val,
