@@ -145,8 +145,8 @@ def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_pa
 
 
 def test_the_study_file_opens_in_optuna_dashboard(tmp_path):
-    """optuna-dashboard (the optional `dashboard` extra) serves the journal file as it is."""
-    dashboard = pytest.importorskip("optuna_dashboard")
+    """optuna-dashboard (the `dashboard` extra; the tests install it) serves the journal file as it is."""
+    import optuna_dashboard as dashboard
     from tuning.study import study_storage
     study = optuna.create_study(storage=study_storage(tmp_path), study_name="s", direction="maximize")
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)

@@ -219,8 +219,14 @@ def test_sigterm_ends_a_command_like_ctrl_c(capsys):
         raise AssertionError("SIGTERM was ignored")
 
     previous = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as exc:
-        run_cli(body)
+    # Python's own Ctrl-C handler, as a fresh `python -m` process has it (an in-process search
+    # earlier in the session may have left Ray Tune's handler installed).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run_cli(body)
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     assert exc.value.code == 130 and capsys.readouterr().err == "interrupted\n"
     assert signal.getsignal(signal.SIGTERM) == previous  # restored for whoever called run_cli
 
