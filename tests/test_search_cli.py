@@ -130,6 +130,13 @@ def test_resume_with_a_damaged_search_record_is_one_line(tiny_data, tmp_path, ca
     assert "search.json: unreadable or incomplete" in error_of(["--space", str(space), "--resume"], capsys)
 
 
+def test_resume_of_a_finished_search_is_one_line_that_points_to_retrain(tiny_data, tmp_path, capsys):
+    space, search_dir = started_search(tmp_path, tiny_data)
+    (search_dir / "search_summary.json").write_text(json.dumps({"state": "finished"}))
+    line = error_of(["--space", str(space), "--resume"], capsys)
+    assert "has finished, there is nothing to resume" in line and "tuning.retrain" in line
+
+
 def test_a_resumed_search_resolves_relative_paths_where_it_was_started(tiny_data, tmp_path, monkeypatch):
     from tuning.search import parse_args, resolve_space
 

@@ -278,6 +278,10 @@ def check_search_dir(search_dir: Path, resume: bool) -> dict[str, Any] | None:
         record = search_dir / SEARCH_RECORD
         if state is None or not record.is_file():
             fail(f"{search_dir}: nothing to resume (no search was started under this name)")
+        if state == "finished":
+            fail(f"{search_dir}: this search has finished, there is nothing to resume (its summary: "
+                 f"{search_dir / 'summary.md'}); to train its best config longer: python -m "
+                 f"tuning.retrain {search_dir} --epochs N")
         saved = _read_json(record)
         if not all(key in saved for key in ("space_file", "space_yaml", "sets")):
             fail(f"{record}: unreadable or incomplete (expected the JSON this command writes when "
