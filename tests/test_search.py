@@ -139,6 +139,9 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
         damaged = tmp_path / "damaged" / "s"
         shutil.rmtree(damaged.parent, ignore_errors=True)
         shutil.copytree(search_dir, damaged)
+        # as if it had been interrupted (a finished search is not resumed at all)
+        record = damaged / "search_summary.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "state": "interrupted"}))
         blob = damaged / ".resume" / manifest[name]
         blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
         before = {p: p.stat().st_mtime_ns for p in damaged.rglob("*")}
