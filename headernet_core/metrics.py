@@ -12,13 +12,9 @@ import warnings
 from typing import Mapping
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    precision_recall_curve,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
+
+# scikit-learn is imported where it is used: the search driver imports this module only for
+# the metric names, and scikit-learn costs it a second of start-up before any trial runs.
 
 # Keys of `classification_metrics`, in the column order the trainer writes them.
 METRIC_KEYS: tuple[str, ...] = (
@@ -71,6 +67,8 @@ def _sweep(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float, float]:
     Ties: higher recall, then the threshold closest to 0.5 (then the higher threshold, so the
     choice is deterministic). Assumes both classes are present.
     """
+    from sklearn.metrics import precision_recall_curve, precision_recall_fscore_support
+
     precision, recall, thresholds = precision_recall_curve(y, p)
     # The last (precision=1, recall=0) point has no threshold.
     precision, recall = precision[:-1], recall[:-1]
@@ -101,6 +99,8 @@ def best_threshold(labels: np.ndarray, prob_header: np.ndarray) -> tuple[float, 
 
 
 def _binary_prf(y: np.ndarray, pred: np.ndarray, average: str) -> tuple[float, float, float]:
+    from sklearn.metrics import precision_recall_fscore_support
+
     prec, rec, f, _ = precision_recall_fscore_support(
         y, pred, average=average, labels=[0, 1] if average != "binary" else None,
         pos_label=1, zero_division=0)
@@ -115,6 +115,8 @@ def classification_metrics(labels: np.ndarray, prob_header: np.ndarray,
     2-class softmax with ties going to class 0. With one class only, AUC, AP and the swept
     values are NaN (one warning), the rest are defined with zero_division=0.
     """
+    from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+
     y, p = _check_inputs(labels, prob_header)
     pred_05 = (p > 0.5).astype(np.int64)
     two_classes = np.unique(y).size == 2
@@ -149,6 +151,8 @@ def metrics_at_threshold(labels: np.ndarray, prob_header: np.ndarray,
     """Positive-class precision/recall/F1, accuracy and the confusion counts when a clip is a
     header iff prob_header >= `threshold` (a threshold fixed beforehand, e.g. on validation:
     the honest numbers for a test set, unlike the swept `val_f1`)."""
+    from sklearn.metrics import accuracy_score
+
     y, p = _check_inputs(labels, prob_header)
     pred = (p >= threshold).astype(np.int64)
     prec, rec, f1 = _binary_prf(y, pred, "binary")

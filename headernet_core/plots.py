@@ -13,13 +13,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from matplotlib.ticker import MaxNLocator
 
 from .artifacts import atomic_path
 from .metrics import best_threshold
 
 _FIGSIZE = (7.0, 4.5)
 _DPI = 100
+_MARGINS = {"left": 0.115, "right": 0.97, "bottom": 0.12, "top": 0.92}
 
 # (column, legend label) of the per-epoch metric plot.
 _EPOCH_METRICS: tuple[tuple[str, str], ...] = (
@@ -32,16 +33,20 @@ _EPOCH_METRICS: tuple[tuple[str, str], ...] = (
 
 
 def new_figure() -> tuple[Figure, object]:
-    """A Figure on its own Agg canvas: no pyplot state, safe in workers and threads."""
+    """A Figure on its own Agg canvas: no pyplot state, safe in workers and threads.
+
+    Fixed margins (room for a title, axis labels and 4-digit tick labels) instead of
+    `tight_layout`, which renders every figure once more to measure it: a quarter of the plot
+    time, paid at every epoch of every trial of a search."""
     fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
     FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    fig.subplots_adjust(**_MARGINS)
     return fig, fig.add_subplot(1, 1, 1)
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
     """Write atomically (the temp name ends in .tmp, hence the explicit format), then free."""
     try:
-        fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
     finally:
@@ -67,6 +72,7 @@ def _plot_columns(ax, epochs: pd.DataFrame, columns: Sequence[tuple[str, str]]) 
         if column in epochs:
             y = pd.to_numeric(epochs[column], errors="coerce").to_numpy(dtype=float)
             ax.plot(x, y, marker="o", markersize=3, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.25
 
 
 def _loss_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None) -> Path:
@@ -90,6 +96,8 @@ def _metrics_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None) -> P
 
 
 def _roc_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     fpr, tpr, _ = roc_curve(y, p)
     fig, ax = new_figure()
     ax.plot(fpr, tpr, label=f"AUC = {roc_auc_score(y, p):.3f}")
@@ -102,6 +110,8 @@ def _roc_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
 
 
 def _pr_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
     precision, recall, _ = precision_recall_curve(y, p)
     threshold, best_p, best_r, best_f1 = best_threshold(y, p)
     fig, ax = new_figure()

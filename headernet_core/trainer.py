@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import sklearn.metrics  # noqa: F401 - loaded with the trainer, not inside epoch 1's timing
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn

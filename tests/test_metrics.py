@@ -16,7 +16,6 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-import headernet_core.metrics as metrics_mod
 from headernet_core.config import SELECTABLE_METRICS
 from headernet_core.metrics import METRIC_KEYS, best_threshold, classification_metrics, is_improvement
 
@@ -100,7 +99,8 @@ def test_f1_and_recall_tie_goes_to_threshold_closest_to_half(monkeypatch):
         return (np.array([0.5, 0.5, 0.5, 1.0]), np.array([1.0, 1.0, 1.0, 0.0]),
                 np.array([0.2, 0.45, 0.7]))
 
-    monkeypatch.setattr(metrics_mod, "precision_recall_curve", fake_curve)
+    import sklearn.metrics
+    monkeypatch.setattr(sklearn.metrics, "precision_recall_curve", fake_curve)  # imported at call time
     threshold, *_ = best_threshold(np.array([0, 1]), np.array([0.2, 0.7]))
     assert threshold == 0.45
 

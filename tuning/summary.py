@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import optuna
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+# matplotlib is imported by the plot functions below: the search imports this module when it
+# starts and draws only at its end, so nothing delays the first trial.
 from headernet_core.artifacts import write_json, write_text
-from headernet_core.plots import new_figure, save_figure
 
 if TYPE_CHECKING:                       # space.py pulls in the trainer's config; only types here
     from tuning.space import Param
@@ -609,6 +609,10 @@ def _legend(ax) -> None:
 
 def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mode: str,
                     best: TrialRecord | None) -> Path | None:
+    from matplotlib.ticker import MaxNLocator
+
+    from headernet_core.plots import new_figure, save_figure
+
     points = [(float(r.order), _finite(r.objective), r) for r in records
               if _finite(r.objective) is not None]
     if not points:
@@ -636,6 +640,8 @@ def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mod
 
 def _param_plot(path: Path, param: Param, records: Sequence[TrialRecord], metric: str,
                 mode: str, best: TrialRecord | None) -> Path | None:
+    from headernet_core.plots import new_figure, save_figure
+
     scored = [(r.params[param.name], _finite(r.objective), r) for r in records
               if _present(r.params, param.name) and _finite(r.objective) is not None]
     if param.kind == "choice":
@@ -659,6 +665,8 @@ def _param_plot(path: Path, param: Param, records: Sequence[TrialRecord], metric
 
 def _numeric_axis(ax, param: Param, xs: Sequence[float], log: bool) -> None:
     """The whole searched range (where in it the trials landed is the point of the plot)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
     low = min([*xs, *([float(param.low)] if param.low is not None else [])])
     high = max([*xs, *([float(param.high)] if param.high is not None else [])])
     if log:
@@ -684,6 +692,8 @@ def _numeric_axis(ax, param: Param, xs: Sequence[float], log: bool) -> None:
 def _categorical_plot(path: Path, param: Param, scored: Sequence[tuple[Any, float, TrialRecord]],
                       metric: str, mode: str, best: TrialRecord | None) -> Path | None:
     """A box per value with the trials as jittered points over it."""
+    from headernet_core.plots import new_figure, save_figure
+
     if not scored:
         return None
     labels = [_fmt_value(v) for v in param.values]
@@ -700,7 +710,10 @@ def _categorical_plot(path: Path, param: Param, scored: Sequence[tuple[Any, floa
     _scatter_by_status(ax, points)
     _mark_best(ax, points, best)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=30 if sum(map(len, labels)) > 40 else 0)
+    rotate = sum(map(len, labels)) > 40
+    ax.set_xticklabels(labels, rotation=30 if rotate else 0, ha="right" if rotate else "center")
+    if rotate:  # slanted labels need more room below than the fixed margins give
+        fig.subplots_adjust(bottom=0.1 + 0.012 * max(map(len, labels)))
     ax.set_xlim(-0.6, len(labels) - 0.4)
     ax.set(xlabel=param.name, ylabel=f"{metric} (best epoch)",
            title=f"{metric} against {param.name} ({mode}imize)")
