@@ -208,8 +208,8 @@ def test_roc_and_pr_plots_are_redrawn_only_when_the_best_epoch_changes(tiny_conf
         assert (roc != roc_before) == is_best
 
 
-@pytest.mark.slow  # a fresh interpreter importing optuna, matplotlib and scikit-learn
 def test_the_search_driver_checks_csvs_and_clips_without_importing_torch(tiny_data):
+    """Nor scikit-learn or matplotlib: what the driver imports delays the first trial."""
     import subprocess
     import sys
     from pathlib import Path
@@ -220,7 +220,7 @@ from headernet_core.data import check_splits
 checked = check_splits({{"train": {str(tiny_data["train_csv"])!r}, "val": {str(tiny_data["val_csv"])!r}}})
 import tuning.search
 assert len(checked) == 2
-print(sorted(m for m in ("torch", "torchvision", "timm") if m in sys.modules))
+print(sorted(m for m in ("torch", "torchvision", "timm", "sklearn", "matplotlib") if m in sys.modules))
 """
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
