@@ -90,6 +90,8 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
         "num_frames": {"choice": [4, 5]}, "lr_head": {"loguniform": [3e-4, 3e-3]}},
         budget={"num_samples": 5, "max_concurrent": 2, "seed": 3})
     main(["--space", str(space)])
+    import ray
+    assert not ray.is_initialized()  # stopped beside the summary, and waited for before returning
     console = capsys.readouterr().out.splitlines()   # a failed trial is one event line
     assert any("failed: " in line and "tubelet" in line for line in console), console
     search_dir = tmp_path / "out" / "s"

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -550,6 +551,7 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
     start_ray(args.address)
     import ray  # after start_ray: Ray reads its settings from the environment when imported
     sigterm_as_sigint()  # ray.init installed its own SIGTERM handler (exit 1, no summary)
+    stopping = None
     try:
         if args.address:
             check_cluster_gpus(space)
@@ -560,8 +562,35 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
         done = results.num_terminated + results.num_errors
         interrupted = done < space.num_samples
         records = collect_records(space, search_dir, results, interrupted)
+        # Stopping Ray (the local one this command started; from a cluster it only disconnects)
+        # is ~1.5 s of waiting for its processes to exit: done while the summary is written,
+        # which needs only the trial folders.
+        stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+        stopping.start()
     finally:
-        ray.shutdown()  # stops the local Ray this command started; only disconnects from a cluster
+        if stopping is None:
+            ray.shutdown()
+    try:
+        best = summarise(args, space, search_dir, name, saved, records, interrupted)
+    finally:
+        stopping.join()
+    if interrupted:
+        return 130
+    if best is not None and space.retrain:
+        from .retrain import DEVICE_KEYS, retrain
+        retrain(search_dir, epochs=space.retrain["epochs"], test_csv=space.retrain.get("test_csv"),
+                train_on_val=space.retrain.get("train_on_val", False),
+                devices={k: v for k, v in space.trainer.items() if k in DEVICE_KEYS})
+    if records and all(r.status == "failed" for r in records):
+        print(f"every trial failed: see the errors in {search_dir / 'summary.md'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
+              saved: dict[str, Any] | None, records: list[TrialRecord],
+              interrupted: bool) -> TrialRecord | None:
+    """Prune checkpoints, write the summary, print the result; returns the best trial."""
     best = best_record(records, space.mode)
     if args.keep_checkpoints == "best_trial" and not interrupted:
         prune_checkpoints(search_dir, records, best)
@@ -579,17 +608,7 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
                   state="interrupted" if interrupted else "finished", disk_bytes=size,
                   notes=notes, val_csv=space.trainer.get("val_csv"))
     print_result(search_dir, space, records, best, size, notes)
-    if interrupted:
-        return 130
-    if best is not None and space.retrain:
-        from .retrain import DEVICE_KEYS, retrain
-        retrain(search_dir, epochs=space.retrain["epochs"], test_csv=space.retrain.get("test_csv"),
-                train_on_val=space.retrain.get("train_on_val", False),
-                devices={k: v for k, v in space.trainer.items() if k in DEVICE_KEYS})
-    if records and all(r.status == "failed" for r in records):
-        print(f"every trial failed: see the errors in {search_dir / 'summary.md'}", file=sys.stderr)
-        return 1
-    return 0
+    return best
 
 
 def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord],
