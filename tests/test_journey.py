@@ -114,6 +114,7 @@ def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_pa
     trial_config = yaml.safe_load((search_dir / best["name"] / "config.yaml").read_text())
     assert (config["epochs"], config["output_root"], config["run_name"]) == (1, str(search_dir), "final")
     assert config["progress"] is True and config["num_workers"] == 0   # the space's, not the trial's
+    assert trial_config["threads"] == 1 and config["threads"] is None  # the trainer's policy, not the slot's
     for key in ("backbone", "lr_head", "lr_backbone", "select_metric", "num_frames"):
         assert config[key] == trial_config[key], key
     test = json.loads((final / "test_metrics.json").read_text())

@@ -44,7 +44,8 @@ TEST_PREDICTIONS = "test_predictions.csv"
 TEST_PER_VIDEO = "test_per_video.csv"
 COMBINED_CSV = "train_plus_val.csv"
 # Trial settings that belong to the trial's Ray slot or run folder, not to the model.
-DEVICE_KEYS = ("cpu", "gpus", "num_workers", "progress")
+# The trial's slot (its devices, loader and torch threads), not the model: chosen afresh.
+DEVICE_KEYS = ("cpu", "gpus", "num_workers", "threads", "progress")
 RUN_KEYS = ("output_root", "run_name", "resume", "overwrite")
 # evaluate()'s keys at the threshold and threshold-free ones -> test_metrics.json keys
 TEST_KEYS = {"f1": "test_f1", "precision": "test_precision", "recall": "test_recall",
@@ -180,11 +181,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cpu", action="store_true", help="train on the CPU")
     parser.add_argument("--gpus", type=int, nargs="+", help="GPU ids (several: DataParallel)")
     parser.add_argument("--num_workers", type=int, help="data-loader workers (default: the trainer's)")
+    parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: the trainer's "
+                                                    "policy, not the trial's 1-CPU slot)")
     parser.add_argument("--views", type=int, default=1, help="temporal test views per clip")
     parser.add_argument("--spatial_views", type=int, default=1, help="spatial test views (1-3)")
     args = parser.parse_args(argv)
     devices = {k: v for k, v in (("cpu", args.cpu or None), ("gpus", args.gpus),
-                                 ("num_workers", args.num_workers)) if v is not None}
+                                 ("num_workers", args.num_workers), ("threads", args.threads))
+               if v is not None}
     run_cli(lambda: retrain(args.search_dir, epochs=args.epochs, test_csv=args.test_csv,
                             train_on_val=args.train_on_val, name=args.name, devices=devices,
                             views=args.views, spatial_views=args.spatial_views))
