@@ -136,7 +136,8 @@ def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_pa
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "final already exists" in err and err.count("\n") == 1
     retrain_main([str(search_dir), "--epochs", "1", "--test_csv", "splits/test.csv", "--name", "final2",
-                  "--train_on_val", "--cpu"])
+                  "--train_on_val", "--cpu", "--threads", "2"])
+    assert yaml.safe_load((search_dir / "final2" / "config.yaml").read_text())["threads"] == 2
     test2 = json.loads((search_dir / "final2" / "test_metrics.json").read_text())
     trial_best = json.loads((search_dir / best["name"] / "best_metrics.json").read_text())
     assert test2["checkpoint"] == "final2/checkpoints/last.pt"
