@@ -43,8 +43,8 @@ TEST_METRICS = "test_metrics.json"
 TEST_PREDICTIONS = "test_predictions.csv"
 TEST_PER_VIDEO = "test_per_video.csv"
 COMBINED_CSV = "train_plus_val.csv"
-# Trial settings that belong to the trial's Ray slot or run folder, not to the model.
-# The trial's slot (its devices, loader and torch threads), not the model: chosen afresh.
+# Trial settings that belong to the trial's Ray slot (devices, loader and torch threads) or
+# its run folder, not to the model: a retrain chooses them afresh.
 DEVICE_KEYS = ("cpu", "gpus", "num_workers", "threads", "progress")
 RUN_KEYS = ("output_root", "run_name", "resume", "overwrite")
 # evaluate()'s keys at the threshold and threshold-free ones -> test_metrics.json keys
