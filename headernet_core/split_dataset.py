@@ -212,22 +212,35 @@ def write_csv(part: pd.DataFrame, path: Path, *, replace: bool = False) -> None:
         fail(f"{path} already exists; pass --overwrite to replace it or choose another folder")
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
 def check_outputs(input_csv: str | Path, output_dir: str | Path, names: Sequence[str],
-                  overwrite: bool) -> dict[str, Path]:
-    """The split files to write (`<output_dir>/<name>.csv`): never the input CSV, and existing
-    ones only with --overwrite."""
+                  overwrite: bool) -> tuple[dict[str, Path], list[Path]]:
+    """The split files to write (`<output_dir>/<name>.csv`), and the earlier split files this
+    split does not write (a test.csv from a split with --test_split): never the input CSV, and
+    existing ones only with --overwrite, which removes the stale ones too (an old test.csv beside
+    a new train.csv would share matches with it)."""
     check_writable_dir(output_dir, "--output_dir")
     outputs = {name: Path(output_dir) / f"{name}.csv" for name in names}
-    for path in outputs.values():
+    stale = []
+    for name in SPLIT_NAMES:
+        path = Path(output_dir) / f"{name}.csv"
         if path.is_dir():
             fail(f"--output_dir: {path} is a folder; expected to write the split CSV there")
-        if path.exists() and same_file(path, input_csv):
-            fail(f"--output_dir {output_dir} would overwrite --input_csv {input_csv}; inputs are "
-                 f"never written: choose another --output_dir")
-        if path.exists() and not overwrite:
+        if not path.exists():
+            continue
+        if same_file(path, input_csv):
+            if name in outputs:
+                fail(f"--output_dir {output_dir} would overwrite --input_csv {input_csv}; inputs "
+                     f"are never written: choose another --output_dir")
+            continue
+        if not overwrite:
             fail(f"{path} already exists (an earlier split?); pass --overwrite to replace it or "
                  f"choose another --output_dir")
-    return outputs
+        if name not in outputs:
+            stale.append(path)
+    return outputs, stale
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -258,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.root_dir is not None and not Path(args.root_dir).is_dir():
         fail(f"--root_dir {args.root_dir}: not a directory")
     names = ["train", "val", *(["test"] if args.test_split is not None else [])]
-    outputs = check_outputs(args.input_csv, args.output_dir, names, args.overwrite)
+    outputs, stale = check_outputs(args.input_csv, args.output_dir, names, args.overwrite)
     df = read_index_csv(args.input_csv, "input", as_text=True)
     paths = check_paths_present(df["path"], args.input_csv)
     if args.root_dir is not None:
@@ -275,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         source=str(args.input_csv))
     for name, part in parts.items():
         write_csv(part, outputs[name], replace=args.overwrite)
+    for path in stale:
+        path.unlink()
+        print(f"removed {path}: a split file of the earlier split this one replaces")
     grouped_by = GROUP_COLUMN if has_groups else None
     for name, part in parts.items():
         print(describe(name, part, grouped_by))

@@ -154,6 +154,20 @@ def test_test_split_is_a_third_grouped_stratified_split(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["train.csv", "val.csv"]
 
 
+def test_a_new_split_over_an_old_one_leaves_no_stale_test_csv(tmp_path, capsys):
+    """An old test.csv beside a new train.csv would share matches with it (a silent leak)."""
+    clip_table(videos=20, clips_per_video=5, seed=4).to_csv(tmp_path / "all.csv", index=False)
+    base = ["--input_csv", str(tmp_path / "all.csv"), "--output_dir", str(tmp_path / "out")]
+    split_dataset.main([*base, "--test_split", "0.2", "--seed", "1"])
+    (tmp_path / "out" / "train.csv").unlink()
+    (tmp_path / "out" / "val.csv").unlink()
+    with pytest.raises(HeaderNetError, match="test.csv already exists"):
+        split_dataset.main([*base, "--seed", "2"])   # the old test split is still there
+    split_dataset.main([*base, "--seed", "2", "--overwrite"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.csv", "val.csv"]
+    assert "removed " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--test_split", "0"], "--test_split must be in (0, 1)"),
     (["--val_split", "0.5", "--test_split", "0.5"], "--val_split + --test_split < 1"),
