@@ -265,6 +265,14 @@ def add_inference_arguments(parser: CliParser) -> None:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
 
 
+def check_inference_arguments(args) -> None:
+    """The numbers `add_inference_arguments` adds, checked before the model loads."""
+    if args.batch_size is not None and args.batch_size < 1:
+        fail(f"--batch_size must be a positive integer, got {args.batch_size}")
+    if not 0 <= args.num_workers <= MAX_NUM_WORKERS:
+        fail(f"--num_workers must be in 0..{MAX_NUM_WORKERS}, got {args.num_workers}")
+
+
 def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
     with artifacts.atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
@@ -280,10 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        if args.batch_size is not None and args.batch_size < 1:
-            fail(f"--batch_size must be a positive integer, got {args.batch_size}")
-        if not 0 <= args.num_workers <= MAX_NUM_WORKERS:
-            fail(f"--num_workers must be in 0..{MAX_NUM_WORKERS}, got {args.num_workers}")
+        check_inference_arguments(args)
         outputs = [flag for flag in ("predictions", "metrics", "per_video") if getattr(args, flag)]
         for flag in outputs:  # checked before minutes of inference
             check_output_file(getattr(args, flag), f"--{flag}", inputs=(args.checkpoint, args.val_csv))

@@ -19,8 +19,10 @@ import pandas as pd
 
 from .data import check_clips, check_paths_present, resolve_clips
 from .errors import CliParser, fail, run_cli
-from .evaluation import (add_inference_arguments, check_threshold, check_views, clip_probabilities,
-                         eval_config, load_classifier, resolve_threshold, write_csv)
+from .evaluation import (add_inference_arguments, check_inference_arguments, check_threshold,
+                         check_views, clip_probabilities, eval_config, load_classifier,
+                         resolve_threshold, write_csv)
+from .paths import check_output_file
 
 
 def read_clip_list(source: str | Path) -> pd.DataFrame:
@@ -71,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        check_inference_arguments(args)
+        check_output_file(args.output, "--output", inputs=(args.checkpoint, args.clips))
         predictions = predict(args.checkpoint, args.clips, threshold=args.threshold,
                               views=args.views, spatial_views=args.spatial_views,
                               batch_size=args.batch_size, num_workers=args.num_workers, cpu=args.cpu)

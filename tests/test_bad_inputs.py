@@ -155,11 +155,12 @@ TRAIN = ["--train_csv", "data/train.csv", "--val_csv", "data/val.csv", "--vmae_v
          "--cpu", "--num_workers", "0", "--no-progress", "--output_root", "runs", "--run_name", "r"]
 EVAL = ["--checkpoint", "ckpt/model.pt", "--val_csv", "data/val.csv", "--cpu"]
 SEARCH = ["--space", "spaces/ok.yaml"]
+PREDICT = ["--checkpoint", "ckpt/model.pt", "--clips", "data/val.csv", "--cpu"]
 
 
 @dataclass
 class Case:
-    cli: str                  # train | split | evaluate | demo | search
+    cli: str                  # train | split | evaluate | predict | demo | search
     args: list[str]
     fragment: str             # must appear in the error line
     env: dict[str, str] = field(default_factory=dict)
@@ -196,6 +197,9 @@ CASES: dict[str, Case] = {
     "split val_split 1.5": Case("split", ["--input_csv", "data/all.csv", "--output_dir", "new", "--val_split", "1.5"], "--val_split must be between 0 and 1"),
     "evaluate num_workers negative": Case("evaluate", [*EVAL, "--num_workers", "-1"], "--num_workers must be in 0..128"),
     "evaluate batch_size zero": Case("evaluate", [*EVAL, "--batch_size", "0"], "--batch_size must be a positive integer"),
+    "predict num_workers negative": Case("predict", [*PREDICT, "--output", "p.csv", "--num_workers", "-1"], "--num_workers must be in 0..128"),
+    "predict output over its clips csv": Case("predict", [*PREDICT, "--output", "data/val.csv"], "is an input of this command"),
+    "predict output a folder": Case("predict", [*PREDICT, "--output", "adir"], "--output adir is a folder"),
     "demo size too small": Case("demo", ["--out", "demo_new", "--size", "8"], "--size must be >= 32", subprocess=True),
     "search trainer nan": Case("search", [*SEARCH, "--set", "warmup_epochs=.nan"], "warmup_epochs"),
     # --- output locations -------------------------------------------------------------------------
@@ -253,12 +257,13 @@ def run_in_process(case: Case) -> tuple[int, str]:
     import contextlib
     import io
 
-    from headernet_core import demo_data, evaluation, split_dataset, trainer
+    from headernet_core import demo_data, evaluation, prediction, split_dataset, trainer
     from headernet_core.errors import run_cli
     from tuning import search
 
     mains: dict[str, Callable[[list[str]], None]] = {
-        "train": trainer.main, "evaluate": evaluation.main, "demo": demo_data.main, "search": search.main,
+        "train": trainer.main, "evaluate": evaluation.main, "predict": prediction.main,
+        "demo": demo_data.main, "search": search.main,
         "split": lambda argv: run_cli(lambda: split_dataset.main(argv)),
     }
     err = io.StringIO()
@@ -271,7 +276,7 @@ def run_in_process(case: Case) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-MODULES = {"train": "headernet_core.train", "evaluate": "headernet_core.evaluate",
+MODULES = {"train": "headernet_core.train", "evaluate": "headernet_core.evaluate", "predict": "headernet_core.predict",
            "demo": "headernet_core.demo_data", "search": "tuning.search", "split": "headernet_core.split_dataset"}
 
 
