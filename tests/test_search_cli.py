@@ -179,3 +179,22 @@ def test_a_search_warns_about_splits_that_leak(tiny_data, tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="is both --train_csv and --val_csv"):
         with pytest.raises(RuntimeError, match="stop before Ray"):
             search.run_search(args)
+
+
+def test_the_demo_data_never_goes_to_a_users_test_csv(tmp_path, monkeypatch):
+    """`--space demo --test_csv mine.csv`: the demo's test split is its own file; the user's
+    CSV is read by the retrain, never written."""
+    import dataclasses
+
+    from tuning.search import absolute_paths, prepare_demo_data
+    from tuning.space import load_space
+
+    monkeypatch.chdir(tmp_path)
+    user = tmp_path / "mine.csv"
+    user.write_text("path,label\nx.npy,1\n")
+    space = absolute_paths(load_space("demo"), tmp_path)
+    space = dataclasses.replace(space, retrain={**space.retrain, "test_csv": str(user)})
+    prepare_demo_data(space)
+    assert user.read_text() == "path,label\nx.npy,1\n"
+    splits = tmp_path / "demo_data" / "splits"
+    assert sorted(p.name for p in splits.iterdir()) == ["test.csv", "train.csv", "val.csv"]

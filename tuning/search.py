@@ -162,14 +162,16 @@ def demo_csvs(space: SearchSpace) -> tuple[Path, Path]:
 
 def prepare_demo_data(space: SearchSpace) -> None:
     """The demo space generates its dataset on first use: only when the CSVs are the demo's own
-    paths and neither exists (a user's CSV, or one of the two, is never generated over)."""
+    paths and none of its split files exists (a user's CSV, or one of the three, is never
+    generated over; a --test_csv of the user's is read, never written)."""
     train_csv, val_csv = space.trainer.get("train_csv"), space.trainer.get("val_csv")
     if not space.demo_data or not train_csv or not val_csv:
         return
     own = demo_csvs(space)
     if not (same_file(train_csv, own[0]) and same_file(val_csv, own[1])):
         return  # the user's data: check_data reports what is missing
-    if Path(train_csv).exists() or Path(val_csv).exists():
+    own_test = Path(train_csv).with_name("test.csv")  # the demo's own, whatever --test_csv says
+    if any(Path(path).exists() for path in (train_csv, val_csv, own_test)):
         return
     from headernet_core.demo_data import generate
     from headernet_core.split_dataset import relative_to, split_parts, write_csv
@@ -183,9 +185,8 @@ def prepare_demo_data(space: SearchSpace) -> None:
     frame = pd.read_csv(csv)
     # The README's split command, in-process: paths relative to the split CSVs' folder
     frame["path"] = [relative_to(csv.parent / p, Path(train_csv).parent) for p in frame["path"]]
-    test_csv = space.retrain.get("test_csv") or Path(train_csv).with_name("test.csv")
     parts = split_parts(frame, 0.2, DEMO_TEST_SPLIT, seed=42, group=True)
-    for name, path in (("train", train_csv), ("val", val_csv), ("test", test_csv)):
+    for name, path in (("train", train_csv), ("val", val_csv), ("test", own_test)):
         write_csv(parts[name], Path(path))
 
 
