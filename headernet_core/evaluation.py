@@ -171,8 +171,6 @@ def clip_probabilities(model: HeaderClassifier, config: TrainConfig, frame: pd.D
 def eval_config(config: TrainConfig, *, batch_size: int | None, num_workers: int,
                 cpu: bool) -> TrainConfig:
     """The checkpoint's run config, with this evaluation's devices and batch size."""
-    if batch_size is not None and batch_size < 1:
-        fail(f"--batch_size must be a positive integer, got {batch_size}")
     return config.replace(num_workers=num_workers, progress=False,
                           batch_size=batch_size or config.batch_size, cpu=cpu or config.cpu,
                           gpus=None if cpu else config.gpus)
@@ -203,8 +201,8 @@ def evaluate(checkpoint: str | Path, val_csv: str | Path, *, threshold: float | 
     threshold, threshold_source, precision, recall, f1, accuracy, tp, fp, fn, tn; and views
     (T x S averaged per clip, see the module docstring). Predictions: val_predictions.csv's
     columns, `pred_label` at `threshold`."""
-    check_views(views, spatial_views)
-    check_threshold(threshold)
+    check_inference(views=views, spatial_views=spatial_views, threshold=threshold,
+                    batch_size=batch_size, num_workers=num_workers)
     model, config, payload = load_classifier(checkpoint)
     threshold, source = resolve_threshold(threshold, payload, checkpoint)
     config = eval_config(config, batch_size=batch_size, num_workers=num_workers, cpu=cpu)
@@ -241,6 +239,18 @@ def check_threshold(threshold: float | None) -> None:
         fail(f"--threshold must be between 0 and 1, got {threshold}")
 
 
+def check_inference(*, views: int, spatial_views: int, threshold: float | None,
+                    batch_size: int | None, num_workers: int) -> None:
+    """What `evaluate` and `predict` are given, checked before the model loads (the CLIs and
+    the Python API alike)."""
+    check_views(views, spatial_views)
+    check_threshold(threshold)
+    if batch_size is not None and batch_size < 1:
+        fail(f"--batch_size must be a positive integer, got {batch_size}")
+    if not 0 <= num_workers <= MAX_NUM_WORKERS:
+        fail(f"--num_workers must be in 0..{MAX_NUM_WORKERS}, got {num_workers}")
+
+
 def format_table(frame: pd.DataFrame) -> list[str]:
     """A small frame as aligned text lines (floats to 3 digits)."""
     cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
@@ -265,14 +275,6 @@ def add_inference_arguments(parser: CliParser) -> None:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
 
 
-def check_inference_arguments(args) -> None:
-    """The numbers `add_inference_arguments` adds, checked before the model loads."""
-    if args.batch_size is not None and args.batch_size < 1:
-        fail(f"--batch_size must be a positive integer, got {args.batch_size}")
-    if not 0 <= args.num_workers <= MAX_NUM_WORKERS:
-        fail(f"--num_workers must be in 0..{MAX_NUM_WORKERS}, got {args.num_workers}")
-
-
 def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
     with artifacts.atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
@@ -288,7 +290,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        check_inference_arguments(args)
         outputs = [flag for flag in ("predictions", "metrics", "per_video") if getattr(args, flag)]
         for flag in outputs:  # checked before minutes of inference
             check_output_file(getattr(args, flag), f"--{flag}", inputs=(args.checkpoint, args.val_csv))

@@ -19,9 +19,8 @@ import pandas as pd
 
 from .data import check_clips, check_paths_present, resolve_clips
 from .errors import CliParser, fail, run_cli
-from .evaluation import (add_inference_arguments, check_inference_arguments, check_threshold,
-                         check_views, clip_probabilities, eval_config, load_classifier,
-                         resolve_threshold, write_csv)
+from .evaluation import (add_inference_arguments, check_inference, clip_probabilities, eval_config,
+                         load_classifier, resolve_threshold, write_csv)
 from .paths import check_output_file
 
 
@@ -53,8 +52,8 @@ def predict(checkpoint: str | Path, clips: str | Path, *, threshold: float | Non
             views: int = 1, spatial_views: int = 1, batch_size: int | None = None,
             num_workers: int = 0, cpu: bool = False) -> pd.DataFrame:
     """Per-clip predictions of `checkpoint` on the clips of a CSV or folder (module docstring)."""
-    check_views(views, spatial_views)
-    check_threshold(threshold)
+    check_inference(views=views, spatial_views=spatial_views, threshold=threshold,
+                    batch_size=batch_size, num_workers=num_workers)
     frame = read_clip_list(clips)
     model, config, payload = load_classifier(checkpoint)
     threshold, _ = resolve_threshold(threshold, payload, checkpoint)
@@ -73,7 +72,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        check_inference_arguments(args)
         check_output_file(args.output, "--output", inputs=(args.checkpoint, args.clips))
         predictions = predict(args.checkpoint, args.clips, threshold=args.threshold,
                               views=args.views, spatial_views=args.spatial_views,

@@ -170,3 +170,17 @@ def test_predict_bad_input_is_one_line(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.count("\n") == 1 and fragment in err, err
     assert not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    ({"num_workers": -1}, "--num_workers must be in"),
+    ({"batch_size": 0}, "--batch_size must be a positive integer"),
+    ({"threshold": 1.5}, "--threshold must be between 0 and 1"),
+])
+def test_the_python_api_checks_like_the_clis(trained, tiny_data, settings, fragment):
+    """evaluate() and predict() check their numbers themselves, not only their CLIs."""
+    from headernet_core.errors import HeaderNetError
+
+    for call in (evaluate, predict):
+        with pytest.raises(HeaderNetError, match=fragment):
+            call(trained.best_checkpoint, tiny_data["val_csv"], **settings)
