@@ -198,3 +198,23 @@ def test_the_demo_data_never_goes_to_a_users_test_csv(tmp_path, monkeypatch):
     assert user.read_text() == "path,label\nx.npy,1\n"
     splits = tmp_path / "demo_data" / "splits"
     assert sorted(p.name for p in splits.iterdir()) == ["test.csv", "train.csv", "val.csv"]
+
+
+@pytest.mark.parametrize("summary, flags, fragment", [
+    ('{"best_trial": "t001"}', [], "best_trial.name must be a plain folder name"),
+    ('[1, 2]', [], "not the JSON object a search writes"),
+    ('{"best_trial": {"nam": "t001"}}', [], "best_trial.name must be a plain folder name"),
+    ('{"best_trial": {"name": "../elsewhere"}}', [], "best_trial.name must be a plain folder name"),
+    ('{"best_trial": null}', [], "the search has no best trial"),
+    ('{"best_trial": {"name": "t001"}}', ["--name", "../x"], "--name must be a plain folder name"),
+    ('{"best_trial": {"name": "t001"}}', ["--name", ""], "--name must be a plain folder name"),
+])
+def test_retrain_of_a_damaged_or_odd_search_folder_is_one_line(tmp_path, capsys, summary, flags, fragment):
+    from tuning.retrain import main as retrain_main
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "search_summary.json").write_text(summary)
+    with pytest.raises(SystemExit) as exc:
+        retrain_main([str(tmp_path / "s"), "--epochs", "1", *flags])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and fragment in err, err

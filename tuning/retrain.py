@@ -26,15 +26,15 @@ search; a space's `retrain:` section does it by default, as the demo's does.)
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from headernet_core.artifacts import write_json
+from headernet_core.artifacts import read_json_dict, write_json
 from headernet_core.config import TrainConfig, load_yaml_mapping
 from headernet_core.errors import CliParser, fail, run_cli
+from headernet_core.paths import check_name
 
 from .summary import SUMMARY_JSON, add_final_model
 
@@ -59,19 +59,18 @@ def best_trial(search_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     summary_path = search_dir / SUMMARY_JSON
     if not summary_path.is_file():
         fail(f"{search_dir}: no {SUMMARY_JSON}; expected the folder of a search that has ended")
-    try:
-        best = json.loads(summary_path.read_text()).get("best_trial")
-    except ValueError:
-        fail(f"{summary_path}: not valid JSON")
+    summary = read_json_dict(summary_path)
+    if not summary:
+        fail(f"{summary_path}: not the JSON object a search writes")
+    best = summary.get("best_trial")
     if not best:
         fail(f"{summary_path}: the search has no best trial (no trial finished an epoch)")
-    folder = search_dir / best["name"]
+    name = best.get("name") if isinstance(best, dict) else None
+    # a trial folder of this search, never a path elsewhere (trial names hold '=')
+    check_name(name, f"{summary_path}: best_trial.name", extra="=")
+    folder = search_dir / name
     config = load_yaml_mapping(folder / "config.yaml")
-    try:
-        metrics = json.loads((folder / "best_metrics.json").read_text())
-    except (OSError, ValueError):
-        metrics = {}
-    return best["name"], config, metrics
+    return name, config, read_json_dict(folder / "best_metrics.json")
 
 
 def final_config(trial_config: Mapping[str, Any], *, search_dir: Path, name: str, epochs: int,
@@ -108,6 +107,7 @@ def retrain(search_dir: str | Path, *, epochs: int, test_csv: str | Path | None 
     from headernet_core.trainer import train
 
     search_dir = Path(search_dir).absolute()
+    check_name(name, "--name")
     if epochs < 1:
         fail(f"--epochs must be a positive integer, got {epochs}")
     check_views(views, spatial_views)
