@@ -218,3 +218,17 @@ def test_retrain_of_a_damaged_or_odd_search_folder_is_one_line(tmp_path, capsys,
         retrain_main([str(tmp_path / "s"), "--epochs", "1", *flags])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize("damage, flags, fragment", [
+    ({"search.json": {"args": []}}, ["--resume"], "search.json: unreadable or incomplete"),
+    ({"search.json": {"space_file": 5}}, ["--resume"], "search.json: unreadable or incomplete"),
+    ({"search_summary.json": []}, [], "holds an unfinished search"),
+])
+def test_odd_json_in_a_search_folder_is_one_line(tiny_data, tmp_path, capsys, damage, flags, fragment):
+    space, search_dir = started_search(tmp_path, tiny_data)
+    for name, change in damage.items():
+        record = search_dir / name
+        value = json.loads(record.read_text()) if record.is_file() else {}
+        record.write_text(json.dumps({**value, **change} if isinstance(change, dict) else change))
+    assert fragment in error_of(["--space", str(space), *flags], capsys)

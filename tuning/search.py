@@ -14,7 +14,6 @@ per trial holding the standard run artifacts beside Ray Tune's own files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import tempfile
 import threading
@@ -265,10 +264,7 @@ def check_cluster_gpus(space: SearchSpace, nodes: list[dict[str, Any]] | None = 
 def search_state(search_dir: Path) -> str | None:
     summary = search_dir / "search_summary.json"
     if summary.is_file():
-        try:
-            return json.loads(summary.read_text()).get("state")
-        except ValueError:
-            return "unknown"
+        return read_json_dict(summary).get("state") or "unknown"
     return "started" if (search_dir / "tuner.pkl").is_file() else None
 
 
@@ -285,7 +281,9 @@ def check_search_dir(search_dir: Path, resume: bool) -> dict[str, Any] | None:
                  f"{search_dir / 'summary.md'}); to train its best config longer: python -m "
                  f"tuning.retrain {search_dir} --epochs N")
         saved = _read_json(record)
-        if not all(key in saved for key in ("space_file", "space_yaml", "sets")):
+        types = {"space_file": str, "space_yaml": str, "sets": list, "args": dict}
+        if not all(isinstance(saved.get(key), kind) for key, kind in types.items()
+                   if key in saved or key != "args"):
             fail(f"{record}: unreadable or incomplete (expected the JSON this command writes when "
                  f"a search starts); the search cannot be resumed")
         return saved
