@@ -41,7 +41,7 @@ from .losses import build_loss
 from .metrics import classification_metrics, is_improvement
 from .model import CompiledWithFallback, HeaderClassifier, build_classifier, build_optimizer, nominal_lr
 from .paths import check_name, check_writable_dir, is_inside
-from .status import beat, effective_state, read_status_record, write_status
+from .status import beat, read_status, write_status
 from .threads import apply_thread_policy
 
 # metrics_epoch.csv starts with upstream's legacy columns, in upstream's order (lr_* = mean LR
@@ -145,11 +145,6 @@ def default_run_name(config: TrainConfig) -> str:
     return f"{config.backbone}-{config.variant}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def read_status(run_dir: Path) -> str | None:
-    """The run's state; `dead` for one that says running but whose process is gone."""
-    return effective_state(read_status_record(run_dir))
-
-
 def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
     """Where the run goes, and its last.pt when resuming. A finished run is never overwritten."""
     run_dir = Path(config.output_root) / str(config.run_name)
@@ -214,8 +209,10 @@ def check_inputs_outside(config: TrainConfig, run_dir: Path, clip_paths: Sequenc
         if value and is_inside(value, run_dir):
             fail(f"--{key} {value} lies inside the run folder {run_dir}; inputs are never "
                  f"written: choose another --run_name or --output_root")
-    folder = os.path.join(os.path.abspath(run_dir), "")
-    inside = next((clip for clip in clip_paths if clip.startswith(folder)), None)
+    # Per clip folder, not per clip: resolving links (a run folder reached through a link to
+    # the clips' folder) costs a syscall each.
+    folders = {os.path.dirname(clip): clip for clip in clip_paths}
+    inside = next((clip for folder, clip in folders.items() if is_inside(folder, run_dir)), None)
     if inside is not None:
         fail(f"clip {inside} lies inside the run folder {run_dir}; inputs are never written: "
              f"choose another --run_name or --output_root")

@@ -124,6 +124,7 @@ def build_workspace(root: Path) -> None:
     (runs / "mine" / "checkpoints").mkdir(parents=True)   # an unfinished run holding an input
     (runs / "mine" / "checkpoints" / "backbone.pth").write_bytes(b"the user's only copy")
     (runs / "done").mkdir(parents=True)
+    (root / "datalink").symlink_to("data")   # the clips' folder under another name
     (runs / "done" / "status.json").write_text(json.dumps({"state": "finished", "epochs_done": 1}))
     (runs / "done" / "config.yaml").write_text("epochs: 1\n")
 
@@ -223,6 +224,7 @@ CASES: dict[str, Case] = {
     "search into a data folder": Case("search", [*SEARCH, "--storage_path", ".", "--name", "data"], "already holds files that are not a search's"),
     "train overwrite would delete an input": Case("train", [*TRAIN, "--run_name", "mine", "--overwrite", "--backbone", "csn", "--backbone_ckpt", "runs/mine/checkpoints/backbone.pth"], "lies inside the run folder"),
     "train run folder is the clip folder": Case("train", [*TRAIN, "--output_root", "data", "--run_name", "clips"], "lies inside the run folder"),
+    "train run folder is the clip folder through a link": Case("train", [*TRAIN, "--output_root", "datalink", "--run_name", "clips"], "lies inside the run folder"),
     "train over a finished run": Case("train", [*TRAIN, "--output_root", "runs", "--run_name", "done", "--overwrite"], "finished run and is never overwritten"),
     # --- decoding -----------------------------------------------------------------------------------
     "train config not utf-8": Case("train", [*TRAIN, "--config", "cfg/latin1.yaml"], "cfg/latin1.yaml: not UTF-8 text"),
