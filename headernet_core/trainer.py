@@ -155,7 +155,12 @@ def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
         if not last.is_file():
             fail(f"{run_dir}: nothing to resume (no checkpoints/last.pt: it ended before its first "
                  f"epoch); start it again with --overwrite instead of --resume")
-        return run_dir, checkpoints.load(last)
+        saved = checkpoints.load(last)
+        missing = sorted(RESUME_KEYS - saved.keys())
+        if missing:
+            fail(f"{last}: not a resumable last.pt (no {', '.join(missing)}: a best_epoch_<N>.pt "
+                 f"copied over it?); start again with --overwrite, or restore the run's own last.pt")
+        return run_dir, saved
     if any((run_dir / name).exists() for name in RUN_ARTIFACTS):
         if not config.overwrite:
             hint = ("--resume to continue it" if last.is_file() else
@@ -611,6 +616,11 @@ def _write_epoch_extras(run_dir: Path, config: TrainConfig, writer, row: dict[st
         # of an epoch, which a search pays for every epoch of every trial).
         write_plots(run_dir / "plots", pd.DataFrame(state.history), labels if is_best else None,
                     prob if is_best else None, state.best_epoch)
+
+
+# What `_last_payload` writes besides the model and `_restore` reads back.
+RESUME_KEYS = frozenset({"optimizer", "scheduler", "scaler", "rng", "epoch", "global_step",
+                         "history", "best_epoch", "best_metrics"})
 
 
 def _last_payload(model, optimizer, scheduler, scaler, config, info, state: RunState) -> dict[str, Any]:

@@ -168,6 +168,18 @@ def test_a_run_removes_the_temp_files_a_kill_left(tiny_config):
     assert record["state"] == "finished" and record["pid"] == os.getpid() and "heartbeat" in record
 
 
+def test_resuming_from_a_best_checkpoint_copied_over_last_pt_is_one_line(tiny_config):
+    import shutil
+
+    from headernet_core.trainer import prepare, train
+
+    first = train(tiny_config(epochs=1), log=lambda _: None)
+    last = first.run_dir / "checkpoints" / "last.pt"
+    shutil.copy(first.best_checkpoint, last)
+    with pytest.raises(HeaderNetError, match="not a resumable last.pt .no best_epoch, best_metrics"):
+        prepare(tiny_config(epochs=2, resume=True))
+
+
 # --- a disk that fills up mid-run -------------------------------------------------------------
 def limit_file_size(limit: int):
     def apply() -> None:
