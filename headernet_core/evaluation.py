@@ -160,6 +160,9 @@ def clip_probabilities(model: HeaderClassifier, config: TrainConfig, frame: pd.D
     total = np.zeros_like(prob)
     batches = loader.loader
     for view in (View(t, views, s) for t in range(views) for s in range(spatial_views)):
+        if view == View():   # the trainer's own view, computed above: not a second pass
+            total += prob
+            continue
         dataset = ViewDataset(batches.dataset, view, config.aug_crop_scale)
         view_loader = ClipLoader(BatchLoader(dataset, batches.sampler, config.batch_size,
                                              threads=config.num_workers, pin=batches.pin),

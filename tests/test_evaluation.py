@@ -83,7 +83,7 @@ def test_spatial_views_are_the_frame_its_flip_and_the_centre_crop(tmp_path):
     assert np.array_equal(crop, clip[:, 1:9, 2:10]) and flip == 0
 
 
-def test_views_average_the_probabilities_of_each_view(trained, tiny_data, tmp_path):
+def test_views_average_the_probabilities_of_each_view(trained, tiny_data, tmp_path, monkeypatch):
     """--spatial_views 2 is the mean of the clip and its mirror image: check it against the
     same model on physically flipped copies of the clips."""
     val = pd.read_csv(tiny_data["val_csv"])
@@ -96,8 +96,17 @@ def test_views_average_the_probabilities_of_each_view(trained, tiny_data, tmp_pa
     flipped.to_csv(tmp_path / "flipped.csv", index=False)
     _, plain = evaluate(trained.best_checkpoint, tiny_data["val_csv"])
     _, mirror = evaluate(trained.best_checkpoint, tmp_path / "flipped.csv")
+    import headernet_core.evaluation as evaluation
+    passes = []
+    real_predict = evaluation.predict
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "predict", counted)
     metrics, both = evaluate(trained.best_checkpoint, tiny_data["val_csv"], spatial_views=2)
-    assert metrics["views"] == 2
+    assert metrics["views"] == 2 and len(passes) == 2   # the plain view is not computed twice
     np.testing.assert_allclose(both["prob_header"], (plain["prob_header"] + mirror["prob_header"]) / 2,
                                atol=1e-6)
     metrics, _ = evaluate(trained.best_checkpoint, tiny_data["val_csv"], views=2, spatial_views=3)
