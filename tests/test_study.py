@@ -68,3 +68,12 @@ def test_a_lock_left_by_a_killed_driver_is_cleared_before_a_resume(tmp_path):
     assert not lock.is_symlink()
     study.enqueue_trial({"x": 0.5})                 # writes without waiting for a lock
     clear_stale_lock(tmp_path)                      # nothing there: fine
+
+
+def test_a_new_search_never_reads_the_study_back_on_a_result(tmp_path, monkeypatch):
+    """The restore-only check costs a new search nothing per epoch."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fresh = searcher(tmp_path)
+    fresh.suggest("a")
+    monkeypatch.setattr(fresh._ot_study, "get_trials", lambda *a, **k: pytest.fail("read back"))
+    fresh.on_trial_result("a", {"objective": 0.4, "training_iteration": 1})

@@ -38,11 +38,12 @@ def clear_stale_lock(search_dir: str | Path) -> None:
 class StudySearch(OptunaSearch):
     """`OptunaSearch` over a persistent study that a restored snapshot may lag behind."""
 
+    # Tune trial ids the study already held as finished when the searcher was restored (read
+    # once there: a new search never has any, and no trial finishes twice in one session).
+    _finished_before_restore: frozenset[str] = frozenset()
+
     def _finished_in_study(self, trial_id: str) -> bool:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None:
-            return False
-        return self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished()
+        return trial_id in self._finished_before_restore
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if not self._finished_in_study(trial_id):
@@ -61,4 +62,8 @@ class StudySearch(OptunaSearch):
         for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number not in known:     # asked after the snapshot: Tune will not run it
                 self._ot_study.tell(trial.number, state=TrialState.FAIL)
+        study_trials = self._ot_study.get_trials(deepcopy=False)
+        self._finished_before_restore = frozenset(
+            trial_id for trial_id, ot_trial in self._ot_trials.items()
+            if study_trials[ot_trial.number].state.is_finished())
 
