@@ -140,10 +140,6 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
         """Build from a mapping (YAML file, Tune trial, tests); unknown keys and wrong types
         are errors naming `source` and the key."""
@@ -472,7 +468,6 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         fail(f"{path}: not valid YAML ({str(exc).splitlines()[0]})")
     except RecursionError:
-        data = None
         fail(f"{path}: nested too deeply to be a config file (at most {MAX_YAML_DEPTH} levels)")
     if data is None:
         return {}
@@ -501,11 +496,3 @@ def cli_values(argv: Sequence[str] | None, prog: str, description: str) -> tuple
     """The `--config` path (or None) and only the flags typed on the command line."""
     args = vars(build_parser(prog, description).parse_args(argv))
     return args.pop("config", None), args
-
-
-def config_from_cli(argv: Sequence[str] | None, prog: str, description: str) -> TrainConfig:
-    """Defaults < `--config` YAML < flags typed on the command line."""
-    config_path, typed = cli_values(argv, prog, description)
-    values: dict[str, Any] = load_yaml_mapping(config_path) if config_path else {}
-    values.update(typed)
-    return TrainConfig.from_dict(values, source=str(config_path or "command line"))
