@@ -35,7 +35,7 @@ LR_TABLE: dict[tuple[str, str], tuple[float | None, float | None]] = {
 }
 
 # Bounds that catch a typo before it allocates memory or forks processes (no real run needs more).
-MAX_SEED = 2**32 - 1            # numpy's legacy seed range, like split_dataset's --seed
+MAX_SEED = 2**32 - 1            # numpy's legacy seed range (train and split_dataset --seed)
 MAX_NUM_FRAMES = 1024
 MAX_INPUT_SIZE = 1024
 MAX_NUM_WORKERS = 128

@@ -33,6 +33,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
 
 from .artifacts import atomic_path
+from .config import MAX_SEED
 from .data import check_paths_present, find_clip, parse_labels, path_basename, read_index_csv
 from .errors import CliParser, fail, run_cli
 from .paths import check_writable_dir, same_file
@@ -266,8 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if not 0 < args.val_split < 1:
         fail(f"--val_split must be between 0 and 1 (exclusive), got {args.val_split}")
-    if not 0 <= args.seed < 2**32:
-        fail(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
+    if not 0 <= args.seed <= MAX_SEED:
+        fail(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if args.root_dir is not None and not Path(args.root_dir).is_dir():
         fail(f"--root_dir {args.root_dir}: not a directory")
     names = ["train", "val", *(["test"] if args.test_split is not None else [])]
