@@ -138,10 +138,15 @@ class FolderLock:
         self.record = None
 
     def __enter__(self) -> "FolderLock":
+        """Acquire, and keep the lock fresh while held: on another host only the heartbeat
+        tells a live owner from a dead one (`owner_alive`), and a search or a retrain holds
+        its folder far longer than STALE_S."""
         self.acquire()
+        self._heartbeat = Heartbeat(self.beat, interval=HEARTBEAT_S).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._heartbeat.stop()
         self.release()
 
 

@@ -162,7 +162,7 @@ def test_the_study_file_opens_in_optuna_dashboard(tmp_path):
     assert [(s["study_name"]) for s in studies] == ["s"]
 
 
-def test_a_resumed_search_continues_the_same_study(tiny_data, tmp_path):
+def test_a_resumed_search_continues_the_same_study(tiny_data, tmp_path, capsys):
     """Ctrl-C after the first trial, then --resume: the study file holds every trial once.
     (Started with --verbose: Ray's own console, which the resumed search keeps.)"""
     space = write_space(tmp_path / "space.yaml", trainer={
@@ -193,6 +193,11 @@ def test_a_resumed_search_continues_the_same_study(tiny_data, tmp_path):
     assert "t001 started" in output                                  # and the event lines
     before = load_study(search_dir)
     assert 1 <= len(before.trials) <= 3
+    # the best trial so far retrained while the search is interrupted: said, and kept on record
+    # when the resumed search rewrites its summary
+    retrain_main([str(search_dir), "--epochs", "1"])
+    assert "note: journey has not finished: t00" in capsys.readouterr().out
+    final = json.loads((search_dir / "search_summary.json").read_text())["final"]
     resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -205,3 +210,5 @@ def test_a_resumed_search_continues_the_same_study(tiny_data, tmp_path):
     assert sorted(json.dumps(t.params, sort_keys=True) for t in study.trials) == \
         sorted(json.dumps(t["params"], sort_keys=True) for t in summary["trials"])
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(t["objective"] for t in summary["trials"]))
+    assert summary["state"] == "finished" and summary["final"] == final
+    assert (search_dir / "summary.md").read_text().count(FINAL_HEADING) == 1

@@ -106,6 +106,21 @@ def test_another_hosts_lock_is_stale_only_without_a_heartbeat(tmp_path):
     FolderLock(folder, "x").acquire()
 
 
+def test_a_held_lock_keeps_its_heartbeat(tmp_path, monkeypatch):
+    """`with FolderLock(...)` (a search, a retrain: hours) beats, so that another host never
+    takes a live owner's folder for stale; the beating stops with the lock."""
+    import headernet_core.locks as locks
+
+    monkeypatch.setattr(locks, "HEARTBEAT_S", 0.05)
+    old = time.time() - STALE_S - 60
+    with FolderLock(tmp_path, "a search") as lock:
+        os.utime(lock.path, (old, old))
+        time.sleep(0.4)
+        assert time.time() - lock.path.stat().st_mtime < 5
+        heartbeat = lock._heartbeat
+    assert not heartbeat._thread.is_alive() and not lock.path.exists()
+
+
 def test_status_shows_a_dead_run_as_dead(tmp_path):
     write_status(tmp_path, "running", 2)
     record = read_status_record(tmp_path)

@@ -232,3 +232,25 @@ def test_odd_json_in_a_search_folder_is_one_line(tiny_data, tmp_path, capsys, da
         value = json.loads(record.read_text()) if record.is_file() else {}
         record.write_text(json.dumps({**value, **change} if isinstance(change, dict) else change))
     assert fragment in error_of(["--space", str(space), *flags], capsys)
+
+
+def test_retrain_waits_for_no_search_and_picks_a_free_name(tmp_path, capsys):
+    """A retrain takes the search folder's lock (a running search or retrain refuses it, in
+    one line); the search's own retrain never lands on a folder retrained by hand."""
+    from headernet_core.locks import FolderLock
+    from tuning.retrain import main as retrain_main
+    from tuning.search import free_name
+
+    search_dir = tmp_path / "s"
+    (search_dir / "t001").mkdir(parents=True)
+    (search_dir / "t001" / "config.yaml").write_text("epochs: 1\n")
+    (search_dir / "search_summary.json").write_text('{"best_trial": {"name": "t001"}}')
+    with FolderLock(search_dir, "a search"):
+        with pytest.raises(SystemExit) as exc:
+            retrain_main([str(search_dir), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "is in use by a search" in err, err
+    assert free_name(search_dir, "final") == "final"
+    (search_dir / "final").mkdir()
+    (search_dir / "final_2").mkdir()
+    assert free_name(search_dir, "final") == "final_3"

@@ -349,3 +349,28 @@ def test_best_record_bad_mode():
         best_record([], "maximize")
     with pytest.raises(ValueError, match="size"):
         format_bytes(-1)
+
+
+def test_a_final_model_survives_a_rewrite_and_is_replaced_by_the_next(tmp_path, no_plots):
+    """tuning.retrain adds `final`; a later rewrite of the summary (a resumed search) keeps it,
+    a later retrain replaces it, and a record tuning.retrain did not write is dropped."""
+    from tuning.summary import FINAL_HEADING, add_final_model
+
+    def final(name: str) -> dict:
+        return {"run_dir": str(tmp_path / name), "trial": "t002_backbone=csn", "epochs": 2,
+                "train_on_val": False, "test_csv": None}
+
+    run(tmp_path, state="interrupted")
+    add_final_model(tmp_path, final("final"))
+    run(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    assert strict_json(tmp_path / "search_summary.json")["final"] == final("final")
+    assert md.count(FINAL_HEADING) == 1 and md.index(FINAL_HEADING) < md.index("## Trials")
+    add_final_model(tmp_path, final("final_2"))
+    md = (tmp_path / "summary.md").read_text()
+    assert md.count(FINAL_HEADING) == 1 and "final_2" in md
+    assert strict_json(tmp_path / "search_summary.json")["final"] == final("final_2")
+    summary = strict_json(tmp_path / "search_summary.json")
+    (tmp_path / "search_summary.json").write_text(json.dumps({**summary, "final": {"run_dir": "x"}}))
+    assert "final" not in run(tmp_path)
+    assert FINAL_HEADING not in (tmp_path / "summary.md").read_text()

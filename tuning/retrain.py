@@ -23,9 +23,14 @@ search; a space's `retrain:` section does it by default, as the demo's does.)
    It writes `<name>/test_metrics.json` (test_f1/precision/recall/accuracy at that threshold,
    test_auc/ap, confusion counts), `test_predictions.csv` and `test_per_video.csv` (errors per
    match), and adds them to the search's `search_summary.json` (`final`) and `summary.md`.
+
+It holds the search folder's lock meanwhile (a search or another retrain refuses to start
+there). An interrupted search can be retrained (its best trial so far); the resumed search
+keeps that `final` record and retrains into the first free `final_N` name.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from pathlib import Path
@@ -34,6 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 from headernet_core.artifacts import read_json_dict, write_json
 from headernet_core.config import TrainConfig, load_yaml_mapping
 from headernet_core.errors import CliParser, fail, run_cli
+from headernet_core.locks import FolderLock
 from headernet_core.paths import check_name
 
 from .summary import SUMMARY_JSON, add_final_model
@@ -99,19 +105,34 @@ def combined_csv(config: TrainConfig, path: Path) -> str:
 
 def retrain(search_dir: str | Path, *, epochs: int, test_csv: str | Path | None = None,
             train_on_val: bool = False, name: str = FINAL, devices: Mapping[str, Any] | None = None,
-            views: int = 1, spatial_views: int = 1,
+            views: int = 1, spatial_views: int = 1, lock: bool = True,
             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Steps 1-3 of the module docstring; returns the record added to the summary."""
-    from headernet_core.data import check_clips, read_split
-    from headernet_core.evaluation import check_views, evaluate, per_video_errors, write_csv
-    from headernet_core.trainer import train
+    """Steps 1-3 of the module docstring; returns the record added to the summary.
 
+    `lock`: hold the search folder's lock meanwhile, so that no search (`--resume`) rewrites
+    the summary under it; False only for the search itself, which holds it already."""
     search_dir = Path(search_dir).absolute()
     check_name(name, "--name")
     if epochs < 1:
         fail(f"--epochs must be a positive integer, got {epochs}")
+    from headernet_core.evaluation import check_views
     check_views(views, spatial_views)
+    best_trial(search_dir)  # a search folder, before its lock is taken
+    with FolderLock(search_dir, "a retrain") if lock else contextlib.nullcontext():
+        return _retrain(search_dir, epochs=epochs, test_csv=test_csv, train_on_val=train_on_val,
+                        name=name, devices=devices, views=views, spatial_views=spatial_views, log=log)
+
+
+def _retrain(search_dir: Path, *, epochs: int, test_csv: str | Path | None, train_on_val: bool,
+             name: str, devices: Mapping[str, Any] | None, views: int, spatial_views: int,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    from headernet_core.data import check_clips, read_split
+    from headernet_core.evaluation import evaluate, per_video_errors, write_csv
+    from headernet_core.trainer import train
+
     trial, trial_config, trial_best = best_trial(search_dir)
+    if read_json_dict(search_dir / SUMMARY_JSON).get("state") != "finished":
+        log(f"note: {search_dir.name} has not finished: {trial} is its best trial so far")
     run_dir = search_dir / name
     if run_dir.exists():
         fail(f"{run_dir} already exists (a model retrained earlier is never overwritten); "

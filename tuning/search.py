@@ -512,19 +512,18 @@ def run_search(args: SearchArgs) -> int:
     prepare_demo_data(space)
     checked = check_data(space)
 
-    lock, created = FolderLock(search_dir, "a search"), not search_dir.exists()
-    lock.acquire()
+    created = not search_dir.exists()
     try:
-        check_search_dir(search_dir, args.resume)  # again: no other search can start from here on
-        remove_stale_temps(search_dir, search_dir / resume_guard.SNAPSHOT_DIR)
-        if verified is not None:
-            replaced = resume_guard.install(search_dir, verified)
-            if replaced:
-                print(f"note: resuming from the signed state; unsigned or stale Ray Tune files "
-                      f"{', '.join(replaced)} moved to {search_dir / resume_guard.SNAPSHOT_DIR / resume_guard.DISPLACED}")
-        return search_owned(args, space, search_dir, name, saved, checked)
+        with FolderLock(search_dir, "a search"):
+            check_search_dir(search_dir, args.resume)  # again: no other search can start from here on
+            remove_stale_temps(search_dir, search_dir / resume_guard.SNAPSHOT_DIR)
+            if verified is not None:
+                replaced = resume_guard.install(search_dir, verified)
+                if replaced:
+                    print(f"note: resuming from the signed state; unsigned or stale Ray Tune files "
+                          f"{', '.join(replaced)} moved to {search_dir / resume_guard.SNAPSHOT_DIR / resume_guard.DISPLACED}")
+            return search_owned(args, space, search_dir, name, saved, checked)
     finally:
-        lock.release()
         if created and search_dir.is_dir() and not any(search_dir.iterdir()):
             search_dir.rmdir()  # refused before writing anything: leave nothing behind
 
@@ -576,14 +575,22 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
     if interrupted:
         return 130
     if best is not None and space.retrain:
-        from .retrain import DEVICE_KEYS, retrain
+        from .retrain import DEVICE_KEYS, FINAL, retrain
         retrain(search_dir, epochs=space.retrain["epochs"], test_csv=space.retrain.get("test_csv"),
-                train_on_val=space.retrain.get("train_on_val", False),
+                train_on_val=space.retrain.get("train_on_val", False), lock=False,
+                name=free_name(search_dir, FINAL),
                 devices={k: v for k, v in space.trainer.items() if k in DEVICE_KEYS})
     if records and all(r.status == "failed" for r in records):
         print(f"every trial failed: see the errors in {search_dir / 'summary.md'}", file=sys.stderr)
         return 1
     return 0
+
+
+def free_name(folder: Path, name: str) -> str:
+    """`name`, or `name_2`, `name_3`... when taken: a model retrained by hand while the search
+    was interrupted keeps its folder when the resumed search retrains its own."""
+    taken = {p.name for p in folder.iterdir()}
+    return next(n for n in (name, *(f"{name}_{i}" for i in range(2, len(taken) + 3))) if n not in taken)
 
 
 def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,

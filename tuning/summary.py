@@ -171,6 +171,9 @@ def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
         "notes": [str(n) for n in notes],
         "plots": [],
     }
+    final = _earlier_final(search_dir)
+    if final:   # a model retrained while the search was interrupted stays on record
+        summary["final"] = final
     plots = _write_plots(search_dir / PLOTS_DIRNAME, records, space_params, metric, mode, best)
     summary["plots"] = [f"{PLOTS_DIRNAME}/{p.name}" for p in plots]
 
@@ -181,6 +184,21 @@ def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
 
 
 FINAL_HEADING = "## Final model (best config retrained, scored on the test split)"
+
+
+def _earlier_final(search_dir: Path) -> dict[str, Any] | None:
+    """The `final` record of a summary written before (None when there is none)."""
+    try:
+        final = json.loads((search_dir / SUMMARY_JSON).read_text()).get("final")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(final, dict):
+        return None
+    try:
+        _final_markdown(final)
+    except (KeyError, TypeError, ValueError):   # not a record tuning.retrain wrote: dropped
+        return None
+    return final
 
 
 def add_final_model(search_dir: Path, final: Mapping[str, Any]) -> None:
@@ -520,6 +538,8 @@ def _markdown(summary: dict[str, Any], records: Sequence[TrialRecord],
         if info["evaluate_command"]:
             lines += ["Evaluate it:", "", "```bash", info["evaluate_command"], "```", ""]
 
+    if summary.get("final"):
+        lines += _final_markdown(summary["final"]).splitlines()
     lines += ["## Trials (best first)", ""]
     if not records:
         lines += ["No trial was started.", ""]
