@@ -94,6 +94,12 @@ def describe_os_error(exc: OSError) -> str:
     return f"{reason}{code}"
 
 
+def first_paragraph(doc: str | None) -> str:
+    """A module docstring's first paragraph on one line: a CLI's `--help` description (its
+    first line alone can stop mid-sentence)."""
+    return " ".join((doc or "").strip().split("\n\n", 1)[0].split())
+
+
 class CliParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line too (`--help` still prints the usage).
 

@@ -40,7 +40,7 @@ from .backbones import build_backbone
 from .config import MAX_NUM_WORKERS, TrainConfig
 from .augment import ClipLoader
 from .data import AugParams, BatchLoader, ClipDataset, check_clips, read_split, sample_frame_indices
-from .errors import CliParser, fail, run_cli
+from .errors import CliParser, fail, first_paragraph, run_cli
 from .losses import build_loss
 from .metrics import classification_metrics, metrics_at_threshold
 from .model import HeaderClassifier
@@ -284,7 +284,7 @@ def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = CliParser(prog="python -m headernet_core.evaluate", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m headernet_core.evaluate", description=first_paragraph(__doc__))
     add_inference_arguments(parser)
     parser.add_argument("--val_csv", required=True, help="labelled split CSV to evaluate on")
     parser.add_argument("--predictions", help="write per-clip predictions CSV here")

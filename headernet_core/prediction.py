@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .data import check_clips, check_paths_present, resolve_clips
-from .errors import CliParser, fail, run_cli
+from .errors import CliParser, fail, first_paragraph, run_cli
 from .evaluation import (add_inference_arguments, check_inference, clip_probabilities, eval_config,
                          load_classifier, resolve_threshold, write_csv)
 from .paths import check_output_file
@@ -65,7 +65,7 @@ def predict(checkpoint: str | Path, clips: str | Path, *, threshold: float | Non
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = CliParser(prog="python -m headernet_core.predict", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m headernet_core.predict", description=first_paragraph(__doc__))
     add_inference_arguments(parser)
     parser.add_argument("--clips", required=True, help="a CSV with a path column, or a folder of .npy clips")
     parser.add_argument("--output", required=True, help="predictions CSV to write")

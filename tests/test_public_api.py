@@ -56,11 +56,14 @@ def test_public_names_are_functions_after_the_project_ran_its_clis(capsys, monke
     assert callable(train) and callable(evaluate) and callable(predict)
 
 
-@pytest.mark.parametrize("module", CLI_MODULES)
+@pytest.mark.parametrize("module", (*CLI_MODULES, "headernet_core.split_dataset", "tuning.search",
+                                    "tuning.retrain"))
 def test_the_cli_entry_points_still_run(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: python -m " + module in result.stdout, result.stderr
+    description = " ".join(result.stdout.split("\n\n")[1].split())
+    assert description.endswith("."), description   # whole sentences, not a docstring's first line
 
 
 def test_the_readme_snippet_runs_as_written(tmp_path, monkeypatch):

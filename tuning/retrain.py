@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from headernet_core.artifacts import read_json_dict, write_json
 from headernet_core.config import TrainConfig, load_yaml_mapping
-from headernet_core.errors import CliParser, fail, run_cli
+from headernet_core.errors import CliParser, fail, first_paragraph, run_cli
 from headernet_core.locks import FolderLock
 from headernet_core.paths import check_name
 
@@ -192,7 +192,7 @@ def _retrain(search_dir: Path, *, epochs: int, test_csv: str | Path | None, trai
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = CliParser(prog="python -m tuning.retrain", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m tuning.retrain", description=first_paragraph(__doc__))
     parser.add_argument("search_dir", help="a search folder (holds search_summary.json)")
     parser.add_argument("--epochs", type=int, required=True, help="training epochs of the final model")
     parser.add_argument("--test_csv", help="held-out labelled CSV to score the final model on, once")

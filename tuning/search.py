@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_json, write_text
 from headernet_core.config import TrainConfig
-from headernet_core.errors import CliParser, fail, run_cli, sigterm_as_sigint
+from headernet_core.errors import CliParser, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, same_file
 
@@ -67,7 +67,7 @@ class SearchArgs:
 
 
 def parse_args(argv: Sequence[str] | None) -> SearchArgs:
-    parser = CliParser(prog="python -m tuning.search", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="python -m tuning.search", description=first_paragraph(__doc__))
     parser.add_argument("--space", required=True, help="search space: a YAML path or a name in search_spaces/")
     parser.add_argument("--name", help="search folder name (default: the space's name)")
     parser.add_argument("--train_csv", help="training split CSV (overrides the space)")
