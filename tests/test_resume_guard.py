@@ -114,3 +114,33 @@ def test_the_key_is_private_and_outside_the_search(tmp_path, monkeypatch):
     resume_guard.load_key(create=True)  # another account's key cannot vouch for this search
     with pytest.raises(HeaderNetError, match="not signed with this account's resume key"):
         resume_guard.verify(folder)
+
+
+def test_the_tune_callback_signs_only_after_tune_saved(tmp_path, monkeypatch):
+    """ResumeSnapshot reads Tune's staging folder only in the step in which Tune saved its
+    state (it called get_state), not on each of the many steps per second between saves."""
+    from types import SimpleNamespace
+
+    from tuning.snapshot import ResumeSnapshot
+
+    staging, search = tmp_path / "staging", tmp_path / "search"
+    staging.mkdir()
+    search.mkdir()
+    for name, data in STATE.items():
+        if name != "tuner.pkl":
+            (staging / name).write_bytes(data)
+    trial = SimpleNamespace(storage=SimpleNamespace(experiment_driver_staging_path=str(staging),
+                                                    experiment_fs_path=str(search)),
+                            run_metadata=SimpleNamespace(pickled_error_filename=None))
+    signed = []
+    monkeypatch.setattr(resume_guard, "record", lambda folder, files: signed.append(sorted(files)))
+    callback = ResumeSnapshot()
+    callback.on_step_end(1, [trial])
+    assert signed == []
+    assert callback.get_state() is None   # Tune saved: nothing of the callback's own to keep
+    callback.on_step_end(2, [trial])
+    callback.on_step_end(3, [trial])
+    assert signed == [sorted(n for n in STATE if n != "tuner.pkl")]
+    callback.get_state()
+    callback.on_step_end(4, [trial])      # saved again, but nothing changed: not signed again
+    assert len(signed) == 1

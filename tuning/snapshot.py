@@ -23,10 +23,20 @@ class ResumeSnapshot(Callback):
 
     def __init__(self) -> None:
         self._seen: tuple | None = None
+        self._saved = False
+
+    def get_state(self) -> None:
+        """Tune asks every callback for its state as the last step of saving its own
+        (`TuneController.save_to_dir`), right before this step's `on_step_end`: the sign that
+        there is something new to sign. (No state of its own: None.)"""
+        self._saved = True
+        return None
 
     def on_step_end(self, iteration, trials, **info) -> None:
         self._forget_pickled_errors(trials)
-        self._snapshot(trials)
+        if self._saved:   # not every step: Tune's loop steps many times a second
+            self._saved = False
+            self._snapshot(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._forget_pickled_errors([trial])
