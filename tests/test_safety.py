@@ -301,3 +301,22 @@ def test_bom_and_crlf_files_are_read(tiny_data, tmp_path):
         csv.unlink()
     assert list(frame.columns[:2]) == ["path", "label"] and len(frame) == 18
     assert not any(p.endswith("\r") for p in frame["path"])
+
+
+def test_a_huge_or_deep_yaml_is_one_line_not_a_parse(tmp_path):
+    """A 10 MiB+ "config" (a dataset or a log passed by mistake) is refused before it is
+    read; a deeply nested one is refused without a RecursionError traceback."""
+    from headernet_core.config import MAX_YAML_BYTES, MAX_YAML_DEPTH, load_yaml_mapping
+
+    huge = tmp_path / "huge.yaml"
+    with open(huge, "wb") as fh:
+        fh.truncate(MAX_YAML_BYTES + 1)   # sparse: no 10 MiB written
+    with pytest.raises(HeaderNetError, match=r"huge.yaml: 10485761 bytes is not a config file"):
+        load_yaml_mapping(huge)
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("epochs: 3\n" + "#" * 1000 + "\n")
+    assert load_yaml_mapping(fine) == {"epochs": 3}
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * (MAX_YAML_DEPTH + 2) + "]" * (MAX_YAML_DEPTH + 2) + "\n")
+    with pytest.raises(HeaderNetError, match="nested too deeply"):
+        load_yaml_mapping(deep)
