@@ -136,11 +136,12 @@ def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_pa
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "final already exists" in err and err.count("\n") == 1
     retrain_main([str(search_dir), "--epochs", "1", "--test_csv", "splits/test.csv", "--name", "final2",
-                  "--train_on_val", "--cpu", "--threads", "2"])
+                  "--train_on_val", "--cpu", "--threads", "2", "--views", "2", "--spatial_views", "3"])
     assert yaml.safe_load((search_dir / "final2" / "config.yaml").read_text())["threads"] == 2
     test2 = json.loads((search_dir / "final2" / "test_metrics.json").read_text())
     trial_best = json.loads((search_dir / best["name"] / "best_metrics.json").read_text())
-    assert test2["checkpoint"] == "final2/checkpoints/last.pt"
+    assert test2["checkpoint"] == "final2/checkpoints/last.pt" and test2["views"] == 6
+    assert test2["test_clips"] == 12   # views averaged per clip, not rows per view
     assert test2["threshold"] == pytest.approx(trial_best["val_threshold"])
     combined = pd.read_csv(search_dir / "final2_train_plus_val.csv")
     assert len(combined) == len(pd.read_csv(splits / "train.csv")) + len(pd.read_csv(splits / "val.csv"))

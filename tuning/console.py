@@ -21,7 +21,6 @@ output forwarded to the driver) and keeps the event lines.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any, Sequence, TextIO
 import optuna
 from ray import tune
 
-from .trial import SCHEDULER_STOP, one_line_error, trial_dirname
+from .trial import SCHEDULER_STOP, finite, format_value, one_line_error, trial_dirname
 
 TABLE_EVERY_EVENTS = 20     # the table after this many event lines (trial starts and epochs),
 TABLE_MIN_GAP_S = 60.0      # and at most once a minute: a recap of what scrolled by, as often
@@ -51,22 +50,6 @@ def error_text(trial: Any) -> str:
     if path and os.path.isfile(path):
         return one_line_error(Path(path).read_text())
     return one_line_error(trial.get_error())
-
-
-def format_value(value: Any) -> str:
-    if isinstance(value, float):
-        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
-            return f"{value:.1e}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 class _Console:
@@ -114,7 +97,7 @@ class TrialEvents(_Console, tune.Callback):
         self.emit(f"[{self.elapsed()}] {short_name(trial)} {text}")
 
     def _objective(self, trial: Any) -> float | None:
-        return _finite((trial.last_result or {}).get("objective"))
+        return finite((trial.last_result or {}).get("objective"))
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
         params = " ".join(f"{k}={format_value(v)}" for k, v in (trial.config or {}).items())
@@ -123,7 +106,7 @@ class TrialEvents(_Console, tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info) -> None:
         """An epoch; when the scheduler ends the trial with it (`done`), its end too."""
         epoch = int(result.get("epoch", 0))
-        value, objective = _finite(result.get(self.metric)), _finite(result.get("objective"))
+        value, objective = finite(result.get(self.metric)), finite(result.get("objective"))
         text = f"epoch {epoch}  {self.metric} {format_value(value) if value is not None else '-'}"
         text += f"  trial best {format_value(objective) if objective is not None else '-'}"
         if self.better(objective, self.best[1] if self.best else None):
@@ -197,14 +180,14 @@ class CompactTable(_Console, tune.ProgressReporter):
         started = sorted((t for t in trials if t.status != "PENDING"), key=short_name)
         so_far, best_so_far, best = [], None, None
         for trial in started:          # the search's best objective in launch order
-            value = _finite((trial.last_result or {}).get("objective"))
+            value = finite((trial.last_result or {}).get("objective"))
             if self.better(value, best_so_far):
                 best_so_far, best = value, trial
             so_far.append(best_so_far)
         running = [t for t in started if t.status == "RUNNING"]
         ranked = sorted((t for t in started if t not in running
-                         and _finite((t.last_result or {}).get("objective")) is not None),
-                        key=lambda t: _finite(t.last_result["objective"]) * (-1 if self.mode == "max" else 1))
+                         and finite((t.last_result or {}).get("objective")) is not None),
+                        key=lambda t: finite(t.last_result["objective"]) * (-1 if self.mode == "max" else 1))
         shown = {t.trial_id for t in running + ranked[:TABLE_TOP]}
         counts = {s: sum(t.status == s for t in trials) for s in ("RUNNING", "TERMINATED", "ERROR", "PENDING")}
         head = (f"[{self.elapsed()}] {counts['RUNNING']} running, {counts['TERMINATED']} done, "
@@ -220,7 +203,7 @@ class CompactTable(_Console, tune.ProgressReporter):
             if trial.trial_id not in shown:
                 continue
             result = trial.last_result or {}
-            objective = _finite(result.get("objective"))
+            objective = finite(result.get("objective"))
             rows.append([short_name(trial), trial.status.lower(),
                          *[format_value(trial.config.get(p, "-")) for p in self.params],
                          str(int(result["epoch"])) if "epoch" in result else "-",

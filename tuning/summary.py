@@ -44,6 +44,8 @@ import optuna
 # starts and draws only at its end, so nothing delays the first trial.
 from headernet_core.artifacts import write_json, write_text
 
+from .trial import finite
+
 if TYPE_CHECKING:                       # space.py pulls in the trainer's config; only types here
     from tuning.space import Param
 
@@ -112,7 +114,7 @@ def best_record(records: Sequence[TrialRecord], mode: str) -> TrialRecord | None
     """The record with the highest (max) or lowest (min) finite objective among those that did
     not fail; ties: more epochs run, then the smaller name. None when no such record exists."""
     _check_choice("mode", mode, MODES)
-    ranked = sorted((r for r in records if r.status != "failed" and _finite(r.objective) is not None),
+    ranked = sorted((r for r in records if r.status != "failed" and finite(r.objective) is not None),
                     key=lambda r: _rank_key(r, mode))
     return ranked[0] if ranked else None
 
@@ -243,17 +245,6 @@ def _check_choice(what: str, value: Any, allowed: Sequence[str]) -> None:
         raise ValueError(f"{what}: expected one of {', '.join(allowed)}, got {value!r}")
 
 
-def _finite(value: Any) -> float | None:
-    """A finite float, or None (None, NaN, inf, non-numbers)."""
-    if value is None or isinstance(value, (bool, np.bool_)):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _plain(value: Any) -> Any:
     """A JSON-ready value: numpy scalars to Python, NaN/inf to None; containers recursively."""
     if isinstance(value, Mapping):
@@ -268,7 +259,7 @@ def _plain(value: Any) -> Any:
 
 
 def _int_or_none(value: Any) -> int | None:
-    number = _finite(value)
+    number = finite(value)
     return None if number is None else int(number)
 
 
@@ -278,7 +269,7 @@ def _present(params: Mapping[str, Any], key: str) -> bool:
 
 
 def _rank_key(record: TrialRecord, mode: str) -> tuple:
-    value = _finite(record.objective)
+    value = finite(record.objective)
     return (-value if mode == "max" else value, -int(record.epochs_run or 0), record.name)
 
 
@@ -300,7 +291,7 @@ def _trial_dict(record: TrialRecord) -> dict[str, Any]:
         "name": record.name,
         "status": record.status,
         "params": _plain(record.params),
-        "objective": _finite(record.objective),
+        "objective": finite(record.objective),
         "best_epoch": _int_or_none(record.best_epoch),
         "epochs_run": int(record.epochs_run or 0),
         "checkpoint": record.checkpoint,
@@ -322,7 +313,7 @@ def _best_dict(search_dir: Path, best: TrialRecord | None,
         "name": best.name,
         "status": best.status,
         "params": _plain(best.params),
-        "objective": _finite(best.objective),
+        "objective": finite(best.objective),
         "best_epoch": _int_or_none(best.best_epoch),
         "epochs_run": int(best.epochs_run or 0),
         "best_metrics": _plain(best.best_metrics or {}),
@@ -395,7 +386,7 @@ def _importances(records: Sequence[TrialRecord], space_params: Sequence[Param],
             return None, f"not computed: the space has no Optuna form ({type(exc).__name__}: {exc})"
         trials, outside = [], 0
         for record in records:
-            value = _finite(record.objective)
+            value = finite(record.objective)
             if value is None:
                 continue
             params = {p.name: _optuna_value(p, record.params[p.name]) for p in space_params
@@ -451,7 +442,7 @@ def _write_csv(path: Path, records: Sequence[TrialRecord], space_params: Sequenc
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for r in records:
-        row = [r.order, r.name, r.status, _finite(r.objective), _int_or_none(r.best_epoch),
+        row = [r.order, r.name, r.status, finite(r.objective), _int_or_none(r.best_epoch),
                int(r.epochs_run or 0)]
         row += [r.params.get(p) for p in params]
         row += [(r.best_metrics or {}).get(m) for m in metrics]
@@ -485,7 +476,7 @@ def _fmt_value(value: Any) -> str:
 
 
 def _fmt_objective(value: Any) -> str:
-    number = _finite(value)
+    number = finite(value)
     return "-" if number is None else f"{number:.4f}"
 
 
@@ -499,7 +490,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def _table_order(records: Sequence[TrialRecord], mode: str) -> list[TrialRecord]:
     """Best objective first, then trials without one in launch order, failed trials last."""
     def key(r: TrialRecord) -> tuple:
-        scored = _finite(r.objective) is not None
+        scored = finite(r.objective) is not None
         return (r.status == "failed", not scored, _rank_key(r, mode) if scored else (r.order,))
     return sorted(records, key=key)
 
@@ -633,8 +624,8 @@ def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mod
 
     from headernet_core.plots import new_figure, save_figure
 
-    points = [(float(r.order), _finite(r.objective), r) for r in records
-              if _finite(r.objective) is not None]
+    points = [(float(r.order), finite(r.objective), r) for r in records
+              if finite(r.objective) is not None]
     if not points:
         return None
     fig, ax = new_figure()
@@ -645,7 +636,7 @@ def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mod
     so_far = (np.maximum if mode == "max" else np.minimum).accumulate(ys[order])
     ax.step(xs[order], so_far, where="post", color="black", linewidth=1, label="best so far")
     failed = [float(r.order) for r in records
-              if r.status == "failed" and _finite(r.objective) is None]
+              if r.status == "failed" and finite(r.objective) is None]
     if failed:   # no value: crosses along the bottom edge (x in data, y in axes units)
         ax.plot(failed, [0.03] * len(failed), linestyle="none", marker="x", color="tab:red",
                 transform=ax.get_xaxis_transform(), label="failed, no epoch", clip_on=False)
@@ -662,13 +653,13 @@ def _param_plot(path: Path, param: Param, records: Sequence[TrialRecord], metric
                 mode: str, best: TrialRecord | None) -> Path | None:
     from headernet_core.plots import new_figure, save_figure
 
-    scored = [(r.params[param.name], _finite(r.objective), r) for r in records
-              if _present(r.params, param.name) and _finite(r.objective) is not None]
+    scored = [(r.params[param.name], finite(r.objective), r) for r in records
+              if _present(r.params, param.name) and finite(r.objective) is not None]
     if param.kind == "choice":
         return _categorical_plot(path, param, scored, metric, mode, best)
     log = param.kind == "loguniform" or bool(param.log)
     points = [(x, y, r) for v, y, r in scored
-              if (x := _finite(v)) is not None and (x > 0 or not log)]
+              if (x := finite(v)) is not None and (x > 0 or not log)]
     if not points:
         return None
     fig, ax = new_figure()

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from headernet_core.artifacts import read_json_dict, write_json
 
 from .space import SearchSpace
@@ -98,15 +100,34 @@ def one_line_error(error: BaseException | str | None) -> str:
     return type(error).__name__
 
 
-def _short(value: Any) -> str:
+def format_value(value: Any, digits: int = 4, sci_from: float = 1e4) -> str:
+    """A sampled value or a metric for a console line or a folder name: floats below 1e-2 or
+    from `sci_from` up in scientific notation (1.2e-03: learning rates), else `digits`
+    significant digits."""
     if isinstance(value, float):
-        return f"{value:.1e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e3) else f"{value:.3g}"
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= sci_from):
+            return f"{value:.1e}"
+        return f"{value:.{digits}g}"
     return str(value)
 
 
+def _short(value: Any) -> str:
+    return format_value(value, digits=3, sci_from=1e3)
+
+
+def finite(value: Any) -> float | None:
+    """A finite float, or None (None, NaN, inf, bools, non-numbers)."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    return {k: number for k, v in metrics.items() if (number := finite(v)) is not None}
 
 
 def _quiet_teardown(unraisable: Any) -> None:
