@@ -97,8 +97,9 @@ def view_frame_indices(num_available: int, num_frames: int, view: View) -> np.nd
         return base
     spacing = (num_available - 1) / (num_frames - 1) if num_frames > 1 else (num_available - 1) / 2
     shift = (view.temporal - (view.temporal_views - 1) / 2) / view.temporal_views * spacing
+    # around the trainer's frames (the middle view of an odd count is exactly them)
     positions = np.linspace(0, num_available - 1, num_frames) if num_frames > 1 else \
-        np.array([(num_available - 1) / 2])
+        base.astype(np.float64)
     return np.clip(np.floor(positions + shift + 0.5), 0, num_available - 1).astype(np.int64)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from headernet_core import checkpoints
 from headernet_core.config import TrainConfig
-from headernet_core.data import ClipDataset, ClipTransform
+from headernet_core.data import ClipDataset, ClipTransform, sample_frame_indices
 from headernet_core.evaluation import (View, ViewDataset, checkpoint_threshold, evaluate, main,
                                        per_video_errors, view_frame_indices)
 from headernet_core.prediction import main as predict_main
@@ -64,6 +64,9 @@ def test_temporal_views_shift_the_sampled_frames():
     assert view_frame_indices(16, 4, View(0, 2)).tolist() == [0, 4, 9, 14]   # -1.25
     assert view_frame_indices(16, 4, View(1, 2)).tolist() == [1, 6, 11, 15]  # +1.25, kept inside
     assert view_frame_indices(16, 4, View(1, 3)).tolist() == [0, 5, 10, 15]  # the middle view
+    for frames in (16, 15):   # one frame: the middle view is the trainer's centre frame too
+        middle = view_frame_indices(frames, 1, View(1, 3)).tolist()
+        assert middle == sample_frame_indices(frames, 1).tolist() == [(frames - 1) // 2]
 
 
 def test_spatial_views_are_the_frame_its_flip_and_the_centre_crop(tmp_path):
