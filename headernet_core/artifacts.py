@@ -116,6 +116,12 @@ def write_text(path: str | Path, text: str, *, durable: bool = False) -> None:
         tmp.write_text(text)
 
 
+def write_csv(frame: Any, path: str | Path, *, replace: bool = True) -> None:
+    """A pandas DataFrame as CSV without its index, atomically (`atomic_path`)."""
+    with atomic_path(path, replace=replace) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
 def _json_safe(value: Any) -> Any:
     """NaN/inf become null so the file stays strict JSON; numpy scalars become Python numbers."""
     if isinstance(value, dict):

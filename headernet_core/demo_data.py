@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .artifacts import atomic_path, remove_stale_temps, write_text
+from .artifacts import atomic_path, remove_stale_temps, write_csv, write_text
 from .errors import CliParser, fail, run_cli
 from .paths import check_writable_dir
 
@@ -576,8 +576,7 @@ def generate(out_dir: Path, *, seed: int = 0, matches: int = 8, clips_per_match:
                          "min_head_gap": round(float(gaps.min()), 3), "num_frames": len(keep),
                          "grey": int(grey)})
     csv_path = out_dir / CSV_NAME
-    with atomic_path(csv_path) as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
+    write_csv(pd.DataFrame(rows), csv_path)
     return csv_path
 
 

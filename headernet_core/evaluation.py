@@ -279,11 +279,6 @@ def add_inference_arguments(parser: CliParser) -> None:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
 
 
-def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
-    with artifacts.atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = CliParser(prog="python -m headernet_core.evaluate", description=first_paragraph(__doc__))
     add_inference_arguments(parser)
@@ -309,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         per_video = per_video_errors(predictions)
         for path, frame in ((args.predictions, predictions), (args.per_video, per_video)):
             if path:
-                write_csv(frame, path)
+                artifacts.write_csv(frame, path)
         if args.metrics:
             artifacts.write_json(args.metrics, metrics)
         print(f"at threshold {metrics['threshold']:.4g} ({metrics['threshold_source']}), "

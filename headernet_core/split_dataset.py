@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
 
-from .artifacts import atomic_path
+from . import artifacts
 from .config import MAX_SEED
 from .data import check_paths_present, find_clip, parse_labels, path_basename, read_index_csv
 from .errors import CliParser, fail, run_cli
@@ -207,8 +207,7 @@ def write_csv(part: pd.DataFrame, path: Path, *, replace: bool = False) -> None:
     """Write a split CSV; an existing file is replaced only with `replace` (another process's
     file appearing meanwhile included)."""
     try:
-        with atomic_path(path, replace=replace) as tmp:
-            part.to_csv(tmp, index=False)
+        artifacts.write_csv(part, path, replace=replace)
     except FileExistsError:
         fail(f"{path} already exists; pass --overwrite to replace it or choose another folder")
 

@@ -393,8 +393,7 @@ def predictions_frame(val_df: pd.DataFrame, prob: np.ndarray, threshold: float) 
 def write_metrics_csv(run_dir: Path, history: list[dict[str, float]]) -> None:
     frame = pd.DataFrame(history)
     columns = [c for c in LEADING_COLUMNS if c in frame] + [c for c in frame if c not in LEADING_COLUMNS]
-    with artifacts.atomic_path(run_dir / "metrics_epoch.csv") as tmp:
-        frame[columns].to_csv(tmp, index=False)
+    artifacts.write_csv(frame[columns], run_dir / "metrics_epoch.csv")
 
 
 def summary_line(config: TrainConfig, row: dict[str, float], is_best: bool) -> str:
@@ -578,8 +577,7 @@ def _save_best(run_dir: Path, model: HeaderClassifier, config: TrainConfig, info
     ckpt_dir = run_dir / "checkpoints"
     checkpoints.save(ckpt_dir / f"best_epoch_{epoch}.pt",
                      {**_model_payload(model, config, info), "epoch": epoch, "metrics": row})
-    with artifacts.atomic_path(run_dir / "val_predictions.csv") as tmp:
-        predictions.to_csv(tmp, index=False)
+    artifacts.write_csv(predictions, run_dir / "val_predictions.csv")
     artifacts.write_json(run_dir / "best_metrics.json",
                          {**row, "epoch": epoch, "checkpoint": f"checkpoints/best_epoch_{epoch}.pt"})
 

@@ -36,7 +36,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from headernet_core.artifacts import read_json_dict, write_json
+from headernet_core.artifacts import read_json_dict, write_csv, write_json
 from headernet_core.config import TrainConfig, load_yaml_mapping
 from headernet_core.errors import CliParser, fail, first_paragraph, run_cli
 from headernet_core.locks import FolderLock
@@ -98,8 +98,7 @@ def combined_csv(config: TrainConfig, path: Path) -> str:
     frames = [read_split(getattr(config, key), key.removesuffix("_csv")) for key in ("train_csv", "val_csv")]
     both = pd.concat(frames, ignore_index=True)
     both["path"] = both.pop("clip_path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    both.to_csv(path, index=False)
+    write_csv(both, path)
     return str(path)
 
 
@@ -127,7 +126,7 @@ def _retrain(search_dir: Path, *, epochs: int, test_csv: str | Path | None, trai
              name: str, devices: Mapping[str, Any] | None, views: int, spatial_views: int,
              log: Callable[[str], None]) -> dict[str, Any]:
     from headernet_core.data import check_clips, read_split
-    from headernet_core.evaluation import evaluate, per_video_errors, write_csv
+    from headernet_core.evaluation import evaluate, per_video_errors
     from headernet_core.trainer import train
 
     trial, trial_config, trial_best = best_trial(search_dir)
