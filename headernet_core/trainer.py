@@ -502,6 +502,7 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
 
     status = "running"
     write_status(run_dir, status, state.epoch)
+    finished = False   # "finished" recorded: every artifact of the last epoch is written
     try:
         while state.epoch < config.epochs:
             epoch = state.epoch + 1
@@ -537,7 +538,9 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             _drop_stale_best(run_dir, state.best_epoch)  # only now: last.pt points at the new best
             _write_epoch_extras(run_dir, config, writer, row, state, prob, labels, is_best)
             # Finished is recorded before the callback: a Tune scheduler may end the process there.
-            write_status(run_dir, "finished" if state.epoch >= config.epochs else "running", state.epoch)
+            last_epoch = state.epoch >= config.epochs
+            write_status(run_dir, "finished" if last_epoch else "running", state.epoch)
+            finished = last_epoch
             log(summary_line(config, row, is_best))
             if on_epoch is not None and on_epoch(EpochReport(
                     epoch, row, state.best_epoch, state.best_metrics, is_best, run_dir, last)):
@@ -548,7 +551,7 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             status = "finished"
         write_status(run_dir, status, state.epoch)
     except BaseException as exc:
-        if state.epoch >= config.epochs and read_status(run_dir) == "finished":  # all written
+        if finished:  # e.g. Ray Tune ended the process in the last epoch's callback
             write_status(run_dir, "finished", state.epoch)
         elif isinstance(exc, SystemExit) and exc.code in (0, None):
             write_status(run_dir, "stopped", state.epoch)  # e.g. Ray Tune's scheduler ended it

@@ -94,6 +94,23 @@ def test_on_epoch_receives_reports_and_can_stop(tiny_config):
     assert result.status == "stopped"
 
 
+@pytest.mark.parametrize("raised_at, exc, status", [
+    (2, SystemExit(0), "finished"),      # Ray ends the process in the last epoch's report
+    (1, SystemExit(0), "stopped"),       # ASHA stops the trial after epoch 1
+    (1, RuntimeError("boom"), "failed"),
+    (2, RuntimeError("boom"), "finished"),   # everything of the last epoch was written
+])
+def test_status_when_the_callback_ends_the_run(tiny_config, raised_at, exc, status):
+    def on_epoch(report):
+        if report.epoch == raised_at:
+            raise exc
+    config = tiny_config(epochs=2, run_name=f"cb_{raised_at}_{status}")
+    with pytest.raises(type(exc)):
+        train(config, on_epoch=on_epoch, log=lambda _: None)
+    record = json.loads((Path(config.output_root) / config.run_name / "status.json").read_text())
+    assert (record["state"], record["epochs_done"]) == (status, raised_at)
+
+
 def test_existing_run_is_protected(tiny_config):
     train(tiny_config(epochs=1), log=lambda _: None)
     with pytest.raises(HeaderNetError, match="already exists"):
