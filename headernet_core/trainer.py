@@ -55,7 +55,8 @@ RUN_ARTIFACTS = ("config.yaml", "status.json", "metrics_epoch.csv", "best_metric
 MAX_FRAME_REPEAT = 8
 # Settings that may change when a stopped run is resumed; anything else must match.
 RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "gpus", "cpu", "tensorboard", "plots",
-                     "resume", "overwrite", "output_root", "threads", "compile", "feature_cache_dir"}
+                     "resume", "overwrite", "output_root", "run_name", "threads", "compile",
+                     "feature_cache_dir"}   # output_root, run_name: a run folder moved or renamed
 # Training steps between reads of the running loss from the device (the only host syncs).
 LOG_EVERY = 20
 

@@ -72,7 +72,8 @@ def test_resume_equals_uninterrupted(tiny_config):
     stopped = train(tiny_config(epochs=3, run_name="split"), on_epoch=lambda r: r.epoch == 2,
                     log=lambda _: None)
     assert stopped.status == "stopped" and stopped.epochs_done == 2
-    resumed = train(tiny_config(epochs=3, run_name="split", resume=True), log=lambda _: None)
+    stopped.run_dir.rename(stopped.run_dir.with_name("moved"))   # a run folder renamed meanwhile
+    resumed = train(tiny_config(epochs=3, run_name="moved", resume=True), log=lambda _: None)
     assert resumed.status == "finished" and resumed.epochs_done == 3
 
     a = pd.read_csv(straight.run_dir / "metrics_epoch.csv")
