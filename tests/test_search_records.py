@@ -93,3 +93,26 @@ def test_a_trial_asha_stopped_is_not_trained_again_after_a_resume(tmp_path, monk
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     run_trial({"lr_head": 1e-3}, space=load_space("demo"), search_dir=str(tmp_path))
     assert len(reports) == 1 and reports[0]["epoch"] == 1 and reports[0]["objective"] == 0.25
+
+
+def test_a_reused_actor_frees_the_previous_trial_without_scanning_the_imports():
+    """collect_previous_trial: the first trial of an actor freezes what imports created; a
+    later one collects the previous trial's reference cycles (only those are scanned)."""
+    import subprocess
+    import sys
+
+    code = """
+import gc, weakref
+from tuning.trial import collect_previous_trial
+collect_previous_trial()
+assert gc.get_freeze_count() > 0
+class Model: pass
+model = Model(); model.self = model          # a cycle, as a trial's modules and optimizer make
+alive = weakref.ref(model); del model
+collect_previous_trial()
+assert alive() is None
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -9,6 +9,7 @@ state is the run folder's `checkpoints/last.pt`, which a retried or restored tri
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -150,6 +151,18 @@ def trial_output(run_dir: Path, quiet: bool) -> Iterator[None]:
         yield
 
 
+def collect_previous_trial() -> None:
+    """Free what the actor's previous trial left in reference cycles (its model, optimizer,
+    GPU memory). A full `gc.collect()` scans every object torch, timm, scikit-learn and Ray
+    created at import: ~0.23 s per trial start. The first trial of an actor freezes those
+    instead (`gc.freeze`: kept for good, as they would be anyway, never scanned again), so
+    each later collection scans only what trials created: ~2 ms."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+    else:
+        gc.collect()
+
+
 def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
               checked: dict | None = None, quiet: bool = False) -> None:
     """The Tune function trainable (wrapped with `tune.with_parameters`). `checked`: the split
@@ -164,7 +177,6 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     are reset here. `quiet`: the trainer's output goes to the trial's train.log
     (`trial_output`) and Ray Train/Tune log no INFO lines from the trial ("Checkpoint
     successfully created" per epoch); their warnings and errors still reach the console."""
-    import gc
     import warnings
 
     import ray
@@ -227,7 +239,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         return
     # What an earlier trial of this actor left behind: its GPU memory, compiled graphs (a new
     # model would otherwise recompile until torch.compile's cache limit turns compiling off).
-    gc.collect()
+    collect_previous_trial()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if config.compile:
