@@ -362,6 +362,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
 
     from .console import console_run_config
     from .scheduler import RecordingASHA
+    from .prefetch import SummaryPrefetch
     from .snapshot import ResumeSnapshot
     from .study import StudySearch, clear_stale_lock, study_storage
 
@@ -400,6 +401,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
         run_config=tune.RunConfig(
             name=search_dir.name, storage_path=str(search_dir.parent),
             **{**console, "callbacks": [CSVLoggerCallback(), JsonLoggerCallback(), ResumeSnapshot(),
+                                        SummaryPrefetch(space.num_samples, space.max_concurrent),
                                         *console["callbacks"]]},
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Tune checkpoints are tiny progress markers (weights live in each run folder);
