@@ -120,8 +120,6 @@ class RunPlots:
     best epoch changed."""
 
     def __init__(self, plot_dir: Path) -> None:
-        from .plots import write_plots   # matplotlib: imported with the run, not as it ends
-        self.write_plots = write_plots
         self.plot_dir = plot_dir
         self.drawn_at = time.monotonic()
         self.history: list[dict[str, float]] | None = None   # not drawn yet
@@ -139,8 +137,9 @@ class RunPlots:
     def flush(self) -> None:
         if self.history is None:
             return
+        from .plots import write_plots
         labels, prob = self.best_predictions or (None, None)
-        self.write_plots(self.plot_dir, pd.DataFrame(self.history), labels, prob, self.best_epoch)
+        write_plots(self.plot_dir, pd.DataFrame(self.history), labels, prob, self.best_epoch)
         self.history, self.best_predictions, self.drawn_at = None, None, time.monotonic()
 
 

@@ -25,9 +25,6 @@ DEFAULT_ENV = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # our loggers: CSV/JSON + each run's tb/
     "TUNE_GLOBAL_CHECKPOINT_S": "2",            # fresher search state after a hard kill
     "RAY_DEDUP_LOGS": "0",                      # every trial's lines, not "[repeated 3x]"
-    # A trial stopped by ASHA draws its final plots as it ends; Tune reuses its actor only if
-    # it ends within this many seconds (default 2), else starts a new one (torch imported again).
-    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "10",
 }
 LOOPBACK = "127.0.0.1"
 PROBE_TIMEOUT_S = 5.0
