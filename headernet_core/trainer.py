@@ -8,7 +8,6 @@ the epochs (train -> validate -> write artifacts -> callback), and `main` is the
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -60,8 +59,6 @@ RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "gpus", "cpu", "tensor
                      "feature_cache_dir"}   # output_root, run_name: a run folder moved or renamed
 # Training steps between reads of the running loss from the device (the only host syncs).
 LOG_EVERY = 20
-# plots/ is redrawn at most this often during a run, and always when the run ends.
-PLOT_INTERVAL_S = 30.0
 
 
 @dataclass
@@ -109,38 +106,6 @@ class RunState:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int | None = None
     best_metrics: dict[str, float] | None = None
-
-
-class RunPlots:
-    """Keeps `plots/` current without redrawing it after every epoch: four figures cost
-    ~0.3 s, as much as a whole epoch of a small search trial, and a search pays that for every
-    epoch of every trial. Redrawn when PLOT_INTERVAL_S has passed since the last drawing (every
-    epoch of a run whose epochs take longer), and by `flush()` when the run ends, however it
-    ends. ROC and PR show the best epoch: kept in memory until drawn, redrawn only when the
-    best epoch changed."""
-
-    def __init__(self, plot_dir: Path) -> None:
-        self.plot_dir = plot_dir
-        self.drawn_at = time.monotonic()
-        self.history: list[dict[str, float]] | None = None   # not drawn yet
-        self.best_epoch: int | None = None
-        self.best_predictions: tuple[np.ndarray, np.ndarray] | None = None
-
-    def epoch(self, state: RunState, labels: np.ndarray, prob: np.ndarray, is_best: bool,
-              last: bool) -> None:
-        self.history, self.best_epoch = list(state.history), state.best_epoch
-        if is_best:
-            self.best_predictions = (labels, prob)
-        if last or time.monotonic() - self.drawn_at >= PLOT_INTERVAL_S:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.history is None:
-            return
-        from .plots import write_plots
-        labels, prob = self.best_predictions or (None, None)
-        write_plots(self.plot_dir, pd.DataFrame(self.history), labels, prob, self.best_epoch)
-        self.history, self.best_predictions, self.drawn_at = None, None, time.monotonic()
 
 
 # --- preparation: every check before anything is written ----------------------------------
@@ -527,7 +492,6 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         _drop_stale_best(run_dir, state.best_epoch)
         log(f"resuming {run_dir} after epoch {state.epoch}")
 
-    plots = RunPlots(run_dir / "plots") if config.plots else None
     writer = None
     if config.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -573,11 +537,9 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             last = run_dir / "checkpoints" / "last.pt"
             checkpoints.save(last, _last_payload(model, optimizer, scheduler, scaler, config, prep.info, state))
             _drop_stale_best(run_dir, state.best_epoch)  # only now: last.pt points at the new best
-            last_epoch = state.epoch >= config.epochs
-            _write_tensorboard(writer, row, state.epoch)
-            if plots is not None:
-                plots.epoch(state, labels, prob, is_best, last=last_epoch)
+            _write_epoch_extras(run_dir, config, writer, row, state, prob, labels, is_best)
             # Finished is recorded before the callback: a Tune scheduler may end the process there.
+            last_epoch = state.epoch >= config.epochs
             write_status(run_dir, "finished" if last_epoch else "running", state.epoch)
             finished = last_epoch
             log(summary_line(config, row, is_best))
@@ -588,13 +550,8 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                     break
         else:
             status = "finished"
-        if plots is not None:
-            plots.flush()
         write_status(run_dir, status, state.epoch)
     except BaseException as exc:
-        if plots is not None:   # the curves so far; never instead of the error itself
-            with contextlib.suppress(Exception):
-                plots.flush()
         if finished:  # e.g. Ray Tune ended the process in the last epoch's callback
             write_status(run_dir, "finished", state.epoch)
         elif isinstance(exc, SystemExit) and exc.code in (0, None):
@@ -646,15 +603,21 @@ def _drop_stale_best(run_dir: Path, best_epoch: int | None) -> None:
             path.unlink()
 
 
-def _write_tensorboard(writer, row: dict[str, float], epoch: int) -> None:
-    if writer is None:
-        return
-    for key, value in row.items():
-        if key != "epoch" and value == value:  # skip NaN
-            group = "train" if key.startswith("train") else "lr" if key.startswith("lr_") else \
-                "val" if key.startswith("val") else "speed"
-            writer.add_scalar(f"{group}/{key}", value, epoch)
-    writer.flush()
+def _write_epoch_extras(run_dir: Path, config: TrainConfig, writer, row: dict[str, float],
+                        state: RunState, prob: np.ndarray, labels: np.ndarray, is_best: bool) -> None:
+    if writer is not None:
+        for key, value in row.items():
+            if key != "epoch" and value == value:  # skip NaN
+                group = "train" if key.startswith("train") else "lr" if key.startswith("lr_") else \
+                    "val" if key.startswith("val") else "speed"
+                writer.add_scalar(f"{group}/{key}", value, state.epoch)
+        writer.flush()
+    if config.plots:
+        from .plots import write_plots
+        # ROC and PR show the best epoch: drawn again only when it changes (half the plot time
+        # of an epoch, which a search pays for every epoch of every trial).
+        write_plots(run_dir / "plots", pd.DataFrame(state.history), labels if is_best else None,
+                    prob if is_best else None, state.best_epoch)
 
 
 # What `_last_payload` writes besides the model and `_restore` reads back.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -193,10 +192,7 @@ def test_checked_splits_are_reused_until_the_csv_changes(tiny_data, monkeypatch)
         os.utime(tiny_data["train_csv"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_roc_and_pr_plots_are_redrawn_only_when_the_best_epoch_changes(tiny_config, monkeypatch):
-    import headernet_core.trainer as trainer
-
-    monkeypatch.setattr(trainer, "PLOT_INTERVAL_S", 0.0)   # every epoch, as with long epochs
+def test_roc_and_pr_plots_are_redrawn_only_when_the_best_epoch_changes(tiny_config):
     seen = []
 
     def on_epoch(report) -> None:
@@ -210,41 +206,6 @@ def test_roc_and_pr_plots_are_redrawn_only_when_the_best_epoch_changes(tiny_conf
     for (_, roc_before, loss_before), (is_best, roc, loss) in zip(seen, seen[1:]):
         assert loss > loss_before  # the curves gain an epoch every time
         assert (roc != roc_before) == is_best
-
-
-@pytest.mark.parametrize("ending", ["finished", "stopped", "killed by the scheduler", "failed"])
-def test_short_epochs_draw_the_plots_once_when_the_run_ends(tiny_config, monkeypatch, ending):
-    """Epochs shorter than PLOT_INTERVAL_S: plots/ is drawn once, with every epoch and the
-    best epoch's ROC/PR, however the run ends (a Ray Tune stop raises SystemExit in the
-    callback; a failure keeps its own error)."""
-    import headernet_core.plots as plots
-    import headernet_core.trainer as trainer
-
-    drawn = []
-    real = plots.write_plots
-    monkeypatch.setattr(plots, "write_plots", lambda folder, epochs, labels, prob, best:
-                        drawn.append((len(epochs), labels is not None)) or real(folder, epochs, labels, prob, best))
-    monkeypatch.setattr(trainer, "PLOT_INTERVAL_S", 3600.0)
-
-    def on_epoch(report):
-        if report.epoch == 2:
-            if ending == "stopped":
-                return True
-            if ending == "killed by the scheduler":
-                raise SystemExit(0)
-            if ending == "failed":
-                raise RuntimeError("boom")
-        return False
-
-    config = tiny_config(epochs=3, plots=True, run_name=ending.replace(" ", "_"))
-    try:
-        train(config, on_epoch=on_epoch, log=lambda _: None)
-    except (SystemExit, RuntimeError):
-        assert ending in ("killed by the scheduler", "failed")
-    epochs = 3 if ending == "finished" else 2
-    assert drawn == [(epochs, True)]
-    folder = Path(config.output_root) / config.run_name / "plots"
-    assert {p.name for p in folder.iterdir()} == {"loss.png", "metrics.png", "roc.png", "pr.png"}
 
 
 def test_the_search_driver_checks_csvs_and_clips_without_importing_torch(tiny_data):
