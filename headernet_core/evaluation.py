@@ -89,6 +89,12 @@ class View:
     temporal_views: int = 1
     spatial: int = 0
 
+    @property
+    def is_trainers(self) -> bool:
+        """The whole frame at the trainer's frames: the unshifted (middle) temporal view of an
+        odd count, including the only one (`view_frame_indices` shifts by zero)."""
+        return self.spatial == 0 and 2 * self.temporal == self.temporal_views - 1
+
 
 def view_frame_indices(num_available: int, num_frames: int, view: View) -> np.ndarray:
     """The frames of temporal view `view.temporal` of `view.temporal_views`."""
@@ -161,7 +167,7 @@ def clip_probabilities(model: HeaderClassifier, config: TrainConfig, frame: pd.D
     total = np.zeros_like(prob)
     batches = loader.loader
     for view in (View(t, views, s) for t in range(views) for s in range(spatial_views)):
-        if view == View():   # the trainer's own view, computed above: not a second pass
+        if view.is_trainers:   # computed above through the trainer's loader: not a second pass
             total += prob
             continue
         dataset = ViewDataset(batches.dataset, view, config.aug_crop_scale)

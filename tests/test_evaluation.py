@@ -67,6 +67,11 @@ def test_temporal_views_shift_the_sampled_frames():
     for frames in (16, 15):   # one frame: the middle view is the trainer's centre frame too
         middle = view_frame_indices(frames, 1, View(1, 3)).tolist()
         assert middle == sample_frame_indices(frames, 1).tolist() == [(frames - 1) // 2]
+    for count in (1, 3, 5):   # View.is_trainers: exactly the views that reuse the trainer's pass
+        for t in range(count):
+            same = view_frame_indices(16, 4, View(t, count)).tolist() == [0, 5, 10, 15]
+            assert View(t, count).is_trainers == (t == count // 2) and (t != count // 2 or same)
+    assert not View(0, 1, spatial=1).is_trainers
 
 
 def test_spatial_views_are_the_frame_its_flip_and_the_centre_crop(tmp_path):
@@ -112,9 +117,12 @@ def test_views_average_the_probabilities_of_each_view(trained, tiny_data, tmp_pa
     assert metrics["views"] == 2 and len(passes) == 2   # the plain view is not computed twice
     np.testing.assert_allclose(both["prob_header"], (plain["prob_header"] + mirror["prob_header"]) / 2,
                                atol=1e-6)
+    passes.clear()
     metrics, _ = evaluate(trained.best_checkpoint, tiny_data["val_csv"], views=2, spatial_views=3)
-    assert metrics["views"] == 6 and 0 <= metrics["f1"] <= 1
-
+    assert metrics["views"] == 6 and 0 <= metrics["f1"] <= 1 and len(passes) == 7  # + the loss's
+    passes.clear()
+    metrics, three = evaluate(trained.best_checkpoint, tiny_data["val_csv"], views=3)
+    assert metrics["views"] == 3 and len(passes) == 3   # the middle view is the trainer's pass
 
 def test_per_video_table_counts_each_matchs_errors():
     predictions = pd.DataFrame({"video_id": ["a", "a", "b", "b", "b"], "label": [1, 0, 1, 1, 0],
