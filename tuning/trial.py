@@ -34,7 +34,8 @@ def trial_dirname(trial: Any) -> str:
     """`t003_backbone=csn_lr_head=1.2e-03`: launch order, then the sampled values (short)."""
     index = str(trial.experiment_tag).split("_", 1)[0]
     index = f"{int(index):03d}" if index.isdigit() else trial.trial_id
-    parts = [f"{key}={_short(value)}" for key, value in sorted(trial.config.items())]
+    parts = [f"{key}={format_value(value, digits=3, sci_from=1e3)}"   # short: a folder name
+             for key, value in sorted(trial.config.items())]
     name = "_".join([f"t{index}", *parts])
     return "".join(c if c.isalnum() or c in "._=-" else "_" for c in name)[:120]
 
@@ -110,10 +111,6 @@ def format_value(value: Any, digits: int = 4, sci_from: float = 1e4) -> str:
             return f"{value:.1e}"
         return f"{value:.{digits}g}"
     return str(value)
-
-
-def _short(value: Any) -> str:
-    return format_value(value, digits=3, sci_from=1e3)
 
 
 def finite(value: Any) -> float | None:
