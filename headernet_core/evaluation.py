@@ -153,29 +153,30 @@ def check_views(views: int, spatial_views: int) -> None:
 def clip_probabilities(model: HeaderClassifier, config: TrainConfig, frame: pd.DataFrame, *,
                        views: int = 1, spatial_views: int = 1) -> tuple[np.ndarray, float]:
     """Class-1 probability of each row of `frame` (`clip_path`, `label`; labels only feed the
-    loss) averaged over `views` x `spatial_views` views, and the mean loss of view 0. The
-    single view goes through exactly the trainer's validation loader."""
+    loss) averaged over `views` x `spatial_views` views, and the mean loss of view 0 (the first
+    temporal view, whole frame). The trainer's own view (the only one, or the middle temporal
+    view of an odd count) goes through exactly the trainer's validation loader; every view is
+    one pass over `frame`."""
     check_views(views, spatial_views)
     device, _ = resolve_devices(config)
     amp_dtype = resolve_amp(config.amp, device)
     loader, _ = make_loader(frame, config, train=False, pin=device.type == "cuda")
     criterion = build_loss(config.loss, focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
     model = model.to(device)
-    prob, _, loss = predict(model, loader, config, device, amp_dtype, criterion)
-    if views * spatial_views == 1:
-        return prob, loss
-    total = np.zeros_like(prob)
     batches = loader.loader
+    total, first_loss = None, None
     for view in (View(t, views, s) for t in range(views) for s in range(spatial_views)):
-        if view.is_trainers:   # computed above through the trainer's loader: not a second pass
-            total += prob
-            continue
-        dataset = ViewDataset(batches.dataset, view, config.aug_crop_scale)
-        view_loader = ClipLoader(BatchLoader(dataset, batches.sampler, config.batch_size,
-                                             threads=config.num_workers, pin=batches.pin),
-                                 loader.transform)
-        total += predict(model, view_loader, config, device, amp_dtype, criterion)[0]
-    return total / (views * spatial_views), loss
+        if view.is_trainers:
+            view_loader = loader
+        else:
+            dataset = ViewDataset(batches.dataset, view, config.aug_crop_scale)
+            view_loader = ClipLoader(BatchLoader(dataset, batches.sampler, config.batch_size,
+                                                 threads=config.num_workers, pin=batches.pin),
+                                     loader.transform)
+        prob, _, loss = predict(model, view_loader, config, device, amp_dtype, criterion)
+        total = prob if total is None else total + prob
+        first_loss = loss if first_loss is None else first_loss
+    return total / (views * spatial_views), first_loss
 
 
 def eval_config(config: TrainConfig, *, batch_size: int | None, num_workers: int,
