@@ -199,8 +199,9 @@ def test_a_resumed_search_continues_the_same_study(tiny_data, tmp_path, capsys):
     retrain_main([str(search_dir), "--epochs", "1"])
     assert "note: journey has not finished: t00" in capsys.readouterr().out
     final = json.loads((search_dir / "search_summary.json").read_text())["final"]
-    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=600)
+    # the resumed search retrains too: into final_2, beside the model retrained by hand
+    resumed = subprocess.run([*cmd, "--resume", "--retrain_best", "1"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "keeps the console it started with (--verbose)" in resumed.stdout
     study = load_study(search_dir)
@@ -211,5 +212,6 @@ def test_a_resumed_search_continues_the_same_study(tiny_data, tmp_path, capsys):
     assert sorted(json.dumps(t.params, sort_keys=True) for t in study.trials) == \
         sorted(json.dumps(t["params"], sort_keys=True) for t in summary["trials"])
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(t["objective"] for t in summary["trials"]))
-    assert summary["state"] == "finished" and summary["final"] == final
+    assert summary["state"] == "finished" and summary["final"]["run_dir"] == str(search_dir / "final_2")
+    assert final["run_dir"] == str(search_dir / "final") and (search_dir / "final" / "config.yaml").is_file()
     assert (search_dir / "summary.md").read_text().count(FINAL_HEADING) == 1
