@@ -127,9 +127,12 @@ def test_the_summary_libraries_load_once_a_slot_is_idle_for_good(monkeypatch):
 
     import tuning.prefetch as prefetch
 
-    started = []
+    started, joined = [], []
+    monkeypatch.setattr(prefetch, "_started", [])
     monkeypatch.setattr(prefetch.threading, "Thread", lambda target, **kw: SimpleNamespace(
-        start=lambda: started.append(target)))
+        start=lambda: started.append(target), join=lambda: joined.append(target)))
+    prefetch.wait_for_imports()   # nothing started: returns at once
+    assert joined == []
     callback = prefetch.SummaryPrefetch(num_samples=4, max_concurrent=2)
 
     def trials(*statuses):
@@ -144,6 +147,8 @@ def test_the_summary_libraries_load_once_a_slot_is_idle_for_good(monkeypatch):
     callback.on_trial_error(3, done, done[3])
     callback.on_trial_complete(4, done, done[2])
     assert started == [prefetch.import_summary_libraries]
+    prefetch.wait_for_imports()   # the summary waits for it rather than import beside it
+    assert joined == [prefetch.import_summary_libraries]
     assert pickle.loads(pickle.dumps(callback)).started is False
 
     code = ("import sys; from tuning.prefetch import import_summary_libraries as f; f(); "
@@ -151,3 +156,16 @@ def test_the_summary_libraries_load_once_a_slot_is_idle_for_good(monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_the_summary_waits_for_the_import_thread(tmp_path, monkeypatch):
+    """summarise() joins the prefetch thread before it imports the same libraries itself."""
+    import tuning.prefetch as prefetch
+    from tuning.search import summarise
+
+    calls = []
+    monkeypatch.setattr(prefetch, "wait_for_imports", lambda: calls.append("waited"))
+    space = load_space("demo")
+    args = SimpleNamespace(keep_checkpoints="all", space="demo")
+    summarise(args, space, tmp_path, "s", None, [], interrupted=False)
+    assert calls == ["waited"] and (tmp_path / "search_summary.json").is_file()

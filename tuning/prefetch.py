@@ -13,6 +13,14 @@ import threading
 from ray.tune import Callback
 
 ACTIVE = ("PENDING", "RUNNING")
+_started: list[threading.Thread] = []   # this process's import thread, once started
+
+
+def wait_for_imports() -> None:
+    """Before the summary imports the same modules: never two threads importing them at once
+    (a concurrent import can see a module half-initialised); returns at once when none ran."""
+    for thread in _started:
+        thread.join()
 
 
 def import_summary_libraries() -> None:
@@ -45,7 +53,9 @@ class SummaryPrefetch(Callback):
         if self.started or len(trials) < self.num_samples or active >= self.max_concurrent:
             return
         self.started = True
-        threading.Thread(target=import_summary_libraries, name="summary-imports", daemon=True).start()
+        thread = threading.Thread(target=import_summary_libraries, name="summary-imports", daemon=True)
+        _started.append(thread)
+        thread.start()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "started": False}   # pickled into tuner.pkl: a resume starts over

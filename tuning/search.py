@@ -599,6 +599,8 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
               saved: dict[str, Any] | None, records: list[TrialRecord],
               interrupted: bool) -> TrialRecord | None:
     """Prune checkpoints, write the summary, print the result; returns the best trial."""
+    from . import prefetch
+    prefetch.wait_for_imports()
     best = best_record(records, space.mode)
     if args.keep_checkpoints == "best_trial" and not interrupted:
         prune_checkpoints(search_dir, records, best)
