@@ -1,4 +1,4 @@
-"""Where outputs may go: safe folder names, writable locations, and never over an input.
+"""Where outputs may go: safe folder names, writable locations, never over an input, space left.
 
 Everything here only looks (stat, access); it writes nothing, so the CLIs call it while
 checking their input, before the first byte is written. A name that becomes a folder
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -77,3 +78,17 @@ def is_inside(path: str | Path, folder: str | Path) -> bool:
     """Whether `path` is `folder` or below it (both resolved)."""
     path, folder = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
     return path == folder or folder in path.parents
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes in the files under `folder` (0 when it does not exist)."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Free bytes on the filesystem that holds `folder` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free

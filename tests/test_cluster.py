@@ -309,8 +309,10 @@ import builtins, os, sys
 real_import = builtins.__import__
 def guard(name, *args, **kwargs):
     if name == "ray" or name.startswith("ray."):
-        settings = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS")}
-        if settings != {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}:
+        settings = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS",
+                                                   "RAY_local_fs_capacity_threshold")}
+        if settings != {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
+                        "RAY_local_fs_capacity_threshold": "1"}:
             sys.exit(f"ray imported before its settings were in place: {settings}")
         builtins.__import__ = real_import
     return real_import(name, *args, **kwargs)
@@ -323,8 +325,9 @@ main(sys.argv[1:])
 @pytest.mark.slow
 def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp_path):
     """A real local search: while it runs, every socket its process tree listens on is on
-    127.0.0.1; the token Ray needs is created 0600; usage stats stay off although the user's
-    environment turns them on; Ray's settings are in place before ray is first imported."""
+    127.0.0.1; the token Ray needs is created 0600 and used without Ray's warning line; usage
+    stats stay off although the user's environment turns them on; the raylet's disk monitor is
+    off; Ray's settings are in place before ray is first imported."""
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "name": "local", "trainer": {
@@ -341,7 +344,7 @@ def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp
     proc = subprocess.Popen([sys.executable, "-c", GUARDED_MAIN, "--space", str(space)], cwd=tmp_path,
                             env=env, start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    listening, usage_stats = set(), set()
+    listening, usage_stats, disk_monitor = set(), set(), set()
     try:
         while proc.poll() is None:
             driver = psutil.Process(proc.pid)
@@ -351,6 +354,8 @@ def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp
                                   if c.status == psutil.CONN_LISTEN}
                     if child.pid != driver.pid:  # the driver's /proc environ is the one it started with
                         usage_stats.add((child.name(), child.environ().get("RAY_USAGE_STATS_ENABLED")))
+                        if child.name() == "raylet":
+                            disk_monitor.add(child.environ().get("RAY_local_fs_capacity_threshold"))
                 except psutil.Error:
                     continue
             time.sleep(0.3)
@@ -364,6 +369,8 @@ def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp
     # (ray::* processes rename themselves over their environment block: None there)
     assert {value for _, value in usage_stats} - {None} == {"0"}, usage_stats
     assert ("gcs_server", "0") in usage_stats and ("raylet", "0") in usage_stats, usage_stats
+    assert disk_monitor == {"1"}, disk_monitor
+    assert "Token authentication" not in output, output
     token = home / ".ray" / "auth_token"
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
 
@@ -401,6 +408,22 @@ def test_a_user_environment_cannot_turn_usage_stats_on(monkeypatch):
 
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
     monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
-    prepare_environment()
+    prepare_environment(local=False)
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     assert os.environ["RAY_DEDUP_LOGS"] == "1"  # a default: the user's choice stands
+
+
+def test_local_ray_defaults_apply_to_the_local_ray_only(monkeypatch):
+    """Joining a cluster leaves its disk monitor to the cluster; the local Ray gets the default,
+    and the user's own value stands."""
+    from tuning.cluster import LOCAL_DEFAULT_ENV, prepare_environment
+
+    for key in LOCAL_DEFAULT_ENV:
+        monkeypatch.delenv(key, raising=False)
+    prepare_environment(local=False)
+    assert not set(LOCAL_DEFAULT_ENV) & set(os.environ)
+    prepare_environment(local=True)
+    assert os.environ["RAY_local_fs_capacity_threshold"] == "1"
+    monkeypatch.setenv("RAY_local_fs_capacity_threshold", "0.9")
+    prepare_environment(local=True)
+    assert os.environ["RAY_local_fs_capacity_threshold"] == "0.9"

@@ -84,16 +84,22 @@ def test_bad_inputs_fail_before_ray(tiny_data, tmp_path, capsys):
 
 
 # --- a real search --------------------------------------------------------------------------
-def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys):
+def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys, monkeypatch):
     # num_frames 5 is not a multiple of VideoMAE's tubelet: those trials fail inside Ray.
     space = write_space(tmp_path, tiny_data, search={
         "num_frames": {"choice": [4, 5]}, "lr_head": {"loguniform": [3e-4, 3e-3]}},
         budget={"num_samples": 5, "max_concurrent": 2, "seed": 3})
+    from tuning import diskspace   # a disk with 1 KiB free: the trials still to run cannot fit
+    monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 1024)
+    monkeypatch.setattr(diskspace, "MIN_FREE_BYTES", 0)
     main(["--space", str(space)])
     import ray
     assert not ray.is_initialized()  # stopped beside the summary, and waited for before returning
-    console = capsys.readouterr().out.splitlines()   # a failed trial is one event line
+    captured = capsys.readouterr()
+    console = captured.out.splitlines()   # a failed trial is one event line
     assert any("failed: " in line and "tubelet" in line for line in console), console
+    disk = [line for line in captured.err.splitlines() if line.startswith("warning: the search's storage")]
+    assert len(disk) == 1 and "1.0 KiB free" in disk[0], captured.err[-3000:]
     search_dir = tmp_path / "out" / "s"
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "finished" and len(summary["trials"]) == 5

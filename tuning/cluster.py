@@ -13,6 +13,7 @@ Three Ray behaviours (2.60) this module works around, each checked by tests/test
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -26,15 +27,27 @@ DEFAULT_ENV = {
     "TUNE_GLOBAL_CHECKPOINT_S": "2",            # fresher search state after a hard kill
     "RAY_DEDUP_LOGS": "0",                      # every trial's lines, not "[repeated 3x]"
 }
+# Defaults for the local Ray only (the user may override them).
+LOCAL_DEFAULT_ENV = {
+    # Ray's raylet disk monitor (object spilling) logs an error every 10 s once the disk of its
+    # temp folder is 95% full; tuning/diskspace.py warns once about the search's own storage.
+    "RAY_local_fs_capacity_threshold": "1",
+}
+# Ray's notice, on every local start, that token auth is on (its default): a line of noise in
+# each search's console. (Setting RAY_AUTH_MODE=token would skip it too, but breaks a process
+# that imported ray before: its C++ side has already read the mode.)
+TOKEN_NOTICE = "Token authentication is enabled"
+TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 LOOPBACK = "127.0.0.1"
 PROBE_TIMEOUT_S = 5.0
 TOKEN_HELP = "see docker/README.md, 'The cluster token'"
 
 
-def prepare_environment() -> None:
-    """Ray's settings for this process and every Ray process it starts; call before `import ray`."""
+def prepare_environment(local: bool) -> None:
+    """Ray's settings for this process and every Ray process it starts (`local`: the local Ray,
+    not a cluster's); call before `import ray`."""
     os.environ.update(FORCED_ENV)
-    for key, value in DEFAULT_ENV.items():
+    for key, value in {**DEFAULT_ENV, **(LOCAL_DEFAULT_ENV if local else {})}.items():
         os.environ.setdefault(key, value)
 
 
@@ -131,24 +144,29 @@ def _has_token() -> bool:
 
 def start_local_ray() -> None:
     """A Ray for this command alone, every port on 127.0.0.1 (nothing else can reach it)."""
-    prepare_environment()
+    prepare_environment(local=True)
     keep_token_private(create=True)
     import ray
     from ray._private import ray_constants
 
     multi_node = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False  # keeps 127.0.0.1 as the node address (see the top)
+    notice = logging.getLogger(TOKEN_LOGGER)
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not record.getMessage().startswith(TOKEN_NOTICE)
+    notice.addFilter(quiet)
     try:
         ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False,
                  dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=True,
                  logging_level="WARNING")
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
+        notice.removeFilter(quiet)
 
 
 def join_cluster(address: str) -> None:
     """Connect to the cluster `check_address` has already reached."""
-    prepare_environment()
+    prepare_environment(local=False)
     keep_token_private(create=False)
     import ray
 

@@ -24,7 +24,7 @@ from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_j
 from headernet_core.config import TrainConfig
 from headernet_core.errors import CliParser, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
-from headernet_core.paths import check_name, check_writable_dir, same_file
+from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
 
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray
 from . import resume_guard
@@ -340,7 +340,7 @@ def check_resume_args(args: SearchArgs, saved: dict[str, Any], search_dir: Path)
 def check_ray(address: str | None) -> None:
     """Before anything is written: Ray's environment (read when ray is imported) and, with
     --address, a head that answers and accepts this process's token (one line within seconds)."""
-    prepare_environment()
+    prepare_environment(local=not address)
     if address:
         check_address(address)
 
@@ -361,6 +361,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
     from ray.tune.schedulers import FIFOScheduler
 
     from .console import console_run_config
+    from .diskspace import DiskWatch
     from .scheduler import RecordingASHA
     from .prefetch import SummaryPrefetch
     from .snapshot import ResumeSnapshot
@@ -402,6 +403,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
             name=search_dir.name, storage_path=str(search_dir.parent),
             **{**console, "callbacks": [CSVLoggerCallback(), JsonLoggerCallback(), ResumeSnapshot(),
                                         SummaryPrefetch(space.num_samples, space.max_concurrent),
+                                        DiskWatch(search_dir, space.num_samples),
                                         *console["callbacks"]]},
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Tune checkpoints are tiny progress markers (weights live in each run folder);
@@ -473,10 +475,6 @@ def prune_checkpoints(search_dir: Path, records: list[TrialRecord], best: TrialR
         for weights in (search_dir / record.name / "checkpoints").glob("*.pt"):
             weights.unlink()
         record.checkpoint = None
-
-
-def disk_usage(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def run_search(args: SearchArgs) -> int:
@@ -612,7 +610,7 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
     cache_note = feature_cache_note(search_dir, records)
     if cache_note:
         notes.append(cache_note)
-    size = disk_usage(search_dir)
+    size = folder_bytes(search_dir)
     write_summary(search_dir, name=name, metric=space.metric, mode=space.mode,
                   space_params=space.params, records=records,
                   state="interrupted" if interrupted else "finished", disk_bytes=size,

@@ -1,0 +1,101 @@
+"""The search's one warning that its trials will not fit on its storage (tuning/diskspace.py)."""
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from headernet_core.paths import folder_bytes, free_bytes
+from tuning import diskspace
+from tuning.diskspace import MIN_FREE_BYTES, DiskWatch, shortage
+
+MIB = 1024 ** 2
+
+
+def trial_folder(root: Path, name: str, size: int, status: str = "TERMINATED") -> SimpleNamespace:
+    """A stand-in for a Tune trial whose folder holds `size` bytes."""
+    folder = root / name
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "best_epoch_1.pt").write_bytes(b"w" * (size - 10))
+    (folder / "metrics_epoch.csv").write_bytes(b"c" * 10)
+    return SimpleNamespace(trial_id=name, status=status, local_path=str(folder))
+
+
+def test_folder_bytes_and_free_bytes(tmp_path):
+    trial_folder(tmp_path, "t001", 5000)
+    assert folder_bytes(tmp_path) == 5000 and folder_bytes(tmp_path / "missing") == 0
+    # a folder the search has not created yet: the free space where it will be
+    assert 0 < free_bytes(tmp_path / "not" / "yet") == free_bytes(tmp_path)
+
+
+def test_shortage_projects_the_trials_still_to_run():
+    gib = 1024 ** 3
+    assert shortage(10 * gib, [], 20) is None                   # nothing measured yet
+    assert shortage(10 * gib, [gib // 2, gib // 2], 18) is None  # 9 GiB fits
+    said = shortage(10 * gib, [gib, 2 * gib], 8)                 # 12 GiB does not
+    assert said == "10.0 GiB free, and the 8 trial(s) still to run need about 12.0 GiB (1.5 GiB per ended trial so far)"
+    assert shortage(10 * gib, [20 * gib], 0) is None             # nothing left to run
+    assert shortage(MIN_FREE_BYTES - 1, [], 20).startswith("only ")
+
+
+def test_disk_watch_warns_once_when_the_rest_will_not_fit(tmp_path, monkeypatch):
+    free = {"bytes": 50 * MIB}
+    monkeypatch.setattr(diskspace, "free_bytes", lambda folder: free["bytes"])
+    monkeypatch.setattr(diskspace, "MIN_FREE_BYTES", MIB)
+    out = io.StringIO()
+    watch = DiskWatch(tmp_path, num_samples=10, out=out)
+    watch.setup()
+    first = trial_folder(tmp_path, "t001", 4 * MIB)
+    watch.on_trial_complete(1, [first], first)        # 9 x 4 MiB = 36 MiB of 50: fits
+    assert out.getvalue() == ""
+    second = trial_folder(tmp_path, "t002", 8 * MIB, status="RUNNING")  # Tune sets ERROR after
+    watch.on_trial_error(2, [first, second], second)  # 8 x 6 MiB = 48 MiB: still fits
+    assert out.getvalue() == ""
+    free["bytes"] = 40 * MIB
+    third = trial_folder(tmp_path, "t003", 6 * MIB)
+    watch.on_trial_complete(3, [first, second, third], third)  # 7 x 6 MiB = 42 MiB of 40
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: the search's storage")
+    assert str(tmp_path) in lines[0] and "7 trial(s) still to run need about 42.0 MiB" in lines[0]
+    fourth = trial_folder(tmp_path, "t004", 6 * MIB)
+    watch.on_trial_complete(4, [first, second, third, fourth], fourth)
+    assert len(out.getvalue().splitlines()) == 1      # once per search, not once per trial
+
+
+def test_disk_watch_warns_at_the_start_on_an_almost_full_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(diskspace, "free_bytes", lambda folder: MIN_FREE_BYTES // 2)
+    out = io.StringIO()
+    DiskWatch(tmp_path, num_samples=4, out=out).setup()
+    assert out.getvalue().startswith("warning: the search's storage") and "only 512.0 MiB free" in out.getvalue()
+
+
+def test_disk_watch_after_a_resume_measures_the_trials_that_ended_before(tmp_path, monkeypatch):
+    """Tune pickles its callbacks with the search; a resumed search's watch still counts the
+    trials that ended before the interruption."""
+    monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 20 * MIB)
+    monkeypatch.setattr(diskspace, "MIN_FREE_BYTES", MIB)
+    watch = pickle.loads(pickle.dumps(DiskWatch(tmp_path, num_samples=6, out=None)))
+    out = io.StringIO()
+    watch.out = out
+    earlier = [trial_folder(tmp_path, f"t00{i}", 5 * MIB) for i in (1, 2)]
+    now = trial_folder(tmp_path, "t003", 5 * MIB)
+    watch.on_trial_complete(1, [*earlier, now], now)  # 3 left x 5 MiB = 15 of 20: fits
+    assert out.getvalue() == "" and len(watch.sizes) == 3
+    free_now = 10 * MIB
+    monkeypatch.setattr(diskspace, "free_bytes", lambda folder: free_now)
+    last = trial_folder(tmp_path, "t004", 5 * MIB)
+    watch.on_trial_complete(2, [*earlier, now, last], last)  # 2 x 5 = 10 of 10: fits exactly
+    assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("status", ["PENDING", "RUNNING", "PAUSED"])
+def test_disk_watch_does_not_measure_trials_still_going(tmp_path, monkeypatch, status):
+    monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 100 * MIB)
+    watch = DiskWatch(tmp_path, num_samples=5, out=io.StringIO())
+    going = trial_folder(tmp_path, "t002", MIB, status=status)
+    ended = trial_folder(tmp_path, "t001", MIB)
+    watch.on_trial_complete(1, [ended, going], ended)
+    assert set(watch.sizes) == {"t001"}
