@@ -310,9 +310,9 @@ real_import = builtins.__import__
 def guard(name, *args, **kwargs):
     if name == "ray" or name.startswith("ray."):
         settings = {k: os.environ.get(k) for k in ("RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS",
-                                                   "RAY_local_fs_capacity_threshold")}
+                                                   "RAY_local_fs_capacity_threshold", "TUNE_WARN_THRESHOLD_S")}
         if settings != {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
-                        "RAY_local_fs_capacity_threshold": "1"}:
+                        "RAY_local_fs_capacity_threshold": "1", "TUNE_WARN_THRESHOLD_S": "5"}:
             sys.exit(f"ray imported before its settings were in place: {settings}")
         builtins.__import__ = real_import
     return real_import(name, *args, **kwargs)
@@ -340,7 +340,8 @@ def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp
         "resources": {"cpu": 1, "gpu": 0}}))
     home = tmp_path / "home"
     env = clean_env(home, RAY_USAGE_STATS_ENABLED="1")
-    env.pop("RAY_DEDUP_LOGS", None)
+    for key in ("RAY_DEDUP_LOGS", "RAY_local_fs_capacity_threshold", "TUNE_WARN_THRESHOLD_S"):
+        env.pop(key, None)   # set by in-process searches of this test session
     proc = subprocess.Popen([sys.executable, "-c", GUARDED_MAIN, "--space", str(space)], cwd=tmp_path,
                             env=env, start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -408,9 +409,11 @@ def test_a_user_environment_cannot_turn_usage_stats_on(monkeypatch):
 
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
     monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
+    monkeypatch.delenv("TUNE_WARN_THRESHOLD_S", raising=False)
     prepare_environment(local=False)
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     assert os.environ["RAY_DEDUP_LOGS"] == "1"  # a default: the user's choice stands
+    assert os.environ["TUNE_WARN_THRESHOLD_S"] == "5"  # no "may be a performance bottleneck" at 0.5 s
 
 
 def test_local_ray_defaults_apply_to_the_local_ray_only(monkeypatch):
