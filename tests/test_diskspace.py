@@ -63,6 +63,12 @@ def test_disk_watch_warns_once_when_the_rest_will_not_fit(tmp_path, monkeypatch)
     fourth = trial_folder(tmp_path, "t004", 6 * MIB)
     watch.on_trial_complete(4, [first, second, third, fourth], fourth)
     assert len(out.getvalue().splitlines()) == 1      # once per search, not once per trial
+    resumed, out = pickle.loads(pickle.dumps(watch)), io.StringIO()
+    resumed.out = out                                 # a resumed search, on a new console
+    free["bytes"] = 20 * MIB
+    fifth = trial_folder(tmp_path, "t005", 6 * MIB)
+    resumed.on_trial_complete(5, [first, second, third, fourth, fifth], fifth)
+    assert "5 trial(s) still to run need about 30.0 MiB" in out.getvalue() and len(resumed.sizes) == 5
 
 
 def test_disk_watch_warns_at_the_start_on_an_almost_full_disk(tmp_path, monkeypatch):

@@ -10,6 +10,8 @@ Three Ray behaviours (2.60) this module works around, each checked by tests/test
 - Token authentication (on by default since 2.59) writes `~/.ray/auth_token` with the umask's
   mode, usually readable by every user of the machine; a client with no or a wrong token is
   retried for ~20 s and then gets tracebacks that never say "token".
+And three that put noise in a search's console: the local start's token notice, the raylet's
+disk error every 10 s on a 95%-full disk, Tune's "performance bottleneck" lines (see below).
 """
 from __future__ import annotations
 

@@ -75,5 +75,7 @@ class DiskWatch(Callback):
                   f"or move output_root (--storage_path on a cluster), before a full disk fails "
                   f"the trials writing to it", file=self.out or sys.stderr, flush=True)
 
-    def __getstate__(self) -> dict[str, Any]:   # Tune pickles callbacks with the experiment
-        return {**self.__dict__, "out": None}
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles callbacks with the experiment: a resumed search keeps the sizes measured
+        and, on a new console, may warn again."""
+        return {**self.__dict__, "out": None, "warned": False}
