@@ -81,9 +81,16 @@ def is_inside(path: str | Path, folder: str | Path) -> bool:
 
 
 def folder_bytes(folder: str | Path) -> int:
-    """Bytes in the files under `folder` (0 when it does not exist)."""
-    folder = Path(folder)
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    """Bytes in the files under `folder` (0 when it does not exist). A file that vanishes while
+    it is counted (an atomic write's temp file, renamed meanwhile) counts as 0."""
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
 
 
 def free_bytes(folder: str | Path) -> int:

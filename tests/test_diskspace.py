@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,9 +25,19 @@ def trial_folder(root: Path, name: str, size: int, status: str = "TERMINATED") -
     return SimpleNamespace(trial_id=name, status=status, local_path=str(folder))
 
 
-def test_folder_bytes_and_free_bytes(tmp_path):
+def test_folder_bytes_and_free_bytes(tmp_path, monkeypatch):
     trial_folder(tmp_path, "t001", 5000)
     assert folder_bytes(tmp_path) == 5000 and folder_bytes(tmp_path / "missing") == 0
+    # a temp file renamed away between listing and stat (a trial's atomic write) is skipped
+    (tmp_path / "t001" / "status.json.tmp").write_bytes(b"x" * 7)
+    real_lstat = os.lstat
+    def renamed_meanwhile(path, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            raise FileNotFoundError(path)
+        return real_lstat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "lstat", renamed_meanwhile)
+    assert folder_bytes(tmp_path) == 5000
+    monkeypatch.undo()
     # a folder the search has not created yet: the free space where it will be
     assert 0 < free_bytes(tmp_path / "not" / "yet") == free_bytes(tmp_path)
 

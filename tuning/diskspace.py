@@ -67,8 +67,11 @@ class DiskWatch(Callback):
     def _check(self, ended_sizes: list[int]) -> None:
         if self.warned:
             return
-        problem = shortage(free_bytes(self.search_dir), ended_sizes,
-                           self.num_samples - len(ended_sizes))
+        try:
+            free = free_bytes(self.search_dir)
+        except OSError:   # a watch that cannot look must not stop the search
+            return
+        problem = shortage(free, ended_sizes, self.num_samples - len(ended_sizes))
         if problem:
             self.warned = True
             print(f"warning: the search's storage ({self.search_dir}) has {problem}: free space, "
