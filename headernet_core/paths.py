@@ -80,17 +80,24 @@ def is_inside(path: str | Path, folder: str | Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def folder_bytes(folder: str | Path) -> int:
-    """Bytes in the files under `folder` (0 when it does not exist). A file that vanishes while
-    it is counted (an atomic write's temp file, renamed meanwhile) counts as 0."""
-    total = 0
+def folder_sizes(folder: str | Path) -> tuple[int, int]:
+    """(bytes in all files, bytes of the largest file) under `folder`; (0, 0) when it does not
+    exist. A file that vanishes while it is counted (an atomic write's temp file, renamed
+    meanwhile) counts as 0."""
+    total = largest = 0
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
             try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
+                size = os.lstat(os.path.join(dirpath, name)).st_size
             except FileNotFoundError:
                 continue
-    return total
+            total, largest = total + size, max(largest, size)
+    return total, largest
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes in the files under `folder` (see `folder_sizes`)."""
+    return folder_sizes(folder)[0]
 
 
 def free_bytes(folder: str | Path) -> int:

@@ -116,3 +116,43 @@ def test_disk_watch_does_not_measure_trials_still_going(tmp_path, monkeypatch, s
     ended = trial_folder(tmp_path, "t001", MIB)
     watch.on_trial_complete(1, [ended, going], ended)
     assert set(watch.sizes) == {"t001"}
+
+
+def test_reserve_is_each_running_trials_next_checkpoint_and_one_more():
+    gib = 1024 ** 3
+    assert diskspace.reserve_bytes(0, 2) == diskspace.RESERVE_MIN_BYTES
+    assert diskspace.reserve_bytes(3 * gib, 2) == 9 * gib     # 2 running x 3 GiB + 3 GiB
+
+
+def test_disk_watch_stops_the_search_once_under_the_reserve(tmp_path, monkeypatch):
+    """Under the reserve at a report: one error line, then Tune's graceful-stop handler, once;
+    with no handler installed (Tune not running in the main thread) nothing is stopped."""
+    free = {"bytes": 10 * 1024 ** 3}
+    monkeypatch.setattr(diskspace, "free_bytes", lambda folder: free["bytes"])
+    calls = []
+    monkeypatch.setattr(diskspace.signal, "getsignal", lambda signum: lambda *args: calls.append(signum))
+    out = io.StringIO()
+    watch = DiskWatch(tmp_path, num_samples=4, out=out)
+    trial = trial_folder(tmp_path, "t001", 40 * MIB, status="RUNNING")   # its last.pt: ~40 MiB
+    other = trial_folder(tmp_path, "t002", 8 * MIB, status="RUNNING")
+    watch.on_trial_result(1, [trial, other], trial, {})
+    assert calls == [] and out.getvalue() == ""
+    free["bytes"] = 300 * MIB      # over the reserve: max(256 MiB, 40 MiB x (2 running + 1))
+    watch.on_trial_result(2, [trial, other], other, {})
+    assert calls == []
+    free["bytes"] = 200 * MIB
+    watch.on_trial_result(3, [trial, other], other, {})
+    assert calls == [diskspace.signal.SIGUSR1]
+    [line] = out.getvalue().splitlines()
+    assert line.startswith("error: the search's storage") and "200.0 MiB free, under the 256.0 MiB" in line
+    watch.on_trial_result(4, [trial, other], trial, {})
+    assert calls == [diskspace.signal.SIGUSR1]    # once
+    big = DiskWatch(tmp_path, num_samples=4, out=io.StringIO())   # 200 MiB checkpoints
+    large = trial_folder(tmp_path, "t003", 200 * MIB, status="RUNNING")
+    free["bytes"] = 500 * MIB      # under 200 MiB x (2 running + 1)
+    big.on_trial_result(1, [large, other], large, {})
+    assert "under the 600.0 MiB" in big.out.getvalue() and len(calls) == 2
+    monkeypatch.setattr(diskspace.signal, "getsignal", lambda signum: diskspace.signal.SIG_DFL)
+    quiet = DiskWatch(tmp_path, num_samples=4, out=io.StringIO())
+    quiet.on_trial_result(1, [trial], trial, {})
+    assert quiet.out.getvalue() == "" and not quiet.stopping

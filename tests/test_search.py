@@ -171,6 +171,40 @@ def test_a_search_whose_every_trial_failed_exits_non_zero(tiny_data, tmp_path, c
     assert summary["counts"]["failed"] == 2 and summary["best_trial"] is None
 
 
+def test_a_filling_disk_stops_the_search_cleanly_and_resume_finishes_it(tiny_data, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Free space falling under the reserve at an epoch's report stops the search as Ctrl-C
+    would (state saved, summary written, exit 130) before anything fails for want of space;
+    once space is freed, --resume finishes it, the cut trial from its last epoch."""
+    from tuning import diskspace
+    space = write_space(tmp_path, tiny_data, search={"lr_head": {"loguniform": [3e-4, 3e-3]}},
+                        trainer={"epochs": 2, "backbone": "csn"}, scheduler={"type": "none"},
+                        budget={"num_samples": 2, "max_concurrent": 1, "seed": 0})
+    looks = []
+    def filling(folder):   # plenty at the start, then 100 MiB: under the 256 MiB reserve
+        looks.append(folder)
+        return 10 * 1024 ** 3 if len(looks) == 1 else 100 * 1024 ** 2
+    monkeypatch.setattr(diskspace, "free_bytes", filling)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--space", str(space)])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: the search's storage")]
+    assert len(lines) == 1 and "100.0 MiB free, under the 256.0 MiB" in lines[0] and "--resume" in lines[0], err
+    search_dir = tmp_path / "out" / "s"
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert summary["state"] == "interrupted" and summary["counts"]["failed"] == 0, summary["counts"]
+    [cut] = trial_dirs(search_dir)
+    assert len(pd.read_csv(cut / "metrics_epoch.csv")) == 1   # stopped after its first epoch
+
+    monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 10 * 1024 ** 3)   # space freed
+    main(["--space", str(space), "--resume"])
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert summary["state"] == "finished"
+    assert [t["status"] for t in summary["trials"]] == ["finished"] * 2, summary["counts"]
+    assert pd.read_csv(cut / "metrics_epoch.csv")["epoch"].tolist() == [1, 2]
+
+
 # --- resume after the driver is killed, then after Ctrl-C -----------------------------------
 def finished_trials(search_dir: Path) -> list[Path]:
     if not search_dir.is_dir():
