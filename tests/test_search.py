@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -185,20 +186,25 @@ def test_a_filling_disk_stops_the_search_cleanly_and_resume_finishes_it(tiny_dat
         looks.append(folder)
         return 10 * 1024 ** 3 if len(looks) == 1 else 100 * 1024 ** 2
     monkeypatch.setattr(diskspace, "free_bytes", filling)
+    storage = tmp_path / "elsewhere"   # not the space's output_root: the resume must name it
     with pytest.raises(SystemExit) as stopped:
-        main(["--space", str(space)])
+        main(["--space", str(space), "--storage_path", str(storage)])
     assert stopped.value.code == 130
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: the search's storage")]
-    assert len(lines) == 1 and "100.0 MiB free, under the 256.0 MiB" in lines[0] and "--resume" in lines[0], err
-    search_dir = tmp_path / "out" / "s"
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("error: the search's storage")]
+    assert len(lines) == 1 and "100.0 MiB free, under the 256.0 MiB" in lines[0] and "--resume" in lines[0], captured.err
+    [hint] = [line for line in captured.out.splitlines() if line.startswith("interrupted: continue with ")]
+    resume = shlex.split(hint.removeprefix("interrupted: continue with "))
+    assert resume[:3] == ["python", "-m", "tuning.search"] and resume[-1] == "--resume"
+    assert resume[resume.index("--storage_path") + 1] == str(storage), hint
+    search_dir = storage / "s"
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "interrupted" and summary["counts"]["failed"] == 0, summary["counts"]
     [cut] = trial_dirs(search_dir)
     assert len(pd.read_csv(cut / "metrics_epoch.csv")) == 1   # stopped after its first epoch
 
     monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 10 * 1024 ** 3)   # space freed
-    main(["--space", str(space), "--resume"])
+    main(resume[3:])   # the command the search printed
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "finished"
     assert [t["status"] for t in summary["trials"]] == ["finished"] * 2, summary["counts"]

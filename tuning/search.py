@@ -14,6 +14,7 @@ per trial holding the standard run artifacts beside Ray Tune's own files.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 import tempfile
 import threading
@@ -604,9 +605,7 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
         prune_checkpoints(search_dir, records, best)
     notes = []
     if interrupted:
-        space_arg = saved["space_file"] if saved is not None else args.space
-        notes.append(f"interrupted: continue with python -m tuning.search --space {space_arg} "
-                     f"--name {name} --resume")
+        notes.append(f"interrupted: continue with {resume_command(args, saved, name)}")
     cache_note = feature_cache_note(search_dir, records)
     if cache_note:
         notes.append(cache_note)
@@ -617,6 +616,17 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
                   notes=notes, val_csv=space.trainer.get("val_csv"))
     print_result(search_dir, space, records, best, size, notes)
     return best
+
+
+def resume_command(args: SearchArgs, saved: dict[str, Any] | None, name: str) -> str:
+    """The command that continues this search: its space, name, and where it is (storage, cluster)."""
+    command = ["python", "-m", "tuning.search", "--space",
+               saved["space_file"] if saved is not None else args.space, "--name", name]
+    if args.storage_path:
+        command += ["--storage_path", args.storage_path]
+    if args.address:
+        command += ["--address", args.address]
+    return shlex.join([*command, "--resume"])
 
 
 def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord],
