@@ -17,12 +17,13 @@ MIB = 1024 ** 2
 
 
 def trial_folder(root: Path, name: str, size: int, status: str = "TERMINATED") -> SimpleNamespace:
-    """A stand-in for a Tune trial whose folder holds `size` bytes."""
+    """A stand-in for a Tune trial whose folder (`path`, on the search's storage; not
+    `local_path`, Tune's staging copy on the driver) holds `size` bytes."""
     folder = root / name
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "checkpoints" / "best_epoch_1.pt").write_bytes(b"w" * (size - 10))
     (folder / "metrics_epoch.csv").write_bytes(b"c" * 10)
-    return SimpleNamespace(trial_id=name, status=status, local_path=str(folder))
+    return SimpleNamespace(trial_id=name, status=status, path=str(folder))
 
 
 def test_folder_bytes_and_free_bytes(tmp_path, monkeypatch):

@@ -93,6 +93,7 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys, mon
     from tuning import diskspace   # a disk with 1 KiB free: the trials still to run cannot fit
     monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 1024)
     monkeypatch.setattr(diskspace, "MIN_FREE_BYTES", 0)
+    monkeypatch.setattr(diskspace, "reserve_bytes", lambda *args: 0)   # warned, never stopped
     main(["--space", str(space)])
     import ray
     assert not ray.is_initialized()  # stopped beside the summary, and waited for before returning

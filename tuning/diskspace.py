@@ -67,7 +67,7 @@ class DiskWatch(Callback):
         self._check([])
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.largest_file = max(self.largest_file, folder_sizes(Path(trial.local_path))[1])
+        self.largest_file = max(self.largest_file, folder_sizes(Path(trial.path))[1])
         running = sum(t.status == "RUNNING" for t in trials)
         self._stop_if_full(reserve_bytes(self.largest_file, running))
 
@@ -80,7 +80,7 @@ class DiskWatch(Callback):
     def _ended(self, trials: list, trial: Any) -> None:
         for t in trials:   # the ended one, and those that ended before a resume
             if (t is trial or t.status in ENDED) and t.trial_id not in self.sizes:
-                self.sizes[t.trial_id], largest = folder_sizes(Path(t.local_path))
+                self.sizes[t.trial_id], largest = folder_sizes(Path(t.path))
                 self.largest_file = max(self.largest_file, largest)
         self._check(list(self.sizes.values()))
 
