@@ -55,7 +55,8 @@ def shortage(free: int, ended_sizes: list[int], to_run: int) -> str | None:
 
 
 class DiskWatch(Callback):
-    """Warns once when the trials still to run will not fit in the search folder's free space."""
+    """Warns once when the trials still to run will not fit in the search folder's free space,
+    and stops the search cleanly once that space is under `reserve_bytes` (module docstring)."""
 
     def __init__(self, search_dir: str | Path, num_samples: int, out: TextIO | None = None) -> None:
         self.search_dir, self.num_samples, self.out = Path(search_dir), num_samples, out
