@@ -189,7 +189,7 @@ def test_a_filling_disk_stops_the_search_cleanly_and_resume_finishes_it(tiny_dat
     monkeypatch.setattr(diskspace, "free_bytes", filling)
     storage = tmp_path / "elsewhere"   # not the space's output_root: the resume must name it
     with pytest.raises(SystemExit) as stopped:
-        main(["--space", str(space), "--storage_path", str(storage)])
+        main(["--space", str(space), "--storage_path", str(storage), "--retrain_best", "0"])
     assert stopped.value.code == 130
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("error: the search's storage")]
@@ -198,6 +198,7 @@ def test_a_filling_disk_stops_the_search_cleanly_and_resume_finishes_it(tiny_dat
     resume = shlex.split(hint.removeprefix("interrupted: continue with "))
     assert resume[:3] == ["python", "-m", "tuning.search"] and resume[-1] == "--resume"
     assert resume[resume.index("--storage_path") + 1] == str(storage), hint
+    assert resume[resume.index("--retrain_best") + 1] == "0", hint   # not kept by --resume itself
     search_dir = storage / "s"
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "interrupted" and summary["counts"]["failed"] == 0, summary["counts"]

@@ -619,13 +619,13 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
 
 
 def resume_command(args: SearchArgs, saved: dict[str, Any] | None, name: str) -> str:
-    """The command that continues this search: its space, name, and where it is (storage, cluster)."""
+    """The command that continues this search: its space, name, where it is (storage, cluster)
+    and this command's retrain flags (--resume does not keep those: they act after the search)."""
     command = ["python", "-m", "tuning.search", "--space",
                saved["space_file"] if saved is not None else args.space, "--name", name]
-    if args.storage_path:
-        command += ["--storage_path", args.storage_path]
-    if args.address:
-        command += ["--address", args.address]
+    for flag in ("storage_path", "address", "retrain_best", "test_csv"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag}", str(getattr(args, flag))]
     return shlex.join([*command, "--resume"])
 
 
