@@ -77,3 +77,27 @@ def test_a_new_search_never_reads_the_study_back_on_a_result(tmp_path, monkeypat
     fresh.suggest("a")
     monkeypatch.setattr(fresh._ot_study, "get_trials", lambda *a, **k: pytest.fail("read back"))
     fresh.on_trial_result("a", {"objective": 0.4, "training_iteration": 1})
+
+
+def test_intermediate_values_are_per_epoch_across_a_restore(tmp_path):
+    """Optuna's steps are epochs: a restored trial (Tune's iteration counter restarted from an
+    older snapshot) and a re-reported recorded epoch neither shift nor drop an epoch's value,
+    and Optuna has nothing to warn about."""
+    import warnings
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    first = searcher(tmp_path)
+    first.suggest("a")
+    first.save(str(tmp_path / "searcher-state.pkl"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first.on_trial_result("a", {"objective": 0.4, "epoch": 1, "training_iteration": 1})
+        first.on_trial_result("a", {"objective": 0.5, "epoch": 2, "training_iteration": 2})
+        second = searcher(tmp_path)     # killed; the snapshot is from before both epochs
+        second.restore(str(tmp_path / "searcher-state.pkl"))
+        # the trial resumes from its last.pt: epoch 2 re-reported, then epoch 3, as Tune
+        # iterations 1 and 2 of the restored trial
+        second.on_trial_result("a", {"objective": 0.5, "epoch": 2, "training_iteration": 1})
+        second.on_trial_result("a", {"objective": 0.7, "epoch": 3, "training_iteration": 2})
+        second.on_trial_complete("a", {"objective": 0.7, "epoch": 3})
+    [trial] = optuna.load_study(study_name=None, storage=study_storage(tmp_path)).trials
+    assert trial.intermediate_values == {1: 0.4, 2: 0.5, 3: 0.7}

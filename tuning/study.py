@@ -19,6 +19,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import LOCK_FILE_SUFFIX
 from optuna.trial import TrialState
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 STUDY_FILE = "optuna_study.log"
@@ -46,8 +47,20 @@ class StudySearch(OptunaSearch):
         return trial_id in self._finished_before_restore
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if not self._finished_in_study(trial_id):
+        """Optuna's step is the trial's epoch, reported once. Tune's `training_iteration`
+        restarts from its snapshot when a trial is restored, and a restored trial re-reports
+        its recorded epoch: as steps, either would put an epoch's value under another epoch or
+        make Optuna warn and drop it (what optuna-dashboard shows per epoch)."""
+        if self._finished_in_study(trial_id):
+            return
+        if "epoch" not in result:
             super().on_trial_result(trial_id, result)
+            return
+        epoch = int(result["epoch"])
+        reported = self.__dict__.setdefault("_reported_epochs", {}).setdefault(trial_id, set())
+        if epoch not in reported:
+            reported.add(epoch)
+            super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: epoch})
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
@@ -66,4 +79,6 @@ class StudySearch(OptunaSearch):
         self._finished_before_restore = frozenset(
             trial_id for trial_id, ot_trial in self._ot_trials.items()
             if study_trials[ot_trial.number].state.is_finished())
+        self._reported_epochs = {trial_id: set(study_trials[ot_trial.number].intermediate_values)
+                                 for trial_id, ot_trial in self._ot_trials.items()}
 
