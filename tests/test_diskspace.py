@@ -157,3 +157,18 @@ def test_disk_watch_stops_the_search_once_under_the_reserve(tmp_path, monkeypatc
     quiet = DiskWatch(tmp_path, num_samples=4, out=io.StringIO())
     quiet.on_trial_result(1, [trial], trial, {})
     assert quiet.out.getvalue() == "" and not quiet.stopping
+
+
+def test_disk_watch_that_cannot_read_the_free_space_neither_warns_nor_stops(tmp_path, monkeypatch):
+    """An unreadable storage (a stale NFS handle) must not end the search from a callback."""
+    def unreadable(folder):
+        raise OSError(116, "Stale file handle")
+    monkeypatch.setattr(diskspace, "free_bytes", unreadable)
+    calls = []
+    monkeypatch.setattr(diskspace.signal, "getsignal", lambda signum: lambda *args: calls.append(signum))
+    watch = DiskWatch(tmp_path, num_samples=3, out=io.StringIO())
+    watch.setup()
+    trial = trial_folder(tmp_path, "t001", MIB)
+    watch.on_trial_result(1, [trial], trial, {})
+    watch.on_trial_complete(1, [trial], trial)
+    assert watch.out.getvalue() == "" and calls == [] and not watch.stopping

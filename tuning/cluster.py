@@ -148,6 +148,10 @@ def _has_token() -> bool:
         return False
 
 
+def _not_token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(TOKEN_NOTICE)
+
+
 def start_local_ray() -> None:
     """A Ray for this command alone, every port on 127.0.0.1 (nothing else can reach it)."""
     prepare_environment(local=True)
@@ -158,16 +162,14 @@ def start_local_ray() -> None:
     multi_node = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False  # keeps 127.0.0.1 as the node address (see the top)
     notice = logging.getLogger(TOKEN_LOGGER)
-    quiet = logging.Filter()
-    quiet.filter = lambda record: not record.getMessage().startswith(TOKEN_NOTICE)
-    notice.addFilter(quiet)
+    notice.addFilter(_not_token_notice)
     try:
         ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False,
                  dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=True,
                  logging_level="WARNING")
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
-        notice.removeFilter(quiet)
+        notice.removeFilter(_not_token_notice)
 
 
 def join_cluster(address: str) -> None:

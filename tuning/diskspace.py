@@ -88,12 +88,9 @@ class DiskWatch(Callback):
     def _stop_if_full(self, reserve: int) -> None:
         """Tune's graceful stop (its SIGUSR1 handler: what Ctrl-C does) once the free space is
         under `reserve`; nothing when Tune has no handler installed (not in the main thread)."""
-        try:
-            free = free_bytes(self.search_dir)
-        except OSError:   # a watch that cannot look must not stop the search
-            return
+        free = self._free()
         handler = signal.getsignal(signal.SIGUSR1)
-        if self.stopping or free >= reserve or not callable(handler):
+        if self.stopping or free is None or free >= reserve or not callable(handler):
             return
         self.stopping = True
         print(f"error: the search's storage ({self.search_dir}) has {format_bytes(free)} free, "
@@ -103,11 +100,8 @@ class DiskWatch(Callback):
         handler(signal.SIGUSR1, None)
 
     def _check(self, ended_sizes: list[int]) -> None:
-        if self.warned:
-            return
-        try:
-            free = free_bytes(self.search_dir)
-        except OSError:   # a watch that cannot look must not stop the search
+        free = self._free()
+        if self.warned or free is None:
             return
         problem = shortage(free, ended_sizes, self.num_samples - len(ended_sizes))
         if problem:
@@ -115,6 +109,14 @@ class DiskWatch(Callback):
             print(f"warning: the search's storage ({self.search_dir}) has {problem}: free space, "
                   f"or move output_root (--storage_path on a cluster), before a full disk fails "
                   f"the trials writing to it", file=self.out or sys.stderr, flush=True)
+
+    def _free(self) -> int | None:
+        """Free bytes of the search's storage; None when it cannot be read (a watch that
+        cannot look must not stop the search)."""
+        try:
+            return free_bytes(self.search_dir)
+        except OSError:
+            return None
 
     def __getstate__(self) -> dict[str, Any]:
         """Tune pickles callbacks with the experiment: a resumed search keeps the sizes measured

@@ -42,6 +42,8 @@ class StudySearch(OptunaSearch):
     # Tune trial ids the study already held as finished when the searcher was restored (read
     # once there: a new search never has any, and no trial finishes twice in one session).
     _finished_before_restore: frozenset[str] = frozenset()
+    # Tune trial id -> the epochs the study holds for it (seeded from the study on restore).
+    _reported_epochs: dict[str, set[int]] | None = None
 
     def _finished_in_study(self, trial_id: str) -> bool:
         return trial_id in self._finished_before_restore
@@ -57,7 +59,9 @@ class StudySearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
             return
         epoch = int(result["epoch"])
-        reported = self.__dict__.setdefault("_reported_epochs", {}).setdefault(trial_id, set())
+        if self._reported_epochs is None:
+            self._reported_epochs = {}
+        reported = self._reported_epochs.setdefault(trial_id, set())
         if epoch not in reported:
             reported.add(epoch)
             super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: epoch})
