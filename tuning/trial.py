@@ -242,9 +242,18 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     if config.compile:
         torch._dynamo.reset()
     # The search owns the folder (its lock); a retried trial takes over its own run folder.
+    stopped: list[Any] = []
     with warnings.catch_warnings(), trial_output(run_dir, quiet):  # a fresh warning registry
-        result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch),
-                       lock=False, checked=checked)
+        try:
+            result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch),
+                           lock=False, checked=checked)
+        except SystemExit as stop:   # Tune ended the trial in a report (ASHA, the search's end)
+            stopped.append(stop.code)
+    if stopped:
+        # Re-raised without the trainer's frames: its model and tensors are freed here, at once.
+        # Held by the traceback, they were freed as Tune's thread ended, which raced the actor's
+        # exit at the end of a search (a C++ terminate and its stack on the console).
+        raise SystemExit(stopped[0])
     if not reported and result.best_metrics:
         # Restored after its last epoch had finished: tell Tune the final state once.
         report_recorded(run_dir, report)
