@@ -3,6 +3,7 @@ the README's demo search in tests/test_search.py)."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -141,3 +142,27 @@ def test_retrain_flags_override_the_space(tmp_path):
     from headernet_core.errors import HeaderNetError
     with pytest.raises(HeaderNetError, match="--test_csv scores the retrained best config"):
         with_retrain_flags(plain, SimpleNamespace(retrain_best=None, test_csv="b.csv"))
+
+
+def test_tunes_stop_lines_become_this_commands_own(capsys):
+    """Stopping a search (Ctrl-C, SIGTERM, the disk watch): Tune's notice becomes one line of
+    ours and its `Tuner.restore(...)` hint is dropped (the summary prints `--resume`, which
+    checks the signed state); its other lines pass, and nothing is filtered outside the fit."""
+    from tuning.console import STOP_LINE, TUNE_LOGGER, own_stop_lines
+
+    logger = logging.getLogger(TUNE_LOGGER)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        with own_stop_lines():
+            logger.warning("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run. ...")
+            logger.warning("Experiment has been interrupted, but the most recent state was saved.\n"
+                           "Resume experiment with: Tuner.restore(path=\"/x\", trainable=...)")
+            logger.warning("Trial t001 errored")
+        logger.warning("Stop signal received (outside the search)")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["Trial t001 errored", "Stop signal received (outside the search)"]
+    assert capsys.readouterr().out.splitlines() == [STOP_LINE]

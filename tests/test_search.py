@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tuning.console import STOP_LINE
 from tuning.search import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,16 +189,19 @@ def test_a_filling_disk_stops_the_search_cleanly_and_resume_finishes_it(tiny_dat
         return 10 * 1024 ** 3 if len(looks) == 1 else 100 * 1024 ** 2
     monkeypatch.setattr(diskspace, "free_bytes", filling)
     storage = tmp_path / "elsewhere"   # not the space's output_root: the resume must name it
-    with pytest.raises(SystemExit) as stopped:
-        main(["--space", str(space), "--storage_path", str(storage), "--retrain_best", "0"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:   # relative paths: the hint makes them absolute
+        main(["--space", space.name, "--storage_path", storage.name, "--retrain_best", "0"])
     assert stopped.value.code == 130
     captured = capsys.readouterr()
+    assert STOP_LINE in captured.out   # this command's line, not Tune's "e.g. via SIGINT/Ctrl+C"
     lines = [line for line in captured.err.splitlines() if line.startswith("error: the search's storage")]
     assert len(lines) == 1 and "100.0 MiB free, under the 256.0 MiB" in lines[0] and "--resume" in lines[0], captured.err
     [hint] = [line for line in captured.out.splitlines() if line.startswith("interrupted: continue with ")]
     resume = shlex.split(hint.removeprefix("interrupted: continue with "))
     assert resume[:3] == ["python", "-m", "tuning.search"] and resume[-1] == "--resume"
     assert resume[resume.index("--storage_path") + 1] == str(storage), hint
+    assert resume[resume.index("--space") + 1] == str(space), hint
     assert resume[resume.index("--retrain_best") + 1] == "0", hint   # not kept by --resume itself
     search_dir = storage / "s"
     summary = json.loads((search_dir / "search_summary.json").read_text())
@@ -206,7 +210,9 @@ def test_a_filling_disk_stops_the_search_cleanly_and_resume_finishes_it(tiny_dat
     assert len(pd.read_csv(cut / "metrics_epoch.csv")) == 1   # stopped after its first epoch
 
     monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 10 * 1024 ** 3)   # space freed
-    main(resume[3:])   # the command the search printed
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    main(resume[3:])   # the command the search printed, from another folder
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "finished"
     assert [t["status"] for t in summary["trials"]] == ["finished"] * 2, summary["counts"]
@@ -263,6 +269,8 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tiny_data, tmp_path)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output[-3000:]
     assert "--resume" in output and "moved to" in output  # the planted files were set aside
+    # this command's stop line and resume hint, not Tune's (Tuner.restore skips the signed state)
+    assert STOP_LINE in output and "Tuner.restore" not in output and "Stop signal" not in output, output[-3000:]
     assert not marker.exists()
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "interrupted"

@@ -21,11 +21,13 @@ output forwarded to the driver) and keeps the event lines.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 import optuna
 from ray import tune
@@ -228,3 +230,34 @@ def console_run_config(*, metric: str, mode: str, params: Sequence[str], search_
     return {"callbacks": [events], "verbose": 1,
             "progress_reporter": CompactTable(metric, mode, params, search_dir)}
 
+
+
+# Tune's lines when a search is stopped (Ctrl-C, SIGTERM, the disk watch) and this command's.
+TUNE_LOGGER = "ray.tune.tune"
+TUNE_STOP_NOTICE = "Stop signal received"
+TUNE_RESUME_HINTS = ("Experiment has been interrupted", "Training has been interrupted")
+STOP_LINE = ("stopping: saving the search's state and writing its summary; a running trial "
+             "resumes from its last finished epoch")
+
+
+def _own_stop_lines(record: logging.LogRecord) -> bool:
+    """Tune's stop notice ("e.g. via SIGINT/Ctrl+C", also when the disk watch stops the search)
+    becomes STOP_LINE; its "Resume experiment with: Tuner.restore(...)" is dropped: that call
+    would skip this command's check of the signed state, and the summary prints the command
+    that resumes the search instead."""
+    message = record.getMessage()
+    if message.startswith(TUNE_STOP_NOTICE):
+        print(STOP_LINE, flush=True)
+        return False
+    return not message.startswith(TUNE_RESUME_HINTS)
+
+
+@contextlib.contextmanager
+def own_stop_lines() -> Iterator[None]:
+    """Around `tuner.fit()`: this command's lines instead of Tune's when the search is stopped."""
+    logger = logging.getLogger(TUNE_LOGGER)
+    logger.addFilter(_own_stop_lines)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_own_stop_lines)

@@ -534,7 +534,7 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
     """The search itself, once every check passed and this process owns the search folder."""
     if saved is None:
         search_dir.mkdir(parents=True, exist_ok=True)
-        space_file = find_space_file(args.space)
+        space_file = find_space_file(args.space).absolute()   # --resume may run from another folder
         write_json(search_dir / SEARCH_RECORD, {
             "space_file": str(space_file), "space_yaml": space_file.read_text(),
             "sets": [*args.sets, *[f"{k}={v}" for k, v in space.trainer.items() if k in PATH_KEYS]],
@@ -557,7 +557,9 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
         tuner = build_tuner(space, search_dir, saved, checked, args.verbose)
         if saved is None:
             resume_guard.sign_tuner(search_dir)
-        results = tuner.fit()
+        from .console import own_stop_lines
+        with own_stop_lines():
+            results = tuner.fit()
         done = results.num_terminated + results.num_errors
         interrupted = done < space.num_samples
         records = collect_records(space, search_dir, results, interrupted)
@@ -621,11 +623,16 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
 def resume_command(args: SearchArgs, saved: dict[str, Any] | None, name: str) -> str:
     """The command that continues this search: its space, name, where it is (storage, cluster)
     and this command's retrain flags (--resume does not keep those: they act after the search)."""
-    command = ["python", "-m", "tuning.search", "--space",
-               saved["space_file"] if saved is not None else args.space, "--name", name]
+    space = saved["space_file"] if saved is not None else args.space
+    if Path(space).expanduser().is_file():
+        space = str(Path(space).expanduser().absolute())   # a name (`demo`) stays a name
+    command = ["python", "-m", "tuning.search", "--space", space, "--name", name]
     for flag in ("storage_path", "address", "retrain_best", "test_csv"):
-        if getattr(args, flag) is not None:
-            command += [f"--{flag}", str(getattr(args, flag))]
+        value = getattr(args, flag)
+        if value is not None and flag in ("storage_path", "test_csv"):
+            value = Path(value).expanduser().absolute()   # the command works from any folder
+        if value is not None:
+            command += [f"--{flag}", str(value)]
     return shlex.join([*command, "--resume"])
 
 
