@@ -118,6 +118,37 @@ print("ok")
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+def test_a_trial_actor_waits_for_its_trial_thread_at_exit(tmp_path):
+    """The process exits while its trial thread still runs torch ops (as when Tune ends an
+    actor whose stopped trial is still unwinding): it waits for the thread, which finishes its
+    work, and exits cleanly instead of aborting ("terminate called without an active
+    exception" when a daemon thread runs torch during finalization)."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "thread_finished"
+    code = f"""
+import threading, time, torch
+from tuning.trial import register_trial_thread
+torch.set_num_threads(1)
+started = threading.Event()
+def trial():
+    register_trial_thread()
+    x = torch.randn(400, 400)
+    started.set()
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        (x @ x).relu_()
+    open({str(done)!r}, "w").close()
+threading.Thread(target=trial, daemon=True).start()   # Tune's trial threads are daemons
+started.wait()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0 and "terminate" not in out.stderr, out.stderr[-2000:]
+    assert done.is_file()   # the thread ran to its end before the process exited
+
+
 def test_the_summary_libraries_load_once_a_slot_is_idle_for_good(monkeypatch):
     """SummaryPrefetch: nothing while trials are still to start or every slot trains; once all
     have started and a slot is free, the imports start, once; a resumed search starts over."""

@@ -8,6 +8,7 @@ state is the run folder's `checkpoints/last.pt`, which a retried or restored tri
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import json
@@ -16,6 +17,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -160,6 +162,28 @@ def collect_previous_trial() -> None:
         gc.collect()
 
 
+EXIT_WAIT_S = 3.0   # under the 5 s Tune gives its actors to exit at the end of a search
+_trial_threads: list[threading.Thread] = []   # this process's trial threads (one per trial)
+
+
+def _wait_for_trial_threads() -> None:
+    """At the actor's exit (atexit: the interpreter still runs every thread): let a trial thread
+    that is still ending finish first. Tune ends a search's actors without waiting for their
+    trial threads (`FunctionTrainable.cleanup` joins with timeout 0), and a thread that frees
+    tensors or runs torch ops once the interpreter is finalizing aborts the process ("terminate
+    called without an active exception", and Ray's C++ stack on the search's console)."""
+    for thread in _trial_threads:
+        if thread is not threading.current_thread():
+            thread.join(timeout=EXIT_WAIT_S)
+
+
+def register_trial_thread() -> None:
+    """Called on the thread that runs a trial: the process waits for it at exit."""
+    if not _trial_threads:
+        atexit.register(_wait_for_trial_threads)
+    _trial_threads[:] = [t for t in _trial_threads if t.is_alive()] + [threading.current_thread()]
+
+
 def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
               checked: dict | None = None, quiet: bool = False) -> None:
     """The Tune function trainable (wrapped with `tune.with_parameters`). `checked`: the split
@@ -179,6 +203,8 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     import ray
     import torch
     from ray import tune
+
+    register_trial_thread()
 
     from headernet_core.features import CACHE_DIRNAME
     from headernet_core.trainer import train
