@@ -149,6 +149,52 @@ started.wait()
     assert done.is_file()   # the thread ran to its end before the process exited
 
 
+@pytest.mark.slow
+def test_a_ray_actor_ended_by_tune_lets_its_trial_thread_finish(tmp_path):
+    """The same through Ray: Tune ends an actor with `__ray_terminate__` while its trial thread
+    runs torch. Without the wait, Ray printed "*** SIGABRT received ***" and its C++ stack."""
+    import os
+    import subprocess
+    import sys
+
+    done = tmp_path / "thread_finished"
+    code = f"""
+import os, time
+from tuning.cluster import start_local_ray
+start_local_ray()
+import ray
+
+@ray.remote(num_cpus=1)
+class Actor:
+    def start_trial(self):
+        import threading, torch
+        from tuning.trial import register_trial_thread
+        def trial():
+            register_trial_thread()
+            x = torch.randn(400, 400)
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                (x @ x).relu_()
+            open({str(done)!r}, "w").close()
+        threading.Thread(target=trial, daemon=True).start()
+
+actor = Actor.remote()
+ray.get(actor.start_trial.remote())
+actor.__ray_terminate__.remote()
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and not os.path.exists({str(done)!r}):
+    time.sleep(0.2)
+time.sleep(1)   # the actor's exit, and Ray's log lines about it, reach this driver
+ray.shutdown()
+"""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert done.is_file(), out.stdout[-2000:] + out.stderr[-2000:]
+    assert "SIGABRT" not in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
+
+
 def test_the_summary_libraries_load_once_a_slot_is_idle_for_good(monkeypatch):
     """SummaryPrefetch: nothing while trials are still to start or every slot trains; once all
     have started and a slot is free, the imports start, once; a resumed search starts over."""
