@@ -254,3 +254,26 @@ def test_retrain_waits_for_no_search_and_picks_a_free_name(tmp_path, capsys):
     (search_dir / "final").mkdir()
     (search_dir / "final_2").mkdir()
     assert free_name(search_dir, "final") == "final_3"
+
+
+def test_the_resume_command_works_from_any_folder(tmp_path, monkeypatch):
+    """Started by name, with the default storage and a relative test CSV: the printed command
+    names the space file, the storage and the CSV absolutely (from another folder, `demo` could
+    find another file and the default storage would be another folder)."""
+    import shlex
+
+    from tuning.search import parse_args, resume_command
+
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["--space", "demo", "--retrain_best", "1", "--test_csv", "splits/test.csv"])
+    search_dir = tmp_path / "report" / "header_experiments" / "demo"
+    command = shlex.split(resume_command(args, None, search_dir))
+    flags = dict(zip(command[3::2], command[4::2]))
+    assert command[:3] == ["python", "-m", "tuning.search"] and command[-1] == "--resume"
+    assert Path(flags["--space"]).is_absolute() and Path(flags["--space"]).is_file()
+    assert flags["--name"] == "demo" and flags["--storage_path"] == str(search_dir.parent)
+    assert flags["--test_csv"] == str(tmp_path / "splits" / "test.csv") and flags["--retrain_best"] == "1"
+    # a resumed search interrupted again: the recorded file, against the folder it started from
+    saved = {"space_file": "spaces/mine.yaml", "cwd": str(tmp_path / "start")}
+    again = shlex.split(resume_command(parse_args(["--space", "x", "--resume"]), saved, search_dir))
+    assert again[again.index("--space") + 1] == str(tmp_path / "start" / "spaces" / "mine.yaml")

@@ -607,7 +607,7 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
         prune_checkpoints(search_dir, records, best)
     notes = []
     if interrupted:
-        notes.append(f"interrupted: continue with {resume_command(args, saved, name)}")
+        notes.append(f"interrupted: continue with {resume_command(args, saved, search_dir)}")
     cache_note = feature_cache_note(search_dir, records)
     if cache_note:
         notes.append(cache_note)
@@ -620,17 +620,21 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
     return best
 
 
-def resume_command(args: SearchArgs, saved: dict[str, Any] | None, name: str) -> str:
-    """The command that continues this search: its space, name, where it is (storage, cluster)
-    and this command's retrain flags (--resume does not keep those: they act after the search)."""
-    space = saved["space_file"] if saved is not None else args.space
-    if Path(space).expanduser().is_file():
-        space = str(Path(space).expanduser().absolute())   # a name (`demo`) stays a name
-    command = ["python", "-m", "tuning.search", "--space", space, "--name", name]
-    for flag in ("storage_path", "address", "retrain_best", "test_csv"):
+def resume_command(args: SearchArgs, saved: dict[str, Any] | None, search_dir: Path) -> str:
+    """The command that continues this search from any folder: its space file, name and storage
+    (always, absolute: a default storage is the space's output_root under the folder the search
+    was started from), its cluster, and this command's retrain flags (--resume does not keep
+    those: they act after the search)."""
+    if saved is not None:   # recorded absolute since this version; else against the start's folder
+        space = Path(saved.get("cwd") or Path.cwd()) / Path(saved["space_file"]).expanduser()
+    else:
+        space = find_space_file(args.space).absolute()   # a name finds another file elsewhere
+    command = ["python", "-m", "tuning.search", "--space", str(space), "--name", search_dir.name,
+               "--storage_path", str(search_dir.parent)]
+    for flag in ("address", "retrain_best", "test_csv"):
         value = getattr(args, flag)
-        if value is not None and flag in ("storage_path", "test_csv"):
-            value = Path(value).expanduser().absolute()   # the command works from any folder
+        if value is not None and flag == "test_csv":
+            value = Path(value).expanduser().absolute()
         if value is not None:
             command += [f"--{flag}", str(value)]
     return shlex.join([*command, "--resume"])
