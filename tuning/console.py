@@ -231,7 +231,6 @@ def console_run_config(*, metric: str, mode: str, params: Sequence[str], search_
             "progress_reporter": CompactTable(metric, mode, params, search_dir)}
 
 
-
 # Tune's lines when a search is stopped (Ctrl-C, SIGTERM, the disk watch) and this command's.
 TUNE_LOGGER = "ray.tune.tune"
 TUNE_STOP_NOTICE = "Stop signal received"

@@ -633,10 +633,8 @@ def resume_command(args: SearchArgs, saved: dict[str, Any] | None, search_dir: P
                "--storage_path", str(search_dir.parent)]
     for flag in ("address", "retrain_best", "test_csv"):
         value = getattr(args, flag)
-        if value is not None and flag == "test_csv":
-            value = Path(value).expanduser().absolute()
         if value is not None:
-            command += [f"--{flag}", str(value)]
+            command += [f"--{flag}", str(Path(value).expanduser().absolute() if flag == "test_csv" else value)]
     return shlex.join([*command, "--resume"])
 
 
