@@ -267,10 +267,13 @@ def test_the_resume_command_works_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = parse_args(["--space", "demo", "--retrain_best", "1", "--test_csv", "splits/test.csv"])
     search_dir = tmp_path / "report" / "header_experiments" / "demo"
-    command = shlex.split(resume_command(args, None, search_dir))
+    search_dir.mkdir(parents=True)
+    started_from = tmp_path / "search_spaces" / "demo.yaml"   # what `demo` found at the start
+    (search_dir / "search.json").write_text(json.dumps({"space_file": str(started_from), "cwd": str(tmp_path)}))
+    command = shlex.split(resume_command(args, None, search_dir))   # the file is gone by now: fine
     flags = dict(zip(command[3::2], command[4::2]))
     assert command[:3] == ["python", "-m", "tuning.search"] and command[-1] == "--resume"
-    assert Path(flags["--space"]).is_absolute() and Path(flags["--space"]).is_file()
+    assert flags["--space"] == str(started_from)
     assert flags["--name"] == "demo" and flags["--storage_path"] == str(search_dir.parent)
     assert flags["--test_csv"] == str(tmp_path / "splits" / "test.csv") and flags["--retrain_best"] == "1"
     # a resumed search interrupted again: the recorded file, against the folder it started from

@@ -88,9 +88,11 @@ class DiskWatch(Callback):
     def _stop_if_full(self, reserve: int) -> None:
         """Tune's graceful stop (its SIGUSR1 handler: what Ctrl-C does) once the free space is
         under `reserve`; nothing when Tune has no handler installed (not in the main thread)."""
+        if self.stopping:
+            return
         free = self._free()
         handler = signal.getsignal(signal.SIGUSR1)
-        if self.stopping or free is None or free >= reserve or not callable(handler):
+        if free is None or free >= reserve or not callable(handler):
             return
         self.stopping = True
         print(f"error: the search's storage ({self.search_dir}) has {format_bytes(free)} free, "
@@ -100,8 +102,7 @@ class DiskWatch(Callback):
         handler(signal.SIGUSR1, None)
 
     def _check(self, ended_sizes: list[int]) -> None:
-        free = self._free()
-        if self.warned or free is None:
+        if self.warned or (free := self._free()) is None:
             return
         problem = shortage(free, ended_sizes, self.num_samples - len(ended_sizes))
         if problem:

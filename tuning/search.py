@@ -625,10 +625,11 @@ def resume_command(args: SearchArgs, saved: dict[str, Any] | None, search_dir: P
     (always, absolute: a default storage is the space's output_root under the folder the search
     was started from), its cluster, and this command's retrain flags (--resume does not keep
     those: they act after the search)."""
-    if saved is not None:   # recorded absolute since this version; else against the start's folder
-        space = Path(saved.get("cwd") or Path.cwd()) / Path(saved["space_file"]).expanduser()
-    else:
-        space = find_space_file(args.space).absolute()   # a name finds another file elsewhere
+    # The file the search started from, as search.json records it (absolute since this version,
+    # else against the start's folder): `--space demo` could find another file elsewhere, and
+    # looking it up again would fail if it was moved meanwhile.
+    record = saved if saved is not None else read_json_dict(search_dir / SEARCH_RECORD)
+    space = Path(record.get("cwd") or Path.cwd()) / Path(record.get("space_file") or args.space).expanduser()
     command = ["python", "-m", "tuning.search", "--space", str(space), "--name", search_dir.name,
                "--storage_path", str(search_dir.parent)]
     for flag in ("address", "retrain_best", "test_csv"):

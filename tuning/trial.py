@@ -276,9 +276,9 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         except SystemExit as stop:   # Tune ended the trial in a report (ASHA, the search's end)
             stopped.append(stop.code)
     if stopped:
-        # Re-raised without the trainer's frames: its model and tensors are freed here, at once.
-        # Held by the traceback, they were freed as Tune's thread ended, which raced the actor's
-        # exit at the end of a search (a C++ terminate and its stack on the console).
+        # Re-raised without the trainer's frames: its model and tensors are freed here, at once,
+        # not whenever Tune drops the exception; the thread then ends well within the actor's
+        # exit wait (`_wait_for_trial_threads`).
         raise SystemExit(stopped[0])
     if not reported and result.best_metrics:
         # Restored after its last epoch had finished: tell Tune the final state once.
