@@ -356,7 +356,7 @@ def start_ray(address: str | None) -> None:
 
 
 def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None,
-                checked: CheckedSplits | None = None, verbose: bool = False):
+                checked: CheckedSplits | None = None, verbose: bool = False, local: bool = True):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import FIFOScheduler
@@ -366,6 +366,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
     from .scheduler import RecordingASHA
     from .prefetch import SummaryPrefetch
     from .snapshot import ResumeSnapshot
+    from .spare_cpus import SpareCpus
     from .study import StudySearch, clear_stale_lock, study_storage
 
     console = console_run_config(metric=space.metric, mode=space.mode,
@@ -384,6 +385,10 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
     searcher = StudySearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
                            sampler=tpe_sampler(space.seed, space.startup_trials),
                            storage=study_storage(search_dir), study_name=search_dir.name)
+    # On one machine, CPU trials take over the cores of the trials that have ended.
+    cpus = max(1, int(space.resources.get("cpu", 1)))
+    spare = [SpareCpus(search_dir, space.num_samples, space.max_concurrent, cpus)] \
+        if local and not space.resources.get("gpu") else []
     if space.scheduler.get("type") == "asha":
         scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
                                   grace_period=space.scheduler["grace_period"],
@@ -405,6 +410,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
             **{**console, "callbacks": [CSVLoggerCallback(), JsonLoggerCallback(), ResumeSnapshot(),
                                         SummaryPrefetch(space.num_samples, space.max_concurrent),
                                         DiskWatch(search_dir, space.num_samples),
+                                        *spare,
                                         *console["callbacks"]]},
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Tune checkpoints are tiny progress markers (weights live in each run folder);
@@ -554,7 +560,7 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
     try:
         if args.address:
             check_cluster_gpus(space)
-        tuner = build_tuner(space, search_dir, saved, checked, args.verbose)
+        tuner = build_tuner(space, search_dir, saved, checked, args.verbose, local=not args.address)
         if saved is None:
             resume_guard.sign_tuner(search_dir)
         from .console import own_stop_lines

@@ -209,6 +209,8 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     from headernet_core.features import CACHE_DIRNAME
     from headernet_core.trainer import train
 
+    from .spare_cpus import take_spare_cpus
+
     if quiet:
         for name in ("ray.train", "ray.tune"):   # per-epoch "Checkpoint ... created", "Restored ..."
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -224,6 +226,8 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     config = space.trial_config(sampled)
+    # Threads the space leaves to the trial may grow once the search's other trials have ended.
+    spare = {} if config.threads is None and not gpu_ids else None
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     num_workers = min(config.num_workers, cpus - 1)
     config = config.replace(
@@ -254,6 +258,8 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
                                                               "run_dir": str(run_dir)}))
             tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(tmp))
         reported = True
+        if spare is not None and (line := take_spare_cpus(search_dir, config.threads, num_workers, spare)):
+            print(line, flush=True)
 
     if (run_dir / SCHEDULER_STOP).is_file():
         # ASHA stopped this trial before the search was interrupted (Tune's saved state may

@@ -1,0 +1,147 @@
+"""The cores of ended trials go to the CPU search's last trials (tuning/spare_cpus.py)."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import headernet_core.threads
+from tuning.space import load_space
+from tuning.spare_cpus import SPARE_FILE, SpareCpus, take_spare_cpus
+
+
+def trials(*statuses):
+    return [SimpleNamespace(status=s) for s in statuses]
+
+
+def written(folder: Path):
+    path = folder / SPARE_FILE
+    return json.loads(path.read_text())["cpus_per_trial"] if path.exists() else None
+
+
+def test_the_share_grows_only_once_no_trial_is_left_to_start(tmp_path):
+    callback = SpareCpus(tmp_path, num_samples=4, max_concurrent=2, cpus=2)
+    callback.setup()
+    now = trials("TERMINATED", "RUNNING", "RUNNING")          # one still to start
+    callback.on_trial_complete(1, now, now[0])
+    assert written(tmp_path) is None
+    now = trials("TERMINATED", "TERMINATED", "RUNNING", "RUNNING")   # every slot still trains
+    callback.on_trial_start(2, now, now[3])
+    assert written(tmp_path) is None
+    now = trials("TERMINATED", "TERMINATED", "RUNNING", "RUNNING")
+    callback.on_trial_complete(3, now, now[3])                 # one left: it gets both slots
+    assert written(tmp_path) == 4
+    now = trials("TERMINATED", "TERMINATED", "RUNNING", "PENDING")   # a retried trial comes back
+    callback.on_trial_start(4, now, now[3])
+    assert written(tmp_path) == 2
+    callback.on_trial_error(5, now, now[3])
+    assert written(tmp_path) == 4
+    callback.on_experiment_end(now)
+    assert not (tmp_path / SPARE_FILE).exists()
+
+
+def test_a_resumed_search_starts_from_the_trials_own_cpus(tmp_path):
+    """Tune pickles its callbacks with the search: the restored one has written nothing yet,
+    and a share left by the interrupted run is removed before any trial reads it."""
+    callback = SpareCpus(tmp_path, num_samples=2, max_concurrent=2, cpus=1)
+    now = trials("TERMINATED", "RUNNING")
+    callback.on_trial_complete(1, now, now[0])
+    assert written(tmp_path) == 2
+    restored = pickle.loads(pickle.dumps(callback))
+    restored.setup()
+    assert written(tmp_path) is None and restored.written == 1
+    restored.on_trial_complete(2, now, now[0])
+    assert written(tmp_path) == 2
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_trial_takes_the_share_only_for_idle_cores(tmp_path, monkeypatch, one_thread):
+    samples = []
+    idle = {"value": 2.0}
+
+    def idle_cpus():
+        samples.append(1)
+        return idle["value"]
+    monkeypatch.setattr(headernet_core.threads, "idle_cpus", idle_cpus)
+    seen: dict[str, int] = {}
+    assert take_spare_cpus(tmp_path, 1, 0, seen) is None   # no share written: own cpus
+    (tmp_path / SPARE_FILE).write_text(json.dumps({"cpus_per_trial": 2}))
+    line = take_spare_cpus(tmp_path, 1, 0, seen)
+    assert torch.get_num_threads() == 2 and line.startswith("cpu threads: 1 -> 2")
+    assert take_spare_cpus(tmp_path, 1, 0, seen) is None and len(samples) == 1   # once per share
+    (tmp_path / SPARE_FILE).write_text(json.dumps({"cpus_per_trial": 1}))   # a trial started again
+    assert take_spare_cpus(tmp_path, 1, 0, seen).startswith("cpu threads: 2 -> 1")
+    assert torch.get_num_threads() == 1 and len(samples) == 1   # fewer threads need no sample
+
+    (tmp_path / SPARE_FILE).write_text(json.dumps({"cpus_per_trial": 4}))
+    idle["value"] = 1.2                                   # another process holds the other cores
+    assert take_spare_cpus(tmp_path, 1, 0, {}) is None and torch.get_num_threads() == 1
+    idle["value"] = None                                  # unknown (no /proc/stat): stay
+    assert take_spare_cpus(tmp_path, 1, 0, {}) is None and torch.get_num_threads() == 1
+    idle["value"] = 4.0                                   # a loader thread keeps one core
+    take_spare_cpus(tmp_path, 1, 1, {})
+    assert torch.get_num_threads() == 3
+
+
+def run_one_epoch_trial(tmp_path, monkeypatch, space):
+    """run_trial with a trainer that reports one epoch, outside Ray."""
+    import ray
+    from ray import tune
+
+    import headernet_core.trainer
+    from tuning.trial import run_trial
+
+    folder = tmp_path / "t001_lr_head=1e-3"
+    folder.mkdir()
+    context = SimpleNamespace(get_trial_dir=lambda: str(folder), get_trial_id=lambda: "abc")
+    monkeypatch.setattr(tune, "get_context", lambda: context)
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: None)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+    monkeypatch.setattr(headernet_core.threads, "idle_cpus", lambda: 2.0)
+
+    def one_epoch(config, on_epoch, **kwargs):
+        on_epoch(SimpleNamespace(metrics={"epoch": 1, "val_f1": 0.5}, best_metrics={"val_f1": 0.5},
+                                 best_epoch=1))
+        return SimpleNamespace(best_metrics={"val_f1": 0.5})
+    monkeypatch.setattr(headernet_core.trainer, "train", one_epoch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    (tmp_path / SPARE_FILE).write_text(json.dumps({"cpus_per_trial": 2}))
+    run_trial({"lr_head": 1e-3}, space=space, search_dir=str(tmp_path))
+
+
+def test_a_cpu_trial_takes_the_spare_cores_after_its_report(tmp_path, monkeypatch, one_thread):
+    run_one_epoch_trial(tmp_path, monkeypatch, load_space("demo"))
+    assert torch.get_num_threads() == 2
+
+
+def test_threads_the_space_fixes_are_kept(tmp_path, monkeypatch, one_thread):
+    run_one_epoch_trial(tmp_path, monkeypatch, load_space("demo", sets=["trainer.threads=1"]))
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("local, sets, expected", [
+    (True, [], True),
+    (False, [], False),                                   # a cluster's trials run on many nodes
+    (True, ["trainer.cpu=false", "resources.gpu=1"], False),   # GPU trials: not CPU-bound
+])
+def test_only_a_local_cpu_search_shares_its_cores(tmp_path, monkeypatch, local, sets, expected):
+    from ray import tune
+
+    from tuning.search import build_tuner
+
+    monkeypatch.setattr(tune, "Tuner", lambda trainable, **kwargs: kwargs)
+    built = build_tuner(load_space("demo", sets=sets), tmp_path, None, local=local)
+    shares = [c for c in built["run_config"].callbacks if isinstance(c, SpareCpus)]
+    assert len(shares) == expected
