@@ -102,7 +102,7 @@ def test_resume_keeps_the_searchs_checkpoint_policy_unless_told(tiny_data, tmp_p
     space, _ = started_search(tmp_path, tiny_data)
     args = search.parse_args(["--space", str(space), "--resume", *given])
 
-    def stop_before_ray(address):
+    def stop_before_ray(address, quiet):
         raise RuntimeError("stop before Ray")
     monkeypatch.setattr(search, "start_ray", stop_before_ray)
     with pytest.raises(RuntimeError, match="stop before Ray"):
@@ -173,7 +173,7 @@ def test_a_search_warns_about_splits_that_leak(tiny_data, tmp_path, monkeypatch)
     space = write_space(tmp_path, tiny_data, {"lr_head": {"loguniform": [1e-4, 1e-3]}})
     args = search.parse_args(["--space", str(space), "--val_csv", str(tiny_data["train_csv"])])
 
-    def stop_before_ray(address):
+    def stop_before_ray(address, quiet):
         raise RuntimeError("stop before Ray")
     monkeypatch.setattr(search, "start_ray", stop_before_ray)
     with pytest.warns(UserWarning, match="is both --train_csv and --val_csv"):

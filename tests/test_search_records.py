@@ -3,6 +3,7 @@ stop record and whether the search was interrupted decide what the summary says.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -246,3 +247,38 @@ def test_the_summary_waits_for_the_import_thread(tmp_path, monkeypatch):
     args = SimpleNamespace(keep_checkpoints="all", space="demo")
     summarise(args, space, tmp_path, "s", None, [], interrupted=False)
     assert calls == ["waited"] and (tmp_path / "search_summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_quiet_search_quiets_tune_in_every_trial_actor_from_its_start(tmp_path):
+    """`start_ray(quiet=True)` gives the job QUIET_HOOK, which Ray runs in every worker as it
+    starts, Tune's trial actors included (they carry their own runtime env): Tune's INFO lines
+    logged there before a trial's code runs (a resumed trial's "Restored on ... from
+    checkpoint") stay off the console. A verbose search keeps them."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import logging, sys
+from tuning.search import start_ray
+start_ray(None, quiet=sys.argv[1] == "quiet")
+import ray
+
+@ray.remote(num_cpus=1, runtime_env={"env_vars": {"PL_DISABLE_FORK": "1"}})   # as Tune's actors
+class Actor:
+    def level(self):
+        return logging.getLogger("ray.tune.trainable.trainable").getEffectiveLevel()
+
+print("LEVEL", ray.get(Actor.remote().level.remote()))
+ray.shutdown()
+"""
+    repo = Path(__file__).resolve().parents[1]
+    levels = {}
+    for mode in ("quiet", "verbose"):
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        [line] = [x for x in out.stdout.splitlines() if x.startswith("LEVEL ")]
+        levels[mode] = int(line.split()[1])
+    assert levels == {"quiet": logging.WARNING, "verbose": logging.INFO}, levels

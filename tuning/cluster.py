@@ -152,8 +152,9 @@ def _not_token_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(TOKEN_NOTICE)
 
 
-def start_local_ray() -> None:
-    """A Ray for this command alone, every port on 127.0.0.1 (nothing else can reach it)."""
+def start_local_ray(runtime_env: dict | None = None) -> None:
+    """A Ray for this command alone, every port on 127.0.0.1 (nothing else can reach it);
+    `runtime_env`: the job's (every worker it starts)."""
     prepare_environment(local=True)
     keep_token_private(create=True)
     import ray
@@ -166,19 +167,20 @@ def start_local_ray() -> None:
     try:
         ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False,
                  dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=True,
+                 runtime_env=runtime_env,
                  logging_level="WARNING")
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
         notice.removeFilter(_not_token_notice)
 
 
-def join_cluster(address: str) -> None:
-    """Connect to the cluster `check_address` has already reached."""
+def join_cluster(address: str, runtime_env: dict | None = None) -> None:
+    """Connect to the cluster `check_address` has already reached (`runtime_env`: the job's)."""
     prepare_environment(local=False)
     keep_token_private(create=False)
     import ray
 
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as error:
         fail(f"--address {address}: could not join the Ray cluster: {' '.join(str(error).split())[:300]}")

@@ -31,8 +31,8 @@ from .cluster import check_address, join_cluster, prepare_environment, start_loc
 from . import resume_guard
 from .space import SearchSpace, find_space_file, load_space
 from .summary import TrialRecord, best_record, feature_cache_note, format_bytes, write_summary
-from .trial import (OBJECTIVE, SCHEDULER_STOP, one_line_error, run_trial, search_warnings,
-                    trial_dirname)
+from .trial import (OBJECTIVE, QUIET_HOOK, SCHEDULER_STOP, one_line_error, run_trial,
+                    search_warnings, trial_dirname)
 
 if TYPE_CHECKING:
     from headernet_core.data import CheckedSplits
@@ -346,13 +346,14 @@ def check_ray(address: str | None) -> None:
         check_address(address)
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, quiet: bool) -> None:
     """Local Ray by default (started and stopped by this command, on 127.0.0.1 only) or join
-    `address` (see tuning/cluster.py)."""
+    `address` (see tuning/cluster.py). `quiet`: the workers log no INFO lines (QUIET_HOOK)."""
+    runtime_env = {"worker_process_setup_hook": QUIET_HOOK} if quiet else None
     if address:
-        join_cluster(address)
+        join_cluster(address, runtime_env)
     else:
-        start_local_ray()
+        start_local_ray(runtime_env)
 
 
 def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None,
@@ -553,7 +554,7 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
     from .study import STUDY_FILE
     print(f"search folder: {search_dir}  (live study: optuna-dashboard {search_dir / STUDY_FILE})")
 
-    start_ray(args.address)
+    start_ray(args.address, quiet=not args.verbose)
     import ray  # after start_ray: Ray reads its settings from the environment when imported
     sigterm_as_sigint()  # ray.init installed its own SIGTERM handler (exit 1, no summary)
     stopping = None

@@ -138,6 +138,20 @@ def _quiet_teardown(unraisable: Any) -> None:
         sys.__unraisablehook__(unraisable)
 
 
+def quiet_ray_loggers() -> None:
+    """A quiet search's `worker_process_setup_hook` (`QUIET_HOOK`, set on its Ray job), so it
+    acts from the moment a worker starts: Ray Train and Tune log no INFO lines from a trial
+    (per-epoch "Checkpoint successfully created", and a resumed trial's "Restored on ... from
+    checkpoint", which Tune logs before the trial's own code runs); their warnings and errors
+    still reach the console."""
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    sys.unraisablehook = _quiet_teardown
+
+
+QUIET_HOOK = f"{__name__}.{quiet_ray_loggers.__name__}"
+
+
 @contextlib.contextmanager
 def trial_output(run_dir: Path, quiet: bool) -> Iterator[None]:
     """`quiet`: the trial's stdout and stderr (the trainer's lines, its warnings) go to
@@ -212,9 +226,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     from .spare_cpus import take_spare_cpus
 
     if quiet:
-        for name in ("ray.train", "ray.tune"):   # per-epoch "Checkpoint ... created", "Restored ..."
-            logging.getLogger(name).setLevel(logging.WARNING)
-        sys.unraisablehook = _quiet_teardown
+        quiet_ray_loggers()   # also for a job started without QUIET_HOOK
 
     context = tune.get_context()
     run_name = Path(context.get_trial_dir()).name
