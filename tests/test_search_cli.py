@@ -280,3 +280,28 @@ def test_the_resume_command_works_from_any_folder(tmp_path, monkeypatch):
     saved = {"space_file": "spaces/mine.yaml", "cwd": str(tmp_path / "start")}
     again = shlex.split(resume_command(parse_args(["--space", "x", "--resume"]), saved, search_dir))
     assert again[again.index("--space") + 1] == str(tmp_path / "start" / "spaces" / "mine.yaml")
+
+
+def test_a_second_ctrl_c_still_says_how_to_resume(tiny_data, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C while the search stops raises KeyboardInterrupt out of Tune: no summary,
+    but exit 130, one line and the command that continues the search (no bare "interrupted")."""
+    import shlex
+    from types import SimpleNamespace
+
+    import tuning.search as search
+
+    def interrupted_again():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(search, "start_ray", lambda address, quiet: None)
+    monkeypatch.setattr(search, "build_tuner", lambda *args, **kwargs: SimpleNamespace(fit=interrupted_again))
+    monkeypatch.setattr(resume_guard, "sign_tuner", lambda search_dir: None)
+    space = write_space(tmp_path, tiny_data, {"lr_head": {"loguniform": [1e-4, 1e-3]}})
+    with pytest.raises(SystemExit) as stopped:
+        main(["--space", str(space), "--name", "twice"])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stopped at once, without a summary: continue with "), err
+    resume = shlex.split(err[0].split("continue with ", 1)[1])
+    assert resume[-1] == "--resume" and resume[resume.index("--name") + 1] == "twice"
+    assert resume[resume.index("--space") + 1] == str(space)
+    assert (tmp_path / "out" / "twice" / "search.json").is_file()   # what --resume starts from

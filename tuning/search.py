@@ -554,6 +554,32 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
     from .study import STUDY_FILE
     print(f"search folder: {search_dir}  (live study: optuna-dashboard {search_dir / STUDY_FILE})")
 
+    try:
+        best, records, interrupted = fit_and_summarise(args, space, search_dir, name, saved, checked)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or SIGTERM) while stopping: Tune skips its last save and no summary
+        # is written, but the search continues from Tune's last periodic save.
+        print(f"stopped at once, without a summary: continue with "
+              f"{resume_command(args, saved, search_dir)}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if interrupted:
+        return 130
+    if best is not None and space.retrain:
+        from .retrain import DEVICE_KEYS, FINAL, retrain
+        retrain(search_dir, epochs=space.retrain["epochs"], test_csv=space.retrain.get("test_csv"),
+                train_on_val=space.retrain.get("train_on_val", False), lock=False,
+                name=free_name(search_dir, FINAL),
+                devices={k: v for k, v in space.trainer.items() if k in DEVICE_KEYS})
+    if records and all(r.status == "failed" for r in records):
+        print(f"every trial failed: see the errors in {search_dir / 'summary.md'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def fit_and_summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
+                      saved: dict[str, Any] | None, checked: CheckedSplits
+                      ) -> tuple[TrialRecord | None, list[TrialRecord], bool]:
+    """Start (or join) Ray, run the trials, write the summary: (best, records, interrupted)."""
     start_ray(args.address, quiet=not args.verbose)
     import ray  # after start_ray: Ray reads its settings from the environment when imported
     sigterm_as_sigint()  # ray.init installed its own SIGTERM handler (exit 1, no summary)
@@ -582,18 +608,7 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
         best = summarise(args, space, search_dir, name, saved, records, interrupted)
     finally:
         stopping.join()
-    if interrupted:
-        return 130
-    if best is not None and space.retrain:
-        from .retrain import DEVICE_KEYS, FINAL, retrain
-        retrain(search_dir, epochs=space.retrain["epochs"], test_csv=space.retrain.get("test_csv"),
-                train_on_val=space.retrain.get("train_on_val", False), lock=False,
-                name=free_name(search_dir, FINAL),
-                devices={k: v for k, v in space.trainer.items() if k in DEVICE_KEYS})
-    if records and all(r.status == "failed" for r in records):
-        print(f"every trial failed: see the errors in {search_dir / 'summary.md'}", file=sys.stderr)
-        return 1
-    return 0
+    return best, records, interrupted
 
 
 def free_name(folder: Path, name: str) -> str:
