@@ -514,3 +514,13 @@ def test_combinations_follow_when_and_overrides_and_are_capped(tmp_path, monkeyp
     assert seen[2][1] == "tiny"   # the csn choice brought its override along
     monkeypatch.setattr(space_mod, "MAX_COMBINATIONS", 2)
     assert len(list(space.combinations())) == 2
+
+
+def test_messages_show_a_space_file_relative_to_the_folder_below_which_it_lies(tmp_path, monkeypatch):
+    from tuning.space import _show
+
+    monkeypatch.chdir(tmp_path)
+    assert _show(tmp_path / "spaces" / "a.yaml") == str(Path("spaces") / "a.yaml")
+    assert _show(tmp_path.parent / "b.yaml") == str(tmp_path.parent / "b.yaml")
+    monkeypatch.chdir("/")   # not "tmp/...": from the root the absolute path is the clear one
+    assert _show(tmp_path / "a.yaml") == str(tmp_path / "a.yaml")

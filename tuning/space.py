@@ -837,8 +837,9 @@ def _default_dirs() -> list[Path]:
 
 
 def _show(path: Path) -> str:
-    """A path for messages: relative to the cwd where it lies below it."""
-    if path.is_absolute():
+    """A path for messages: relative to the cwd where it lies below it (absolute from the
+    filesystem's root, where `tmp/x` would read like a typo)."""
+    if path.is_absolute() and Path.cwd().parent != Path.cwd():
         try:
             return str(path.relative_to(Path.cwd()))
         except ValueError:
