@@ -24,7 +24,7 @@ def written(folder: Path):
 
 
 def test_the_share_grows_only_once_no_trial_is_left_to_start(tmp_path):
-    callback = SpareCpus(tmp_path, num_samples=4, max_concurrent=2, cpus=2)
+    callback = SpareCpus(tmp_path, num_samples=4, max_concurrent=2, cpus=2, machine_cpus=8)
     callback.setup()
     now = trials("TERMINATED", "RUNNING", "RUNNING")          # one still to start
     callback.on_trial_complete(1, now, now[0])
@@ -44,10 +44,22 @@ def test_the_share_grows_only_once_no_trial_is_left_to_start(tmp_path):
     assert not (tmp_path / SPARE_FILE).exists()
 
 
+def test_the_share_never_exceeds_the_machine(tmp_path):
+    """4 slots of 1 CPU on a 2-core machine: Ray runs 2 trials at once, and those 2 must not
+    each take 2 threads when the others have ended."""
+    callback = SpareCpus(tmp_path, num_samples=6, max_concurrent=4, cpus=1, machine_cpus=2)
+    now = trials("TERMINATED", "TERMINATED", "TERMINATED", "TERMINATED", "RUNNING", "RUNNING")
+    callback.on_trial_complete(1, now, now[3])
+    assert written(tmp_path) is None   # 2 cores for 2 trials: 1 each, as they have
+    now[4].status = "TERMINATED"
+    callback.on_trial_complete(2, now, now[4])
+    assert written(tmp_path) == 2
+
+
 def test_a_resumed_search_starts_from_the_trials_own_cpus(tmp_path):
     """Tune pickles its callbacks with the search: the restored one has written nothing yet,
     and a share left by the interrupted run is removed before any trial reads it."""
-    callback = SpareCpus(tmp_path, num_samples=2, max_concurrent=2, cpus=1)
+    callback = SpareCpus(tmp_path, num_samples=2, max_concurrent=2, cpus=1, machine_cpus=2)
     now = trials("TERMINATED", "RUNNING")
     callback.on_trial_complete(1, now, now[0])
     assert written(tmp_path) == 2

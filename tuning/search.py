@@ -26,6 +26,7 @@ from headernet_core.config import TrainConfig
 from headernet_core.errors import CliParser, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
+from headernet_core.threads import usable_cpus
 
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray
 from . import resume_guard
@@ -388,8 +389,8 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
                            storage=study_storage(search_dir), study_name=search_dir.name)
     # On one machine, CPU trials take over the cores of the trials that have ended.
     cpus = max(1, int(space.resources.get("cpu", 1)))
-    spare = [SpareCpus(search_dir, space.num_samples, space.max_concurrent, cpus)] \
-        if local and not space.resources.get("gpu") else []
+    spare = [SpareCpus(search_dir, space.num_samples, space.max_concurrent, cpus,
+                       machine_cpus=len(usable_cpus()))] if local and not space.resources.get("gpu") else []
     if space.scheduler.get("type") == "asha":
         scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
                                   grace_period=space.scheduler["grace_period"],

@@ -28,13 +28,15 @@ ACTIVE = ("PENDING", "RUNNING")
 
 class SpareCpus(Callback):
     """Writes `{"cpus_per_trial": N}` to `<search_dir>/.spare_cpus.json`: the search's
-    `max_concurrent * cpus` cores shared by the trials still running, once no trial is left to
-    start; `cpus` again while every slot is taken or a trial may still start."""
+    `max_concurrent * cpus` cores (at most the machine's `machine_cpus`) shared by the trials
+    still running, once no trial is left to start; `cpus` again while every slot is taken or a
+    trial may still start."""
 
     def __init__(self, search_dir: str | Path, num_samples: int, max_concurrent: int,
-                 cpus: int) -> None:
+                 cpus: int, machine_cpus: int) -> None:
         self.path = Path(search_dir) / SPARE_FILE
         self.num_samples, self.max_concurrent, self.cpus = num_samples, max_concurrent, cpus
+        self.total = min(max_concurrent * cpus, machine_cpus)
         self.written = cpus
 
     def setup(self, **info) -> None:
@@ -58,7 +60,7 @@ class SpareCpus(Callback):
         active = sum(t.status in ACTIVE for t in trials if t is not ended)
         if len(trials) < self.num_samples or active == 0 or active >= self.max_concurrent:
             return self.cpus
-        return max(self.cpus, self.max_concurrent * self.cpus // active)
+        return max(self.cpus, self.total // active)
 
     def _update(self, trials: list[Any], ended: Any) -> None:
         share = self.share(trials, ended)
