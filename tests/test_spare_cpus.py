@@ -119,7 +119,7 @@ def run_one_epoch_trial(tmp_path, monkeypatch, space):
     context = SimpleNamespace(get_trial_dir=lambda: str(folder), get_trial_id=lambda: "abc")
     monkeypatch.setattr(tune, "get_context", lambda: context)
     monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: None)
-    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    monkeypatch.setattr(ray, "get_gpu_ids", list)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
     monkeypatch.setattr(headernet_core.threads, "idle_cpus", lambda: 2.0)
 
