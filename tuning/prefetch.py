@@ -16,6 +16,15 @@ ACTIVE = ("PENDING", "RUNNING")
 _started: list[threading.Thread] = []   # this process's import thread, once started
 
 
+def active_after_last_start(trials: list, ended, num_samples: int) -> int | None:
+    """How many trials are still pending or running (`ended`, the one Tune reports as ending,
+    aside) once all `num_samples` have started; None while a trial is still to start. Fewer
+    than the search's slots then means a slot stays idle until the search ends."""
+    if len(trials) < num_samples:
+        return None
+    return sum(t.status in ACTIVE for t in trials if t is not ended)
+
+
 def wait_for_imports() -> None:
     """Before the summary imports the same modules: never two threads importing them at once
     (a concurrent import can see a module half-initialised); returns at once when none ran."""
@@ -49,8 +58,8 @@ class SummaryPrefetch(Callback):
         self._maybe_start(trials, trial)
 
     def _maybe_start(self, trials, ended) -> None:
-        active = sum(t.status in ACTIVE for t in trials if t is not ended)
-        if self.started or len(trials) < self.num_samples or active >= self.max_concurrent:
+        active = active_after_last_start(trials, ended, self.num_samples)
+        if self.started or active is None or active >= self.max_concurrent:
             return
         self.started = True
         thread = threading.Thread(target=import_summary_libraries, name="summary-imports", daemon=True)

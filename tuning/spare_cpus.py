@@ -22,8 +22,9 @@ from ray.tune import Callback
 
 from headernet_core.artifacts import read_json_dict, write_json
 
+from .prefetch import active_after_last_start
+
 SPARE_FILE = ".spare_cpus.json"
-ACTIVE = ("PENDING", "RUNNING")
 
 
 class SpareCpus(Callback):
@@ -57,8 +58,8 @@ class SpareCpus(Callback):
 
     def share(self, trials: list[Any], ended: Any) -> int:
         """The cores each active trial may use."""
-        active = sum(t.status in ACTIVE for t in trials if t is not ended)
-        if len(trials) < self.num_samples or active == 0 or active >= self.max_concurrent:
+        active = active_after_last_start(trials, ended, self.num_samples)
+        if not active or active >= self.max_concurrent:   # None: a trial is still to start
             return self.cpus
         return max(self.cpus, self.total // active)
 
