@@ -52,10 +52,19 @@ def documented(prefix: str) -> str:
     raise AssertionError(f"docker/README.md documents no command starting with {prefix!r}")
 
 
+_given_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port not given before in this session: the OS may hand a just-released port out
+    again, and two Ray components on one port fail to start (it happened in CI)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _given_ports:
+            _given_ports.add(port)
+            return port
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
