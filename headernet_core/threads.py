@@ -27,8 +27,9 @@ def usable_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def _cpu_times(cpus: set[int]) -> tuple[float, float] | None:
-    """(idle, total) jiffies summed over `cpus`, or None without /proc/stat."""
+def cpu_times() -> tuple[float, float] | None:
+    """(idle, total) jiffies summed over the usable cores, or None without /proc/stat."""
+    cpus = set(usable_cpus())
     try:
         with open("/proc/stat") as fp:
             lines = fp.read().splitlines()
@@ -45,17 +46,20 @@ def _cpu_times(cpus: set[int]) -> tuple[float, float] | None:
     return (idle, total) if total else None
 
 
+def idle_between(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """How many of the usable cores were idle between two `cpu_times()` (None if unknown)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return len(usable_cpus()) * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def idle_cpus(sample_s: float = SAMPLE_S) -> float | None:
-    """How many of the usable cores were idle over the last `sample_s` seconds (None if unknown)."""
-    cpus = set(usable_cpus())
-    before = _cpu_times(cpus)
+    """How many of the usable cores were idle over the next `sample_s` seconds (None if unknown)."""
+    before = cpu_times()
     if before is None:
         return None
     time.sleep(sample_s)
-    after = _cpu_times(cpus)
-    if after is None or after[1] <= before[1]:
-        return None
-    return len(cpus) * (after[0] - before[0]) / (after[1] - before[1])
+    return idle_between(before, cpu_times())
 
 
 def choose_threads(requested: int | None, num_workers: int) -> tuple[int | None, str]:

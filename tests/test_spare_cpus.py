@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import headernet_core.threads
+import tuning.spare_cpus
 from tuning.space import load_space
-from tuning.spare_cpus import SPARE_FILE, SpareCpus, take_spare_cpus
+from tuning.spare_cpus import SPARE_FILE, SpareCpus, SpareCpuTaker
 
 
 def trials(*statuses):
@@ -78,31 +79,84 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_a_trial_takes_the_share_only_for_idle_cores(tmp_path, monkeypatch, one_thread):
-    samples = []
-    idle = {"value": 2.0}
+class Machine:
+    """A fake clock and /proc/stat: `run(seconds, idle)` advances both (idle: cores idle)."""
 
-    def idle_cpus():
-        samples.append(1)
-        return idle["value"]
-    monkeypatch.setattr(headernet_core.threads, "idle_cpus", idle_cpus)
-    seen: dict[str, int] = {}
-    assert take_spare_cpus(tmp_path, 1, 0, seen) is None   # no share written: own cpus
-    (tmp_path / SPARE_FILE).write_text(json.dumps({"cpus_per_trial": 2}))
-    line = take_spare_cpus(tmp_path, 1, 0, seen)
-    assert torch.get_num_threads() == 2 and line.startswith("cpu threads: 1 -> 2")
-    assert take_spare_cpus(tmp_path, 1, 0, seen) is None and len(samples) == 1   # once per share
-    (tmp_path / SPARE_FILE).write_text(json.dumps({"cpus_per_trial": 1}))   # a trial started again
-    assert take_spare_cpus(tmp_path, 1, 0, seen).startswith("cpu threads: 2 -> 1")
-    assert torch.get_num_threads() == 1 and len(samples) == 1   # fewer threads need no sample
+    def __init__(self, monkeypatch, cores: int = 2):
+        self.now, self.idle, self.total, self.cores, self.reads = 0.0, 0.0, 0.0, cores, 0
+        monkeypatch.setattr(headernet_core.threads, "usable_cpus", lambda: list(range(cores)))
+        monkeypatch.setattr(headernet_core.threads, "cpu_times", self.cpu_times)
 
-    (tmp_path / SPARE_FILE).write_text(json.dumps({"cpus_per_trial": 4}))
-    idle["value"] = 1.2                                   # another process holds the other cores
-    assert take_spare_cpus(tmp_path, 1, 0, {}) is None and torch.get_num_threads() == 1
-    idle["value"] = None                                  # unknown (no /proc/stat): stay
-    assert take_spare_cpus(tmp_path, 1, 0, {}) is None and torch.get_num_threads() == 1
-    idle["value"] = 4.0                                   # a loader thread keeps one core
-    take_spare_cpus(tmp_path, 1, 1, {})
+    def cpu_times(self):
+        self.reads += 1
+        return None if self.idle is None else (self.idle, self.total)
+
+    def run(self, seconds: float, idle: float | None) -> None:
+        self.now += seconds
+        if idle is None:
+            self.idle = None
+            return
+        self.idle = (self.idle or 0.0) + idle * seconds * 100
+        self.total += self.cores * seconds * 100
+
+
+def share(folder: Path, cpus: int) -> None:
+    (folder / SPARE_FILE).write_text(json.dumps({"cpus_per_trial": cpus}))
+
+
+def test_a_trial_takes_the_share_mid_epoch_for_cores_idle_beside_it(tmp_path, monkeypatch, one_thread):
+    machine, lines = Machine(monkeypatch), []
+    take = SpareCpuTaker(tmp_path, 1, 0, log=lines.append, clock=lambda: machine.now)
+    take()                                        # no share written: the trial's own cpus
+    assert torch.get_num_threads() == 1 and machine.reads == 0
+    share(tmp_path, 2)
+    machine.run(0.1, idle=1.0)
+    take()                                        # read at most every CHECK_S
+    assert machine.reads == 0
+    machine.run(0.4, idle=1.0)
+    take()                                        # the share is new: watch the cores, no pause
+    assert torch.get_num_threads() == 1 and machine.reads == 1
+    machine.run(0.5, idle=0.95)                   # the other core stayed idle while it trained
+    take()
+    assert torch.get_num_threads() == 2 and lines == [
+        "cpu threads: 1 -> 2 (2 cores per trial now that fewer trials run, 0.9 idle beside this trial)"]
+    for _ in range(4):
+        machine.run(0.5, idle=0.0)
+        take()                                    # the same share: nothing more to measure
+    assert machine.reads == 2 and torch.get_num_threads() == 2
+    share(tmp_path, 1)                            # a retried trial started: give them back at once
+    machine.run(0.5, idle=0.0)
+    take()
+    assert torch.get_num_threads() == 1 and lines[-1] == \
+        "cpu threads: 2 -> 1 (1 cores per trial: a trial started again)"
+
+
+def test_busy_cores_are_looked_at_again_and_loader_threads_keep_theirs(tmp_path, monkeypatch, one_thread):
+    machine, lines = Machine(monkeypatch, cores=4), []
+    take = SpareCpuTaker(tmp_path, 1, 1, log=lines.append, clock=lambda: machine.now)
+    share(tmp_path, 4)
+    take()
+    machine.run(0.5, idle=0.5)                    # another process (the summary's imports) holds them
+    take()
+    assert torch.get_num_threads() == 1 and lines == []
+    machine.run(1.0, idle=3.0)
+    take()                                        # not before RETRY_S
+    assert machine.reads == 2
+    machine.run(1.0, idle=3.0)
+    take()                                        # watch again...
+    machine.run(0.5, idle=1.0)
+    take()                                        # ...one more core is free: take it, retry later
+    assert torch.get_num_threads() == 2
+    machine.run(2.0, idle=2.0)
+    take()
+    machine.run(0.5, idle=2.0)
+    take()                                        # 4 cores less 1 loader thread: 3, and no more
+    assert torch.get_num_threads() == 3 and len(lines) == 2
+    machine.run(0.5, idle=None)                   # no /proc/stat: stays as it is
+    share(tmp_path, 8)
+    for _ in range(3):
+        take()
+        machine.run(0.5, idle=None)
     assert torch.get_num_threads() == 3
 
 
@@ -121,9 +175,15 @@ def run_one_epoch_trial(tmp_path, monkeypatch, space):
     monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: None)
     monkeypatch.setattr(ray, "get_gpu_ids", list)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
-    monkeypatch.setattr(headernet_core.threads, "idle_cpus", lambda: 2.0)
+    machine = Machine(monkeypatch)
+    monkeypatch.setattr(headernet_core.threads, "cpu_times", lambda: (machine.run(0.5, idle=1.0),
+                                                                      machine.cpu_times())[1])
+    monkeypatch.setattr(tuning.spare_cpus, "CHECK_S", 0.0)
 
-    def one_epoch(config, on_epoch, **kwargs):
+    def one_epoch(config, on_epoch, between_batches=None, **kwargs):
+        for _ in range(3):   # batches: read the share, watch the cores, take them
+            if between_batches is not None:
+                between_batches()
         on_epoch(SimpleNamespace(metrics={"epoch": 1, "val_f1": 0.5}, best_metrics={"val_f1": 0.5},
                                  best_epoch=1))
         return SimpleNamespace(best_metrics={"val_f1": 0.5})
@@ -133,7 +193,7 @@ def run_one_epoch_trial(tmp_path, monkeypatch, space):
     run_trial({"lr_head": 1e-3}, space=space, search_dir=str(tmp_path))
 
 
-def test_a_cpu_trial_takes_the_spare_cores_after_its_report(tmp_path, monkeypatch, one_thread):
+def test_a_cpu_trial_takes_the_spare_cores_between_batches(tmp_path, monkeypatch, one_thread):
     run_one_epoch_trial(tmp_path, monkeypatch, load_space("demo"))
     assert torch.get_num_threads() == 2
 

@@ -9,14 +9,16 @@ can use more intra-op threads at any time, so:
 - the driver (`SpareCpus`, a Tune callback; local Ray and CPU-only trials) writes each running
   trial's share of the search's cores to `<search>/.spare_cpus.json` whenever a trial starts or
   ends, back to `resources.cpu` as soon as a trial starts again (a retried trial);
-- each trial (`take_spare_cpus`, after its epoch's report) sets its threads to that share less
-  its loader threads, but takes more threads only when those cores are idle right now: an
-  OpenMP thread on a core another process holds stalls every op (headernet_core/threads.py).
+- each trial (`SpareCpuTaker`, called by the trainer between batches) sets its threads to that
+  share less its loader threads within a second, mid-epoch, but takes more threads only for
+  cores that stayed idle while it trained: an OpenMP thread on a core another process holds
+  stalls every op (headernet_core/threads.py).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback
 
@@ -73,29 +75,78 @@ class SpareCpus(Callback):
         return {**self.__dict__, "written": self.cpus}   # pickled into tuner.pkl
 
 
-def take_spare_cpus(search_dir: str | Path, base_threads: int, num_workers: int,
-                    seen: dict[str, int]) -> str | None:
-    """After a trial's epoch report: torch's intra-op threads follow the trial's share of the
-    search's cores (never below `base_threads`, the trial's own allocation). More threads only
-    for cores that are idle now (sampled once per new share). `seen` keeps the last share this
-    trial acted on. Returns a line for the trial's log when the count changed."""
-    import torch
+CHECK_S = 0.5   # how often a trial reads the share, and how long it watches the cores before taking them
+RETRY_S = 2.0   # after the cores were busy (e.g. the driver loading the summary's libraries)
 
-    from headernet_core.threads import idle_cpus
 
-    share = read_json_dict(Path(search_dir) / SPARE_FILE).get("cpus_per_trial")
-    share = share if isinstance(share, int) and share > 0 else 0
-    if share == seen.get("share"):
-        return None
-    seen["share"] = share
-    current = torch.get_num_threads()
-    target = max(base_threads, share - num_workers)
-    why = f"{share} cores per trial now that fewer trials run"
-    if target > current:
-        idle = idle_cpus()   # this trial's thread sleeps meanwhile: its own core counts as idle
-        target = current if idle is None else max(current, min(target, int(idle + 0.1) - num_workers))
-        why += f", {'?' if idle is None else f'{idle:.1f}'} idle"
-    if target == current:
-        return None
-    torch.set_num_threads(target)
-    return f"cpu threads: {current} -> {target} ({why})"
+class SpareCpuTaker:
+    """Called by the trainer after every batch, on the thread that computes (torch's thread
+    count belongs to the calling thread: set from another thread it changes nothing).
+
+    At most every CHECK_S it reads the trial's share. Fewer threads are set at once. More are
+    set only for cores that were idle over the next CHECK_S while this trial kept training, so
+    its own threads are not counted and it never pauses to measure; cores found busy are
+    looked at again after RETRY_S. `base_threads`, the trial's own allocation, is the floor."""
+
+    def __init__(self, search_dir: str | Path, base_threads: int, num_workers: int,
+                 log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(search_dir) / SPARE_FILE
+        self.base_threads, self.num_workers = base_threads, num_workers
+        self.log, self.clock = log, clock
+        self.share = 0                  # the share acted on
+        self.next_check = 0.0
+        self.watching: tuple[int, tuple[float, float] | None] | None = None   # (share, cpu times)
+
+    def __call__(self) -> None:
+        now = self.clock()
+        if now < self.next_check:
+            return
+        self.next_check = now + CHECK_S
+        share = read_json_dict(self.path).get("cpus_per_trial")
+        share = share if isinstance(share, int) and share > 0 else 0
+        if self.watching is not None and self.watching[0] == share:
+            self._grow(share)
+            return
+        self.watching = None
+        if share == self.share:
+            return
+        import torch
+
+        from headernet_core.threads import cpu_times
+
+        current = torch.get_num_threads()
+        target = max(self.base_threads, share - self.num_workers)
+        if target > current:
+            self.watching = (share, cpu_times())
+            return
+        self.share = share
+        if target < current:
+            self._set(current, target, f"{share} cores per trial: a trial started again")
+
+    def _grow(self, share: int) -> None:
+        import torch
+
+        from headernet_core.threads import cpu_times, idle_between
+
+        idle = idle_between(self.watching[1], cpu_times())
+        self.watching = None
+        current = torch.get_num_threads()
+        target = max(self.base_threads, share - self.num_workers)
+        if idle is None:   # unknown (no /proc/stat): keep the trial's own threads
+            self.share = share
+            return
+        # A core counts when it was at least 90% idle (the rule of headernet_core/threads.py).
+        grown = min(target, current + int(idle + 0.1))
+        if grown >= target:
+            self.share = share
+        else:
+            self.next_check = self.clock() + RETRY_S
+        if grown > current:
+            self._set(current, grown, f"{share} cores per trial now that fewer trials run, "
+                                      f"{idle:.1f} idle beside this trial")
+
+    def _set(self, current: int, threads: int, why: str) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.log(f"cpu threads: {current} -> {threads} ({why})")
