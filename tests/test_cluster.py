@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import psutil
@@ -335,8 +336,8 @@ main(sys.argv[1:])
 def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp_path):
     """A real local search: while it runs, every socket its process tree listens on is on
     127.0.0.1; the token Ray needs is created 0600 and used without Ray's warning line; usage
-    stats stay off although the user's environment turns them on; the raylet's disk monitor is
-    off; Ray's settings are in place before ray is first imported."""
+    stats stay off although the user's environment turns them on; the raylet's disk monitor and
+    worker prestart are off; Ray's settings are in place before ray is first imported."""
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "name": "local", "trainer": {
@@ -349,12 +350,13 @@ def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp
         "resources": {"cpu": 1, "gpu": 0}}))
     home = tmp_path / "home"
     env = clean_env(home, RAY_USAGE_STATS_ENABLED="1")
-    for key in ("RAY_DEDUP_LOGS", "RAY_local_fs_capacity_threshold", "TUNE_WARN_THRESHOLD_S"):
+    for key in ("RAY_DEDUP_LOGS", "RAY_local_fs_capacity_threshold", "TUNE_WARN_THRESHOLD_S",
+                "RAY_prestart_worker_first_driver"):
         env.pop(key, None)   # set by in-process searches of this test session
     proc = subprocess.Popen([sys.executable, "-c", GUARDED_MAIN, "--space", str(space)], cwd=tmp_path,
                             env=env, start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    listening, usage_stats, disk_monitor = set(), set(), set()
+    listening, usage_stats, disk_monitor, prestart = set(), set(), set(), set()
     try:
         while proc.poll() is None:
             driver = psutil.Process(proc.pid)
@@ -366,6 +368,7 @@ def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp
                         usage_stats.add((child.name(), child.environ().get("RAY_USAGE_STATS_ENABLED")))
                         if child.name() == "raylet":
                             disk_monitor.add(child.environ().get("RAY_local_fs_capacity_threshold"))
+                            prestart.add(child.environ().get("RAY_prestart_worker_first_driver"))
                 except psutil.Error:
                     continue
             time.sleep(0.3)
@@ -380,9 +383,62 @@ def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp
     assert {value for _, value in usage_stats} - {None} == {"0"}, usage_stats
     assert ("gcs_server", "0") in usage_stats and ("raylet", "0") in usage_stats, usage_stats
     assert disk_monitor == {"1"}, disk_monitor
+    assert prestart == {"0"}, prestart   # no idle workers that Tune's actors would not use
     assert "Token authentication" not in output, output
     token = home / ".ray" / "auth_token"
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+
+
+def test_stopping_a_local_ray_kills_its_monitor_first(monkeypatch):
+    """Ray would SIGTERM the autoscaler monitor after the GCS is gone and wait 1 s for it;
+    a cluster's driver holds no monitor and only disconnects."""
+    import ray
+
+    from tuning.cluster import stop_ray
+
+    calls: list[str] = []
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    for head, expected in ((True, ["kill_monitor", "shutdown"]), (False, ["shutdown"])):
+        calls.clear()
+        node = SimpleNamespace(head=head, kill_monitor=lambda check_alive: calls.append("kill_monitor"))
+        monkeypatch.setattr(ray._private.worker, "_global_node", node)
+        stop_ray()
+        assert calls == expected
+    monkeypatch.setattr(ray._private.worker, "_global_node", None)   # never started
+    calls.clear()
+    stop_ray()
+    assert calls == ["shutdown"]
+
+
+@pytest.mark.slow
+def test_a_real_local_ray_stops_with_its_monitor_killed_first(tmp_path):
+    """Against Ray itself: `Node.kill_monitor` still exists and ends the monitor at once
+    (no SIGTERM grace), before Ray stops the raylet; every process of the node is gone after."""
+    code = """
+import json
+from tuning.cluster import start_local_ray, stop_ray
+start_local_ray()
+import ray
+from ray._private.node import Node
+node = ray._private.worker._global_node
+processes = [info.process for infos in node.all_processes.values() for info in infos]
+kills = []
+real = Node._kill_process_type
+def record(self, process_type, *args, **kwargs):
+    kills.append([process_type, kwargs.get("allow_graceful", False)])
+    return real(self, process_type, *args, **kwargs)
+Node._kill_process_type = record
+stop_ray()
+print(json.dumps({"kills": kills, "alive": [p.pid for p in processes if p.poll() is None]}))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["kills"][0] == ["monitor", False], result
+    assert [kind for kind, _ in result["kills"]].index("raylet") > 0, result
+    assert result["alive"] == [], result
 
 
 def test_the_token_file_is_kept_private(tmp_path, monkeypatch, capsys):

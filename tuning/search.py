@@ -28,7 +28,7 @@ from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
 from headernet_core.threads import usable_cpus
 
-from .cluster import check_address, join_cluster, prepare_environment, start_local_ray
+from .cluster import check_address, join_cluster, prepare_environment, start_local_ray, stop_ray
 from . import resume_guard
 from .space import SearchSpace, find_space_file, load_space
 from .summary import TrialRecord, best_record, feature_cache_note, format_bytes, write_summary
@@ -582,7 +582,6 @@ def fit_and_summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, na
                       ) -> tuple[TrialRecord | None, list[TrialRecord], bool]:
     """Start (or join) Ray, run the trials, write the summary: (best, records, interrupted)."""
     start_ray(args.address, quiet=not args.verbose)
-    import ray  # after start_ray: Ray reads its settings from the environment when imported
     sigterm_as_sigint()  # ray.init installed its own SIGTERM handler (exit 1, no summary)
     stopping = None
     try:
@@ -598,13 +597,13 @@ def fit_and_summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, na
         interrupted = done < space.num_samples
         records = collect_records(space, search_dir, results, interrupted)
         # Stopping Ray (the local one this command started; from a cluster it only disconnects)
-        # is ~1.5 s of waiting for its processes to exit: done while the summary is written,
-        # which needs only the trial folders.
-        stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+        # is waiting for its processes to exit: done while the summary is written, which needs
+        # only the trial folders.
+        stopping = threading.Thread(target=stop_ray, name="ray-shutdown")
         stopping.start()
     finally:
         if stopping is None:
-            ray.shutdown()
+            stop_ray()
     try:
         best = summarise(args, space, search_dir, name, saved, records, interrupted)
     finally:
