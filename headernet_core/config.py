@@ -135,7 +135,7 @@ class TrainConfig:
                         cli=True)
     overwrite: bool = _opt(False, "replace an unfinished run of the same name (finished runs are kept)")
     tensorboard: bool = _opt(True, "write TensorBoard scalars to <run>/tb")
-    plots: bool = _opt(True, "write PNG curves to <run>/plots")
+    plots: bool = _opt(True, "write PNG curves to <run>/plots (at the run's end, at most once a minute during it)")
     progress: bool = _opt(True, "show a tqdm bar per epoch")
 
     # ---------------------------------------------------------------------------------

@@ -59,6 +59,10 @@ RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "gpus", "cpu", "tensor
                      "feature_cache_dir"}   # output_root, run_name: a run folder moved or renamed
 # Training steps between reads of the running loss from the device (the only host syncs).
 LOG_EVERY = 20
+# plots/ is drawn when a run ends and, during it, once its last drawing is this old: drawing
+# the four PNGs takes 0.25-0.5 s, ~5% of a demo search's epochs (paid in every epoch of every
+# trial), while an epoch of a real model takes minutes and still gets its curves every epoch.
+PLOT_EVERY_S = 60.0
 
 
 @dataclass
@@ -504,6 +508,7 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         _drop_stale_best(run_dir, state.best_epoch)
         log(f"resuming {run_dir} after epoch {state.epoch}")
 
+    plots = RunPlots(run_dir / "plots") if config.plots else None
     writer = None
     if config.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -547,13 +552,17 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                 _save_best(run_dir, model, config, prep.info, epoch, row,
                            predictions_frame(prep.val_df, prob, row["val_threshold"]))
                 state.best_epoch, state.best_metrics = epoch, row
+                if plots is not None:
+                    plots.best = (epoch, labels, prob)
             write_metrics_csv(run_dir, state.history)
             last = run_dir / "checkpoints" / "last.pt"
             checkpoints.save(last, _last_payload(model, optimizer, scheduler, scaler, config, prep.info, state))
             _drop_stale_best(run_dir, state.best_epoch)  # only now: last.pt points at the new best
-            _write_epoch_extras(run_dir, config, writer, row, state, prob, labels, is_best)
+            _write_scalars(writer, row, state.epoch)
             # Finished is recorded before the callback: a Tune scheduler may end the process there.
             last_epoch = state.epoch >= config.epochs
+            if plots is not None:
+                plots.draw(state, due_only=not last_epoch)
             write_status(run_dir, "finished" if last_epoch else "running", state.epoch)
             finished = last_epoch
             log(summary_line(config, row, is_best))
@@ -564,6 +573,8 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                     break
         else:
             status = "finished"
+        if plots is not None:
+            plots.draw(state)   # a run stopped early: its last epochs
         write_status(run_dir, status, state.epoch)
     except BaseException as exc:
         if finished:  # e.g. Ray Tune ended the process in the last epoch's callback
@@ -573,6 +584,8 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         else:
             write_status(run_dir, "failed" if isinstance(exc, Exception) else "interrupted",
                          state.epoch, error=f"{type(exc).__name__}: {exc}")
+        if plots is not None:   # after the status: a second Ctrl-C here loses only the plots
+            plots.draw_if_possible(state, log)
         raise
     finally:
         if writer is not None:
@@ -617,21 +630,52 @@ def _drop_stale_best(run_dir: Path, best_epoch: int | None) -> None:
             path.unlink()
 
 
-def _write_epoch_extras(run_dir: Path, config: TrainConfig, writer, row: dict[str, float],
-                        state: RunState, prob: np.ndarray, labels: np.ndarray, is_best: bool) -> None:
-    if writer is not None:
-        for key, value in row.items():
-            if key != "epoch" and value == value:  # skip NaN
-                group = "train" if key.startswith("train") else "lr" if key.startswith("lr_") else \
-                    "val" if key.startswith("val") else "speed"
-                writer.add_scalar(f"{group}/{key}", value, state.epoch)
-        writer.flush()
-    if config.plots:
+def _write_scalars(writer, row: dict[str, float], epoch: int) -> None:
+    if writer is None:
+        return
+    for key, value in row.items():
+        if key != "epoch" and value == value:  # skip NaN
+            group = "train" if key.startswith("train") else "lr" if key.startswith("lr_") else \
+                "val" if key.startswith("val") else "speed"
+            writer.add_scalar(f"{group}/{key}", value, epoch)
+    writer.flush()
+
+
+class RunPlots:
+    """plots/ of a run: drawn when the run ends, however it ends (finished, stopped by a
+    scheduler, interrupted, failed after an epoch), and during it once the last drawing is
+    PLOT_EVERY_S old. ROC and PR show the best epoch, kept here until drawn: redrawn only when
+    it changed (a resumed run whose best epoch came before the resume keeps the earlier ones)."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.best: tuple[int, np.ndarray, np.ndarray] | None = None   # (epoch, labels, prob)
+        self.drawn_best: int | None = None
+        self.drawn_epochs = 0
+        self.drawn_at = self.clock()   # the run's start: nothing drawn in its first minute
+
+    def draw(self, state: RunState, due_only: bool = False) -> None:
+        if not state.history or len(state.history) == self.drawn_epochs:
+            return
+        if due_only and self.clock() - self.drawn_at < PLOT_EVERY_S:
+            return
         from .plots import write_plots
-        # ROC and PR show the best epoch: drawn again only when it changes (half the plot time
-        # of an epoch, which a search pays for every epoch of every trial).
-        write_plots(run_dir / "plots", pd.DataFrame(state.history), labels if is_best else None,
-                    prob if is_best else None, state.best_epoch)
+
+        fresh = self.best if self.best is not None and self.best[0] != self.drawn_best else None
+        write_plots(self.folder, pd.DataFrame(state.history), *(fresh[1:] if fresh else (None, None)),
+                    state.best_epoch)
+        self.drawn_epochs, self.drawn_at = len(state.history), self.clock()
+        if fresh is not None:
+            self.drawn_best = fresh[0]
+
+    def draw_if_possible(self, state: RunState, log: Callable[[str], None]) -> None:
+        """At a run's error or interruption: the curves of its epochs, without hiding why it ended."""
+        try:
+            self.draw(state)
+        except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
+            log(f"warning: plots not drawn: {type(exc).__name__}: {exc}")
 
 
 # What `_last_payload` writes besides the model and `_restore` reads back.

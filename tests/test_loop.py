@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -217,7 +218,8 @@ def test_checked_splits_are_reused_until_the_csv_changes(tiny_data, monkeypatch)
         os.utime(tiny_data["train_csv"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_roc_and_pr_plots_are_redrawn_only_when_the_best_epoch_changes(tiny_config):
+def test_roc_and_pr_plots_are_redrawn_only_when_the_best_epoch_changes(tiny_config, monkeypatch):
+    monkeypatch.setattr(train_module, "PLOT_EVERY_S", 0.0)   # every epoch, as a run of long epochs
     seen = []
 
     def on_epoch(report) -> None:
@@ -231,6 +233,58 @@ def test_roc_and_pr_plots_are_redrawn_only_when_the_best_epoch_changes(tiny_conf
     for (_, roc_before, loss_before), (is_best, roc, loss) in zip(seen, seen[1:]):
         assert loss > loss_before  # the curves gain an epoch every time
         assert (roc != roc_before) == is_best
+
+
+def count_drawings(monkeypatch) -> list[list[int]]:
+    """The epochs of metrics_epoch each plots/ drawing had."""
+    import headernet_core.plots
+
+    drawings: list[list[int]] = []
+    real = headernet_core.plots.write_plots
+
+    def write_plots(folder, epochs, *args):
+        drawings.append(list(epochs["epoch"]))
+        return real(folder, epochs, *args)
+    monkeypatch.setattr(headernet_core.plots, "write_plots", write_plots)
+    return drawings
+
+
+@pytest.mark.parametrize("how", ["finished", "stopped", "interrupted"])
+def test_short_epochs_draw_their_plots_once_when_the_run_ends(tiny_config, monkeypatch, how):
+    """Within PLOT_EVERY_S of the last drawing no epoch draws: a search's tiny epochs would pay
+    for it in every epoch of every trial. However the run ends, its plots show every epoch."""
+    drawings = count_drawings(monkeypatch)
+
+    def on_epoch(report):
+        assert not (report.run_dir / "plots").exists() or report.epoch == 3
+        if report.epoch == 2 and how == "stopped":
+            return True                            # a scheduler's early stop
+        if report.epoch == 2 and how == "interrupted":
+            raise KeyboardInterrupt
+
+    config = tiny_config(epochs=3, plots=True)
+    if how == "interrupted":
+        with pytest.raises(KeyboardInterrupt):
+            train(config, on_epoch=on_epoch, log=lambda _: None)
+    else:
+        train(config, on_epoch=on_epoch, log=lambda _: None)
+    expected = [1, 2, 3] if how == "finished" else [1, 2]
+    assert drawings == [expected]
+    plots = Path(config.output_root) / config.run_name / "plots"
+    assert {p.name for p in plots.iterdir()} == {"loss.png", "metrics.png", "roc.png", "pr.png"}
+
+
+def test_a_long_run_redraws_its_plots_once_they_are_a_minute_old(tiny_config, monkeypatch):
+    drawings = count_drawings(monkeypatch)
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train_module.RunPlots, "clock", staticmethod(lambda: clock["now"]))
+
+    def on_epoch(report):
+        clock["now"] += 40.0 if report.epoch < 3 else 0.0   # epochs 1-2 take 40 s, 3 is quick
+
+    train(tiny_config(epochs=4, plots=True), on_epoch=on_epoch, log=lambda _: None)
+    # epoch 1 ends at 0 s (nothing due), 2 at 40, 3 at 80 (due: 80 >= 60), 4 is the run's end
+    assert drawings == [[1, 2, 3], [1, 2, 3, 4]]
 
 
 def test_the_search_driver_checks_csvs_and_clips_without_importing_torch(tiny_data):
