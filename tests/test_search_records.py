@@ -196,6 +196,59 @@ ray.shutdown()
     assert "SIGABRT" not in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_a_stopped_trial_draws_its_plots_while_tune_ends_its_actor(tmp_path):
+    """A trial that ASHA stops as the search ends draws its plots on its way out (the trainer
+    draws them when a run ends) while Tune ends the actor: the actor's exit waits for it, so
+    the plots are written and nothing aborts (a first version, before that wait, put a C++
+    terminate from matplotlib's font code on the console)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "plots"
+    code = f"""
+import os, time
+from tuning.cluster import start_local_ray
+start_local_ray()
+import ray
+
+@ray.remote(num_cpus=1)
+class Actor:
+    def start_trial(self):
+        import threading
+        from pathlib import Path
+        import numpy as np
+        from headernet_core.trainer import RunPlots, RunState
+        from tuning.trial import register_trial_thread
+        def trial():
+            register_trial_thread()
+            history = [{{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_f1": 0.5 + e / 10}}
+                       for e in (1, 2)]
+            plots = RunPlots(Path({str(folder)!r}))
+            plots.best = (2, np.array([0, 1, 0, 1, 1]), np.array([0.2, 0.7, 0.4, 0.9, 0.6]))
+            time.sleep(0.5)   # the report in which Tune stops the trial
+            plots.draw(RunState(epoch=2, history=history, best_epoch=2))
+        threading.Thread(target=trial, daemon=True).start()
+
+actor = Actor.remote()
+ray.get(actor.start_trial.remote())
+actor.__ray_terminate__.remote()
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and not os.path.exists({str(folder / "pr.png")!r}):
+    time.sleep(0.2)
+time.sleep(1)   # the actor's exit, and Ray's log lines about it, reach this driver
+ray.shutdown()
+"""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-2000:]
+    assert sorted(p.name for p in folder.iterdir()) == ["loss.png", "metrics.png", "pr.png", "roc.png"]
+    assert "SIGABRT" not in console and "terminate" not in console, console[-2000:]
+
+
 def test_the_summary_libraries_load_once_a_slot_is_idle_for_good(monkeypatch):
     """SummaryPrefetch: nothing while trials are still to start or every slot trains; once all
     have started and a slot is free, the imports start, once; a resumed search starts over."""
