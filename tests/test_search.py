@@ -461,6 +461,10 @@ def test_readme_demo_search(tmp_path):
     for t in summary["trials"]:  # ASHA's own record says which trials it stopped
         assert (t["status"] == "stopped_early") == (search_dir / t["name"] / "scheduler_stop.json").is_file()
     assert len({json.dumps(t["params"], sort_keys=True) for t in summary["trials"]}) == 8
+    # one actor per slot for the whole search: a stopped trial's ending (its plots) never made
+    # Tune throw its actor away for a cold one
+    pids = {json.loads((search_dir / t["name"] / "trial.json").read_text())["pid"] for t in summary["trials"]}
+    assert len(pids) == 2, pids
     assert summary["best_trial"]["objective"] > 0.8
     assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
     assert "best trial" in result.stdout and summary["best_trial"]["checkpoint_abs"] in result.stdout
