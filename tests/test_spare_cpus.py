@@ -131,32 +131,31 @@ def test_a_trial_takes_the_share_mid_epoch_for_cores_idle_beside_it(tmp_path, mo
         "cpu threads: 2 -> 1 (1 cores per trial: a trial started again)"
 
 
-def test_busy_cores_are_looked_at_again_and_loader_threads_keep_theirs(tmp_path, monkeypatch, one_thread):
+def test_busy_cores_are_watched_until_free_and_loader_threads_keep_theirs(tmp_path, monkeypatch, one_thread):
     machine, lines = Machine(monkeypatch, cores=4), []
     take = SpareCpuTaker(tmp_path, 1, 1, log=lines.append, clock=lambda: machine.now)
     share(tmp_path, 4)
     take()
     machine.run(0.5, idle=0.5)                    # another process (the summary's imports) holds them
     take()
-    assert torch.get_num_threads() == 1 and lines == []
-    machine.run(1.0, idle=3.0)
-    take()                                        # not before RETRY_S
+    assert torch.get_num_threads() == 1 and lines == [] and machine.reads == 2
+    machine.run(0.2, idle=3.0)
+    take()                                        # one window per CHECK_S
     assert machine.reads == 2
-    machine.run(1.0, idle=3.0)
-    take()                                        # watch again...
-    machine.run(0.5, idle=1.0)
-    take()                                        # ...one more core is free: take it, retry later
-    assert torch.get_num_threads() == 2
-    machine.run(2.0, idle=2.0)
+    machine.run(0.3, idle=1.0)                    # the window since the busy one: one core free
     take()
+    assert torch.get_num_threads() == 2 and machine.reads == 3
     machine.run(0.5, idle=2.0)
     take()                                        # 4 cores less 1 loader thread: 3, and no more
     assert torch.get_num_threads() == 3 and len(lines) == 2
-    machine.run(0.5, idle=None)                   # no /proc/stat: stays as it is
-    share(tmp_path, 8)
     for _ in range(3):
+        machine.run(0.5, idle=2.0)
         take()
+    assert machine.reads == 4                     # done watching: the share is taken
+    share(tmp_path, 8)
+    for _ in range(3):                            # no /proc/stat: stays as it is
         machine.run(0.5, idle=None)
+        take()
     assert torch.get_num_threads() == 3
 
 

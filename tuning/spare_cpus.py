@@ -76,7 +76,6 @@ class SpareCpus(Callback):
 
 
 CHECK_S = 0.5   # how often a trial reads the share, and how long it watches the cores before taking them
-RETRY_S = 2.0   # after the cores were busy (e.g. the driver loading the summary's libraries)
 
 
 class SpareCpuTaker:
@@ -85,8 +84,9 @@ class SpareCpuTaker:
 
     At most every CHECK_S it reads the trial's share. Fewer threads are set at once. More are
     set only for cores that were idle over the next CHECK_S while this trial kept training, so
-    its own threads are not counted and it never pauses to measure; cores found busy are
-    looked at again after RETRY_S. `base_threads`, the trial's own allocation, is the floor."""
+    its own threads are not counted and it never pauses to measure; while they are busy (e.g.
+    the driver loading the summary's libraries, ~2 s) it keeps watching, window after window,
+    at the cost of reading /proc/stat. `base_threads`, the trial's own allocation, is the floor."""
 
     def __init__(self, search_dir: str | Path, base_threads: int, num_workers: int,
                  log: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic) -> None:
@@ -128,7 +128,8 @@ class SpareCpuTaker:
 
         from headernet_core.threads import cpu_times, idle_between
 
-        idle = idle_between(self.watching[1], cpu_times())
+        now = cpu_times()
+        idle = idle_between(self.watching[1], now)
         self.watching = None
         current = torch.get_num_threads()
         target = max(self.base_threads, share - self.num_workers)
@@ -140,7 +141,7 @@ class SpareCpuTaker:
         if grown >= target:
             self.share = share
         else:
-            self.next_check = self.clock() + RETRY_S
+            self.watching = (share, now)   # the next window starts where this one ended
         if grown > current:
             self._set(current, grown, f"{share} cores per trial now that fewer trials run, "
                                       f"{idle:.1f} idle beside this trial")
