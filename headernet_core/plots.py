@@ -150,3 +150,38 @@ def write_plots(plot_dir: Path, epochs: pd.DataFrame, labels: np.ndarray | None,
     written.append(_roc_plot(plot_dir / "roc.png", y, p, f"ROC, validation{suffix}"))
     written.append(_pr_plot(plot_dir / "pr.png", y, p, f"Precision-recall, validation{suffix}"))
     return written
+
+
+def plots_outdated(run_dir: str | Path) -> bool:
+    """Whether a run folder's plots/ lacks what its artifacts give: loss/metrics curves older
+    than metrics_epoch.csv, or ROC/PR older than val_predictions.csv (or missing)."""
+    run_dir = Path(run_dir)
+    metrics, predictions, plots = run_dir / "metrics_epoch.csv", run_dir / "val_predictions.csv", run_dir / "plots"
+
+    def older(png: Path, source: Path) -> bool:
+        return not png.is_file() or png.stat().st_mtime_ns < source.stat().st_mtime_ns
+
+    if not metrics.is_file():
+        return False   # no epoch yet: nothing to draw
+    if older(plots / "loss.png", metrics) or older(plots / "metrics.png", metrics):
+        return True
+    return predictions.is_file() and (older(plots / "roc.png", predictions) or older(plots / "pr.png", predictions))
+
+
+def write_run_plots(run_dir: str | Path) -> list[Path]:
+    """plots/ of a run folder drawn from its artifacts alone (metrics_epoch.csv,
+    best_metrics.json, val_predictions.csv), as the trainer draws them, for a run whose process
+    ended before it could: a search's trial stopped as the search ends, whose actor Ray ends
+    right after the trial's last report. Temp files of a drawing cut short are removed."""
+    from .artifacts import read_json_dict, remove_stale_temps
+
+    run_dir = Path(run_dir)
+    remove_stale_temps(run_dir / "plots")
+    epochs = pd.read_csv(run_dir / "metrics_epoch.csv")
+    best_epoch = read_json_dict(run_dir / "best_metrics.json").get("epoch")
+    labels = prob = None
+    if (run_dir / "val_predictions.csv").is_file():
+        predictions = pd.read_csv(run_dir / "val_predictions.csv", usecols=["label", "prob_header"])
+        labels, prob = predictions["label"].to_numpy(), predictions["prob_header"].to_numpy()
+    return write_plots(run_dir / "plots", epochs, labels, prob,
+                       int(best_epoch) if isinstance(best_epoch, (int, float)) else None)

@@ -94,3 +94,59 @@ def test_leaves_pyplot_and_backend_alone(tmp_path):
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "roc.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_run_folder_whose_plots_were_cut_short_is_drawn_from_its_artifacts(tiny_config):
+    """A search's trial stopped as the search ends loses its actor right after its last report:
+    its plots are drawn afterwards from metrics_epoch.csv, best_metrics.json and
+    val_predictions.csv (tuning.summary.complete_trial_plots)."""
+    import os
+
+    from headernet_core.plots import plots_outdated, write_run_plots
+    from headernet_core.trainer import train
+
+    result = train(tiny_config(epochs=2, plots=True), log=lambda _: None)
+    run, plots = result.run_dir, result.run_dir / "plots"
+    assert not plots_outdated(run)
+    (plots / "roc.png").unlink()
+    (plots / "pr.png").unlink()
+    (plots / ".pr.png.0a1b2c3d.tmp").write_bytes(b"half a png")   # the drawing the kill cut short
+    assert plots_outdated(run)
+    written = write_run_plots(run)
+    _assert_pngs(plots, written, ["loss.png", "metrics.png", "roc.png", "pr.png"])
+    assert not plots_outdated(run)
+    later = (run / "metrics_epoch.csv").stat().st_mtime_ns + 10**9   # an epoch after the drawing
+    os.utime(run / "metrics_epoch.csv", ns=(later, later))
+    assert plots_outdated(run)
+    (run / "metrics_epoch.csv").unlink()
+    assert not plots_outdated(run)   # no epoch: nothing to draw
+
+
+def test_the_summary_completes_the_plots_of_trials_that_ended_without_them(tiny_config, tmp_path):
+    from types import SimpleNamespace
+
+    import yaml
+
+    from tuning.summary import complete_trial_plots
+
+    search = tmp_path / "runs"
+    cut = train_run(tiny_config, "t001_cut")
+    off = train_run(tiny_config, "t002_off")
+    broken = train_run(tiny_config, "t003_broken")
+    for run in (cut, off, broken):
+        for png in (run / "plots").iterdir():
+            png.unlink()
+    config = yaml.safe_load((off / "config.yaml").read_text())
+    (off / "config.yaml").write_text(yaml.safe_dump({**config, "plots": False}))   # not wanted
+    (broken / "metrics_epoch.csv").write_text("not,a\nmetrics table")
+    records = [SimpleNamespace(name=run.name) for run in (cut, off, broken)]
+    problems = complete_trial_plots(search, records)
+    assert sorted(p.name for p in (cut / "plots").iterdir()) == ["loss.png", "metrics.png", "pr.png", "roc.png"]
+    assert list((off / "plots").iterdir()) == []
+    assert len(problems) == 1 and problems[0].startswith("warning: plots of t003_broken not drawn: ")
+
+
+def train_run(tiny_config, name: str) -> Path:
+    from headernet_core.trainer import train
+
+    return train(tiny_config(epochs=1, plots=True, run_name=name), log=lambda _: None).run_dir

@@ -465,6 +465,11 @@ def test_readme_demo_search(tmp_path):
     # Tune throw its actor away for a cold one
     pids = {json.loads((search_dir / t["name"] / "trial.json").read_text())["pid"] for t in summary["trials"]}
     assert len(pids) == 2, pids
+    # every trial's plots, also those of the trials stopped as the search ended (their actors
+    # end right after their last report: the summary draws what they could not)
+    for t in summary["trials"]:
+        assert sorted(p.name for p in (search_dir / t["name"] / "plots").iterdir()) == \
+            ["loss.png", "metrics.png", "pr.png", "roc.png"], t["name"]
     assert summary["best_trial"]["objective"] > 0.8
     assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
     assert "best trial" in result.stdout and summary["best_trial"]["checkpoint_abs"] in result.stdout

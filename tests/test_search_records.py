@@ -198,10 +198,12 @@ ray.shutdown()
 
 @pytest.mark.slow
 def test_a_stopped_trial_draws_its_plots_while_tune_ends_its_actor(tmp_path):
-    """A trial that ASHA stops as the search ends draws its plots on its way out (the trainer
-    draws them when a run ends) while Tune ends the actor: the actor's exit waits for it, so
-    the plots are written and nothing aborts (a first version, before that wait, put a C++
-    terminate from matplotlib's font code on the console)."""
+    """A stopped trial draws its plots on its way out (the trainer draws them when a run ends)
+    while Tune ends the actor with `__ray_terminate__` (the end of a search): the actor's exit
+    waits for the thread, so the plots are written and nothing aborts (a first version, before
+    that wait, put a C++ terminate from matplotlib's font code on the console). An actor Tune
+    drops instead gets SIGTERM and exits at once: the summary draws those trials' plots
+    (tuning.summary.complete_trial_plots)."""
     import os
     import subprocess
     import sys

@@ -31,7 +31,8 @@ from headernet_core.threads import usable_cpus
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray, stop_ray
 from . import resume_guard
 from .space import SearchSpace, find_space_file, load_space
-from .summary import TrialRecord, best_record, feature_cache_note, format_bytes, write_summary
+from .summary import (TrialRecord, best_record, complete_trial_plots, feature_cache_note, format_bytes,
+                      write_summary)
 from .trial import (OBJECTIVE, QUIET_HOOK, SCHEDULER_STOP, one_line_error, run_trial,
                     search_warnings, trial_dirname)
 
@@ -633,6 +634,8 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
     cache_note = feature_cache_note(search_dir, records)
     if cache_note:
         notes.append(cache_note)
+    for line in complete_trial_plots(search_dir, records):
+        print(line, file=sys.stderr)
     size = folder_bytes(search_dir)
     write_summary(search_dir, name=name, metric=space.metric, mode=space.mode,
                   space_params=space.params, records=records,

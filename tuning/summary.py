@@ -139,6 +139,28 @@ def feature_cache_note(search_dir: Path, records: Sequence[TrialRecord]) -> str 
 
 
 # --- the summary ----------------------------------------------------------------------------
+def complete_trial_plots(search_dir: Path, records: Sequence[TrialRecord]) -> list[str]:
+    """Draw, from its artifacts, the plots/ of every trial that ended without them. A trial
+    draws its plots when it ends, but one stopped as the search ends is in an actor Ray ends
+    right after the trial's last report (SIGTERM; the process exits without waiting for the
+    trial's thread): usually the last one or two. Returns a warning line per trial that could
+    not be drawn (the summary goes on)."""
+    import yaml
+
+    from headernet_core.plots import plots_outdated, write_run_plots
+
+    problems = []
+    for record in records:
+        run_dir = Path(search_dir) / record.name
+        try:
+            config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+            if isinstance(config, dict) and config.get("plots", True) and plots_outdated(run_dir):
+                write_run_plots(run_dir)
+        except Exception as exc:  # noqa: BLE001 - one trial's plots never stop the summary
+            problems.append(f"warning: plots of {record.name} not drawn: {type(exc).__name__}: {exc}")
+    return problems
+
+
 def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
                   space_params: Sequence[Param], records: Sequence[TrialRecord], state: str,
                   disk_bytes: int, notes: Sequence[str] = (),
