@@ -195,7 +195,7 @@ def stop_ray() -> None:
     if node is not None and getattr(node, "head", False):
         try:
             node.kill_monitor(check_alive=False)
-        except Exception:  # noqa: BLE001 - Ray's shutdown below still ends it
+        except Exception:  # noqa: BLE001, S110 - Ray's shutdown below still ends it
             pass
     ray.shutdown()
 
