@@ -150,15 +150,17 @@ started.wait()
     assert done.is_file()   # the thread ran to its end before the process exited
 
 
-@pytest.mark.slow
-def test_a_ray_actor_ended_by_tune_lets_its_trial_thread_finish(tmp_path):
-    """The same through Ray: Tune ends an actor with `__ray_terminate__` while its trial thread
-    runs torch. Without the wait, Ray printed "*** SIGABRT received ***" and its C++ stack."""
+def end_actor_during_trial(tmp_path, imports: str, trial_body: str, done: Path) -> str:
+    """Run `trial_body` (statements, after `register_trial_thread()`) on a Tune-like trial
+    thread of a Ray actor that is ended with `__ray_terminate__` meanwhile, as Tune ends its
+    actors at the end of a search; wait for `done` to exist. `imports` run in the actor before
+    the thread starts (as a real trial has imported everything long before it ends: an import
+    on a thread while the interpreter shuts down fails by itself). Returns the driver's console."""
     import os
     import subprocess
     import sys
+    import textwrap
 
-    done = tmp_path / "thread_finished"
     code = f"""
 import os, time
 from tuning.cluster import start_local_ray
@@ -168,15 +170,12 @@ import ray
 @ray.remote(num_cpus=1)
 class Actor:
     def start_trial(self):
-        import threading, torch
+        import threading
         from tuning.trial import register_trial_thread
+{textwrap.indent(textwrap.dedent(imports), " " * 8)}
         def trial():
             register_trial_thread()
-            x = torch.randn(400, 400)
-            end = time.monotonic() + 1.0
-            while time.monotonic() < end:
-                (x @ x).relu_()
-            open({str(done)!r}, "w").close()
+{textwrap.indent(textwrap.dedent(trial_body), " " * 12)}
         threading.Thread(target=trial, daemon=True).start()
 
 actor = Actor.remote()
@@ -191,9 +190,25 @@ ray.shutdown()
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert done.is_file(), out.stdout[-2000:] + out.stderr[-2000:]
-    assert "SIGABRT" not in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-2000:]
+    return console
+
+
+@pytest.mark.slow
+def test_a_ray_actor_ended_by_tune_lets_its_trial_thread_finish(tmp_path):
+    """The same through Ray: Tune ends an actor with `__ray_terminate__` while its trial thread
+    runs torch. Without the wait, Ray printed "*** SIGABRT received ***" and its C++ stack."""
+    done = tmp_path / "thread_finished"
+    console = end_actor_during_trial(tmp_path, "import torch", f"""
+        x = torch.randn(400, 400)
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            (x @ x).relu_()
+        open({str(done)!r}, "w").close()
+    """, done)
+    assert done.is_file(), console[-2000:]
+    assert "SIGABRT" not in console, console[-2000:]
 
 
 @pytest.mark.slow
@@ -204,49 +219,19 @@ def test_a_stopped_trial_draws_its_plots_while_tune_ends_its_actor(tmp_path):
     that wait, put a C++ terminate from matplotlib's font code on the console). An actor Tune
     drops instead gets SIGTERM and exits at once: the summary draws those trials' plots
     (tuning.summary.complete_trial_plots)."""
-    import os
-    import subprocess
-    import sys
-
     folder = tmp_path / "plots"
-    code = f"""
-import os, time
-from tuning.cluster import start_local_ray
-start_local_ray()
-import ray
-
-@ray.remote(num_cpus=1)
-class Actor:
-    def start_trial(self):
-        import threading
+    console = end_actor_during_trial(tmp_path, """
         from pathlib import Path
         import numpy as np
-        from headernet_core.trainer import RunPlots, RunState
-        from tuning.trial import register_trial_thread
-        def trial():
-            register_trial_thread()
-            history = [{{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_f1": 0.5 + e / 10}}
-                       for e in (1, 2)]
-            plots = RunPlots(Path({str(folder)!r}))
-            plots.best = (2, np.array([0, 1, 0, 1, 1]), np.array([0.2, 0.7, 0.4, 0.9, 0.6]))
-            time.sleep(0.5)   # the report in which Tune stops the trial
-            plots.draw(RunState(epoch=2, history=history, best_epoch=2))
-        threading.Thread(target=trial, daemon=True).start()
-
-actor = Actor.remote()
-ray.get(actor.start_trial.remote())
-actor.__ray_terminate__.remote()
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline and not os.path.exists({str(folder / "pr.png")!r}):
-    time.sleep(0.2)
-time.sleep(1)   # the actor's exit, and Ray's log lines about it, reach this driver
-ray.shutdown()
-"""
-    repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
-    console = out.stdout + out.stderr
-    assert out.returncode == 0, console[-2000:]
+        from headernet_core.trainer import RunPlots, RunState   # matplotlib: on the thread, as in a trial
+    """, f"""
+        history = [{{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_f1": 0.5 + e / 10}}
+                   for e in (1, 2)]
+        plots = RunPlots(Path({str(folder)!r}))
+        plots.best = (2, np.array([0, 1, 0, 1, 1]), np.array([0.2, 0.7, 0.4, 0.9, 0.6]))
+        time.sleep(0.5)   # the report in which Tune stops the trial
+        plots.draw(RunState(epoch=2, history=history, best_epoch=2))
+    """, folder / "pr.png")
     assert sorted(p.name for p in folder.iterdir()) == ["loss.png", "metrics.png", "pr.png", "roc.png"]
     assert "SIGABRT" not in console and "terminate" not in console, console[-2000:]
 
