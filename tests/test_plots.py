@@ -150,3 +150,58 @@ def train_run(tiny_config, name: str) -> Path:
     from headernet_core.trainer import train
 
     return train(tiny_config(epochs=1, plots=True, run_name=name), log=lambda _: None).run_dir
+
+
+def test_the_summary_waits_for_a_trial_process_still_drawing(tiny_config, monkeypatch):
+    """A trial's actor may still be drawing its plots while Ray shuts down: the summary waits
+    for that process (on this machine) before it removes the drawing's temp files and draws
+    what is missing, so the two never write the same folder at once."""
+    import subprocess
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    import tuning.summary
+    from headernet_core.locks import owner_record
+    from headernet_core.status import write_status
+    from tuning.summary import complete_trial_plots
+
+    run = train_run(tiny_config, "t001_ending")
+    for png in (run / "plots").iterdir():
+        png.unlink()
+    temp = run / "plots" / ".roc.png.f3d5b710.tmp"
+    records = [SimpleNamespace(name=run.name)]
+
+    def owned_by(seconds: float) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+        threading.Thread(target=proc.wait, daemon=True).start()   # reaped at exit, as Ray's are
+        monkeypatch.setattr("headernet_core.locks.os.getpid", lambda: proc.pid)
+        write_status(run, "stopped", 1)   # as the trial's process records itself
+        monkeypatch.undo()
+        assert read_pid(run) == proc.pid and owner_record()["pid"] != proc.pid
+        return proc
+
+    ending = owned_by(1.0)
+    temp.write_bytes(b"half a png")
+    assert complete_trial_plots(run.parent, records) == []
+    assert ending.poll() is not None   # waited for
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["loss.png", "metrics.png", "pr.png", "roc.png"]
+
+    for png in (run / "plots").iterdir():
+        png.unlink()
+    temp.write_bytes(b"half a png")
+    monkeypatch.setattr(tuning.summary, "EXIT_WAIT_S", 0.2)
+    stuck = owned_by(60.0)
+    try:
+        problems = complete_trial_plots(run.parent, records)
+    finally:
+        stuck.kill()
+        stuck.wait()
+    assert problems == [f"warning: plots of {run.name} not checked: its process {stuck.pid} still runs"]
+    assert [p.name for p in (run / "plots").iterdir()] == [temp.name]   # left to its owner
+
+
+def read_pid(run: Path) -> int:
+    import json
+
+    return json.loads((run / "status.json").read_text())["pid"]

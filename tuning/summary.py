@@ -139,22 +139,45 @@ def feature_cache_note(search_dir: Path, records: Sequence[TrialRecord]) -> str 
 
 
 # --- the summary ----------------------------------------------------------------------------
+EXIT_WAIT_S = 5.0   # for trial processes still ending (tuning.trial waits up to 3 s for its thread)
+
+
 def complete_trial_plots(search_dir: Path, records: Sequence[TrialRecord]) -> list[str]:
     """Draw, from its artifacts, the plots/ of every trial that ended without them. A trial
     draws its plots when it ends, but one stopped as the search ends is in an actor Ray ends
     right after the trial's last report (SIGTERM; the process exits without waiting for the
-    trial's thread): usually the last one or two. Returns a warning line per trial that could
-    not be drawn (the summary goes on)."""
+    trial's thread), or that is still drawing while Ray shuts down: usually the last one or
+    two. A trial's process still running on this machine is waited for first (EXIT_WAIT_S in
+    all), so nothing draws beside it and the temp files of a drawing it could not finish are
+    removed. Returns a warning line per trial that could not be drawn (the summary goes on)."""
+    import os
+    import time
+
     import yaml
 
+    from headernet_core.artifacts import remove_stale_temps
+    from headernet_core.locks import owner_alive
     from headernet_core.plots import plots_outdated, write_run_plots
+    from headernet_core.status import read_status_record
 
     problems = []
+    deadline = time.monotonic() + EXIT_WAIT_S
     for record in records:
         run_dir = Path(search_dir) / record.name
         try:
             config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
-            if isinstance(config, dict) and config.get("plots", True) and plots_outdated(run_dir):
+            if not (isinstance(config, dict) and config.get("plots", True)):
+                continue
+            owner = read_status_record(run_dir)   # the trial's process (another host's: not waited for)
+            if owner.get("pid") == os.getpid():
+                owner = {}   # trained in this process (not through Ray): it has ended
+            while owner_alive(owner, None) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if owner_alive(owner, None):
+                problems.append(f"warning: plots of {record.name} not checked: its process {owner.get('pid')} still runs")
+                continue
+            remove_stale_temps(run_dir / "plots")
+            if plots_outdated(run_dir):
                 write_run_plots(run_dir)
         except Exception as exc:  # noqa: BLE001 - one trial's plots never stop the summary
             problems.append(f"warning: plots of {record.name} not drawn: {type(exc).__name__}: {exc}")
