@@ -153,9 +153,8 @@ def complete_trial_plots(search_dir: Path, records: Sequence[TrialRecord]) -> li
     import os
     import time
 
-    import yaml
-
     from headernet_core.artifacts import remove_stale_temps
+    from headernet_core.config import load_yaml_mapping
     from headernet_core.locks import owner_alive
     from headernet_core.plots import plots_outdated, write_run_plots
     from headernet_core.status import read_status_record
@@ -165,8 +164,7 @@ def complete_trial_plots(search_dir: Path, records: Sequence[TrialRecord]) -> li
     for record in records:
         run_dir = Path(search_dir) / record.name
         try:
-            config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
-            if not (isinstance(config, dict) and config.get("plots", True)):
+            if not (run_dir / "config.yaml").is_file() or not load_yaml_mapping(run_dir / "config.yaml").get("plots", True):
                 continue
             owner = read_status_record(run_dir)   # the trial's process (another host's: not waited for)
             if owner.get("pid") == os.getpid():
