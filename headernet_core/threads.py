@@ -62,6 +62,12 @@ def idle_cpus(sample_s: float = SAMPLE_S) -> float | None:
     return idle_between(before, cpu_times())
 
 
+def free_cores(idle: float) -> int:
+    """Idle cores that count as free: a core counts when it was at least 90% idle (an OpenMP
+    thread on a core another process wants even half the time stalls every parallel op)."""
+    return int(idle + 0.1)
+
+
 def choose_threads(requested: int | None, num_workers: int) -> tuple[int | None, str]:
     """(threads to set, or None to leave torch's choice; why) for a CPU run."""
     if requested is not None:
@@ -70,9 +76,7 @@ def choose_threads(requested: int | None, num_workers: int) -> tuple[int | None,
         return None, "OMP_NUM_THREADS"
     cores = len(usable_cpus())
     idle = idle_cpus()
-    # A core counts as idle when it was at least 90% idle: an OpenMP thread on a core that
-    # another process wants even half the time stalls every parallel op.
-    free = cores if idle is None else min(cores, int(idle + 0.1))
+    free = cores if idle is None else min(cores, free_cores(idle))
     return max(1, free - num_workers), f"{cores} cores, {'?' if idle is None else f'{idle:.1f}'} idle, " \
                                        f"{num_workers} loader threads"
 

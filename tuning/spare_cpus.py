@@ -115,7 +115,7 @@ class SpareCpuTaker:
         from headernet_core.threads import cpu_times
 
         current = torch.get_num_threads()
-        target = max(self.base_threads, share - self.num_workers)
+        target = self._target(share)
         if target > current:
             self.watching = (share, cpu_times())
             return
@@ -126,18 +126,17 @@ class SpareCpuTaker:
     def _grow(self, share: int) -> None:
         import torch
 
-        from headernet_core.threads import cpu_times, idle_between
+        from headernet_core.threads import cpu_times, free_cores, idle_between
 
         now = cpu_times()
         idle = idle_between(self.watching[1], now)
         self.watching = None
         current = torch.get_num_threads()
-        target = max(self.base_threads, share - self.num_workers)
+        target = self._target(share)
         if idle is None:   # unknown (no /proc/stat): keep the trial's own threads
             self.share = share
             return
-        # A core counts when it was at least 90% idle (the rule of headernet_core/threads.py).
-        grown = min(target, current + int(idle + 0.1))
+        grown = min(target, current + free_cores(idle))
         if grown >= target:
             self.share = share
         else:
@@ -145,6 +144,10 @@ class SpareCpuTaker:
         if grown > current:
             self._set(current, grown, f"{share} cores per trial now that fewer trials run, "
                                       f"{idle:.1f} idle beside this trial")
+
+    def _target(self, share: int) -> int:
+        """The threads a share gives: less the loader threads, never below the trial's own."""
+        return max(self.base_threads, share - self.num_workers)
 
     def _set(self, current: int, threads: int, why: str) -> None:
         import torch
