@@ -189,7 +189,7 @@ def test_compose_takes_the_head_address_from_the_shell_and_shares_the_token():
 def test_the_readmes_docker_commands_name_what_exists():
     services = compose()["services"]
     texts = [(DOCKER / "README.md").read_text(), (REPO / "README.md").read_text(),
-             (DOCKER / "docker-compose.yaml").read_text()]
+             (DOCKER / "docker-compose.yaml").read_text(), (REPO / "docs" / "scale_out.md").read_text()]
     used = set()
     for text in texts:
         for match in re.finditer(r"docker compose -f (\S+) (up -d|exec) (\w+)", text):
@@ -204,10 +204,12 @@ def test_the_readmes_docker_commands_name_what_exists():
 
 
 def test_every_documented_search_command_parses():
-    """Every `python -m tuning.search` in both READMEs, the compose file and ray-cluster.yaml
-    is accepted by the search's parser; in a container, its paths are under the mounts."""
+    """Every `python -m tuning.search` in both READMEs, the docs pages, the compose file and
+    ray-cluster.yaml is accepted by the search's parser; in a container, its paths are under
+    the mounts."""
     sources = {REPO / "README.md": False, DOCKER / "README.md": True,
-               DOCKER / "docker-compose.yaml": True, DOCKER / "ray-cluster.yaml": True}
+               DOCKER / "docker-compose.yaml": True, DOCKER / "ray-cluster.yaml": True,
+               **{page: False for page in sorted((REPO / "docs").glob("*.md"))}}
     found = 0
     for path, in_container in sources.items():
         text = path.read_text().replace("\\\n#", " ").replace("\\\n", " ")
