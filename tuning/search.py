@@ -225,15 +225,14 @@ def check_checkpoints(space: SearchSpace) -> None:
         variant = values.get("vmae_variant")
         if values.get("backbone") != "vmae" or variant == "tiny":  # the random test model has no files
             continue
-        from headernet_core.backbones.videomae import FOLDERS  # imports torch: only when needed
+        # imports torch: only when needed
+        from headernet_core.backbones.videomae import FOLDER_FILES, published_folder
 
-        if variant not in FOLDERS:
-            continue
-        folder = Path(values["checkpoint_root"]) / FOLDERS[variant]
-        missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
-        if missing:
+        folder = published_folder(variant, values["checkpoint_root"])
+        missing = [f for f in FOLDER_FILES if not (folder / f).is_file()] if folder else []
+        if folder and missing:
             fail(f"{space.path}: vmae_variant {variant} needs {folder / missing[0]} "
-                 f"(download OpenGVLab/{FOLDERS[variant]} or set checkpoint_root/backbone_ckpt)")
+                 f"(download OpenGVLab/{folder.name} or set checkpoint_root/backbone_ckpt)")
 
 
 def check_local_gpus(space: SearchSpace, address: str | None) -> None:

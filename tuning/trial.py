@@ -220,7 +220,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
 
     register_trial_thread()
 
-    from headernet_core.features import CACHE_DIRNAME
+    from headernet_core.features import cache_dir
     from headernet_core.trainer import train
 
     from .spare_cpus import SpareCpuTaker
@@ -250,7 +250,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         # The trial's CPUs are shared by torch's intra-op threads and the loader threads.
         threads=config.threads or max(1, cpus - num_workers),
         # Every trial (and every search) on this storage shares one frozen-feature cache.
-        feature_cache_dir=config.feature_cache_dir or str(Path(search_dir).parent / CACHE_DIRNAME),
+        feature_cache_dir=str(cache_dir(config.replace(output_root=str(Path(search_dir).parent)))),
         # The trial's best epoch is the objective's best epoch.
         select_metric=space.metric)
     take_spare_cpus = SpareCpuTaker(search_dir, config.threads, num_workers,
