@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_json, write_text
-from headernet_core.config import TrainConfig
+from headernet_core.config import TrainConfig, fields_with_role
 from headernet_core.errors import CliParser, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 # Trainer keys holding paths: made absolute in the driver, because Ray runs each trial in its
 # own working directory (and on other machines with the same shared paths).
-PATH_KEYS = ("train_csv", "val_csv", "backbone_ckpt", "checkpoint_root", "output_root")
+PATH_KEYS = fields_with_role("path")
 SEARCH_RECORD = "search.json"   # how the search was started, so --resume rebuilds the same space
 SPACE_COPY = "space.yaml"
 # What a search folder holds before Ray first writes to it: a new search may reuse such a folder
