@@ -61,7 +61,8 @@ ROLES: dict[str, str] = {
            "it, as the search's storage; the others a space may not fix)",
     "device": "where and with how many threads the run executes, not what it learns (devices, "
               "loader and torch threads, the progress bar): a trial's Ray slot decides them "
-              "(threads only when the space leaves it unset) and a retrain chooses them afresh",
+              "(threads only when the space leaves it unset) and a retrain chooses them afresh; "
+              "compile is not one: a retrain keeps the trial's",
     "path": "a file or folder path: a search makes it absolute against the folder it started "
             "in, since trials run elsewhere",
     "resumable": "may differ when a stopped run is resumed (every run and device setting, the "
@@ -86,7 +87,8 @@ def _opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Field names are the CLI flags and the YAML keys."""
+    """Everything a training run needs. Field names are the CLI flags and the YAML keys;
+    `roles=` (see ROLES) puts a field into the key lists other code derives."""
 
     # --- data -------------------------------------------------------------------------
     train_csv: str | None = _opt(None, "training split CSV (columns path,label[,video_id,half,frame,...])",

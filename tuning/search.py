@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_json, write_text
-from headernet_core.config import TrainConfig, fields_with_role
+from headernet_core.config import TrainConfig, fields_with_role, format_value
 from headernet_core.errors import CliParser, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
@@ -672,7 +672,7 @@ def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord
     if best is None:
         print("no best trial: no trial finished an epoch without failing")
     else:
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+        params = ", ".join(f"{k}={format_value(v, 3, None)}" for k, v in best.params.items())
         print(f"best trial {best.name}: {space.metric} {best.objective:.4f} at epoch {best.best_epoch} ({params})")
         if best.checkpoint:
             print(f"best checkpoint: {search_dir / best.checkpoint}")
