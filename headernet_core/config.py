@@ -52,32 +52,26 @@ SELECTABLE_METRICS: dict[str, str] = {
 }
 
 
-# Roles some fields play outside their own meaning. Every list of such keys (what a retrain
-# chooses afresh, what a trial sets itself, what a search makes absolute, what --resume may
-# change) is `fields_with_role(...)` or a set rule over these; a field may have several roles.
-ROLES: dict[str, str] = {
-    "run": "names the run folder or how a run starts in it: a Tune trial sets these itself and "
-           "a retrain chooses them afresh (output_root is also a path: a search space may choose "
-           "it, as the search's storage; the others a space may not fix)",
-    "device": "where and with how many threads the run executes, not what it learns (devices, "
-              "loader and torch threads, the progress bar): a trial's Ray slot decides them "
-              "(threads only when the space leaves it unset) and a retrain chooses them afresh; "
-              "compile is not one: a retrain keeps the trial's",
-    "path": "a file or folder path: a search makes it absolute against the folder it started "
-            "in, since trials run elsewhere",
-    "resumable": "may differ when a stopped run is resumed (every run and device setting, the "
-                 "epoch count, logging, compile, the feature-cache folder); everything else must "
-                 "match the run's config.yaml",
-}
+# Roles some fields play beside their own meaning (`_opt(roles=...)`; a field may have
+# several). Every list of such keys elsewhere is `fields_with_role(...)` or a set rule over it:
+# - run: names the run folder or how a run starts in it. A Tune trial sets these itself and a
+#   retrain chooses them afresh. output_root is also a path: a search space may choose it (the
+#   search's storage); the others a space may not fix.
+# - device: where and with how many threads the run executes, not what it learns (devices,
+#   loader and torch threads, the progress bar). A trial's Ray slot decides them (threads only
+#   when the space leaves it unset) and a retrain chooses them afresh. compile is not one: a
+#   retrain keeps the trial's.
+# - path: a file or folder path; a search makes it absolute against the folder it started in,
+#   since trials run elsewhere.
+# - resumable: may differ when a stopped run is resumed (every run and device setting, the
+#   epoch count, logging, compile, the feature-cache folder); the rest must match config.yaml.
+ROLES = ("run", "device", "path", "resumable")
 
 
 def _opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,
          aliases: Sequence[str] = (), cli: bool = True, roles: Sequence[str] = ()) -> Any:
     """A dataclass field carrying what the CLI needs (help, choices, upstream aliases) and its
-    `roles` (keys of ROLES)."""
-    unknown = set(roles) - set(ROLES)
-    if unknown:
-        raise ValueError(f"unknown field role(s) {sorted(unknown)}; expected {', '.join(ROLES)}")
+    `roles` (of ROLES)."""
     metadata = {"help": help, "choices": choices, "aliases": tuple(aliases), "cli": cli,
                 "roles": frozenset(roles)}
     if isinstance(default, list):
@@ -88,7 +82,7 @@ def _opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Field names are the CLI flags and the YAML keys;
-    `roles=` (see ROLES) puts a field into the key lists other code derives."""
+    `roles=` (see ROLES) puts a field into the key lists other code derives from them."""
 
     # --- data -------------------------------------------------------------------------
     train_csv: str | None = _opt(None, "training split CSV (columns path,label[,video_id,half,frame,...])",
@@ -305,7 +299,7 @@ class TrainConfig:
 
 
 def fields_with_role(role: str) -> tuple[str, ...]:
-    """The `TrainConfig` fields that play `role` (a key of ROLES), in declaration order."""
+    """The `TrainConfig` fields that play `role` (one of ROLES), in declaration order."""
     if role not in ROLES:
         raise ValueError(f"unknown field role {role!r}; expected {', '.join(ROLES)}")
     return tuple(f.name for f in dataclasses.fields(TrainConfig) if role in f.metadata["roles"])
