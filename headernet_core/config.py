@@ -52,10 +52,28 @@ SELECTABLE_METRICS: dict[str, str] = {
 }
 
 
+# Roles some fields play beside their own meaning (`_opt(roles=...)`; a field may have
+# several). Every list of such keys elsewhere is `fields_with_role(...)` or a set rule over it:
+# - run: names the run folder or how a run starts in it. A Tune trial sets these itself and a
+#   retrain chooses them afresh. output_root is also a path: a search space may choose it (the
+#   search's storage); the others a space may not fix.
+# - device: where and with how many threads the run executes, not what it learns (devices,
+#   loader and torch threads, the progress bar). A trial's Ray slot decides them (threads only
+#   when the space leaves it unset) and a retrain chooses them afresh. compile is not one: a
+#   retrain keeps the trial's.
+# - path: a file or folder path; a search makes it absolute against the folder it started in,
+#   since trials run elsewhere.
+# - resumable: may differ when a stopped run is resumed (every run and device setting, the
+#   epoch count, logging, compile, the feature-cache folder); the rest must match config.yaml.
+ROLES = ("run", "device", "path", "resumable")
+
+
 def _opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,
-         aliases: Sequence[str] = (), cli: bool = True) -> Any:
-    """A dataclass field carrying what the CLI needs (help, choices, upstream aliases)."""
-    metadata = {"help": help, "choices": choices, "aliases": tuple(aliases), "cli": cli}
+         aliases: Sequence[str] = (), cli: bool = True, roles: Sequence[str] = ()) -> Any:
+    """A dataclass field carrying what the CLI needs (help, choices, upstream aliases) and its
+    `roles` (of ROLES)."""
+    metadata = {"help": help, "choices": choices, "aliases": tuple(aliases), "cli": cli,
+                "roles": frozenset(roles)}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -63,11 +81,13 @@ def _opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Field names are the CLI flags and the YAML keys."""
+    """Everything a training run needs. Field names are the CLI flags and the YAML keys;
+    `roles=` (see ROLES) puts a field into the key lists other code derives from them."""
 
     # --- data -------------------------------------------------------------------------
-    train_csv: str | None = _opt(None, "training split CSV (columns path,label[,video_id,half,frame,...])")
-    val_csv: str | None = _opt(None, "validation split CSV, same schema")
+    train_csv: str | None = _opt(None, "training split CSV (columns path,label[,video_id,half,frame,...])",
+                                 roles=("path",))
+    val_csv: str | None = _opt(None, "validation split CSV, same schema", roles=("path",))
     num_frames: int = _opt(16, "frames sampled per clip (evenly spaced; repeats when the clip is shorter)")
     input_size: int | None = _opt(None, "frame side in pixels (default: the backbone's native size)")
     neg_pos_ratio: str = _opt("all", "negatives per positive resampled each epoch (a number) or 'all'")
@@ -77,9 +97,10 @@ class TrainConfig:
     aug_crop_scale: float = _opt(0.8, "min side fraction of the random crop (1 = no crop)")
     mean: list[float] | None = _opt(None, "normalisation mean per channel (default: per backbone)")
     std: list[float] | None = _opt(None, "normalisation std per channel (default: per backbone)")
-    num_workers: int = _opt(2, "loader threads reading clips ahead of the training step (0: none)")
+    num_workers: int = _opt(2, "loader threads reading clips ahead of the training step (0: none)",
+                            roles=("device", "resumable"))
     threads: int | None = _opt(None, "torch threads on the CPU (default: idle cores less loader threads; "
-                                     "an explicit OMP_NUM_THREADS wins)")
+                                     "an explicit OMP_NUM_THREADS wins)", roles=("device", "resumable"))
 
     # --- model ------------------------------------------------------------------------
     backbone: str = _opt("vmae", "backbone family", choices=("vmae", "csn"))
@@ -87,15 +108,17 @@ class TrainConfig:
                              choices=("base", "large", "giant", "tiny"))
     csn_variant: str = _opt("50", "ir-CSN depth (tiny = small random model)",
                             choices=("50", "101", "152", "tiny"))
-    backbone_ckpt: str | None = _opt(None, "VideoMAE checkpoint folder/.pth or mmaction2 ir-CSN file")
-    checkpoint_root: str = _opt("checkpoints", "folder holding VideoMAEv2-Base|Large|giant")
+    backbone_ckpt: str | None = _opt(None, "VideoMAE checkpoint folder/.pth or mmaction2 ir-CSN file",
+                                     roles=("path",))
+    checkpoint_root: str = _opt("checkpoints", "folder holding VideoMAEv2-Base|Large|giant", roles=("path",))
     finetune_mode: str = _opt("full", "which backbone weights train", choices=("full", "frozen", "partial"))
     unfreeze_blocks: int = _opt(4, "partial mode: how many last blocks train")
     gradient_checkpointing: bool = _opt(False, "recompute block activations in backward (saves memory)")
     head_dropout: float = _opt(0.5, "dropout before the linear head")
     feature_cache: bool = _opt(True, "frozen backbone: compute each clip's feature once per view, on "
                                      "disk, and train the head on it (shared by runs and trials)")
-    feature_cache_dir: str | None = _opt(None, "where cached features go (default: <output_root>/feature_cache)")
+    feature_cache_dir: str | None = _opt(None, "where cached features go (default: <output_root>/feature_cache)",
+                                         roles=("path", "resumable"))
     feature_cache_views: int = _opt(4, "cached views per train clip with --augment (view 0 un-augmented; "
                                        "each epoch picks one per clip); 1 without --augment")
 
@@ -110,7 +133,7 @@ class TrainConfig:
                                      aliases=("--layer_lr_decay",))
     scheduler: str = _opt("cosine", "LR schedule (per optimizer step)", choices=("cosine", "none"))
     warmup_epochs: float = _opt(1.0, "linear warmup length in epochs")
-    epochs: int = _opt(30, "training epochs")
+    epochs: int = _opt(30, "training epochs", roles=("resumable",))
     batch_size: int = _opt(8, "clips per forward pass (split over --gpus)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step", aliases=("--gradient_accumulation_steps",))
     max_grad_norm: float | None = _opt(None, "clip the gradient norm to this value")
@@ -124,19 +147,25 @@ class TrainConfig:
                               choices=tuple(SELECTABLE_METRICS))
 
     # --- devices ----------------------------------------------------------------------
-    gpus: list[int] | None = _opt(None, "GPU ids; several = DataParallel (default: first GPU, else CPU)")
-    cpu: bool = _opt(False, "run on the CPU even where a GPU is visible")
-    compile: bool = _opt(False, "torch.compile the model (on failure: a message, then eager)")
+    gpus: list[int] | None = _opt(None, "GPU ids; several = DataParallel (default: first GPU, else CPU)",
+                                  roles=("device", "resumable"))
+    cpu: bool = _opt(False, "run on the CPU even where a GPU is visible", roles=("device", "resumable"))
+    compile: bool = _opt(False, "torch.compile the model (on failure: a message, then eager)",
+                         roles=("resumable",))
 
     # --- run --------------------------------------------------------------------------
-    run_name: str | None = _opt(None, "run folder name (default: <backbone>_<variant>_<time>)")
-    output_root: str = _opt("report/header_experiments", "where run folders go")
+    run_name: str | None = _opt(None, "run folder name (default: <backbone>_<variant>_<time>)",
+                                roles=("run", "resumable"))
+    output_root: str = _opt("report/header_experiments", "where run folders go",
+                            roles=("run", "path", "resumable"))
     resume: bool = _opt(False, "continue the run in <output_root>/<run_name> from checkpoints/last.pt",
-                        cli=True)
-    overwrite: bool = _opt(False, "replace an unfinished run of the same name (finished runs are kept)")
-    tensorboard: bool = _opt(True, "write TensorBoard scalars to <run>/tb")
-    plots: bool = _opt(True, "write PNG curves to <run>/plots (at the run's end, at most once a minute during it)")
-    progress: bool = _opt(True, "show a tqdm bar per epoch")
+                        cli=True, roles=("run", "resumable"))
+    overwrite: bool = _opt(False, "replace an unfinished run of the same name (finished runs are kept)",
+                           roles=("run", "resumable"))
+    tensorboard: bool = _opt(True, "write TensorBoard scalars to <run>/tb", roles=("resumable",))
+    plots: bool = _opt(True, "write PNG curves to <run>/plots (at the run's end, at most once a minute during it)",
+                       roles=("resumable",))
+    progress: bool = _opt(True, "show a tqdm bar per epoch", roles=("device", "resumable"))
 
     # ---------------------------------------------------------------------------------
     @classmethod
@@ -269,6 +298,13 @@ class TrainConfig:
         )
 
 
+def fields_with_role(role: str) -> tuple[str, ...]:
+    """The `TrainConfig` fields that play `role` (one of ROLES), in declaration order."""
+    if role not in ROLES:
+        raise ValueError(f"unknown field role {role!r}; expected {', '.join(ROLES)}")
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if role in f.metadata["roles"])
+
+
 class IgnoredSettingWarning(UserWarning):
     """A setting that has no effect in this run (warned once per setting, never an error)."""
 
@@ -321,9 +357,34 @@ def _flag_and_value(key: str, value: Any) -> str:
     """`--key value` as typed on the command line (`--key` / `--no-key` for on/off)."""
     if isinstance(value, bool):
         return f"--{key}" if value else f"--no-{key}"
-    shown = " ".join(map(str, value)) if isinstance(value, list) else \
-        f"{value:g}" if isinstance(value, float) else str(value)
+    shown = " ".join(map(str, value)) if isinstance(value, list) else format_value(value, 6, None)
     return f"--{key} {shown}"
+
+
+def format_value(value: Any, digits: int = 4, sci_from: float | None = 1e4, *,
+                 yaml: bool = False) -> str:
+    """A setting's or a metric's value as shown to a person; the one formatter of the trial
+    folder names, the search console, the space's description and errors, and summary.md.
+
+    Floats get `digits` significant digits. With `sci_from`, values below 1e-2 or from
+    `sci_from` up are in scientific notation with one decimal (1.2e-03: learning rates read
+    alike at a glance and keep folder names short); with None, Python's `g` decides. `yaml`:
+    None, bools and blank or padded strings as a YAML file spells them (null, true, ' a'),
+    as in a search space's messages; otherwise as Python prints them (None, True: trial
+    folder names keep that spelling)."""
+    if isinstance(value, float):
+        if sci_from is not None and value != 0 and not 1e-2 <= abs(value) < sci_from:
+            return f"{value:.1e}"
+        return f"{value:.{digits}g}"
+    if not yaml:
+        return str(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and (not value or value.strip() != value):
+        return repr(value)
+    return str(value)
 
 
 def parse_neg_pos_ratio(value: Any) -> float | None:

@@ -31,7 +31,7 @@ from . import artifacts, checkpoints
 from .augment import ClipLoader, DeviceTransform
 from .backbones import BackboneInfo, create_backbone, peek_vmae_config
 from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, cli_values,
-                     ignored_settings, load_yaml_mapping, parse_neg_pos_ratio)
+                     fields_with_role, ignored_settings, load_yaml_mapping, parse_neg_pos_ratio)
 from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, load_split,
                    split_warnings)
 from .errors import HeaderNetError, describe_os_error, fail, run_cli
@@ -54,9 +54,7 @@ RUN_ARTIFACTS = ("config.yaml", "status.json", "metrics_epoch.csv", "best_metric
 # --num_frames beyond this many times the longest clip is refused (short clips repeat frames).
 MAX_FRAME_REPEAT = 8
 # Settings that may change when a stopped run is resumed; anything else must match.
-RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "gpus", "cpu", "tensorboard", "plots",
-                     "resume", "overwrite", "output_root", "run_name", "threads", "compile",
-                     "feature_cache_dir"}   # output_root, run_name: a run folder moved or renamed
+RESUMABLE_CHANGES = frozenset(fields_with_role("resumable"))
 # Training steps between reads of the running loss from the device (the only host syncs).
 LOG_EVERY = 20
 # plots/ is drawn when a run ends and, during it, once its last drawing is this old: drawing

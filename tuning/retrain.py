@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from headernet_core.artifacts import read_json_dict, write_csv, write_json
-from headernet_core.config import TrainConfig, load_yaml_mapping
+from headernet_core.config import TrainConfig, fields_with_role, load_yaml_mapping
 from headernet_core.errors import CliParser, fail, first_paragraph, run_cli
 from headernet_core.locks import FolderLock
 from headernet_core.paths import check_name
@@ -51,8 +51,8 @@ TEST_PER_VIDEO = "test_per_video.csv"
 COMBINED_CSV = "train_plus_val.csv"
 # Trial settings that belong to the trial's Ray slot (devices, loader and torch threads) or
 # its run folder, not to the model: a retrain chooses them afresh.
-DEVICE_KEYS = ("cpu", "gpus", "num_workers", "threads", "progress")
-RUN_KEYS = ("output_root", "run_name", "resume", "overwrite")
+DEVICE_KEYS = fields_with_role("device")
+RUN_KEYS = fields_with_role("run")
 # evaluate()'s keys at the threshold and threshold-free ones -> test_metrics.json keys
 TEST_KEYS = {"f1": "test_f1", "precision": "test_precision", "recall": "test_recall",
              "accuracy": "test_accuracy", "val_auc": "test_auc", "val_ap": "test_ap",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_json, write_text
-from headernet_core.config import TrainConfig
+from headernet_core.config import TrainConfig, fields_with_role, format_value
 from headernet_core.errors import CliParser, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 # Trainer keys holding paths: made absolute in the driver, because Ray runs each trial in its
 # own working directory (and on other machines with the same shared paths).
-PATH_KEYS = ("train_csv", "val_csv", "backbone_ckpt", "checkpoint_root", "output_root")
+PATH_KEYS = fields_with_role("path")
 SEARCH_RECORD = "search.json"   # how the search was started, so --resume rebuilds the same space
 SPACE_COPY = "space.yaml"
 # What a search folder holds before Ray first writes to it: a new search may reuse such a folder
@@ -225,15 +225,14 @@ def check_checkpoints(space: SearchSpace) -> None:
         variant = values.get("vmae_variant")
         if values.get("backbone") != "vmae" or variant == "tiny":  # the random test model has no files
             continue
-        from headernet_core.backbones.videomae import FOLDERS  # imports torch: only when needed
+        # imports torch: only when needed
+        from headernet_core.backbones.videomae import FOLDER_FILES, published_folder
 
-        if variant not in FOLDERS:
-            continue
-        folder = Path(values["checkpoint_root"]) / FOLDERS[variant]
-        missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
-        if missing:
+        folder = published_folder(variant, values["checkpoint_root"])
+        missing = [f for f in FOLDER_FILES if not (folder / f).is_file()] if folder else []
+        if folder and missing:
             fail(f"{space.path}: vmae_variant {variant} needs {folder / missing[0]} "
-                 f"(download OpenGVLab/{FOLDERS[variant]} or set checkpoint_root/backbone_ckpt)")
+                 f"(download OpenGVLab/{folder.name} or set checkpoint_root/backbone_ckpt)")
 
 
 def check_local_gpus(space: SearchSpace, address: str | None) -> None:
@@ -673,7 +672,7 @@ def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord
     if best is None:
         print("no best trial: no trial finished an epoch without failing")
     else:
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+        params = ", ".join(f"{k}={format_value(v, 3, None)}" for k, v in best.params.items())
         print(f"best trial {best.name}: {space.metric} {best.objective:.4f} at epoch {best.best_epoch} ({params})")
         if best.checkpoint:
             print(f"best checkpoint: {search_dir / best.checkpoint}")

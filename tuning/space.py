@@ -116,7 +116,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import yaml
 
-from headernet_core.config import SELECTABLE_METRICS, TrainConfig, coerce, load_yaml_mapping
+from headernet_core.config import (SELECTABLE_METRICS, TrainConfig, coerce, fields_with_role, format_value,
+                                   load_yaml_mapping)
 from headernet_core.errors import HeaderNetError, fail
 from headernet_core.metrics import reported_metrics
 from headernet_core.paths import MAX_NAME_LEN
@@ -151,8 +152,9 @@ PARAM_OPTIONS: dict[str, tuple[str, ...]] = {
     "int": ("step", "log", "when"),
     "choice": ("overrides", "when"),
 }
-# Set per trial by the trial function; fixing them in a space would make trials collide.
-TRIAL_OWNED = ("run_name", "resume", "overwrite")
+# Set per trial by the trial function; fixing them in a space would make trials collide. The
+# runs' root is a path a space may choose (the search's storage), not its trial's to own.
+TRIAL_OWNED = tuple(key for key in fields_with_role("run") if key not in fields_with_role("path"))
 # Text settings that hold a number and so may take a numeric distribution.
 NUMERIC_TEXT = ("neg_pos_ratio",)
 # How many combinations of choice values are checked as whole trial configs.
@@ -961,15 +963,8 @@ def _did_you_mean(word: str, options: Sequence[str]) -> str:
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, str):
-        return value if value and value.strip() == value else repr(value)
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    """A value as a space file spells it (for messages and the space's description)."""
+    return format_value(value, 6, None, yaml=True)
 
 
 def _fmt_dict(values: Mapping[str, Any]) -> str:

@@ -43,6 +43,7 @@ import optuna
 # matplotlib is imported by the plot functions below: the search imports this module when it
 # starts and draws only at its end, so nothing delays the first trial.
 from headernet_core.artifacts import write_json, write_text
+from headernet_core.config import format_value
 
 from .trial import finite
 
@@ -508,14 +509,9 @@ def _md(value: Any) -> str:
 
 
 def _fmt_value(value: Any) -> str:
+    """A table cell's value: 3 significant digits, '-' when missing."""
     value = _plain(value)
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
+    return "-" if value is None else format_value(value, 3, None, yaml=True)
 
 
 def _fmt_objective(value: Any) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from headernet_core.artifacts import read_json_dict, write_json
+from headernet_core.config import fields_with_role, format_value
 
 from .space import SearchSpace
 
@@ -42,8 +43,11 @@ def trial_dirname(trial: Any) -> str:
     return "".join(c if c.isalnum() or c in "._=-" else "_" for c in name)[:120]
 
 
-# The trainer keys run_trial sets itself (see replaced_settings for how).
-TRIAL_REPLACED = ("select_metric", "num_workers", "gpus", "cpu", "progress", "output_root")
+# The trainer keys run_trial sets itself whatever the space says (see replaced_settings for
+# how): the best-epoch metric, the runs' root and the device settings of the trial's Ray slot.
+# A space's `threads` is kept (a trial fills it only when unset), so it is not among them.
+TRIAL_REPLACED = ("select_metric", "output_root",
+                  *(key for key in fields_with_role("device") if key != "threads"))
 
 
 def replaced_settings(space: SearchSpace, search_dir: str | Path) -> list[str]:
@@ -102,17 +106,6 @@ def one_line_error(error: BaseException | str | None) -> str:
         if line.strip() and not line.startswith(" "):
             return line.strip()[:500]
     return type(error).__name__
-
-
-def format_value(value: Any, digits: int = 4, sci_from: float = 1e4) -> str:
-    """A sampled value or a metric for a console line or a folder name: floats below 1e-2 or
-    from `sci_from` up in scientific notation (1.2e-03: learning rates), else `digits`
-    significant digits."""
-    if isinstance(value, float):
-        if value != 0 and (abs(value) < 1e-2 or abs(value) >= sci_from):
-            return f"{value:.1e}"
-        return f"{value:.{digits}g}"
-    return str(value)
 
 
 def finite(value: Any) -> float | None:
@@ -220,7 +213,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
 
     register_trial_thread()
 
-    from headernet_core.features import CACHE_DIRNAME
+    from headernet_core.features import cache_dir
     from headernet_core.trainer import train
 
     from .spare_cpus import SpareCpuTaker
@@ -250,7 +243,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         # The trial's CPUs are shared by torch's intra-op threads and the loader threads.
         threads=config.threads or max(1, cpus - num_workers),
         # Every trial (and every search) on this storage shares one frozen-feature cache.
-        feature_cache_dir=config.feature_cache_dir or str(Path(search_dir).parent / CACHE_DIRNAME),
+        feature_cache_dir=str(cache_dir(config.replace(output_root=str(Path(search_dir).parent)))),
         # The trial's best epoch is the objective's best epoch.
         select_metric=space.metric)
     take_spare_cpus = SpareCpuTaker(search_dir, config.threads, num_workers,

@@ -82,9 +82,9 @@ def peek_vmae_config(variant: str, ckpt: str | os.PathLike[str] | None,
     """The VideoMAE config a run will use, read from config.json alone (no weights): lets the
     trainer reject a --num_frames/--input_size that cannot fit before loading a multi-GB
     checkpoint. None when only the weights can tell (a .pth without a config.json beside it)."""
-    if ckpt is None and variant not in videomae.FOLDERS:
+    path = Path(ckpt) if ckpt is not None else videomae.published_folder(variant, checkpoint_root)
+    if path is None:
         return videomae.VARIANTS[variant]
-    path = Path(ckpt) if ckpt is not None else Path(checkpoint_root) / videomae.FOLDERS[variant]
     if path.name == "model.safetensors" or path.suffix == ".pth":
         path = path.parent
     config_json = path / "config.json"
@@ -126,11 +126,10 @@ def _create_vmae(variant: str, ckpt: str | os.PathLike[str] | None,
         name, source = f"vmae:{ckpt}", str(ckpt)
         _warn_if_other(variant, videomae.VARIANTS[variant], config, "--vmae_variant", str(ckpt),
                        ("embed_dim", "depth", "patch_size"))
-    elif variant in videomae.FOLDERS:
-        folder = root / videomae.FOLDERS[variant]
+    elif (folder := videomae.published_folder(variant, root)) is not None:
         if not folder.exists():
             fail(f"{folder}: VideoMAE v2 {variant} checkpoint folder not found; download "
-                 f"OpenGVLab/{videomae.FOLDERS[variant]} (config.json + model.safetensors) "
+                 f"OpenGVLab/{folder.name} (config.json + model.safetensors) "
                  f"there, set --checkpoint_root, or pass --backbone_ckpt PATH")
         model, config = load_videomae(folder)
         name, source = f"vmae-{variant}", str(folder)

@@ -435,9 +435,18 @@ VARIANTS: dict[str, VideoMAEConfig] = {
     "tiny": _published(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=4,
                        num_frames=8),
 }
-# Folder names of the published checkpoints under --checkpoint_root.
+# Folder names of the published checkpoints under --checkpoint_root (their OpenGVLab repos).
 FOLDERS: dict[str, str] = {"base": "VideoMAEv2-Base", "large": "VideoMAEv2-Large",
                            "giant": "VideoMAEv2-giant"}
+# What such a folder holds (the Hugging Face layout).
+FOLDER_FILES = ("config.json", "model.safetensors")
+
+
+def published_folder(variant: str, checkpoint_root: str | Path) -> Path | None:
+    """Where the published checkpoint of `variant` is looked for without --backbone_ckpt:
+    `<checkpoint_root>/VideoMAEv2-Base|Large|giant`. None for a variant that has none (tiny:
+    random weights)."""
+    return Path(checkpoint_root) / FOLDERS[variant] if variant in FOLDERS else None
 
 
 def vmae_tiny() -> VideoMAEv2:
