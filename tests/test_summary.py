@@ -82,7 +82,9 @@ def files(folder: Path) -> list[str]:
 @pytest.fixture
 def no_plots(monkeypatch):
     """For tests about numbers and text: drawing PNGs is most of a summary's second."""
-    monkeypatch.setattr(summary_mod, "_write_plots", lambda *args, **kwargs: [])
+    import tuning.summary_plots
+
+    monkeypatch.setattr(tuning.summary_plots, "write_plots", lambda *args, **kwargs: [])
 
 
 @pytest.fixture(scope="module")
@@ -407,3 +409,12 @@ def test_summary_md_matches_the_golden_file(tmp_path):
     """What a user reads in summary.md is pinned: a change to it must update the golden file
     (tests/data/golden/summary.md) on purpose."""
     assert golden_summary(tmp_path) == GOLDEN_MD.read_text()
+
+
+def test_summary_md_is_rendered_from_the_json_alone(tmp_path):
+    """summary.md holds nothing search_summary.json does not: rendering the JSON as read back
+    from disk (final model included) gives the file byte for byte."""
+    golden_summary(tmp_path)
+    summary = strict_json(tmp_path / "search_summary.json")
+    assert "final" in summary and summary["param_names"][-1] == "threads"
+    assert summary_mod.render_markdown(summary) == (tmp_path / "summary.md").read_text()
