@@ -101,13 +101,7 @@ def test_resume_keeps_the_searchs_checkpoint_policy_unless_told(tiny_data, tmp_p
 
     space, _ = started_search(tmp_path, tiny_data)
     args = search.parse_args(["--space", str(space), "--resume", *given])
-
-    def stop_before_ray(address, quiet):
-        raise RuntimeError("stop before Ray")
-    monkeypatch.setattr(search, "start_ray", stop_before_ray)
-    with pytest.raises(RuntimeError, match="stop before Ray"):
-        search.run_search(args)
-    assert args.keep_checkpoints == kept
+    assert search.plan_search(args).keep_checkpoints == kept
 
 
 def test_gpu_trials_need_a_node_that_holds_their_gpus(tiny_data, tmp_path):
@@ -138,14 +132,14 @@ def test_resume_of_a_finished_search_is_one_line_that_points_to_retrain(tiny_dat
 
 
 def test_a_resumed_search_resolves_relative_paths_where_it_was_started(tiny_data, tmp_path, monkeypatch):
-    from tuning.search import parse_args, resolve_space
+    from tuning.search import StartRecord, parse_args, resolve_space
 
     space = write_space(tmp_path, tiny_data, {"backbone": {
         "choice": ["csn", "vmae"], "overrides": {"vmae": {"checkpoint_root": "ckpts"}}}})
     saved = {"space_file": str(space), "space_yaml": space.read_text(), "sets": [],
              "num_samples": None, "max_concurrent": None, "cwd": str(tmp_path / "launch")}
     monkeypatch.chdir(tmp_path)  # resumed from another folder
-    resolved = resolve_space(parse_args(["--space", str(space), "--resume"]), saved)
+    resolved = resolve_space(parse_args(["--space", str(space), "--resume"]), StartRecord(**saved))
     overrides = next(p for p in resolved.params if p.name == "backbone").overrides
     assert overrides["vmae"]["checkpoint_root"] == str(tmp_path / "launch" / "ckpts")
     assert resolved.trainer["checkpoint_root"] == str(tmp_path / "launch" / "checkpoints")
@@ -260,26 +254,26 @@ def test_the_resume_command_works_from_any_folder(tmp_path, monkeypatch):
     """Started by name, with the default storage and a relative test CSV: the printed command
     names the space file, the storage and the CSV absolutely (from another folder, `demo` could
     find another file and the default storage would be another folder)."""
+    import dataclasses
     import shlex
 
-    from tuning.search import parse_args, resume_command
+    from tuning.search import parse_args, plan_search, resume_command
+    from tuning.space import find_space_file
 
     monkeypatch.chdir(tmp_path)
-    args = parse_args(["--space", "demo", "--retrain_best", "1", "--test_csv", "splits/test.csv"])
-    search_dir = tmp_path / "report" / "header_experiments" / "demo"
-    search_dir.mkdir(parents=True)
-    started_from = tmp_path / "search_spaces" / "demo.yaml"   # what `demo` found at the start
-    (search_dir / "search.json").write_text(json.dumps({"space_file": str(started_from), "cwd": str(tmp_path)}))
-    command = shlex.split(resume_command(args, None, search_dir))   # the file is gone by now: fine
+    plan = plan_search(parse_args(["--space", "demo", "--retrain_best", "1", "--test_csv", "splits/test.csv"]))
+    command = shlex.split(resume_command(plan))
     flags = dict(zip(command[3::2], command[4::2]))
     assert command[:3] == ["python", "-m", "tuning.search"] and command[-1] == "--resume"
-    assert flags["--space"] == str(started_from)
+    assert flags["--space"] == plan.start.space_file == str(find_space_file("demo").absolute())
+    search_dir = tmp_path / "report" / "header_experiments" / "demo"
     assert flags["--name"] == "demo" and flags["--storage_path"] == str(search_dir.parent)
     assert flags["--test_csv"] == str(tmp_path / "splits" / "test.csv") and flags["--retrain_best"] == "1"
     # a resumed search interrupted again: the recorded file, against the folder it started from
-    saved = {"space_file": "spaces/mine.yaml", "cwd": str(tmp_path / "start")}
-    again = shlex.split(resume_command(parse_args(["--space", "x", "--resume"]), saved, search_dir))
+    start = dataclasses.replace(plan.start, space_file="spaces/mine.yaml", cwd=str(tmp_path / "start"))
+    again = shlex.split(resume_command(dataclasses.replace(plan, start=start, retrain_best=None, test_csv=None)))
     assert again[again.index("--space") + 1] == str(tmp_path / "start" / "spaces" / "mine.yaml")
+    assert "--retrain_best" not in again and not search_dir.exists()   # planning writes nothing
 
 
 def test_a_second_ctrl_c_still_says_how_to_resume(tiny_data, tmp_path, monkeypatch, capsys):

@@ -276,19 +276,6 @@ def test_the_summary_libraries_load_once_a_slot_is_idle_for_good(monkeypatch):
     assert out.stdout.strip() == "True", out.stderr[-2000:]
 
 
-def test_the_summary_waits_for_the_import_thread(tmp_path, monkeypatch):
-    """summarise() joins the prefetch thread before it imports the same libraries itself."""
-    import tuning.prefetch as prefetch
-    from tuning.search import summarise
-
-    calls = []
-    monkeypatch.setattr(prefetch, "wait_for_imports", lambda: calls.append("waited"))
-    space = load_space("demo")
-    args = SimpleNamespace(keep_checkpoints="all", space="demo")
-    summarise(args, space, tmp_path, "s", None, [], interrupted=False)
-    assert calls == ["waited"] and (tmp_path / "search_summary.json").is_file()
-
-
 @pytest.mark.slow
 def test_a_quiet_search_quiets_tune_in_every_trial_actor_from_its_start(tmp_path):
     """`start_ray(quiet=True)` gives the job QUIET_HOOK, which Ray runs in every worker as it

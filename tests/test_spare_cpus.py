@@ -200,19 +200,3 @@ def test_a_cpu_trial_takes_the_spare_cores_between_batches(tmp_path, monkeypatch
 def test_threads_the_space_fixes_are_kept(tmp_path, monkeypatch, one_thread):
     run_one_epoch_trial(tmp_path, monkeypatch, load_space("demo", sets=["trainer.threads=1"]))
     assert torch.get_num_threads() == 1
-
-
-@pytest.mark.parametrize("local, sets, expected", [
-    (True, [], True),
-    (False, [], False),                                   # a cluster's trials run on many nodes
-    (True, ["trainer.cpu=false", "resources.gpu=1"], False),   # GPU trials: not CPU-bound
-])
-def test_only_a_local_cpu_search_shares_its_cores(tmp_path, monkeypatch, local, sets, expected):
-    from ray import tune
-
-    from tuning.search import build_tuner
-
-    monkeypatch.setattr(tune, "Tuner", lambda trainable, **kwargs: kwargs)
-    built = build_tuner(load_space("demo", sets=sets), tmp_path, None, local=local)
-    shares = [c for c in built["run_config"].callbacks if isinstance(c, SpareCpus)]
-    assert len(shares) == expected

@@ -82,7 +82,9 @@ def files(folder: Path) -> list[str]:
 @pytest.fixture
 def no_plots(monkeypatch):
     """For tests about numbers and text: drawing PNGs is most of a summary's second."""
-    monkeypatch.setattr(summary_mod, "_write_plots", lambda *args, **kwargs: [])
+    import tuning.summary_plots
+
+    monkeypatch.setattr(tuning.summary_plots, "write_plots", lambda *args, **kwargs: [])
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +376,45 @@ def test_a_final_model_survives_a_rewrite_and_is_replaced_by_the_next(tmp_path, 
     (tmp_path / "search_summary.json").write_text(json.dumps({**summary, "final": {"run_dir": "x"}}))
     assert "final" not in run(tmp_path)
     assert FINAL_HEADING not in (tmp_path / "summary.md").read_text()
+
+
+# --- golden summary.md ----------------------------------------------------------------------
+GOLDEN_MD = Path(__file__).parent / "data" / "golden" / "summary.md"
+LONG_ERROR = "ValueError: a | in the message, " + "and a long traceback line " * 10
+
+
+def golden_summary(folder: Path) -> str:
+    """A search of every kind of trial (finished, stopped early, failed with a short and a cut
+    error, NaN, running, a --set leftover param), importances, notes, plots and a scored final
+    model, as summary.md shows it; the folder and Optuna's version normalised."""
+    from tuning.summary import add_final_model
+
+    recs = records() + [rec(9, "failed", None, backbone="csn", epochs=0, error=LONG_ERROR)]
+    recs[0].params["threads"] = 2
+    run(folder, recs, val_csv="data/splits/val.csv",
+        notes=("interrupted: continue with python -m tuning.search --resume",
+               "feature cache: the backbone ran on 10 clips instead of 40 (4.0x fewer)"))
+    add_final_model(folder, {
+        "run_dir": "final", "trial": "t002_backbone=csn", "epochs": 3, "train_on_val": False,
+        "test_csv": "/data/splits/test.csv", "test_clips": 40, "test_positives": 12,
+        "checkpoint": "final/checkpoints/best_epoch_3.pt", "threshold": 0.41234,
+        "threshold_source": "validation, epoch 3", "views": 1, "test_f1": 0.8, "test_precision": 0.75,
+        "test_recall": 0.857142, "test_accuracy": 0.9, "test_auc": 0.93, "test_ap": 0.88,
+        "per_video": "final/test_per_video.csv"})
+    text = (folder / "summary.md").read_text().replace(str(folder.absolute()), "<search_dir>")
+    return text.replace(f"Optuna {optuna.__version__}", "Optuna <version>")
+
+
+def test_summary_md_matches_the_golden_file(tmp_path):
+    """What a user reads in summary.md is pinned: a change to it must update the golden file
+    (tests/data/golden/summary.md) on purpose."""
+    assert golden_summary(tmp_path) == GOLDEN_MD.read_text()
+
+
+def test_summary_md_is_rendered_from_the_json_alone(tmp_path):
+    """summary.md holds nothing search_summary.json does not: rendering the JSON as read back
+    from disk (final model included) gives the file byte for byte."""
+    golden_summary(tmp_path)
+    summary = strict_json(tmp_path / "search_summary.json")
+    assert "final" in summary and summary["param_names"][-1] == "threads"
+    assert summary_mod.render_markdown(summary) == (tmp_path / "summary.md").read_text()

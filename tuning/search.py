@@ -26,7 +26,6 @@ from headernet_core.config import TrainConfig, fields_with_role, format_value
 from headernet_core.errors import CliParser, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
-from headernet_core.threads import usable_cpus
 
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray, stop_ray
 from . import resume_guard
@@ -69,6 +68,45 @@ class SearchArgs:
     verbose: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class StartRecord:
+    """search.json: how a search was started, so --resume rebuilds exactly that space and
+    refuses a flag that asks for another search. Its keys are the file's (records written
+    before `cwd`, `args` or `verbose` existed still resume)."""
+    space_file: str                       # absolute (relative in early records: against cwd)
+    space_yaml: str                       # the space file's text at the start
+    sets: list[str]                       # --set values plus the trainer's PATH_KEYS, absolute
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    cwd: str | None = None                # the folder the search was started from
+    args: dict[str, Any] | None = None    # shaping_flags() at the start
+    verbose: bool = False
+
+    @classmethod
+    def read(cls, path: Path) -> StartRecord:
+        saved = read_json_dict(path)
+        types = {"space_file": str, "space_yaml": str, "sets": list, "args": dict}
+        if not all(isinstance(saved.get(key), kind) for key, kind in types.items()
+                   if key in saved or key != "args"):
+            fail(f"{path}: unreadable or incomplete (expected the JSON this command writes when "
+                 f"a search starts); the search cannot be resumed")
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchPlan:
+    """What this command does, decided once by `plan_search` from its flags and, on --resume,
+    the StartRecord of the search, which wins for everything that shapes the search."""
+    search_dir: Path
+    space: SearchSpace                    # paths absolute, retrain flags applied
+    start: StartRecord                    # read on --resume, else written when the search starts
+    resume: bool
+    address: str | None
+    keep_checkpoints: str                 # all | best_trial
+    retrain_best: int | None              # the retrain flags, repeated by the resume command
+    test_csv: str | None                  # absolute
+
+
 def parse_args(argv: Sequence[str] | None) -> SearchArgs:
     parser = CliParser(prog="python -m tuning.search", description=first_paragraph(__doc__))
     parser.add_argument("--space", required=True, help="search space: a YAML path or a name in search_spaces/")
@@ -97,17 +135,17 @@ def parse_args(argv: Sequence[str] | None) -> SearchArgs:
 
 
 # --- checks before anything starts --------------------------------------------------------
-def resolve_space(args: SearchArgs, saved: dict[str, Any] | None) -> SearchSpace:
+def resolve_space(args: SearchArgs, start: StartRecord | None) -> SearchSpace:
     """The space as the CLI describes it, or exactly as it was when a resumed search started,
     with every path made absolute against the folder the search was started from."""
-    if saved is not None:
+    if start is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(saved["space_file"]).name
-            path.write_text(saved["space_yaml"])
-            space = load_space(str(path), sets=saved["sets"], num_samples=saved["num_samples"],
-                               max_concurrent=saved["max_concurrent"])
-        space = dataclasses.replace(space, path=Path(saved["space_file"]))
-        return absolute_paths(space, Path(saved.get("cwd") or Path.cwd()))
+            path = Path(tmp) / Path(start.space_file).name
+            path.write_text(start.space_yaml)
+            space = load_space(str(path), sets=start.sets, num_samples=start.num_samples,
+                               max_concurrent=start.max_concurrent)
+        space = dataclasses.replace(space, path=Path(start.space_file))
+        return absolute_paths(space, Path(start.cwd or Path.cwd()))
     sets = list(args.sets)
     sets += [f"{key}={value}" for key, value in (("train_csv", args.train_csv), ("val_csv", args.val_csv))
              if value is not None]
@@ -270,7 +308,7 @@ def search_state(search_dir: Path) -> str | None:
     return "started" if (search_dir / "tuner.pkl").is_file() else None
 
 
-def check_search_dir(search_dir: Path, resume: bool) -> dict[str, Any] | None:
+def check_search_dir(search_dir: Path, resume: bool) -> StartRecord | None:
     """A new search needs a fresh name; --resume needs something to resume. Returns the
     record of how a resumed search was started."""
     state = search_state(search_dir)
@@ -282,13 +320,7 @@ def check_search_dir(search_dir: Path, resume: bool) -> dict[str, Any] | None:
             fail(f"{search_dir}: this search has finished, there is nothing to resume (its summary: "
                  f"{search_dir / 'summary.md'}); to train its best config longer: python -m "
                  f"tuning.retrain {search_dir} --epochs N")
-        saved = _read_json(record)
-        types = {"space_file": str, "space_yaml": str, "sets": list, "args": dict}
-        if not all(isinstance(saved.get(key), kind) for key, kind in types.items()
-                   if key in saved or key != "args"):
-            fail(f"{record}: unreadable or incomplete (expected the JSON this command writes when "
-                 f"a search starts); the search cannot be resumed")
-        return saved
+        return StartRecord.read(record)
     if state == "finished":
         fail(f"{search_dir} already holds a finished search; choose another --name "
              f"(its summary: {search_dir / 'summary.md'})")
@@ -312,19 +344,19 @@ def shaping_flags(args: SearchArgs) -> dict[str, Any]:
     return {"sets": list(args.sets), **csvs, "keep_checkpoints": args.keep_checkpoints}
 
 
-def check_resume_args(args: SearchArgs, saved: dict[str, Any], search_dir: Path) -> None:
+def check_resume_args(args: SearchArgs, start: StartRecord, search_dir: Path) -> None:
     """--resume continues the search exactly as it started (Tune restores the same sampler,
     scheduler and trial count): a flag that asks for something else is an error, not ignored.
     (The space file itself was found by load_space before this runs.)"""
     space_file = find_space_file(args.space)
     changed = []
-    if space_file.resolve() != Path(saved["space_file"]).resolve():
-        changed.append(f"--space {args.space} (started with {saved['space_file']})")
+    if space_file.resolve() != Path(start.space_file).resolve():
+        changed.append(f"--space {args.space} (started with {start.space_file})")
     for flag in ("num_samples", "max_concurrent"):
-        value = getattr(args, flag)
-        if value is not None and value != saved.get(flag):
-            changed.append(f"--{flag} {value} (started with {saved.get(flag) or 'the space file'})")
-    started, now = saved.get("args", {}), shaping_flags(args)
+        value, before = getattr(args, flag), getattr(start, flag)
+        if value is not None and value != before:
+            changed.append(f"--{flag} {value} (started with {before or 'the space file'})")
+    started, now = start.args or {}, shaping_flags(args)
     if now["sets"] and "sets" in started and now["sets"] != started["sets"]:
         changed.append(f"--set {' '.join(args.sets)} (started with {' '.join(started['sets']) or 'none'})")
     for key in ("train_csv", "val_csv"):
@@ -333,8 +365,8 @@ def check_resume_args(args: SearchArgs, saved: dict[str, Any], search_dir: Path)
     if changed:
         fail(f"{search_dir}: --resume continues the search as it was started, but "
              f"{'; '.join(changed)}; drop those flags or start a new search with another --name")
-    if space_file.read_text() != saved["space_yaml"]:
-        print(f"note: {saved['space_file']} changed since this search started; resuming with the "
+    if space_file.read_text() != start.space_yaml:
+        print(f"note: {start.space_file} changed since this search started; resuming with the "
               f"copy it started from ({search_dir / 'space.yaml'})")
 
 
@@ -357,8 +389,7 @@ def start_ray(address: str | None, quiet: bool) -> None:
         start_local_ray(runtime_env)
 
 
-def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None,
-                checked: CheckedSplits | None = None, verbose: bool = False, local: bool = True):
+def build_tuner(plan: SearchPlan, checked: CheckedSplits | None = None):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import FIFOScheduler
@@ -366,11 +397,10 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
     from .console import console_run_config
     from .diskspace import DiskWatch
     from .scheduler import RecordingASHA
-    from .prefetch import SummaryPrefetch
     from .snapshot import ResumeSnapshot
-    from .spare_cpus import SpareCpus
     from .study import StudySearch, clear_stale_lock, study_storage
 
+    space, search_dir, verbose = plan.space, plan.search_dir, plan.start.verbose
     console = console_run_config(metric=space.metric, mode=space.mode,
                                  params=[p.name for p in space.params], search_dir=search_dir,
                                  max_failures=space.max_failures, verbose=verbose)
@@ -378,7 +408,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
         tune.with_parameters(run_trial, space=space, search_dir=str(search_dir), checked=checked,
                              quiet=not verbose),
         {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)})
-    if saved is not None:
+    if plan.resume:
         # Tune restores the searcher (its study is the same journal file) and the RunConfig,
         # console included, as the search started.
         clear_stale_lock(search_dir)
@@ -387,10 +417,6 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
     searcher = StudySearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
                            sampler=tpe_sampler(space.seed, space.startup_trials),
                            storage=study_storage(search_dir), study_name=search_dir.name)
-    # On one machine, CPU trials take over the cores of the trials that have ended.
-    cpus = max(1, int(space.resources.get("cpu", 1)))
-    spare = [SpareCpus(search_dir, space.num_samples, space.max_concurrent, cpus,
-                       machine_cpus=len(usable_cpus()))] if local and not space.resources.get("gpu") else []
     if space.scheduler.get("type") == "asha":
         scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
                                   grace_period=space.scheduler["grace_period"],
@@ -410,9 +436,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
         run_config=tune.RunConfig(
             name=search_dir.name, storage_path=str(search_dir.parent),
             **{**console, "callbacks": [CSVLoggerCallback(), JsonLoggerCallback(), ResumeSnapshot(),
-                                        SummaryPrefetch(space.num_samples, space.max_concurrent),
                                         DiskWatch(search_dir, space.num_samples),
-                                        *spare,
                                         *console["callbacks"]]},
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Tune checkpoints are tiny progress markers (weights live in each run folder);
@@ -425,8 +449,8 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
     records = []
     for result in results:
         folder = Path(result.path)
-        status = _read_json(folder / "status.json").get("state")
-        best = _read_json(folder / "best_metrics.json")
+        status = read_json_dict(folder / "status.json").get("state")
+        best = read_json_dict(folder / "best_metrics.json")
         error = None
         if result.error is not None:
             state, error = "failed", one_line_error(result.error)
@@ -443,10 +467,10 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
         records.append(TrialRecord(
             name=folder.name, status=state, params=dict(result.config or {}),
             objective=best.get(space.metric), best_epoch=best.get("epoch"),
-            epochs_run=int(_read_json(folder / "status.json").get("epochs_done", 0)),
+            epochs_run=int(read_json_dict(folder / "status.json").get("epochs_done", 0)),
             best_metrics={k: v for k, v in best.items() if isinstance(v, (int, float))},
             checkpoint=checkpoint, error=error,
-            node=(_read_json(folder / "trial.json").get("node_id") or "")[:12] or None,
+            node=(read_json_dict(folder / "trial.json").get("node_id") or "")[:12] or None,
             order=_order(folder.name)))
     return sorted(records, key=lambda r: (r.order, r.name))
 
@@ -454,10 +478,6 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
 def _order(name: str) -> int:
     head = name.split("_", 1)[0].lstrip("t")
     return int(head) if head.isdigit() else 0
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return read_json_dict(path)
 
 
 def tpe_sampler(seed: int, startup_trials: int = 10):
@@ -486,7 +506,10 @@ def prune_checkpoints(search_dir: Path, records: list[TrialRecord], best: TrialR
         record.checkpoint = None
 
 
-def run_search(args: SearchArgs) -> int:
+def plan_search(args: SearchArgs) -> SearchPlan:
+    """Check the flags, the space and the search folder and decide what the search does,
+    writing nothing: a new search's StartRecord comes from the flags, a resumed one's from its
+    search.json (a flag that would change the search is refused)."""
     if args.address and not args.storage_path:
         fail("--address needs --storage_path on storage every node mounts (e.g. an NFS path)")
     if args.storage_path and "://" in args.storage_path:
@@ -495,28 +518,40 @@ def run_search(args: SearchArgs) -> int:
     if args.name is not None:
         check_name(args.name, "--name")
     current = load_space(args.space, sets=args.sets)  # checked first; gives name and output_root
-    name = args.name or current.name
     storage = Path(args.storage_path or current.trainer.get("output_root")
                    or TrainConfig().output_root).expanduser().absolute()
     check_writable_dir(storage, "--storage_path" if args.storage_path else "the space's output_root")
-    search_dir = storage / name
-    saved = check_search_dir(search_dir, args.resume)
-    if saved is not None:
-        check_resume_args(args, saved, search_dir)
-        if args.keep_checkpoints is None:
-            args.keep_checkpoints = saved.get("args", {}).get("keep_checkpoints")
+    search_dir = storage / (args.name or current.name)
+    start = check_search_dir(search_dir, args.resume)
+    if start is not None:
+        check_resume_args(args, start, search_dir)
+    space = with_retrain_flags(resolve_space(args, start), args)
+    if start is None:
+        space_file = find_space_file(args.space).absolute()   # --resume may run from another folder
+        start = StartRecord(
+            space_file=str(space_file), space_yaml=space_file.read_text(),
+            sets=[*args.sets, *[f"{k}={v}" for k, v in space.trainer.items() if k in PATH_KEYS]],
+            num_samples=args.num_samples, max_concurrent=args.max_concurrent, cwd=str(Path.cwd()),
+            args=shaping_flags(args), verbose=args.verbose)
+    return SearchPlan(
+        search_dir=search_dir, space=space, start=start, resume=args.resume, address=args.address,
+        keep_checkpoints=args.keep_checkpoints or (start.args or {}).get("keep_checkpoints") or "all",
+        retrain_best=args.retrain_best,
+        test_csv=str(Path(args.test_csv).expanduser().absolute()) if args.test_csv else None)
+
+
+def run_search(args: SearchArgs) -> int:
+    plan = plan_search(args)
+    search_dir, space = plan.search_dir, plan.space
     # Resume only from state this project signed, checked before anything is written.
-    verified = resume_guard.verify(search_dir) if saved is not None else None
-    args.keep_checkpoints = args.keep_checkpoints or "all"
-    space = with_retrain_flags(resolve_space(args, saved), args)
-    check_ray(args.address)
-    verbose = bool(saved.get("verbose")) if saved is not None else args.verbose
-    if saved is not None and args.verbose != verbose:
-        print(f"note: a resumed search keeps the console it started with ({'--verbose' if verbose else 'compact'})")
-    args.verbose = verbose
+    verified = resume_guard.verify(search_dir) if plan.resume else None
+    check_ray(plan.address)
+    if plan.resume and args.verbose != plan.start.verbose:
+        print(f"note: a resumed search keeps the console it started with "
+              f"({'--verbose' if plan.start.verbose else 'compact'})")
     check_checkpoints(space)
-    check_local_gpus(space, args.address)
-    if saved is None:
+    check_local_gpus(space, plan.address)
+    if not plan.resume:
         resume_guard.load_key(create=True)  # a search that could not be resumed is not started
     prepare_demo_data(space)
     checked = check_data(space)
@@ -524,31 +559,26 @@ def run_search(args: SearchArgs) -> int:
     created = not search_dir.exists()
     try:
         with FolderLock(search_dir, "a search"):
-            check_search_dir(search_dir, args.resume)  # again: no other search can start from here on
+            check_search_dir(search_dir, plan.resume)  # again: no other search can start from here on
             remove_stale_temps(search_dir, search_dir / resume_guard.SNAPSHOT_DIR)
             if verified is not None:
                 replaced = resume_guard.install(search_dir, verified)
                 if replaced:
                     print(f"note: resuming from the signed state; unsigned or stale Ray Tune files "
                           f"{', '.join(replaced)} moved to {search_dir / resume_guard.SNAPSHOT_DIR / resume_guard.DISPLACED}")
-            return search_owned(args, space, search_dir, name, saved, checked)
+            return search_owned(plan, checked)
     finally:
         if created and search_dir.is_dir() and not any(search_dir.iterdir()):
             search_dir.rmdir()  # refused before writing anything: leave nothing behind
 
 
-def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
-                 saved: dict[str, Any] | None, checked: CheckedSplits) -> int:
+def search_owned(plan: SearchPlan, checked: CheckedSplits) -> int:
     """The search itself, once every check passed and this process owns the search folder."""
-    if saved is None:
+    search_dir, space = plan.search_dir, plan.space
+    if not plan.resume:
         search_dir.mkdir(parents=True, exist_ok=True)
-        space_file = find_space_file(args.space).absolute()   # --resume may run from another folder
-        write_json(search_dir / SEARCH_RECORD, {
-            "space_file": str(space_file), "space_yaml": space_file.read_text(),
-            "sets": [*args.sets, *[f"{k}={v}" for k, v in space.trainer.items() if k in PATH_KEYS]],
-            "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-            "cwd": str(Path.cwd()), "args": shaping_flags(args), "verbose": args.verbose})
-        write_text(search_dir / SPACE_COPY, space_file.read_text())
+        write_json(search_dir / SEARCH_RECORD, dataclasses.asdict(plan.start))
+        write_text(search_dir / SPACE_COPY, plan.start.space_yaml)
     print(space.describe())
     for line in search_warnings(space, search_dir):
         print(f"warning: {line}")
@@ -556,12 +586,12 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
     print(f"search folder: {search_dir}  (live study: optuna-dashboard {search_dir / STUDY_FILE})")
 
     try:
-        best, records, interrupted = fit_and_summarise(args, space, search_dir, name, saved, checked)
+        best, records, interrupted = fit_and_summarise(plan, checked)
     except KeyboardInterrupt:
         # A second Ctrl-C (or SIGTERM) while stopping: Tune skips its last save and no summary
         # is written, but the search continues from Tune's last periodic save.
         print(f"stopped at once, without a summary: continue with "
-              f"{resume_command(args, saved, search_dir)}", file=sys.stderr)
+              f"{resume_command(plan)}", file=sys.stderr)
         raise SystemExit(130) from None
     if interrupted:
         return 130
@@ -577,18 +607,18 @@ def search_owned(args: SearchArgs, space: SearchSpace, search_dir: Path, name: s
     return 0
 
 
-def fit_and_summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
-                      saved: dict[str, Any] | None, checked: CheckedSplits
+def fit_and_summarise(plan: SearchPlan, checked: CheckedSplits
                       ) -> tuple[TrialRecord | None, list[TrialRecord], bool]:
     """Start (or join) Ray, run the trials, write the summary: (best, records, interrupted)."""
-    start_ray(args.address, quiet=not args.verbose)
+    space, search_dir = plan.space, plan.search_dir
+    start_ray(plan.address, quiet=not plan.start.verbose)
     sigterm_as_sigint()  # ray.init installed its own SIGTERM handler (exit 1, no summary)
     stopping = None
     try:
-        if args.address:
+        if plan.address:
             check_cluster_gpus(space)
-        tuner = build_tuner(space, search_dir, saved, checked, args.verbose, local=not args.address)
-        if saved is None:
+        tuner = build_tuner(plan, checked)
+        if not plan.resume:
             resume_guard.sign_tuner(search_dir)
         from .console import own_stop_lines
         with own_stop_lines():
@@ -605,7 +635,7 @@ def fit_and_summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, na
         if stopping is None:
             stop_ray()
     try:
-        best = summarise(args, space, search_dir, name, saved, records, interrupted)
+        best = summarise(plan, records, interrupted)
     finally:
         stopping.join()
     return best, records, interrupted
@@ -618,25 +648,22 @@ def free_name(folder: Path, name: str) -> str:
     return next(n for n in (name, *(f"{name}_{i}" for i in range(2, len(taken) + 3))) if n not in taken)
 
 
-def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
-              saved: dict[str, Any] | None, records: list[TrialRecord],
-              interrupted: bool) -> TrialRecord | None:
+def summarise(plan: SearchPlan, records: list[TrialRecord], interrupted: bool) -> TrialRecord | None:
     """Prune checkpoints, write the summary, print the result; returns the best trial."""
-    from . import prefetch
-    prefetch.wait_for_imports()
+    space, search_dir = plan.space, plan.search_dir
     best = best_record(records, space.mode)
-    if args.keep_checkpoints == "best_trial" and not interrupted:
+    if plan.keep_checkpoints == "best_trial" and not interrupted:
         prune_checkpoints(search_dir, records, best)
     notes = []
     if interrupted:
-        notes.append(f"interrupted: continue with {resume_command(args, saved, search_dir)}")
+        notes.append(f"interrupted: continue with {resume_command(plan)}")
     cache_note = feature_cache_note(search_dir, records)
     if cache_note:
         notes.append(cache_note)
     for line in complete_trial_plots(search_dir, records):
         print(line, file=sys.stderr)
     size = folder_bytes(search_dir)
-    write_summary(search_dir, name=name, metric=space.metric, mode=space.mode,
+    write_summary(search_dir, name=search_dir.name, metric=space.metric, mode=space.mode,
                   space_params=space.params, records=records,
                   state="interrupted" if interrupted else "finished", disk_bytes=size,
                   notes=notes, val_csv=space.trainer.get("val_csv"))
@@ -644,22 +671,19 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
     return best
 
 
-def resume_command(args: SearchArgs, saved: dict[str, Any] | None, search_dir: Path) -> str:
-    """The command that continues this search from any folder: its space file, name and storage
-    (always, absolute: a default storage is the space's output_root under the folder the search
-    was started from), its cluster, and this command's retrain flags (--resume does not keep
-    those: they act after the search)."""
-    # The file the search started from, as search.json records it (absolute since this version,
-    # else against the start's folder): `--space demo` could find another file elsewhere, and
-    # looking it up again would fail if it was moved meanwhile.
-    record = saved if saved is not None else read_json_dict(search_dir / SEARCH_RECORD)
-    space = Path(record.get("cwd") or Path.cwd()) / Path(record.get("space_file") or args.space).expanduser()
-    command = ["python", "-m", "tuning.search", "--space", str(space), "--name", search_dir.name,
-               "--storage_path", str(search_dir.parent)]
-    for flag in ("address", "retrain_best", "test_csv"):
-        value = getattr(args, flag)
+def resume_command(plan: SearchPlan) -> str:
+    """The command that continues this search from any folder: the space file it started from
+    (absolute: `--space demo` could find another file elsewhere), its name and storage, its
+    cluster, and this command's retrain flags (--resume does not keep those: they act after
+    the search)."""
+    start = plan.start
+    space = Path(start.cwd or Path.cwd()) / Path(start.space_file).expanduser()
+    command = ["python", "-m", "tuning.search", "--space", str(space), "--name", plan.search_dir.name,
+               "--storage_path", str(plan.search_dir.parent)]
+    for flag, value in (("address", plan.address), ("retrain_best", plan.retrain_best),
+                        ("test_csv", plan.test_csv)):
         if value is not None:
-            command += [f"--{flag}", str(Path(value).expanduser().absolute() if flag == "test_csv" else value)]
+            command += [f"--{flag}", str(value)]
     return shlex.join([*command, "--resume"])
 
 

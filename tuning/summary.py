@@ -4,11 +4,12 @@
 `write_summary`, at the end of a search and again after an interruption. It writes into the
 search folder, every file atomically, so rewriting it at any time is safe:
 
-    search_summary.json   counts per status, the best trial, every trial, importances (strict JSON)
+    search_summary.json   counts per status, the best trial, every trial, importances, the
+                          retrained final model (tuning.retrain adds it): strict JSON
     trials.csv            one row per trial in launch order: status, objective, params, key metrics
-    summary.md            the same for people: best trial first, then every trial best first
-    plots/objective_per_trial.png   the objective by launch order with the best-so-far line
-    plots/param_<name>.png          objective against each searched param
+    summary.md            `render_markdown` of search_summary.json, nothing else: best trial
+                          first, then every trial best first
+    plots/                drawn by tuning.summary_plots
 
 The best trial is the record with the best finite objective (its best epoch's value) among the
 trials that did not fail: a failed trial's numbers come from a run that broke, so a search whose
@@ -30,7 +31,6 @@ import csv
 import io
 import json
 import math
-import re
 import shlex
 import warnings
 from dataclasses import dataclass, replace
@@ -40,8 +40,6 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 import optuna
 
-# matplotlib is imported by the plot functions below: the search imports this module when it
-# starts and draws only at its end, so nothing delays the first trial.
 from headernet_core.artifacts import write_json, write_text
 from headernet_core.config import format_value
 
@@ -54,7 +52,6 @@ SUMMARY_JSON = "search_summary.json"
 TRIALS_CSV = "trials.csv"
 SUMMARY_MD = "summary.md"
 PLOTS_DIRNAME = "plots"
-OBJECTIVE_PLOT = "objective_per_trial.png"
 
 STATUSES = ("finished", "stopped_early", "failed", "running", "pending", "interrupted")
 STATES = ("finished", "interrupted", "running")
@@ -69,16 +66,6 @@ MIN_VARYING_PARAMS = 2
 ROUGH_IMPORTANCE_TRIALS = 20
 # Error text in the markdown table is cut here (the JSON and CSV keep it whole).
 MD_ERROR_CHARS = 160
-
-# (marker colour, filled) per status; failed trials are red crosses.
-_STATUS_STYLE: dict[str, tuple[str, bool]] = {
-    "finished": ("tab:blue", True),
-    "stopped_early": ("tab:blue", False),
-    "running": ("tab:green", False),
-    "interrupted": ("tab:grey", False),
-    "pending": ("tab:grey", False),
-}
-
 
 @dataclass
 class TrialRecord:
@@ -116,7 +103,7 @@ def best_record(records: Sequence[TrialRecord], mode: str) -> TrialRecord | None
     not fail; ties: more epochs run, then the smaller name. None when no such record exists."""
     _check_choice("mode", mode, MODES)
     ranked = sorted((r for r in records if r.status != "failed" and finite(r.objective) is not None),
-                    key=lambda r: _rank_key(r, mode))
+                    key=lambda r: _rank_key(r.objective, r.epochs_run, r.name, mode))
     return ranked[0] if ranked else None
 
 
@@ -215,18 +202,25 @@ def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
         "disk_bytes": int(disk_bytes),
         "disk": format_bytes(disk_bytes),
         "notes": [str(n) for n in notes],
+        "param_names": _param_names(records, space_params),   # the trials table's param columns
         "plots": [],
     }
     final = _earlier_final(search_dir)
     if final:   # a model retrained while the search was interrupted stays on record
         summary["final"] = final
-    plots = _write_plots(search_dir / PLOTS_DIRNAME, records, space_params, metric, mode, best)
+    from .summary_plots import write_plots  # imports this module: only when drawing
+
+    plots = write_plots(search_dir / PLOTS_DIRNAME, records, space_params, metric, mode, best)
     summary["plots"] = [f"{PLOTS_DIRNAME}/{p.name}" for p in plots]
 
     _write_csv(search_dir / TRIALS_CSV, records, space_params)
-    write_text(search_dir / SUMMARY_MD, _markdown(summary, records, space_params, best))
-    write_json(search_dir / SUMMARY_JSON, summary)   # last: its presence means all are written
+    _write_md_and_json(search_dir, summary)
     return summary
+
+
+def _write_md_and_json(search_dir: Path, summary: dict[str, Any]) -> None:
+    write_text(search_dir / SUMMARY_MD, render_markdown(summary))
+    write_json(search_dir / SUMMARY_JSON, summary)   # last: its presence means all are written
 
 
 FINAL_HEADING = "## Final model (best config retrained, scored on the test split)"
@@ -249,20 +243,11 @@ def _earlier_final(search_dir: Path) -> dict[str, Any] | None:
 
 def add_final_model(search_dir: Path, final: Mapping[str, Any]) -> None:
     """Record a retrained final model (tuning.retrain) in an existing summary: the `final` key
-    of search_summary.json and a section of summary.md before the trials table (replacing an
-    earlier one)."""
+    of search_summary.json (replacing an earlier one), then summary.md rendered again from it."""
     search_dir = Path(search_dir)
     summary = json.loads((search_dir / SUMMARY_JSON).read_text())
     summary["final"] = _plain(dict(final))
-    text = (search_dir / SUMMARY_MD).read_text()
-    if FINAL_HEADING in text:   # drop the earlier section, up to the next heading
-        head, _, rest = text.partition(FINAL_HEADING)
-        text = head + rest[rest.find("\n## ") + 1:] if "\n## " in rest else head
-    section = _final_markdown(final)
-    marker = "## Trials (best first)"
-    text = text.replace(marker, section + marker, 1) if marker in text else text + "\n" + section
-    write_text(search_dir / SUMMARY_MD, text)
-    write_json(search_dir / SUMMARY_JSON, summary)
+    _write_md_and_json(search_dir, summary)
 
 
 def _final_markdown(final: Mapping[str, Any]) -> str:
@@ -312,9 +297,10 @@ def _present(params: Mapping[str, Any], key: str) -> bool:
     return key in params and _plain(params[key]) is not None
 
 
-def _rank_key(record: TrialRecord, mode: str) -> tuple:
-    value = finite(record.objective)
-    return (-value if mode == "max" else value, -int(record.epochs_run or 0), record.name)
+def _rank_key(objective: Any, epochs_run: int | None, name: str, mode: str) -> tuple:
+    """Best first: the objective, then more epochs run, then the smaller name."""
+    value = finite(objective)
+    return (-value if mode == "max" else value, -int(epochs_run or 0), name)
 
 
 def _in_launch_order(records: Sequence[TrialRecord]) -> list[TrialRecord]:
@@ -526,16 +512,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines
 
 
-def _table_order(records: Sequence[TrialRecord], mode: str) -> list[TrialRecord]:
+def _table_order(trials: Sequence[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     """Best objective first, then trials without one in launch order, failed trials last."""
-    def key(r: TrialRecord) -> tuple:
-        scored = finite(r.objective) is not None
-        return (r.status == "failed", not scored, _rank_key(r, mode) if scored else (r.order,))
-    return sorted(records, key=key)
+    def key(t: dict[str, Any]) -> tuple:
+        scored = finite(t["objective"]) is not None
+        rank = _rank_key(t["objective"], t["epochs_run"], t["name"], mode) if scored else (t["order"],)
+        return (t["status"] == "failed", not scored, rank)
+    return sorted(trials, key=key)
 
 
-def _markdown(summary: dict[str, Any], records: Sequence[TrialRecord],
-              space_params: Sequence[Param], best: TrialRecord | None) -> str:
+def render_markdown(summary: Mapping[str, Any]) -> str:
+    """summary.md: search_summary.json (as `write_summary` returns it) for people."""
     metric, mode = summary["metric"], summary["mode"]
     counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in summary["counts"].items() if n)
     lines = [f"# Search summary: {summary['name']}", "",
@@ -543,57 +530,10 @@ def _markdown(summary: dict[str, Any], records: Sequence[TrialRecord],
              f"- Objective: {mode}imize `{metric}` (each trial's best epoch)",
              f"- Trials: {summary['num_trials']}" + (f" ({counts})" if counts else ""),
              f"- Disk used: {summary['disk']}", ""]
-
-    info = summary["best_trial"]
-    lines += ["## Best trial", ""]
-    if info is None:
-        lines += ["No trial has a finite objective yet: nothing to pick.", ""]
-    else:
-        epochs = f"epoch {info['best_epoch']}" if info["best_epoch"] is not None else "best epoch"
-        lines += [f"**{info['name']}** ({info['status'].replace('_', ' ')}): "
-                  f"`{metric}` = {_fmt_objective(info['objective'])} at {epochs} "
-                  f"of {info['epochs_run']} run", ""]
-        if info["params"]:
-            lines += _table(["param", "value"],
-                            [[k, _fmt_value(v)] for k, v in info["params"].items()]) + [""]
-        if info["best_metrics"]:
-            # lr_* here are the schedule's values during that epoch, not the sampled peak LRs
-            shown = ", ".join(f"{'scheduled ' if k.startswith('lr_') else ''}{k} {_fmt_value(v)}"
-                              for k, v in info["best_metrics"].items())
-            lines += [f"Metrics of that epoch: {shown}", ""]
-        if info["checkpoint_abs"]:
-            lines += [f"Checkpoint: `{info['checkpoint_abs']}`", ""]
-        else:
-            lines += ["Checkpoint: none kept (deleted or never written).", ""]
-        if info["evaluate_command"]:
-            lines += ["Evaluate it:", "", "```bash", info["evaluate_command"], "```", ""]
-
+    lines += _best_markdown(summary["best_trial"], metric)
     if summary.get("final"):
         lines += _final_markdown(summary["final"]).splitlines()
-    lines += ["## Trials (best first)", ""]
-    if not records:
-        lines += ["No trial was started.", ""]
-    else:
-        params = _param_names(records, space_params)
-        has_node = any(r.node for r in records)
-        has_error = any(r.error for r in records)
-        header = (["#", "trial", "status", metric, "best epoch", "epochs"] + params
-                  + (["node"] if has_node else []) + (["error"] if has_error else []))
-        rows = []
-        for r in _table_order(records, mode):
-            name = f"**{r.name}** (best)" if best is not None and r is best else r.name
-            row = [r.order, name, r.status.replace("_", " "), _fmt_objective(r.objective),
-                   _fmt_value(r.best_epoch), int(r.epochs_run or 0)]
-            row += [_fmt_value(r.params.get(p)) for p in params]
-            if has_node:
-                row.append(r.node or "-")
-            if has_error:
-                error = _one_line(r.error) or ""
-                row.append(error if len(error) <= MD_ERROR_CHARS
-                           else error[:MD_ERROR_CHARS - 3] + "...")
-            rows.append(row)
-        lines += _table(header, rows) + ["", f"Every column: `{TRIALS_CSV}`.", ""]
-
+    lines += _trials_markdown(summary)
     lines += ["## Parameter importances", ""]
     if summary["importances"]:
         lines += _table(["param", "importance"],
@@ -608,165 +548,55 @@ def _markdown(summary: dict[str, Any], records: Sequence[TrialRecord],
     return "\n".join(lines)
 
 
-# --- plots ----------------------------------------------------------------------------------
-def _plot_filename(param_name: str) -> str:
-    return "param_" + re.sub(r"[^A-Za-z0-9._-]", "_", param_name) + ".png"
+def _best_markdown(info: Mapping[str, Any] | None, metric: str) -> list[str]:
+    lines = ["## Best trial", ""]
+    if info is None:
+        return lines + ["No trial has a finite objective yet: nothing to pick.", ""]
+    epochs = f"epoch {info['best_epoch']}" if info["best_epoch"] is not None else "best epoch"
+    lines += [(f"**{info['name']}** ({info['status'].replace('_', ' ')}): "
+               f"`{metric}` = {_fmt_objective(info['objective'])} at {epochs} "
+               f"of {info['epochs_run']} run"), ""]
+    if info["params"]:
+        lines += _table(["param", "value"],
+                        [[k, _fmt_value(v)] for k, v in info["params"].items()]) + [""]
+    if info["best_metrics"]:
+        # lr_* here are the schedule's values during that epoch, not the sampled peak LRs
+        shown = ", ".join(f"{'scheduled ' if k.startswith('lr_') else ''}{k} {_fmt_value(v)}"
+                          for k, v in info["best_metrics"].items())
+        lines += [f"Metrics of that epoch: {shown}", ""]
+    if info["checkpoint_abs"]:
+        lines += [f"Checkpoint: `{info['checkpoint_abs']}`", ""]
+    else:
+        lines += ["Checkpoint: none kept (deleted or never written).", ""]
+    if info["evaluate_command"]:
+        lines += ["Evaluate it:", "", "```bash", info["evaluate_command"], "```", ""]
+    return lines
 
 
-def _write_plots(plot_dir: Path, records: Sequence[TrialRecord], space_params: Sequence[Param],
-                 metric: str, mode: str, best: TrialRecord | None) -> list[Path]:
-    """Each plot that has a finite point; a plot with nothing to show is removed if an older
-    summary left one, so the folder never shows stale results."""
-    jobs = [(plot_dir / OBJECTIVE_PLOT,
-             lambda path: _objective_plot(path, records, metric, mode, best))]
-    jobs += [(plot_dir / _plot_filename(p.name),
-              lambda path, p=p: _param_plot(path, p, records, metric, mode, best))
-             for p in space_params]
-    written = []
-    for path, draw in jobs:
-        if draw(path) is not None:
-            written.append(path)
-        else:
-            path.unlink(missing_ok=True)
-    return written
-
-
-def _scatter_by_status(ax, points: Sequence[tuple[float, float, TrialRecord]]) -> None:
-    """Points coloured by status (hollow: not run to the end); failed trials as red crosses."""
-    for status, (colour, filled) in _STATUS_STYLE.items():
-        xs = [x for x, _, r in points if r.status == status]
-        ys = [y for _, y, r in points if r.status == status]
-        if xs:
-            ax.scatter(xs, ys, s=30, edgecolors=colour, facecolors=colour if filled else "none",
-                       label=status.replace("_", " "), zorder=3)
-    failed = [(x, y) for x, y, r in points if r.status == "failed"]
-    if failed:
-        ax.scatter(*zip(*failed), marker="x", color="tab:red", s=40, label="failed", zorder=3)
-
-
-def _mark_best(ax, points: Sequence[tuple[float, float, TrialRecord]],
-               best: TrialRecord | None) -> None:
-    spot = [(x, y) for x, y, r in points if best is not None and r is best]
-    if spot:
-        ax.scatter(*zip(*spot), marker="*", s=220, color="gold", edgecolors="black",
-                   linewidths=0.8, label=f"best: {best.name}", zorder=4)
-
-
-def _legend(ax) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize="small")
-
-
-def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mode: str,
-                    best: TrialRecord | None) -> Path | None:
-    from matplotlib.ticker import MaxNLocator
-
-    from headernet_core.plots import new_figure, save_figure
-
-    points = [(float(r.order), finite(r.objective), r) for r in records
-              if finite(r.objective) is not None]
-    if not points:
-        return None
-    fig, ax = new_figure()
-    _scatter_by_status(ax, points)
-    xs = np.array([x for x, _, _ in points])
-    ys = np.array([y for _, y, _ in points])
-    order = np.argsort(xs, kind="stable")
-    so_far = (np.maximum if mode == "max" else np.minimum).accumulate(ys[order])
-    ax.step(xs[order], so_far, where="post", color="black", linewidth=1, label="best so far")
-    failed = [float(r.order) for r in records
-              if r.status == "failed" and finite(r.objective) is None]
-    if failed:   # no value: crosses along the bottom edge (x in data, y in axes units)
-        ax.plot(failed, [0.03] * len(failed), linestyle="none", marker="x", color="tab:red",
-                transform=ax.get_xaxis_transform(), label="failed, no epoch", clip_on=False)
-    _mark_best(ax, points, best)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="trial (launch order)", ylabel=f"{metric} (best epoch)",
-           title=f"{metric} per trial ({mode}imize)")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    return save_figure(fig, path)
-
-
-def _param_plot(path: Path, param: Param, records: Sequence[TrialRecord], metric: str,
-                mode: str, best: TrialRecord | None) -> Path | None:
-    from headernet_core.plots import new_figure, save_figure
-
-    scored = [(r.params[param.name], finite(r.objective), r) for r in records
-              if _present(r.params, param.name) and finite(r.objective) is not None]
-    if param.kind == "choice":
-        return _categorical_plot(path, param, scored, metric, mode, best)
-    log = param.kind == "loguniform" or bool(param.log)
-    points = [(x, y, r) for v, y, r in scored
-              if (x := finite(v)) is not None and (x > 0 or not log)]
-    if not points:
-        return None
-    fig, ax = new_figure()
-    _scatter_by_status(ax, points)
-    _mark_best(ax, points, best)
-    _numeric_axis(ax, param, [x for x, _, _ in points], log)
-    scale = " (log scale)" if log else ""
-    ax.set(xlabel=f"{param.name}{scale}", ylabel=f"{metric} (best epoch)",
-           title=f"{metric} against {param.name} ({mode}imize)")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    return save_figure(fig, path)
-
-
-def _numeric_axis(ax, param: Param, xs: Sequence[float], log: bool) -> None:
-    """The whole searched range (where in it the trials landed is the point of the plot)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-
-    low = min([*xs, *([float(param.low)] if param.low is not None else [])])
-    high = max([*xs, *([float(param.high)] if param.high is not None else [])])
-    if log:
-        ax.set_xscale("log")
-        if high > low:
-            ax.set_xlim(low / 1.2, high * 1.2)
-        # 1-2-5 ticks over a narrow range, decades over a wide one; never minor labels
-        # (matplotlib's crowd into each other).
-        decades = math.log10(high / low) if high > low else 0.0
-        subs = (1.0, 2.0, 3.0, 5.0) if decades <= 1.2 else \
-            (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        return
-    if high > low:
-        pad = 0.04 * (high - low)
-        ax.set_xlim(low - pad, high + pad)
-    if param.kind == "int":
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _categorical_plot(path: Path, param: Param, scored: Sequence[tuple[Any, float, TrialRecord]],
-                      metric: str, mode: str, best: TrialRecord | None) -> Path | None:
-    """A box per value with the trials as jittered points over it."""
-    from headernet_core.plots import new_figure, save_figure
-
-    if not scored:
-        return None
-    labels = [_fmt_value(v) for v in param.values]
-    labels += sorted({_fmt_value(v) for v, _, _ in scored} - set(labels))
-    position = {label: i for i, label in enumerate(labels)}
-    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, size=len(scored))
-    points = [(position[_fmt_value(v)] + dx, y, r) for (v, y, r), dx in zip(scored, jitter)]
-    groups = {i: [y for v, y, _ in scored if position[_fmt_value(v)] == i]
-              for i in range(len(labels))}
-    filled = [i for i, ys in groups.items() if ys]
-    fig, ax = new_figure()
-    ax.boxplot([groups[i] for i in filled], positions=filled, widths=0.5, showfliers=False,
-               manage_ticks=False, medianprops={"color": "tab:orange"})
-    _scatter_by_status(ax, points)
-    _mark_best(ax, points, best)
-    ax.set_xticks(range(len(labels)))
-    rotate = sum(map(len, labels)) > 40
-    ax.set_xticklabels(labels, rotation=30 if rotate else 0, ha="right" if rotate else "center")
-    if rotate:  # slanted labels need more room below than the fixed margins give
-        fig.subplots_adjust(bottom=0.1 + 0.012 * max(map(len, labels)))
-    ax.set_xlim(-0.6, len(labels) - 0.4)
-    ax.set(xlabel=param.name, ylabel=f"{metric} (best epoch)",
-           title=f"{metric} against {param.name} ({mode}imize)")
-    ax.grid(alpha=0.3, axis="y")
-    _legend(ax)
-    return save_figure(fig, path)
+def _trials_markdown(summary: Mapping[str, Any]) -> list[str]:
+    """The trials table, best first; a summary written before `param_names` was recorded
+    shows the params in the order the trials hold them."""
+    trials = summary["trials"]
+    if not trials:
+        return ["## Trials (best first)", "", "No trial was started.", ""]
+    params = summary.get("param_names") or list(dict.fromkeys(k for t in trials for k in t["params"]))
+    best = (summary["best_trial"] or {}).get("name")
+    has_node = any(t["node"] for t in trials)
+    has_error = any(t["error"] for t in trials)
+    header = (["#", "trial", "status", summary["metric"], "best epoch", "epochs"] + params
+              + (["node"] if has_node else []) + (["error"] if has_error else []))
+    rows = []
+    for t in _table_order(trials, summary["mode"]):
+        name = f"**{t['name']}** (best)" if t["name"] == best else t["name"]
+        row = [t["order"], name, t["status"].replace("_", " "), _fmt_objective(t["objective"]),
+               _fmt_value(t["best_epoch"]), t["epochs_run"]]
+        row += [_fmt_value(t["params"].get(p)) for p in params]
+        if has_node:
+            row.append(t["node"] or "-")
+        if has_error:
+            error = t["error"] or ""
+            row.append(error if len(error) <= MD_ERROR_CHARS
+                       else error[:MD_ERROR_CHARS - 3] + "...")
+        rows.append(row)
+    return (["## Trials (best first)", ""] + _table(header, rows)
+            + ["", f"Every column: `{TRIALS_CSV}`.", ""])
