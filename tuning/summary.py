@@ -446,7 +446,8 @@ def _importances(records: Sequence[TrialRecord], space_params: Sequence[Param],
                 study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
         except Exception as exc:  # the evaluator's own limits: report them, keep the summary
             return None, f"not computed: Optuna's evaluator failed ({type(exc).__name__}: {exc})"
-    importances = {str(k): float(v) for k, v in raw.items()}
+    # most important first; ties by name, so the same trials always give the same summary
+    importances = dict(sorted(((str(k), float(v)) for k, v in raw.items()), key=lambda kv: (-kv[1], kv[0])))
     top = max(1, math.ceil(0.1 * len(trials)))
     note = (f"PED-ANOVA (Optuna {optuna.__version__}) over {len(trials)} trials: how much each "
             f"param separates the best {top} trial(s) from all; shares sum to 1{left_out}")
