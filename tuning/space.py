@@ -19,11 +19,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Mapping, NoReturn, Sequence
+from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, NoReturn, Sequence
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StringConstraints,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
 from headernet_core.config import (MAX_SEED, SELECTABLE_METRICS, TrainConfig, coerce,
                                    load_yaml_mapping)
@@ -77,40 +77,21 @@ def _number_of(value: Any, integer: bool = False, label: str = "") -> Any:
     return int(number) if integer else number
 
 
-def _whole(minimum: int, maximum: int | None = None) -> Any:
-    """A whole-number field type within bounds."""
-    def check(value: Any) -> int:
-        number = _number_of(value, integer=True)
-        if number < minimum or (maximum is not None and number > maximum):
-            limit = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-            raise ValueError(f"must be {limit}, got {number}")
-        return number
-    return Annotated[int, PlainValidator(check)]
+def _cpus(value: float) -> float:
+    if value < 1:
+        raise ValueError(f"a trial needs at least 1 CPU, got {_fmt(value)}")
+    return value
 
 
-def _float(test: Callable[[float], bool], problem: str) -> Any:
-    """A number field type; `problem` (formatted with the value) when `test` fails."""
-    def check(value: Any) -> float:
-        number = float(_number_of(value))
-        if not test(number):
-            raise ValueError(problem.format(_fmt(number)))
-        return number
-    return Annotated[float, PlainValidator(check)]
+def _gpus(value: float) -> float:
+    if value < 0 or (value > 1 and not value.is_integer()):
+        raise ValueError(f"expected 0, a fraction in (0, 1) or a whole number of GPUs, got {_fmt(value)}")
+    return value
 
 
-def _text(what: str, options: Sequence[str] = ()) -> Any:
-    """A non-empty text field type (one of `options` if given); null allowed."""
-    def check(value: Any) -> str | None:
-        if value is not None and (not isinstance(value, str) or not value
-                                  or (options and value not in options)):
-            raise ValueError(f"expected {what}, got {_fmt(value)}")
-        return value
-    return Annotated[str | None, PlainValidator(check)]
-
-
-def _flag(value: Any) -> bool:
+def _flag(value: Any, label: str = "") -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_fmt(value)}")
+        raise ValueError(f"{label}expected true or false, got {_fmt(value)}")
     return value
 
 
@@ -126,8 +107,6 @@ def _folder_name(value: Any) -> str:
 def _metric(value: Any) -> str:
     """A validation metric the trainer can pick a trial's best epoch by (the objective is that
     epoch's value)."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected a metric name such as val_f1, got {_fmt(value)}")
     if value not in SELECTABLE_METRICS:
         choices = list(SELECTABLE_METRICS)
         known = value in reported_metrics()
@@ -137,16 +116,15 @@ def _metric(value: Any) -> str:
     return value
 
 
-_Positive = _whole(1)
-_Count = _whole(0)
+_Path = Annotated[str, StringConstraints(strict=True, min_length=1)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Objective(_Section):
-    metric: Annotated[str, PlainValidator(_metric)] = "val_f1"
+    metric: Annotated[str, AfterValidator(_metric)] = "val_f1"
     mode: Any = Field(None, validate_default=True)      # default: the metric's own direction
 
     @field_validator("mode")
@@ -167,28 +145,27 @@ class _Objective(_Section):
 
 
 class _Budget(_Section):
-    num_samples: _Positive = 20
-    max_concurrent: _Positive = 1
-    seed: _whole(0, MAX_SEED) = 42
-    startup_trials: _Count = DEFAULT_STARTUP_TRIALS
+    num_samples: int = Field(20, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
+    startup_trials: int = Field(DEFAULT_STARTUP_TRIALS, ge=0)
 
 
 class _Scheduler(_Section):
-    type: _text("asha or none", ("asha", "none")) = "none"
-    grace_period: _Positive = 1
-    reduction_factor: _float(lambda f: f > 1, "must be > 1, got {}") = 2.0
+    type: Literal["asha", "none"] = "none"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
 
 
 class _Resources(_Section):
-    cpu: _float(lambda c: c >= 1, "a trial needs at least 1 CPU, got {}") = 1.0
-    gpu: _float(lambda g: g >= 0 and (g <= 1 or g.is_integer()),
-                "expected 0, a fraction in (0, 1) or a whole number of GPUs, got {}") = 1.0
+    cpu: Annotated[float, AfterValidator(_cpus)] = 1.0
+    gpu: Annotated[float, AfterValidator(_gpus)] = 1.0
 
 
 class _Retrain(_Section):
-    epochs: _Count                      # 0: no retrain
-    test_csv: _text("a CSV path") = None
-    train_on_val: Annotated[bool, PlainValidator(_flag)] = False
+    epochs: int = Field(ge=0)           # 0: no retrain
+    test_csv: _Path | None = None
+    train_on_val: bool = Field(False, strict=True)
 
 
 class _Spec(_Section):
@@ -232,7 +209,10 @@ class _Spec(_Section):
 
     @model_validator(mode="after")
     def _values(self) -> _Spec:
-        if self.kind == "choice":
+        """Choices: single values. Ranges: low < high; log needs low > 0 and no step; high -
+        low a multiple of step."""
+        kind = self.kind
+        if kind == "choice":
             if not isinstance(self.choice, list) or not self.choice:
                 raise ValueError(f"choice expects a non-empty list of values, got {_fmt(self.choice)}")
             bad = next((v for v in self.choice if isinstance(v, (list, dict))), None)
@@ -240,12 +220,6 @@ class _Spec(_Section):
                 raise ValueError(f"choice values must be single values (numbers, text, "
                                  f"true/false, null), got {_fmt(bad)}")
             return self
-        self._range()
-        return self
-
-    def _range(self) -> None:
-        """low < high; log needs low > 0 and no step; high - low a multiple of step."""
-        kind = self.kind
         bounds = self.int_ if kind == "int" else getattr(self, kind)
         if not isinstance(bounds, list) or len(bounds) != 2:
             raise ValueError(f"{kind} expects [low, high], got {_fmt(bounds)}")
@@ -254,7 +228,7 @@ class _Spec(_Section):
         high = _number_of(bounds[1], integer, "high: ")
         if not low < high:
             raise ValueError(f"low {_fmt(low)} must be < high {_fmt(high)}")
-        log = kind == "loguniform" or (integer and _flag_named("log", self.log, False))
+        log = kind == "loguniform" or (integer and self.log is not None and _flag(self.log, "log: "))
         if log and not low > 0:
             raise ValueError(f"a log scale needs low > 0, got low {_fmt(low)}")
         if self.step is not None:
@@ -269,14 +243,7 @@ class _Spec(_Section):
                 raise ValueError(f"high - low ({_fmt(high - low)}) must be a multiple of step "
                                  f"{_fmt(self.step)} so that high can be drawn")
         self.low, self.high, self.log = low, high, log and integer
-
-
-def _flag_named(name: str, value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {_fmt(value)}")
-    return value
+        return self
 
 
 class _File(_Section):
@@ -288,9 +255,9 @@ class _File(_Section):
     budget: _Budget = Field(default_factory=_Budget)
     scheduler: _Scheduler = Field(default_factory=_Scheduler)
     resources: _Resources = Field(default_factory=_Resources)
-    max_failures: _Count = 0
+    max_failures: int = Field(0, ge=0)
     retrain: _Retrain | None = None
-    demo_data: _text("a folder path") = None
+    demo_data: _Path | None = None
 
 
 _SECTION_MODELS: dict[str, type[BaseModel]] = {
@@ -562,19 +529,28 @@ class _Loader:
     def _explain(self, error: ValidationError) -> NoReturn:
         """The first validation error as one line naming the file and the field."""
         first = error.errors(include_url=False)[0]
-        loc = [str(part) for part in first["loc"]]
-        kind, value, where = first["type"], first.get("input"), self.where(".".join(loc))
-        if kind == "extra_forbidden" and len(loc) == 1:
-            fail(f"{self.show}: {loc[0]}: unknown section{_did_you_mean(loc[0], SECTIONS)}; "
-                 f"expected {', '.join(SECTIONS)}")
+        loc, kind, ctx = [str(part) for part in first["loc"]], first["type"], first.get("ctx", {})
+        where, got = self.where(".".join(loc)), f", got {_fmt(first.get('input'))}"
         if kind == "extra_forbidden":
-            keys = tuple(_SECTION_MODELS[loc[0]].model_fields)
-            fail(f"{where}: unknown key{_did_you_mean(loc[-1], keys)}; expected {', '.join(keys)}")
-        if kind in ("dict_type", "model_type"):
-            fail(f"{where}: expected a mapping of keys, got {_fmt(value)}")
-        if kind == "missing":
-            fail(f"{where}: missing")
-        fail(f"{where}: {first['msg'].removeprefix('Value error, ')}")
+            section = _SECTION_MODELS[loc[0]] if len(loc) > 1 else None
+            keys = tuple(section.model_fields) if section else SECTIONS
+            fail(f"{where}: unknown {'key' if section else 'section'}"
+                 f"{_did_you_mean(loc[-1], keys)}; expected {', '.join(keys)}")
+        if kind in ("greater_than_equal", "less_than_equal"):
+            model = _SECTION_MODELS[loc[0]] if len(loc) > 1 else _File
+            bounds = [getattr(m, k) for m in model.model_fields[loc[-1]].metadata
+                      for k in ("ge", "le") if getattr(m, k, None) is not None]
+            fail(f"{where}: must be " + (f">= {bounds[0]}" if len(bounds) == 1
+                                         else f"in {bounds[0]}..{bounds[1]}") + got)
+        expected = str(ctx.get("expected", "")).replace("'", "")   # "'asha' or 'none'"
+        problems = {"greater_than": f"must be > {_fmt(ctx.get('gt'))}", "literal_error": f"expected {expected}",
+                    "dict": "expected a mapping of keys", "model": "expected a mapping of keys",
+                    "bool": "expected true or false", "missing": "missing, expected a value",
+                    "string": "expected text", "int": "expected a whole number",
+                    "float": "expected a number", "finite_number": "expected a number"}
+        problem = problems.get(kind, problems.get(kind.split("_")[0]))
+        fail(f"{where}: {problem}{got}" if problem
+             else f"{where}: {first['msg'].removeprefix('Value error, ')}")
 
     def _apply_sets(self, data: dict[str, Any], sets: Sequence[str]) -> None:
         parsed: list[tuple[str, Any, str]] = []
@@ -776,10 +752,8 @@ class _Loader:
         trial where it is sampled, and for each combination of choices (ranges at low)."""
         try:
             TrainConfig.from_dict(space.trainer, source=self.show).validate(need_data=False)
-        except HeaderNetError as exc:             # name the fixed key the message is about
-            named = re.search(r"--(\w+)", str(exc))
-            key = named.group(1) if named and named.group(1) in space.trainer else None
-            fail(f"{self.where(f'trainer.{key}' if key else 'trainer')}: {exc}")
+        except HeaderNetError as exc:
+            fail(f"{self._blame(space, {}, str(exc), 'trainer')}: {exc}")
         checked: set[str] = set()
 
         def check_values(param: Param, sampled: dict[str, Any]) -> None:
@@ -788,16 +762,15 @@ class _Loader:
 
         for sampled, _ in space.combinations(on_param=check_values):
             if sampled:
-                _validated(space.trainer_values(sampled),
-                           f"{self.show}: search: a trial with {_fmt_dict(sampled)}")
                 self._check_shapes(space, sampled)
         if not checked:
             fail(f"{self.where('search')}: no key is ever sampled (every when is false for the "
                  f"fixed keys)")
 
     def _check_shapes(self, space: SearchSpace, sampled: dict[str, Any]) -> None:
-        """The trainer's own backbone-shape check (tubelet, patch, CSN minimum size) for one
-        combination, with each SHAPE_KEYS range also at low + step and high."""
+        """One combination as a whole TrainConfig and through the trainer's own backbone-shape
+        check (tubelet, patch, CSN minimum size), with each SHAPE_KEYS range also at low + step
+        and high."""
         from headernet_core.trainer import check_geometry  # imports torch: only for a sound file
 
         trials = [sampled]
@@ -813,7 +786,8 @@ class _Loader:
             except HeaderNetError as exc:
                 fail(f"{self._blame(space, trial, str(exc))}: {exc}; in a trial with {shown}")
 
-    def _blame(self, space: SearchSpace, trial: dict[str, Any], message: str) -> str:
+    def _blame(self, space: SearchSpace, trial: dict[str, Any], message: str,
+               otherwise: str = "search") -> str:
         """The field that set the key a trainer message starts with (`--input_size ...`)."""
         named = re.search(r"--(\w+)", message)
         key = named.group(1) if named else ""
@@ -822,7 +796,7 @@ class _Loader:
         for param in space.params:
             if key in param.overrides.get(trial.get(param.name), {}):
                 return self.where(f"search.{param.name}.overrides.{_fmt(trial[param.name])}")
-        return self.where(f"trainer.{key}" if key in space.trainer else "search")
+        return self.where(f"trainer.{key}" if key in space.trainer else otherwise)
 
     def _check_values(self, space: SearchSpace, param: Param, sampled: dict[str, Any]) -> None:
         """Each choice value (with its overrides) or both bounds, in a trial that samples it."""
