@@ -603,7 +603,6 @@ class _Loader:
             data["trainer"][key] = value
             self.origins[f"trainer.{key}"] = "--set"
 
-
     # -- what needs TrainConfig or several sections --
     def _trainer(self, raw: dict[str, Any]) -> dict[str, Any]:
         trainer = {}

@@ -107,15 +107,12 @@ def backbone_geometry(family: str, variant: str, ckpt: str | os.PathLike[str] | 
     (a VideoMAE folder's config.json at most; a published variant whose folder is not there yet
     has its registry shape). None when only the weights can tell (a .pth without config.json)."""
     if family == "csn":
-        return Geometry(1, 1, _csn_native_size(variant, ckpt), csn.MIN_INPUT_SIZE)
+        native = 224 if ckpt is not None else CSN_NATIVE_SIZE.get(variant, 224)
+        return Geometry(1, 1, native, csn.MIN_INPUT_SIZE)
     config = peek_vmae_config(variant, ckpt, checkpoint_root)
     if config is None and ckpt is None:
         config = videomae.VARIANTS[variant]
     return None if config is None else Geometry(config.tubelet_size, config.patch_size, config.img_size)
-
-
-def _csn_native_size(variant: str, ckpt: str | os.PathLike[str] | None) -> int:
-    return 224 if ckpt is not None else CSN_NATIVE_SIZE.get(variant, 224)
 
 
 def load_backbone(source: str | os.PathLike[str], backbone: str = "vmae") -> nn.Module:
@@ -186,8 +183,9 @@ def _create_csn(variant: str, ckpt: str | os.PathLike[str] | None) -> tuple[IrCS
                           "real results", stacklevel=3)
         else:
             logger.info("ir-CSN-%s randomly initialised (trained from scratch)", variant)
-    info = BackboneInfo("csn", name, source, _csn_native_size(variant, ckpt), *CSN_MEAN_STD, frame_multiple=1, arch=_arch(config),
-                        min_size=csn.MIN_INPUT_SIZE)
+    shape = backbone_geometry("csn", variant, ckpt, "")
+    info = BackboneInfo("csn", name, source, shape.native_size, *CSN_MEAN_STD,
+                        frame_multiple=shape.frame_multiple, arch=_arch(config), min_size=shape.min_size)
     return model, info
 
 
