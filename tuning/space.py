@@ -527,8 +527,8 @@ class _Loader:
         return space
 
     def _explain(self, error: ValidationError) -> NoReturn:
-        """The first validation error as one line naming the file and the field."""
-        first = error.errors(include_url=False)[0]
+        """The first validation error (unknown keys first) as one line naming the file and the field."""
+        first = min(error.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
         loc, kind, ctx = [str(part) for part in first["loc"]], first["type"], first.get("ctx", {})
         where, got = self.where(".".join(loc)), f", got {_fmt(first.get('input'))}"
         if kind == "extra_forbidden":
