@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, checkpoints
 from .augment import ClipLoader, DeviceTransform
-from .backbones import BackboneInfo, create_backbone, peek_vmae_config
+from .backbones import BackboneInfo, Geometry, backbone_geometry, create_backbone, peek_vmae_config
 from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, cli_values,
                      fields_with_role, ignored_settings, load_yaml_mapping, parse_neg_pos_ratio)
 from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, load_split,
@@ -185,10 +185,17 @@ def check_resume_compatible(saved: dict[str, Any], config: TrainConfig, run_dir:
         fail(f"{run_dir}: --resume cannot change {detail}; only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
 
 
-def check_geometry(config: TrainConfig, frame_multiple: int, size_multiple: int, native: int,
-                   min_size: int = 1) -> None:
+def check_geometry(config: TrainConfig, geometry: Geometry | None = None) -> None:
     """Clip shape against the backbone: VideoMAE needs whole tubelets and whole patches, the
-    CSN a frame its strides do not shrink below one pixel."""
+    CSN a frame its strides do not shrink below one pixel. `geometry` defaults to the one the
+    config's backbone would have (no model built, no weights read): the same check a search
+    runs for every trial before Ray starts. Silent when only the weights can tell."""
+    if geometry is None:
+        geometry = backbone_geometry(config.backbone, config.variant, config.backbone_ckpt,
+                                     config.checkpoint_root)
+        if geometry is None:
+            return
+    frame_multiple, size_multiple, native, min_size = geometry
     if (config.input_size or native) < min_size:
         fail(f"--input_size {config.input_size} is too small for --backbone {config.backbone}: "
              f"its strides need at least {min_size} pixels (native size {native})")
@@ -247,11 +254,10 @@ def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepar
     run_dir, resume_state = check_run_dir(config)
     check_inputs_outside(config, run_dir, [*train_df["clip_path"], *val_df["clip_path"]])
 
+    check_geometry(config)  # before loading the weights: seconds instead of minutes for Giant
     peeked = None
     if config.backbone == "vmae":  # (validate() has checked the variant name)
         peeked = peek_vmae_config(config.variant, config.backbone_ckpt, config.checkpoint_root)
-        if peeked is not None:  # before loading the weights: seconds instead of minutes for Giant
-            check_geometry(config, peeked.tubelet_size, peeked.patch_size, peeked.img_size)
     for line in ignored_settings(config, peeked):
         warnings.warn(line, IgnoredSettingWarning, stacklevel=2)
 
@@ -262,7 +268,8 @@ def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepar
     backbone, info = create_backbone(config.backbone, config.variant, ckpt=config.backbone_ckpt,
                                      checkpoint_root=config.checkpoint_root)
     config = config.resolved(native_size=info.native_size, default_mean=info.mean, default_std=info.std)
-    check_geometry(config, info.frame_multiple, info.size_multiple, info.native_size, info.min_size)
+    check_geometry(config, Geometry(info.frame_multiple, info.size_multiple, info.native_size,
+                                    info.min_size))
 
     if resume_state is not None:
         check_resume_compatible(resume_state["config"], config, run_dir)

@@ -54,6 +54,51 @@ def test_a_checkpoint_file_among_choices_is_checked(tiny_data, tmp_path, capsys)
     assert "missing.pth not found" in error_of(["--space", str(space)], capsys)
 
 
+SHAPES = [  # settings the trainer's backbone-geometry check refuses, wherever the space sets them
+    ({"lr_head": {"loguniform": [1e-4, 1e-3]}}, ["--set", "input_size=30"],
+     "trainer.input_size (from --set): --input_size 30 must be a multiple of the VideoMAE patch size 8"),
+    ({"lr_head": {"loguniform": [1e-4, 1e-3]}}, ["--set", "num_frames=3"],
+     "trainer.num_frames (from --set): --num_frames 3 must be a multiple of the VideoMAE tubelet size 2"),
+    ({"backbone": {"choice": ["vmae", "csn"]}}, ["--set", "input_size=16"],
+     "--input_size 16 is too small for --backbone csn: its strides need at least 32 pixels"),
+    ({"vmae_variant": {"choice": ["tiny", "giant"]}}, [],
+     "trainer.input_size: --input_size 32 must be a multiple of the VideoMAE patch size 14"),
+    ({"backbone": {"choice": ["csn", "vmae"], "overrides": {"vmae": {"num_frames": 5}}}}, [],
+     "search.backbone.overrides.vmae: --num_frames 5 must be a multiple of the VideoMAE tubelet"),
+    ({"input_size": {"int": [32, 64]}}, [],
+     "search.input_size: --input_size 33 must be a multiple of the VideoMAE patch size 8"),
+    ({"num_frames": {"int": [2, 9]}}, [],
+     "search.num_frames: --num_frames 3 must be a multiple of the VideoMAE tubelet size 2"),
+]
+
+
+@pytest.mark.parametrize("search, flags, fragment", SHAPES)
+def test_a_shape_the_backbone_refuses_is_one_line_before_ray(tiny_data, tmp_path, capsys, search,
+                                                             flags, fragment):
+    """Each choice, override, fixed key and range edge goes through the trainer's own check:
+    one error line, exit 2, no search folder (not a search whose every trial fails)."""
+    space = unfixed(write_space(tmp_path, tiny_data, search), search)
+    line = error_of(["--space", str(space), *flags], capsys)
+    assert line.startswith(f"error: {space}: ") and fragment in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def unfixed(space: Path, search: dict) -> Path:
+    """The space without the fixed trainer keys it searches."""
+    data = yaml.safe_load(space.read_text())
+    data["trainer"] = {k: v for k, v in data["trainer"].items() if k not in search}
+    space.write_text(yaml.safe_dump(data))
+    return space
+
+
+def test_ranges_on_the_backbones_grid_pass(tiny_data, tmp_path):
+    from tuning.space import load_space
+
+    search = {"input_size": {"int": [32, 64], "step": 8}, "num_frames": {"int": [2, 8], "step": 2}}
+    space = load_space(str(unfixed(write_space(tmp_path, tiny_data, search), search)))
+    assert [p.name for p in space.params] == ["input_size", "num_frames"]
+
+
 def test_storage_urls_are_refused(tiny_data, tmp_path, capsys):
     space = write_space(tmp_path, tiny_data, {"lr_head": {"loguniform": [1e-4, 1e-3]}})
     assert "URLs are not supported" in error_of(["--space", str(space), "--storage_path", "s3://b/x"], capsys)

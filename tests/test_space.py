@@ -2,6 +2,7 @@
 pickling), `--set` and CLI overrides, finding files, and every bad input in one table."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import textwrap
 from pathlib import Path
@@ -85,8 +86,9 @@ def test_shipped_space_details():
 
 
 def test_the_format_reference_example_loads(tmp_path):
-    block = space_mod.__doc__.split("    # search_spaces/vmae_full.yaml\n")[1].split("\nSections.")[0]
-    path = write(tmp_path, "\n".join(line[4:] for line in block.splitlines()), "example.yaml")
+    doc = (Path(__file__).parents[1] / "docs" / "search_spaces.md").read_text()
+    block = doc.split("```yaml\n# search_spaces/vmae_full.yaml\n")[1].split("```")[0]
+    path = write(tmp_path, block, "example.yaml")
     space = load_space(str(path))
     assert [p.name for p in space.params] == ["vmae_variant", "lr_backbone", "lr_head",
                                               "focal_alpha", "unfreeze_blocks"]
@@ -175,6 +177,22 @@ def test_define_by_run_pickles():
     fn(trial)
     assert trial.params == {"vmae_variant": "large", "lr_backbone": 2e-5, "lr_head": 1e-3}
     assert pickle.loads(pickle.dumps(space)) == space
+
+
+def test_a_space_pickled_by_the_hand_written_loader_still_loads_and_samples_the_same():
+    """A search folder from before the pydantic schema resumes: Tune's searcher state holds the
+    pickled SearchSpace. tests/data/space_before_pydantic.pkl was made at commit 5eefee1 with
+        python -c 'import pickle, tuning.space as s; open("space_before_pydantic.pkl", "wb")
+          .write(pickle.dumps({n: s.load_space(n) for n in ("demo", "vmae_full")}, protocol=5))'"""
+    old = pickle.loads((Path(__file__).parent / "data" / "space_before_pydantic.pkl").read_bytes())
+    for name, before in old.items():
+        now = load_space(name)
+        assert dataclasses.replace(before, path=now.path) == now
+        assert sample(before, 6, seed=3) == sample(now, 6, seed=3)
+        fn = pickle.loads(pickle.dumps(before.define_by_run))
+        trial = optuna.trial.FixedTrial(sample(now, 1)[0])
+        fn(trial)
+        assert now.trial_config(trial.params) == before.trial_config(trial.params)
 
 
 def test_ray_optuna_search_suggests_and_pickles_without_starting_ray():

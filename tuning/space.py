@@ -1,105 +1,12 @@
 """Search spaces: one YAML file per study -> a checked `SearchSpace` -> Optuna define-by-run.
 
-This docstring is the reference for the file format. A space file says which trainer settings
-are fixed, which are searched and how, what to optimise, and how much to spend:
-
-    # search_spaces/vmae_full.yaml
-    name: vmae_full                 # experiment name (default: the file name); CLI --name overrides
-    trainer:                        # fixed TrainConfig keys for every trial
-      backbone: vmae
-      finetune_mode: full
-      epochs: 10
-      train_csv: data/splits/train.csv
-      val_csv: data/splits/val.csv
-    search:                         # searched TrainConfig keys, sampled top to bottom
-      vmae_variant:
-        choice: [base, large, giant]
-        overrides:                  # fixed settings that go with one choice (optional)
-          giant: {batch_size: 2, grad_accum: 8, gradient_checkpointing: true}
-      lr_backbone: {loguniform: [1.0e-5, 1.0e-4], when: {finetune_mode: [full, partial]}}
-      lr_head: {loguniform: [1.0e-4, 1.0e-2]}
-      focal_alpha: {uniform: [0.55, 0.95]}
-      unfreeze_blocks: {int: [2, 12], step: 2}
-    objective: {metric: val_f1, mode: max}
-    budget: {num_samples: 20, max_concurrent: 2, seed: 42, startup_trials: 8}
-    scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
-    resources: {cpu: 4, gpu: 1}
-    max_failures: 1
-    retrain: {epochs: 30, test_csv: data/splits/test.csv}
-
-Sections. Only `search` is required; defaults in brackets.
-  name          experiment folder name [the file name without .yaml]; letters, digits, . _ -
-  trainer       TrainConfig keys (headernet_core/config.py) fixed for every trial [none: the
-                trainer's defaults]. run_name, resume and overwrite belong to each trial and
-                cannot be set here.
-  search        TrainConfig keys to search, in sampling order; at least one.
-  objective     metric [val_f1]: a validation metric that can pick a trial's best epoch
-                (`headernet_core.config.SELECTABLE_METRICS`; the objective is that epoch's value);
-                mode [the metric's own direction: max for val_f1/val_auc/..., min for val_loss].
-                A mode against a known direction (val_f1 with min) is an error.
-  budget        num_samples [20] trials; max_concurrent [1] running at once; seed [42] of the
-                TPE sampler (the trainer's own `seed` stays a trainer key: same init per trial);
-                startup_trials [10]: TPE samples at random until this many trials have ended
-                (Optuna's n_startup_trials), then from its model of the results so far.
-  scheduler     type: asha | none [none: every trial runs all its epochs]. With asha:
-                grace_period [1] epochs before the first cut (>= 1 and below the epochs of
-                the longest trial) and reduction_factor [2] (> 1): 1/rf of the trials go on at
-                each rung. Other keys stay allowed with type none, so
-                `--set scheduler.type=none` switches ASHA off.
-  resources     per trial: cpu [1] (>= 1; count the data-loader workers), gpu [1] (0, a
-                fraction in (0, 1) to share a GPU, or a whole number). gpu 0 needs
-                `trainer: {cpu: true}` and gpu > 0 forbids it: a 0-GPU Ray trial still sees
-                every GPU, and a reserved GPU that the trainer ignores is wasted.
-  max_failures  retries of a failed trial from its last checkpoint [0].
-  retrain       [none] after the search finishes, train the best trial's config again as
-                `<search>/final/` and score it once on a held-out test CSV (tuning/retrain.py):
-                epochs (>= 1), test_csv [none: no test], train_on_val [false]. The CLI's
-                --retrain_best N / --test_csv set or override it (--retrain_best 0: skip).
-  demo_data     a folder [none]: when the trainer's train_csv/val_csv are missing, the demo
-                dataset (headernet_core.demo_data) is generated there and split into
-                <folder>/splits/{train,val}.csv first. For the demo space only.
-
-Distributions (exactly one per searched key):
-  {loguniform: [low, high]}               float, log scale, 0 < low < high
-  {uniform: [low, high], step: s}         float, linear; optional step (high - low a multiple of s)
-  {int: [low, high], step: s, log: true}  integer, high included; optional step or log (not both)
-  {choice: [v1, v2, ...]}                 one of the values (single values, no lists);
-                                          values are converted to the trainer's type
-                                          (neg_pos_ratio [3, 5] samples "3", "5")
-Numbers may be written 1e-4 (YAML reads that as text; it is converted). Whole-number trainer
-keys (epochs, batch_size, ...) need `int`; on/off and text keys need `choice`.
-
-`when: {key: [values...]}` (or `{key: value}`; several keys must all hold): the key is sampled
-only when the trial's value of `key` is one of the values; otherwise it is absent from the
-trial config and the trainer's own default applies (frozen trials get no lr_backbone). `key`
-is a fixed `trainer:` key, a key left at its TrainConfig default, or a `choice` key listed
-ABOVE; its value at that point includes earlier choices' overrides. A `when` that can never
-hold is allowed (a `--set finetune_mode=frozen` switches lr_backbone off), but at least one
-key must be sampled.
-
-`overrides: {choice value: {trainer key: value}}` on a choice: fixed settings applied when that
-value is drawn (giant: smaller batch). They win over `trainer:`; a later choice's overrides win
-over an earlier one's; they cannot set a searched key.
-
-`--set` (CLI, repeatable), applied to the file before any check:
-  key=value             a trainer key; if the key is searched, its search is replaced by the
-                        fixed value (a choice's overrides for that value come along; other
-                        --set win over them)
-  section.key=value     objective/budget/scheduler/resources (budget.num_samples=4,
-                        scheduler.grace_period=1, resources.gpu=0.5, objective.metric=val_auc:
-                        a new metric takes its own direction unless objective.mode is set too);
-                        trainer.key=value is the long form of key=value
-  search.key=MAPPING    replace or add a searched key: search.lr_head='{loguniform: [1e-4, 1e-2]}'
-  name=..., max_failures=...
-Values are read with yaml.safe_load (1e-4, true, [1, 2], {a: 1}). `--num_samples` and
-`--max_concurrent` override the budget last.
-
-Checks: everything is checked at load time; a problem is one `HeaderNetError` line naming the
-file and the field (and "(from --set)" where the value came from the command line). Every
-choice value and both bounds of a range are checked by building a TrainConfig with them (in a
-trial where that key is sampled), and every combination of choices (up to 1000, numeric keys
-at their low bound) is checked as a whole, so a trial cannot fail on a setting the file made.
-Data files are not opened here.
+The file format (sections, distributions, `when`, `overrides`, defaults, `--set`) is described
+in docs/search_spaces.md. The file's shape is a set of pydantic models (`_File` and its
+sections; unknown keys are refused); `_Loader` applies `--set`, turns the first validation
+error into one `HeaderNetError` line naming the file and the field, runs the trainer's own
+checks (TrainConfig validation, backbone geometry) on every setting a trial can get, and builds
+the plain `SearchSpace` / `Param` dataclasses. Those, not the models, travel pickled in Ray's
+searcher state, so a search folder written by an earlier version still resumes.
 """
 from __future__ import annotations
 
@@ -112,11 +19,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, NoReturn, Sequence
 
 import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StringConstraints,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
-from headernet_core.config import (SELECTABLE_METRICS, TrainConfig, coerce, fields_with_role, format_value,
+from headernet_core.config import (MAX_SEED, SELECTABLE_METRICS, TrainConfig, coerce, fields_with_role,
+                                   format_value,
                                    load_yaml_mapping)
 from headernet_core.errors import HeaderNetError, fail
 from headernet_core.metrics import reported_metrics
@@ -128,21 +38,7 @@ REPO_SPACES_DIR = Path(__file__).resolve().parents[1] / SPACES_DIRNAME
 SECTIONS = ("name", "trainer", "search", "objective", "budget", "scheduler", "resources",
             "max_failures", "retrain", "demo_data")
 MAPPING_SECTIONS = ("trainer", "search", "objective", "budget", "scheduler", "resources", "retrain")
-SECTION_KEYS: dict[str, tuple[str, ...]] = {
-    "objective": ("metric", "mode"),
-    "budget": ("num_samples", "max_concurrent", "seed", "startup_trials"),
-    "scheduler": ("type", "grace_period", "reduction_factor"),
-    "resources": ("cpu", "gpu"),
-    "retrain": ("epochs", "test_csv", "train_on_val"),
-}
-DEFAULTS: dict[str, Any] = {
-    "metric": "val_f1",
-    "num_samples": 20, "max_concurrent": 1, "seed": 42, "startup_trials": 10,
-    "scheduler": "none", "grace_period": 1, "reduction_factor": 2.0,
-    "cpu": 1.0, "gpu": 1.0,
-    "max_failures": 0,
-}
-SCHEDULERS = ("asha", "none")
+DEFAULT_STARTUP_TRIALS = 10
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 # Keys a param spec may hold besides its distribution.
@@ -159,8 +55,216 @@ TRIAL_OWNED = tuple(key for key in fields_with_role("run") if key not in fields_
 NUMERIC_TEXT = ("neg_pos_ratio",)
 # How many combinations of choice values are checked as whole trial configs.
 MAX_COMBINATIONS = 1000
+# Whole-number settings the backbone's shape check reads: their ranges are checked at low,
+# low + step and high in every combination, so a step that leaves the patch grid is seen.
+SHAPE_KEYS = ("input_size", "num_frames")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+# --- the file's shape (pydantic) -------------------------------------------------------------
+# Validators raise ValueError with the text after "file: field: " of the one-line error.
+def _number_of(value: Any, integer: bool = False, label: str = "") -> Any:
+    """A YAML number (or text like '1e-4', which YAML 1.1 reads as text)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if (isinstance(number, bool) or not isinstance(number, (int, float))
+            or not math.isfinite(number) or (integer and not float(number).is_integer())):
+        raise ValueError(f"{label}expected {'a whole number' if integer else 'a number'}, "
+                         f"got {_fmt(value)}")
+    return int(number) if integer else number
+
+
+def _cpus(value: float) -> float:
+    if value < 1:
+        raise ValueError(f"a trial needs at least 1 CPU, got {_fmt(value)}")
+    return value
+
+
+def _gpus(value: float) -> float:
+    if value < 0 or (value > 1 and not value.is_integer()):
+        raise ValueError(f"expected 0, a fraction in (0, 1) or a whole number of GPUs, got {_fmt(value)}")
+    return value
+
+
+def _flag(value: Any, label: str = "") -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{label}expected true or false, got {_fmt(value)}")
+    return value
+
+
+def _folder_name(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or len(value) > MAX_NAME_LEN:
+        raise ValueError(f"expected a folder name of letters, digits, '.', '_' or '-' (at most "
+                         f"{MAX_NAME_LEN} characters), got {_fmt(value)}")
+    return value
+
+
+def _metric(value: Any) -> str:
+    """A validation metric the trainer can pick a trial's best epoch by (the objective is that
+    epoch's value)."""
+    if value not in SELECTABLE_METRICS:
+        choices = list(SELECTABLE_METRICS)
+        known = value in reported_metrics()
+        problem = ("is reported but cannot pick a trial's best epoch" if known
+                   else f"is not a metric the trainer reports{_did_you_mean(value, choices)}")
+        raise ValueError(f"{value} {problem}; choose one of {', '.join(choices)}")
+    return value
+
+
+_Path = Annotated[str, StringConstraints(strict=True, min_length=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Objective(_Section):
+    metric: Annotated[str, AfterValidator(_metric)] = "val_f1"
+    mode: Any = Field(None, validate_default=True)      # default: the metric's own direction
+
+    @field_validator("mode")
+    @classmethod
+    def _direction(cls, mode: Any, info: ValidationInfo) -> Any:
+        if "metric" not in info.data:       # the metric already failed
+            return mode
+        metric = info.data["metric"]
+        natural = SELECTABLE_METRICS[metric]
+        mode = natural if mode is None else mode
+        if mode not in ("max", "min"):
+            raise ValueError(f"expected max or min, got {_fmt(mode)}")
+        if mode != natural:
+            better = "higher" if natural == "max" else "lower"
+            raise ValueError(f"{mode} would look for the worst {metric} ({better} is better); "
+                             f"use {natural}")
+        return mode
+
+
+class _Budget(_Section):
+    num_samples: int = Field(20, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
+    startup_trials: int = Field(DEFAULT_STARTUP_TRIALS, ge=0)
+
+
+class _Scheduler(_Section):
+    type: Literal["asha", "none"] = "none"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class _Resources(_Section):
+    cpu: Annotated[float, AfterValidator(_cpus)] = 1.0
+    gpu: Annotated[float, AfterValidator(_gpus)] = 1.0
+
+
+class _Retrain(_Section):
+    epochs: int = Field(ge=0)           # 0: no retrain
+    test_csv: _Path | None = None
+    train_on_val: bool = Field(False, strict=True)
+
+
+class _Spec(_Section):
+    """One searched key as written: exactly one distribution and the options that go with it.
+    `kind`, `low`, `high` are filled in by the validators, not by the file."""
+    loguniform: Any = None
+    uniform: Any = None
+    int_: Any = Field(None, alias="int")
+    choice: Any = None
+    step: Any = None
+    log: Any = None
+    when: dict[Any, Any] | None = None
+    overrides: dict[Any, Any] | None = None
+    kind: str = ""
+    low: Any = None
+    high: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_distribution(cls, raw: Any) -> Any:
+        kinds = [k for k in raw if k in KINDS]
+        extra = [k for k in raw if k not in KINDS]
+        known = ("when", "overrides", "step", "log")
+        if not kinds:
+            bad = next((k for k in extra if k not in known), None)
+            if bad is not None:
+                raise ValueError(f"unknown distribution {bad}{_did_you_mean(str(bad), KINDS)}; "
+                                 f"expected one of {', '.join(KINDS)}")
+            raise ValueError(f"no distribution; give one of {', '.join(KINDS)}")
+        if len(kinds) > 1:
+            raise ValueError(f"more than one distribution ({', '.join(kinds)}); give exactly one")
+        kind, allowed = kinds[0], PARAM_OPTIONS[kinds[0]]
+        for key in extra:
+            if key not in allowed:
+                if key in known:
+                    raise ValueError(f"{key} does not go with {kind} (a {kind} takes "
+                                     f"{', '.join(allowed)})")
+                raise ValueError(f"unknown key {key}{_did_you_mean(str(key), (*KINDS, *allowed))} "
+                                 f"(a {kind} takes {', '.join(allowed)})")
+        return {**raw, "kind": kind}
+
+    @model_validator(mode="after")
+    def _values(self) -> _Spec:
+        """Choices: single values. Ranges: low < high; log needs low > 0 and no step; high -
+        low a multiple of step."""
+        kind = self.kind
+        if kind == "choice":
+            if not isinstance(self.choice, list) or not self.choice:
+                raise ValueError(f"choice expects a non-empty list of values, got {_fmt(self.choice)}")
+            bad = next((v for v in self.choice if isinstance(v, (list, dict))), None)
+            if bad is not None:
+                raise ValueError(f"choice values must be single values (numbers, text, "
+                                 f"true/false, null), got {_fmt(bad)}")
+            return self
+        bounds = self.int_ if kind == "int" else getattr(self, kind)
+        if not isinstance(bounds, list) or len(bounds) != 2:
+            raise ValueError(f"{kind} expects [low, high], got {_fmt(bounds)}")
+        integer = kind == "int"
+        low = _number_of(bounds[0], integer, "low: ")
+        high = _number_of(bounds[1], integer, "high: ")
+        if not low < high:
+            raise ValueError(f"low {_fmt(low)} must be < high {_fmt(high)}")
+        log = kind == "loguniform" or (integer and self.log is not None and _flag(self.log, "log: "))
+        if log and not low > 0:
+            raise ValueError(f"a log scale needs low > 0, got low {_fmt(low)}")
+        if self.step is not None:
+            self.step = _number_of(self.step, integer, "step: ")
+            if not self.step > 0:
+                raise ValueError(f"step must be > 0, got {_fmt(self.step)}")
+            if log and self.step != 1:
+                raise ValueError("step and log cannot be combined (Optuna samples a log-scale int "
+                                 "with step 1)")
+            spans = (high - low) / self.step
+            if abs(spans - round(spans)) > 1e-9 * max(1.0, abs(spans)):
+                raise ValueError(f"high - low ({_fmt(high - low)}) must be a multiple of step "
+                                 f"{_fmt(self.step)} so that high can be drawn")
+        self.low, self.high, self.log = low, high, log and integer
+        return self
+
+
+class _File(_Section):
+    """A space file after `--set`; trainer keys are checked against TrainConfig afterwards."""
+    name: Annotated[str, PlainValidator(_folder_name)]
+    trainer: dict[str, Any] = {}
+    search: dict[str, _Spec] = {}
+    objective: _Objective = Field(default_factory=_Objective)
+    budget: _Budget = Field(default_factory=_Budget)
+    scheduler: _Scheduler = Field(default_factory=_Scheduler)
+    resources: _Resources = Field(default_factory=_Resources)
+    max_failures: int = Field(0, ge=0)
+    retrain: _Retrain | None = None
+    demo_data: _Path | None = None
+
+
+_SECTION_MODELS: dict[str, type[BaseModel]] = {
+    "objective": _Objective, "budget": _Budget, "scheduler": _Scheduler,
+    "resources": _Resources, "retrain": _Retrain}
 
 
 # --- the space ------------------------------------------------------------------------------
@@ -227,7 +331,7 @@ class SearchSpace:
     resources: dict[str, float]         # {"cpu": float, "gpu": float}
     max_failures: int
     demo_data: str | None = None        # generate the demo dataset here when its CSVs are missing
-    startup_trials: int = DEFAULTS["startup_trials"]    # TPE's random start-up trials
+    startup_trials: int = DEFAULT_STARTUP_TRIALS    # TPE's random start-up trials
     retrain: dict[str, Any] = field(default_factory=dict)   # {} | {"epochs": int,
                                         #  "test_csv": str | None, "train_on_val": bool}
 
@@ -366,6 +470,7 @@ def load_space(name_or_path: str, *, sets: Sequence[str] = (), num_samples: int 
     return _Loader(path).load(data, sets, num_samples, max_concurrent)
 
 
+
 # --- the loader -----------------------------------------------------------------------------
 class _Loader:
     """Checks one file; `origins` remembers fields set from the command line for messages."""
@@ -385,12 +490,7 @@ class _Loader:
     # -- top level --
     def load(self, data: dict[str, Any], sets: Sequence[str], num_samples: int | None,
              max_concurrent: int | None) -> SearchSpace:
-        unknown = [k for k in data if k not in SECTIONS]
-        if unknown:
-            hint = _did_you_mean(str(unknown[0]), SECTIONS)
-            fail(f"{self.show}: {unknown[0]}: unknown section{hint}; expected "
-                 f"{', '.join(SECTIONS)}")
-        for section in MAPPING_SECTIONS:
+        for section in MAPPING_SECTIONS:        # --set writes into these
             value = data.get(section)
             if value is None:
                 data[section] = {}
@@ -405,26 +505,54 @@ class _Loader:
             if value is not None:
                 data["budget"][key] = value
                 self.origins[f"budget.{key}"] = f"--{key}"
+        if data.get("name") is None:
+            data["name"] = self.path.stem
+        data["retrain"] = data["retrain"] or None
+        try:
+            raw = _File.model_validate(data)
+        except ValidationError as exc:
+            self._explain(exc)
 
-        name = self._name(data.get("name"))
-        trainer = self._trainer(data["trainer"])
-        params = self._params(data["search"], trainer)
-        metric, mode = self._objective(data["objective"])
-        budget = self._budget(data["budget"])
-        scheduler = self._scheduler(data["scheduler"], _max_epochs(trainer, params))
-        resources = self._resources(data["resources"], trainer, params)
-        max_failures = self._int("max_failures", data.get("max_failures", DEFAULTS["max_failures"]),
-                                 minimum=0)
-        retrain = self._retrain(data["retrain"])
-        demo_data = data.get("demo_data")
-        if demo_data is not None and (not isinstance(demo_data, str) or not demo_data):
-            fail(f"{self.where('demo_data')}: expected a folder path, got {_fmt(demo_data)}")
-        space = SearchSpace(name=name, path=self.path, trainer=trainer, params=params,
-                            metric=metric, mode=mode, scheduler=scheduler, resources=resources,
-                            max_failures=max_failures, demo_data=demo_data, retrain=retrain,
-                            **budget)
+        trainer = self._trainer(raw.trainer)
+        params = self._params(raw.search, trainer)
+        self._check_scheduler(raw.scheduler, _max_epochs(trainer, params))
+        self._check_resources(raw.resources, trainer, params)
+        retrain = raw.retrain.model_dump() if raw.retrain and raw.retrain.epochs else {}
+        space = SearchSpace(
+            name=raw.name, path=self.path, trainer=trainer, params=params,
+            metric=raw.objective.metric, mode=raw.objective.mode,
+            scheduler=(raw.scheduler.model_dump() if raw.scheduler.type == "asha"
+                       else {"type": "none"}),
+            resources=raw.resources.model_dump(), max_failures=raw.max_failures,
+            demo_data=raw.demo_data, retrain=retrain, **raw.budget.model_dump())
         self._check_trials(space)
         return space
+
+    def _explain(self, error: ValidationError) -> NoReturn:
+        """The first validation error (unknown keys first) as one line naming the file and the field."""
+        first = min(error.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+        loc, kind, ctx = [str(part) for part in first["loc"]], first["type"], first.get("ctx", {})
+        where, got = self.where(".".join(loc)), f", got {_fmt(first.get('input'))}"
+        if kind == "extra_forbidden":
+            section = _SECTION_MODELS[loc[0]] if len(loc) > 1 else None
+            keys = tuple(section.model_fields) if section else SECTIONS
+            fail(f"{where}: unknown {'key' if section else 'section'}"
+                 f"{_did_you_mean(loc[-1], keys)}; expected {', '.join(keys)}")
+        if kind in ("greater_than_equal", "less_than_equal"):
+            model = _SECTION_MODELS[loc[0]] if len(loc) > 1 else _File
+            bounds = [getattr(m, k) for m in model.model_fields[loc[-1]].metadata
+                      for k in ("ge", "le") if getattr(m, k, None) is not None]
+            fail(f"{where}: must be " + (f">= {bounds[0]}" if len(bounds) == 1
+                                         else f"in {bounds[0]}..{bounds[1]}") + got)
+        expected = str(ctx.get("expected", "")).replace("'", "")   # "'asha' or 'none'"
+        problems = {"greater_than": f"must be > {_fmt(ctx.get('gt'))}", "literal_error": f"expected {expected}",
+                    "dict": "expected a mapping of keys", "model": "expected a mapping of keys",
+                    "bool": "expected true or false", "missing": "missing, expected a value",
+                    "string": "expected text", "int": "expected a whole number",
+                    "float": "expected a number", "finite_number": "expected a number"}
+        problem = problems.get(kind, problems.get(kind.split("_")[0]))
+        fail(f"{where}: {problem}{got}" if problem
+             else f"{where}: {first['msg'].removeprefix('Value error, ')}")
 
     def _apply_sets(self, data: dict[str, Any], sets: Sequence[str]) -> None:
         parsed: list[tuple[str, Any, str]] = []
@@ -477,17 +605,7 @@ class _Loader:
             data["trainer"][key] = value
             self.origins[f"trainer.{key}"] = "--set"
 
-    # -- sections --
-    def _name(self, value: Any) -> str:
-        if value is None:
-            value = self.path.stem
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or len(value) > MAX_NAME_LEN:
-            fail(f"{self.where('name')}: expected a folder name of letters, digits, '.', '_' "
-                 f"or '-' (at most {MAX_NAME_LEN} characters), got {_fmt(value)}")
-        return value
-
+    # -- what needs TrainConfig or several sections --
     def _trainer(self, raw: dict[str, Any]) -> dict[str, Any]:
         trainer = {}
         for key, value in raw.items():
@@ -503,51 +621,28 @@ class _Loader:
         if key in TRIAL_OWNED:
             fail(f"{where}: set by each trial, not by a search space")
 
-    def _params(self, raw: dict[str, Any], trainer: dict[str, Any]) -> tuple[Param, ...]:
+    def _params(self, raw: dict[str, _Spec], trainer: dict[str, Any]) -> tuple[Param, ...]:
         if not raw:
             fail(f"{self.where('search')}: nothing to search; add at least one key, e.g. "
                  f"lr_head: {{loguniform: [1.0e-4, 1.0e-2]}}")
         names = list(raw)
         params: list[Param] = []
-        for name in names:
+        for name, spec in raw.items():
             where = self.where(f"search.{name}")
             self._check_key(where, name)
             if name in trainer:
                 fail(f"{where}: also fixed in trainer: (keep it in one place; --set {name}=... "
                      f"fixes a searched key)")
-            params.append(self._param(name, raw[name], params, names))
+            self._check_kind_fits(where, name, spec.kind)
+            if spec.kind == "choice":
+                values = self._choice_values(where, name, spec.choice)
+                overrides = self._overrides(name, spec.overrides, values, names)
+                param_kw: dict[str, Any] = {"values": values, "overrides": overrides}
+            else:
+                param_kw = {"low": spec.low, "high": spec.high, "step": spec.step, "log": spec.log}
+            when = self._when(name, spec.when, params, names)
+            params.append(Param(name=name, kind=spec.kind, when=when, **param_kw))
         return tuple(params)
-
-    def _param(self, name: str, spec: dict[str, Any], earlier: list[Param],
-               names: list[str]) -> Param:
-        where = self.where(f"search.{name}")
-        kinds = [k for k in spec if k in KINDS]
-        extra = [k for k in spec if k not in KINDS]
-        if not kinds:
-            bad = next((k for k in extra if k not in ("when", "overrides", "step", "log")), None)
-            if bad is not None:
-                fail(f"{where}: unknown distribution {bad}{_did_you_mean(str(bad), KINDS)}; "
-                     f"expected one of {', '.join(KINDS)}")
-            fail(f"{where}: no distribution; give one of {', '.join(KINDS)}")
-        if len(kinds) > 1:
-            fail(f"{where}: more than one distribution ({', '.join(kinds)}); give exactly one")
-        kind = kinds[0]
-        for key in extra:
-            if key not in PARAM_OPTIONS[kind]:
-                allowed = ", ".join(PARAM_OPTIONS[kind])
-                hint = _did_you_mean(str(key), (*KINDS, *PARAM_OPTIONS[kind]))
-                if key not in ("when", "overrides", "step", "log"):
-                    fail(f"{where}: unknown key {key}{hint} (a {kind} takes {allowed})")
-                fail(f"{where}: {key} does not go with {kind} (a {kind} takes {allowed})")
-        self._check_kind_fits(where, name, kind)
-        if kind == "choice":
-            values = self._choice_values(where, name, spec["choice"])
-            overrides = self._overrides(where, name, spec.get("overrides"), values, names)
-            param_kw: dict[str, Any] = {"values": values, "overrides": overrides}
-        else:
-            param_kw = self._range(where, kind, spec)
-        when = self._when(where, name, spec.get("when"), earlier, names)
-        return Param(name=name, kind=kind, when=when, **param_kw)
 
     def _check_kind_fits(self, where: str, name: str, kind: str) -> None:
         ftype = _field_type(name)
@@ -562,60 +657,19 @@ class _Loader:
         if ftype is int and kind != "int":
             fail(f"{where}: {name} takes whole numbers; use int: [low, high] instead of {kind}")
 
-    def _range(self, where: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-        bounds = spec[kind]
-        if not isinstance(bounds, list) or len(bounds) != 2:
-            fail(f"{where}: {kind} expects [low, high], got {_fmt(bounds)}")
-        integer = kind == "int"
-        low = _number(f"{where}: low", bounds[0], integer=integer)
-        high = _number(f"{where}: high", bounds[1], integer=integer)
-        if not low < high:
-            fail(f"{where}: low {_fmt(low)} must be < high {_fmt(high)}")
-        log = kind == "loguniform"
-        if kind == "int" and "log" in spec:
-            if not isinstance(spec["log"], bool):
-                fail(f"{where}: log must be true or false, got {_fmt(spec['log'])}")
-            log = spec["log"]
-        if log and not low > 0:
-            fail(f"{where}: a log scale needs low > 0, got low {_fmt(low)}")
-        step = None
-        if spec.get("step") is not None:
-            step = _number(f"{where}: step", spec["step"], integer=integer)
-            if not step > 0:
-                fail(f"{where}: step must be > 0, got {_fmt(step)}")
-            if log and step != 1:
-                fail(f"{where}: step and log cannot be combined (Optuna samples a log-scale int "
-                     f"with step 1)")
-            spans = (high - low) / step
-            if abs(spans - round(spans)) > 1e-9 * max(1.0, abs(spans)):
-                fail(f"{where}: high - low ({_fmt(high - low)}) must be a multiple of step "
-                     f"{_fmt(step)} so that high can be drawn")
-        return {"low": low, "high": high, "step": step, "log": log and kind == "int"}
-
-    def _choice_values(self, where: str, name: str, raw: Any) -> tuple[Any, ...]:
-        if not isinstance(raw, list) or not raw:
-            fail(f"{where}: choice expects a non-empty list of values, got {_fmt(raw)}")
+    def _choice_values(self, where: str, name: str, raw: list[Any]) -> tuple[Any, ...]:
         values: list[Any] = []
         for item in raw:
-            if isinstance(item, (list, dict)):
-                fail(f"{where}: choice values must be single values (numbers, text, true/false, "
-                     f"null), got {_fmt(item)}")
             value = _coerce_field(where, name, item)
             if value in values:
                 fail(f"{where}: choice value {_fmt(item)} appears twice (as {_fmt(value)})")
             values.append(value)
         return tuple(values)
 
-    def _overrides(self, where: str, name: str, raw: Any, values: tuple[Any, ...],
+    def _overrides(self, name: str, raw: dict[Any, Any] | None, values: tuple[Any, ...],
                    names: list[str]) -> dict[Any, dict[str, Any]]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            fail(f"{self.where(f'search.{name}.overrides')}: expected "
-                 f"{{choice value: {{trainer key: value}}}}, "
-                 f"got {_fmt(raw)}")
         overrides: dict[Any, dict[str, Any]] = {}
-        for choice, settings in raw.items():
+        for choice, settings in (raw or {}).items():
             path = f"search.{name}.overrides.{_fmt(choice)}"
             here = self.where(path)
             matched = [v for v in values if _same_value(name, choice, v)]
@@ -634,13 +688,12 @@ class _Loader:
             overrides[matched[0]] = converted
         return overrides
 
-    def _when(self, where: str, name: str, raw: Any, earlier: list[Param],
+    def _when(self, name: str, raw: dict[Any, Any] | None, earlier: list[Param],
               names: list[str]) -> dict[str, tuple[Any, ...]]:
         if raw is None:
             return {}
-        here = self.where(f"search.{name}.when")
-        if not isinstance(raw, dict) or not raw:
-            fail(f"{here}: expected {{key: [values...]}}, got {_fmt(raw)}")
+        if not raw:
+            fail(f"{self.where(f'search.{name}.when')}: expected {{key: [values...]}}, got {{}}")
         by_name = {p.name: p for p in earlier}
         when: dict[str, tuple[Any, ...]] = {}
         for key, allowed in raw.items():
@@ -675,119 +728,24 @@ class _Loader:
             when[key] = tuple(converted)
         return when
 
-    def _objective(self, raw: dict[str, Any]) -> tuple[str, str]:
-        self._known_keys("objective", raw)
-        metric = raw.get("metric", DEFAULTS["metric"])
-        where = self.where("objective.metric")
-        if not isinstance(metric, str):
-            fail(f"{where}: expected a metric name such as val_f1, got {_fmt(metric)}")
-        if metric not in SELECTABLE_METRICS:
-            # A trial's objective is its best epoch's value, and the trainer picks that epoch by
-            # this metric: only validation metrics with a direction can do that.
-            choices = list(SELECTABLE_METRICS)
-            known = metric in reported_metrics()
-            fail(f"{where}: {metric} " + ("is reported but cannot pick a trial's best epoch"
-                                          if known else "is not a metric the trainer reports")
-                 + f"{'' if known else _did_you_mean(metric, choices)}; choose one of {', '.join(choices)}")
-        natural = SELECTABLE_METRICS[metric]
-        mode = raw.get("mode", natural)
-        where = self.where("objective.mode")
-        if mode not in ("max", "min"):
-            fail(f"{where}: expected max or min, got {_fmt(mode)}")
-        if mode != natural:
-            better = "higher" if natural == "max" else "lower"
-            fail(f"{where}: {mode} would look for the worst {metric} ({better} is better); "
-                 f"use {natural}")
-        return metric, mode
+    def _check_scheduler(self, scheduler: _Scheduler, max_epochs: int) -> None:
+        if scheduler.type == "asha" and scheduler.grace_period >= max_epochs:
+            fail(f"{self.where('scheduler.grace_period')}: {scheduler.grace_period} must be below "
+                 f"the trials' epochs ({max_epochs}), else ASHA never stops a trial; lower it or "
+                 f"use type: none")
 
-    def _budget(self, raw: dict[str, Any]) -> dict[str, int]:
-        self._known_keys("budget", raw)
-        return {
-            "num_samples": self._int("budget.num_samples",
-                                     raw.get("num_samples", DEFAULTS["num_samples"]), minimum=1),
-            "max_concurrent": self._int("budget.max_concurrent",
-                                        raw.get("max_concurrent", DEFAULTS["max_concurrent"]),
-                                        minimum=1),
-            "seed": self._int("budget.seed", raw.get("seed", DEFAULTS["seed"]), minimum=0,
-                              maximum=2**32 - 1),
-            "startup_trials": self._int("budget.startup_trials",
-                                        raw.get("startup_trials", DEFAULTS["startup_trials"]),
-                                        minimum=0),
-        }
-
-    def _retrain(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """{} (no retrain) or {"epochs", "test_csv", "train_on_val"}; an `epochs` of 0 is off."""
-        self._known_keys("retrain", raw)
-        if not raw:
-            return {}
-        epochs = self._int("retrain.epochs", raw.get("epochs"), minimum=0)
-        test_csv = raw.get("test_csv")
-        if test_csv is not None and (not isinstance(test_csv, str) or not test_csv):
-            fail(f"{self.where('retrain.test_csv')}: expected a CSV path, got {_fmt(test_csv)}")
-        train_on_val = raw.get("train_on_val", False)
-        if not isinstance(train_on_val, bool):
-            fail(f"{self.where('retrain.train_on_val')}: expected true or false, got "
-                 f"{_fmt(train_on_val)}")
-        if epochs == 0:
-            return {}
-        return {"epochs": epochs, "test_csv": test_csv, "train_on_val": train_on_val}
-
-    def _scheduler(self, raw: dict[str, Any], max_epochs: int) -> dict[str, Any]:
-        self._known_keys("scheduler", raw)
-        kind = raw.get("type", DEFAULTS["scheduler"])
-        if kind not in SCHEDULERS:
-            fail(f"{self.where('scheduler.type')}: expected {' or '.join(SCHEDULERS)}, "
-                 f"got {_fmt(kind)}")
-        if kind == "none":
-            return {"type": "none"}
-        grace = self._int("scheduler.grace_period",
-                          raw.get("grace_period", DEFAULTS["grace_period"]), minimum=1)
-        if grace >= max_epochs:
-            fail(f"{self.where('scheduler.grace_period')}: {grace} must be below the trials' "
-                 f"epochs ({max_epochs}), else ASHA never stops a trial; lower it or use "
-                 f"type: none")
-        where = self.where("scheduler.reduction_factor")
-        factor = float(_number(where, raw.get("reduction_factor", DEFAULTS["reduction_factor"])))
-        if not factor > 1:
-            fail(f"{where}: must be > 1, got {_fmt(factor)}")
-        return {"type": "asha", "grace_period": grace, "reduction_factor": factor}
-
-    def _resources(self, raw: dict[str, Any], trainer: dict[str, Any],
-                   params: tuple[Param, ...]) -> dict[str, float]:
-        self._known_keys("resources", raw)
-        where = self.where("resources.cpu")
-        cpu = float(_number(where, raw.get("cpu", DEFAULTS["cpu"])))
-        if cpu < 1:
-            fail(f"{where}: a trial needs at least 1 CPU, got {_fmt(cpu)}")
-        where = self.where("resources.gpu")
-        gpu = float(_number(where, raw.get("gpu", DEFAULTS["gpu"])))
-        if gpu < 0 or (gpu > 1 and not gpu.is_integer()):
-            fail(f"{where}: expected 0, a fraction in (0, 1) or a whole number of GPUs, "
-                 f"got {_fmt(gpu)}")
-        if "cpu" not in {p.name for p in params}:
-            on_cpu = trainer.get("cpu", _trainer_defaults()["cpu"])
-            if gpu == 0 and not on_cpu:
-                fail(f"{where}: 0 GPUs but trainer cpu is false: the trial would still use a "
-                     f"visible GPU without reserving it; set trainer cpu: true or give gpu > 0")
-            if gpu > 0 and on_cpu:
-                fail(f"{where}: {_fmt(gpu)} GPU reserved but trainer cpu is true; set gpu: 0")
-        return {"cpu": cpu, "gpu": gpu}
-
-    def _known_keys(self, section: str, raw: dict[str, Any]) -> None:
-        for key in raw:
-            if key not in SECTION_KEYS[section]:
-                fail(f"{self.where(f'{section}.{key}')}: unknown key"
-                     f"{_did_you_mean(str(key), SECTION_KEYS[section])}; expected "
-                     f"{', '.join(SECTION_KEYS[section])}")
-
-    def _int(self, field_path: str, value: Any, *, minimum: int,
-             maximum: int | None = None) -> int:
-        where = self.where(field_path)
-        number = _number(where, value, integer=True)
-        if number < minimum or (maximum is not None and number > maximum):
-            limit = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-            fail(f"{where}: must be {limit}, got {number}")
-        return number
+    def _check_resources(self, resources: _Resources, trainer: dict[str, Any],
+                         params: tuple[Param, ...]) -> None:
+        """A 0-GPU Ray trial still sees every GPU; a reserved GPU the trainer ignores is wasted."""
+        if "cpu" in {p.name for p in params}:
+            return
+        where, gpu = self.where("resources.gpu"), resources.gpu
+        on_cpu = trainer.get("cpu", _trainer_defaults()["cpu"])
+        if gpu == 0 and not on_cpu:
+            fail(f"{where}: 0 GPUs but trainer cpu is false: the trial would still use a "
+                 f"visible GPU without reserving it; set trainer cpu: true or give gpu > 0")
+        if gpu > 0 and on_cpu:
+            fail(f"{where}: {_fmt(gpu)} GPU reserved but trainer cpu is true; set gpu: 0")
 
     # -- whole trials --
     def _check_trials(self, space: SearchSpace) -> None:
@@ -795,10 +753,8 @@ class _Loader:
         trial where it is sampled, and for each combination of choices (ranges at low)."""
         try:
             TrainConfig.from_dict(space.trainer, source=self.show).validate(need_data=False)
-        except HeaderNetError as exc:             # name the fixed key the message is about
-            named = re.search(r"--(\w+)", str(exc))
-            key = named.group(1) if named and named.group(1) in space.trainer else None
-            fail(f"{self.where(f'trainer.{key}' if key else 'trainer')}: {exc}")
+        except HeaderNetError as exc:
+            fail(f"{self._blame(space, {}, str(exc), 'trainer')}: {exc}")
         checked: set[str] = set()
 
         def check_values(param: Param, sampled: dict[str, Any]) -> None:
@@ -807,11 +763,41 @@ class _Loader:
 
         for sampled, _ in space.combinations(on_param=check_values):
             if sampled:
-                _validated(space.trainer_values(sampled),
-                           f"{self.show}: search: a trial with {_fmt_dict(sampled)}")
+                self._check_shapes(space, sampled)
         if not checked:
             fail(f"{self.where('search')}: no key is ever sampled (every when is false for the "
                  f"fixed keys)")
+
+    def _check_shapes(self, space: SearchSpace, sampled: dict[str, Any]) -> None:
+        """One combination as a whole TrainConfig and through the trainer's own backbone-shape
+        check (tubelet, patch, CSN minimum size), with each SHAPE_KEYS range also at low + step
+        and high."""
+        from headernet_core.trainer import check_geometry  # imports torch: only for a sound file
+
+        trials = [sampled]
+        for param in space.params:
+            if param.name in sampled and param.name in SHAPE_KEYS and param.kind == "int":
+                edges = {param.low + (param.step or 1), param.high}
+                trials += [{**sampled, param.name: value} for value in sorted(edges)]
+        for trial in trials:
+            shown = _fmt_dict(trial)
+            config = _validated(space.trainer_values(trial), f"{self.show}: search: a trial with {shown}")
+            try:
+                check_geometry(config)
+            except HeaderNetError as exc:
+                fail(f"{self._blame(space, trial, str(exc))}: {exc}; in a trial with {shown}")
+
+    def _blame(self, space: SearchSpace, trial: dict[str, Any], message: str,
+               otherwise: str = "search") -> str:
+        """The field that set the key a trainer message starts with (`--input_size ...`)."""
+        named = re.search(r"--(\w+)", message)
+        key = named.group(1) if named else ""
+        if key in trial:
+            return self.where(f"search.{key}")
+        for param in space.params:
+            if key in param.overrides.get(trial.get(param.name), {}):
+                return self.where(f"search.{param.name}.overrides.{_fmt(trial[param.name])}")
+        return self.where(f"trainer.{key}" if key in space.trainer else otherwise)
 
     def _check_values(self, space: SearchSpace, param: Param, sampled: dict[str, Any]) -> None:
         """Each choice value (with its overrides) or both bounds, in a trial that samples it."""
@@ -829,7 +815,8 @@ class _Loader:
                     f"search.{param.name}.overrides.{_fmt(value)}"), 1))
 
 
-# --- helpers --------------------------------------------------------------------------------
+
+
 def _default_dirs() -> list[Path]:
     dirs: list[Path] = []
     for folder in (Path.cwd() / SPACES_DIRNAME, REPO_SPACES_DIR):
@@ -917,24 +904,6 @@ def _validated(values: Mapping[str, Any], where: str) -> TrainConfig:
     except HeaderNetError as exc:
         message = str(exc)
         fail(message if message.startswith(where) else f"{where}: {message}")
-
-
-def _number(where: str, value: Any, *, integer: bool = False) -> float | int:
-    """A YAML number (or text like '1e-4'); `integer` asks for a whole number."""
-    number = value
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if (isinstance(number, bool) or not isinstance(number, (int, float))
-            or not math.isfinite(number)):
-        fail(f"{where}: expected {'a whole number' if integer else 'a number'}, got {_fmt(value)}")
-    if integer:
-        if not float(number).is_integer():
-            fail(f"{where}: expected a whole number, got {_fmt(value)}")
-        return int(number)
-    return number
 
 
 def _max_epochs(trainer: Mapping[str, Any], params: Sequence[Param]) -> int:

@@ -13,7 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from torch import nn
 
@@ -23,8 +23,8 @@ from .base import Backbone
 from .csn import CSNConfig, IrCSN, load_ircsn
 from .videomae import VideoMAEConfig, VideoMAEv2, load_videomae
 
-__all__ = ["Backbone", "BackboneInfo", "CSNConfig", "IrCSN", "VARIANTS", "VideoMAEConfig",
-           "VideoMAEv2", "build_backbone", "create_backbone", "load_backbone"]
+__all__ = ["Backbone", "BackboneInfo", "CSNConfig", "Geometry", "IrCSN", "VARIANTS", "VideoMAEConfig",
+           "VideoMAEv2", "backbone_geometry", "build_backbone", "create_backbone", "load_backbone"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,30 @@ def peek_vmae_config(variant: str, ckpt: str | os.PathLike[str] | None,
         path = path.parent
     config_json = path / "config.json"
     return videomae.read_config_json(config_json) if config_json.is_file() else None
+
+
+class Geometry(NamedTuple):
+    """The clip shapes a backbone takes: frames a multiple of `frame_multiple`, a side a
+    multiple of `size_multiple` and at least `min_size`; `native_size` when --input_size is unset."""
+
+    frame_multiple: int
+    size_multiple: int
+    native_size: int
+    min_size: int = 1
+
+
+def backbone_geometry(family: str, variant: str, ckpt: str | os.PathLike[str] | None,
+                      checkpoint_root: str | os.PathLike[str]) -> Geometry | None:
+    """The geometry `create_backbone` would give, without building the model or reading weights
+    (a VideoMAE folder's config.json at most; a published variant whose folder is not there yet
+    has its registry shape). None when only the weights can tell (a .pth without config.json)."""
+    if family == "csn":
+        native = 224 if ckpt is not None else CSN_NATIVE_SIZE.get(variant, 224)
+        return Geometry(1, 1, native, csn.MIN_INPUT_SIZE)
+    config = peek_vmae_config(variant, ckpt, checkpoint_root)
+    if config is None and ckpt is None:
+        config = videomae.VARIANTS[variant]
+    return None if config is None else Geometry(config.tubelet_size, config.patch_size, config.img_size)
 
 
 def load_backbone(source: str | os.PathLike[str], backbone: str = "vmae") -> nn.Module:
@@ -158,9 +182,9 @@ def _create_csn(variant: str, ckpt: str | os.PathLike[str] | None) -> tuple[IrCS
                           "real results", stacklevel=3)
         else:
             logger.info("ir-CSN-%s randomly initialised (trained from scratch)", variant)
-    native = 224 if ckpt is not None else CSN_NATIVE_SIZE.get(variant, 224)
-    info = BackboneInfo("csn", name, source, native, *CSN_MEAN_STD, frame_multiple=1, arch=_arch(config),
-                        min_size=csn.MIN_INPUT_SIZE)
+    shape = backbone_geometry("csn", variant, ckpt, "")
+    info = BackboneInfo("csn", name, source, shape.native_size, *CSN_MEAN_STD,
+                        frame_multiple=shape.frame_multiple, arch=_arch(config), min_size=shape.min_size)
     return model, info
 
 
