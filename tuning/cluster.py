@@ -50,10 +50,9 @@ LOCAL_DEFAULT_ENV = {
     # from the trials' start (~0.7 core-s on 2 cores, measured in docs/performance.md).
     "RAY_prestart_worker_first_driver": "0",
 }
-# Ray's notice, on every local start, that token auth is on (its default): a line of noise in
-# each search's console. (Setting RAY_AUTH_MODE=token would skip it too, but breaks a process
-# that imported ray before: its C++ side has already read the mode.)
-TOKEN_NOTICE = "Token authentication is enabled"
+# Ray's notice, on every local start, that token auth is on (its default), is a line of noise in
+# each search's console: filtered out. (Setting RAY_AUTH_MODE=token would skip it too, but breaks
+# a process that imported ray before: its C++ side has already read the mode.)
 PROBE_TIMEOUT_S = 5.0
 TOKEN_HELP = "see docker/README.md, 'The cluster token'"
 
@@ -137,7 +136,7 @@ def check_address(address: str) -> None:
 
 
 def _not_token_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(TOKEN_NOTICE)
+    return not record.getMessage().startswith(ray_compat.TOKEN_NOTICE)
 
 
 def start_local_ray(runtime_env: dict | None = None) -> None:

@@ -52,8 +52,9 @@ def use_legacy_console(legacy: bool) -> None:
 
 
 # --- Ray's cluster token and head probe -----------------------------------------------------
-# The logger of Ray's "Token authentication is enabled" notice on every local start.
+# The logger and the text of Ray's notice, on every local start, that token auth is on.
 TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_NOTICE = "Token authentication is enabled"
 
 
 def generate_token() -> str:
