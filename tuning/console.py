@@ -4,10 +4,10 @@ Built only from Ray Tune's own extension points (no scraping of Ray's output):
 - `TrialEvents` (a `tune.Callback`): `[m:ss] t003 started | epoch 2 <metric> ... | stopped early
   | finished | failed`, with the short `tNNN` name of the trial's folder (`trial.trial_dirname`)
   and the search's best so far. An epoch that ends its trial says so on its own line.
-- `CompactTable` (a `tune.ProgressReporter`, the legacy reporter API that Ray honours with
-  its legacy output, `ray_compat.use_legacy_console`): after every `TABLE_EVERY_EVENTS` events (at most once a minute), the
-  running trials and the best one, with their searched params, epoch, objective and the
-  search's best so far in launch order.
+- `CompactTable` (a `tune.ProgressReporter`, the legacy reporter API that Ray honours in its
+  legacy output, `ray_compat.use_legacy_console`): after every `TABLE_EVERY_EVENTS` events (at
+  most once a minute), the running trials and the best one, with their searched params, epoch,
+  objective and the search's best so far in launch order.
 - Everything else is kept quiet with Ray's own switches: `RunConfig(verbose=1)` of the legacy
   output (no per-trial boxes); in each trial (`tuning.trial.run_trial(quiet=True)`) its
   stdout/stderr (the trainer's epoch lines and warnings) go to `train.log` in its folder and

@@ -50,7 +50,6 @@ SNAPSHOT_DIR = ".resume"
 MANIFEST = "manifest.json"
 DISPLACED = "displaced"                 # Tune files found unsigned at the last resume
 FORMAT = "headernet-resume-v1"
-TUNE_STATE = TUNE_STATE_FILES   # every file of Tune's state that a restore reads back
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_STATE_BYTES = 2**30
 RECOVER = ("start a new search with another --name, or recover results from the trial folders "
@@ -58,7 +57,7 @@ RECOVER = ("start a new search with another --name, or recover results from the 
 
 
 def is_tune_state(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TUNE_STATE)
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TUNE_STATE_FILES)
 
 
 # --- the key ----------------------------------------------------------------------------------

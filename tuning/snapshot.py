@@ -14,7 +14,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from . import resume_guard
-from .ray_compat import forget_pickled_error
+from .ray_compat import EXPERIMENT_STATE, TUNE_STATE_FILES, forget_pickled_error
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +64,11 @@ class ResumeSnapshot(Callback):
             return
         names = sorted(entry.name for entry in staging.iterdir() if entry.is_file())
         newest = {}
-        for pattern in resume_guard.TUNE_STATE[1:]:  # tuner.pkl is not in the staging folder
+        for pattern in TUNE_STATE_FILES[1:]:  # tuner.pkl is not in the staging folder
             matches = fnmatch.filter(names, pattern)
             if matches:
                 newest[pattern] = max(matches)  # Tune's own choice: the newest session's file
-        state = newest.get(resume_guard.EXPERIMENT_STATE)
+        state = newest.get(EXPERIMENT_STATE)
         if state is None:
             return
         stat = (staging / state).stat()
