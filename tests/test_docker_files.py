@@ -279,6 +279,18 @@ def test_constraints_pin_every_dependency_within_pyproject():
     assert {"grpcio", "jsonschema", "optuna", "pyarrow"} <= pins.keys()
 
 
+def test_the_image_pins_the_ray_optuna_and_pydantic_that_the_tests_run_with():
+    """The image gets the versions these tests ran against (CI installs the newest inside
+    pyproject's ranges): tuning/ray_compat.py's private names are checked for those only."""
+    from importlib.metadata import version
+
+    pins = constraints()
+    for name in ("ray", "optuna", "pydantic"):
+        assert pins[name] == version(name), (
+            f"docker/constraints.txt pins {name}=={pins[name]} but the tests run with {version(name)}: "
+            f"regenerate it (its header) or install the pinned version")
+
+
 # --- ray up -----------------------------------------------------------------------------------
 def cluster_yaml() -> dict:
     return yaml.safe_load((DOCKER / "ray-cluster.yaml").read_text())

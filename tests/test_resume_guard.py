@@ -129,8 +129,7 @@ def test_the_tune_callback_signs_only_after_tune_saved(tmp_path, monkeypatch):
     for name, data in STATE.items():
         if name != "tuner.pkl":
             (staging / name).write_bytes(data)
-    trial = SimpleNamespace(storage=SimpleNamespace(experiment_driver_staging_path=str(staging),
-                                                    experiment_fs_path=str(search)),
+    trial = SimpleNamespace(local_experiment_path=str(staging), remote_experiment_path=str(search),
                             run_metadata=SimpleNamespace(pickled_error_filename=None))
     signed = []
     monkeypatch.setattr(resume_guard, "record", lambda folder, files: signed.append(sorted(files)))

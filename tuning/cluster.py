@@ -6,7 +6,8 @@ Three Ray behaviours (2.60) this module works around, each checked by tests/test
   `prepare_environment` runs before this command's first `import ray`.
 - A local `ray.init()` listens on every interface (GCS, raylet, each worker) unless its node
   address is exactly 127.0.0.1, and it turns a given 127.0.0.1 into the machine's address
-  except in its single-machine mode (the macOS/Windows default), used here for the local Ray.
+  except in its single-machine mode (the macOS/Windows default), used here for the local Ray
+  (`ray_compat.init_loopback_ray`: Ray's private names are all in tuning/ray_compat.py).
 - Token authentication (on by default since 2.59) writes `~/.ray/auth_token` with the umask's
   mode, usually readable by every user of the machine; a client with no or a wrong token is
   retried for ~20 s and then gets tracebacks that never say "token".
@@ -20,6 +21,8 @@ import os
 from pathlib import Path
 
 from headernet_core.errors import fail
+
+from . import ray_compat
 
 # Forced, whatever the user's environment says: nothing phones home.
 FORCED_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
@@ -47,12 +50,9 @@ LOCAL_DEFAULT_ENV = {
     # from the trials' start (~0.7 core-s on 2 cores, measured in docs/performance.md).
     "RAY_prestart_worker_first_driver": "0",
 }
-# Ray's notice, on every local start, that token auth is on (its default): a line of noise in
-# each search's console. (Setting RAY_AUTH_MODE=token would skip it too, but breaks a process
-# that imported ray before: its C++ side has already read the mode.)
-TOKEN_NOTICE = "Token authentication is enabled"
-TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
-LOOPBACK = "127.0.0.1"
+# Ray's notice, on every local start, that token auth is on (its default), is a line of noise in
+# each search's console: filtered out. (Setting RAY_AUTH_MODE=token would skip it too, but breaks
+# a process that imported ray before: its C++ side has already read the mode.)
 PROBE_TIMEOUT_S = 5.0
 TOKEN_HELP = "see docker/README.md, 'The cluster token'"
 
@@ -79,9 +79,6 @@ def keep_token_private(create: bool) -> None:
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or (path := token_file()) is None:
         return
     if create and not path.exists() and "RAY_AUTH_TOKEN_PATH" not in os.environ:
-        from ray._private.authentication.authentication_token_generator import (
-            generate_new_authentication_token,
-        )
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -89,7 +86,7 @@ def keep_token_private(create: bool) -> None:
             pass  # another process made it meanwhile: tightened below
         else:
             with os.fdopen(fd, "w") as out:
-                out.write(generate_new_authentication_token())
+                out.write(ray_compat.generate_token())
             return
     try:
         info = path.stat()
@@ -105,28 +102,22 @@ def check_address(address: str) -> None:
     this process's token: `ray.init` would retry for minutes (nothing listening) or ~20 s
     (token refused) and end in tracebacks."""
     import grpc
-    from ray._private import services
-    from ray._private.authentication.authentication_utils import is_token_auth_enabled
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
     if address.startswith("ray://"):
         return  # Ray Client: it has its own connection timeout
     try:
-        gcs = services.canonicalize_bootstrap_address(address)
+        gcs = ray_compat.head_gcs_address(address)
     except Exception as error:  # noqa: BLE001 - Ray raises several kinds for a bad address
         fail(f"--address {address}: not a Ray head address HOST:PORT ({' '.join(str(error).split())})")
     if gcs is None:
         fail(f"--address {address}: no running Ray cluster found on this machine; give HOST:PORT of the head")
-    token_mode = is_token_auth_enabled()
-    if token_mode and not _has_token():
+    token_mode = ray_compat.token_auth_enabled()
+    if token_mode and not ray_compat.has_token():
         fail(f"--address {address}: RAY_AUTH_MODE=token but no cluster token in {token_file()} "
              f"(RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token) or RAY_AUTH_TOKEN; copy the head's "
              f"token file to this machine ({TOKEN_HELP})")
-    channel = init_grpc_channel(gcs)
     try:
-        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-            gcs_service_pb2.GetClusterIdRequest(), timeout=PROBE_TIMEOUT_S)
+        ray_compat.probe_head(gcs, PROBE_TIMEOUT_S)
     except grpc.RpcError as error:
         code = error.code()
         if code == grpc.StatusCode.UNAUTHENTICATED and not token_mode:
@@ -142,22 +133,10 @@ def check_address(address: str) -> None:
                  f"(is `ray start --head --port {gcs.rsplit(':', 1)[-1]}` running there, and the port open?)")
         fail(f"--address {address}: {gcs} answers, but not as a Ray head of this version "
              f"({code.name}: {' '.join(str(error.details()).split())[:200]})")
-    finally:
-        channel.close()
-
-
-def _has_token() -> bool:
-    from ray._raylet import AuthenticationTokenLoader
-    from ray.exceptions import AuthenticationError
-
-    try:
-        return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
-    except AuthenticationError:  # RAY_AUTH_TOKEN_PATH names a missing or empty file
-        return False
 
 
 def _not_token_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(TOKEN_NOTICE)
+    return not record.getMessage().startswith(ray_compat.TOKEN_NOTICE)
 
 
 def start_local_ray(runtime_env: dict | None = None) -> None:
@@ -165,20 +144,13 @@ def start_local_ray(runtime_env: dict | None = None) -> None:
     `runtime_env`: the job's (every worker it starts)."""
     prepare_environment(local=True)
     keep_token_private(create=True)
-    import ray
-    from ray._private import ray_constants
-
-    multi_node = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False  # keeps 127.0.0.1 as the node address (see the top)
-    notice = logging.getLogger(TOKEN_LOGGER)
+    notice = logging.getLogger(ray_compat.TOKEN_LOGGER)
     notice.addFilter(_not_token_notice)
     try:
-        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False,
-                 dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=True,
-                 runtime_env=runtime_env,
-                 logging_level="WARNING")
+        ray_compat.init_loopback_ray(include_dashboard=False, dashboard_host=ray_compat.LOOPBACK,
+                                     log_to_driver=True, configure_logging=True,
+                                     runtime_env=runtime_env, logging_level="WARNING")
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = multi_node
         notice.removeFilter(_not_token_notice)
 
 
@@ -187,16 +159,11 @@ def stop_ray() -> None:
     then sends the autoscaler monitor SIGTERM, whose handler reports its own end to the GCS that
     is already gone; Ray kills it after a 1 s grace (1.4 s against 0.1-0.4 s to shut down,
     measured in docs/performance.md). A local Ray's monitor has nothing to clean up (no cloud
-    nodes), so it is killed first, with Ray's own `Node.kill_monitor`. Joined to a cluster,
+    nodes), so it is killed first (`ray_compat.kill_local_monitor`). Joined to a cluster,
     this process holds no monitor and only disconnects."""
     import ray
 
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None and getattr(node, "head", False):
-        try:
-            node.kill_monitor(check_alive=False)
-        except Exception:  # noqa: BLE001, S110 - Ray's shutdown below still ends it
-            pass
+    ray_compat.kill_local_monitor()
     ray.shutdown()
 
 

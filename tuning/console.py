@@ -4,10 +4,10 @@ Built only from Ray Tune's own extension points (no scraping of Ray's output):
 - `TrialEvents` (a `tune.Callback`): `[m:ss] t003 started | epoch 2 <metric> ... | stopped early
   | finished | failed`, with the short `tNNN` name of the trial's folder (`trial.trial_dirname`)
   and the search's best so far. An epoch that ends its trial says so on its own line.
-- `CompactTable` (a `tune.ProgressReporter`, the legacy reporter API that Ray honours when
-  `RAY_AIR_NEW_OUTPUT=0`): after every `TABLE_EVERY_EVENTS` events (at most once a minute), the
-  running trials and the best one, with their searched params, epoch, objective and the
-  search's best so far in launch order.
+- `CompactTable` (a `tune.ProgressReporter`, the legacy reporter API that Ray honours in its
+  legacy output, `ray_compat.use_legacy_console`): after every `TABLE_EVERY_EVENTS` events (at
+  most once a minute), the running trials and the best one, with their searched params, epoch,
+  objective and the search's best so far in launch order.
 - Everything else is kept quiet with Ray's own switches: `RunConfig(verbose=1)` of the legacy
   output (no per-trial boxes); in each trial (`tuning.trial.run_trial(quiet=True)`) its
   stdout/stderr (the trainer's epoch lines and warnings) go to `train.log` in its folder and
@@ -32,6 +32,12 @@ from typing import Any, Iterator, Sequence, TextIO
 import optuna
 from ray import tune
 
+from .ray_compat import (
+    TUNE_LOGGER,
+    TUNE_RESUME_HINTS,
+    TUNE_STOP_NOTICE,
+    use_legacy_console,
+)
 from .trial import SCHEDULER_STOP, finite, format_value, one_line_error, trial_dirname
 
 TABLE_EVERY_EVENTS = 20     # the table after this many event lines (trial starts and epochs),
@@ -222,19 +228,17 @@ def console_run_config(*, metric: str, mode: str, params: Sequence[str], search_
     Ray reads for it (legacy output so that `progress_reporter` is honoured)."""
     events = TrialEvents(metric, mode, params, search_dir, max_failures)
     if verbose:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1"
+        use_legacy_console(False)
+        os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1"
         return {"callbacks": [events], "verbose": 1}
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    use_legacy_console(True)
     os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"     # the event line says it; error.txt has it all
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return {"callbacks": [events], "verbose": 1,
             "progress_reporter": CompactTable(metric, mode, params, search_dir)}
 
 
-# Tune's lines when a search is stopped (Ctrl-C, SIGTERM, the disk watch) and this command's.
-TUNE_LOGGER = "ray.tune.tune"
-TUNE_STOP_NOTICE = "Stop signal received"
-TUNE_RESUME_HINTS = ("Experiment has been interrupted", "Training has been interrupted")
+# This command's line in place of Tune's when a search is stopped (Ctrl-C, SIGTERM, the disk watch).
 STOP_LINE = ("stopping: saving the search's state and writing its summary; a running trial "
              "resumes from its last finished epoch")
 

@@ -43,16 +43,13 @@ from pathlib import Path
 from headernet_core.artifacts import atomic_path, remove_stale_temps, write_json
 from headernet_core.errors import fail
 
+from .ray_compat import EXPERIMENT_STATE, TUNE_STATE_FILES, TUNER_PKL
+
 KEY_ENV = "HEADERNET_RESUME_KEY"       # path of the key file (tests, containers, shared setups)
 SNAPSHOT_DIR = ".resume"
 MANIFEST = "manifest.json"
 DISPLACED = "displaced"                 # Tune files found unsigned at the last resume
 FORMAT = "headernet-resume-v1"
-TUNER_PKL = "tuner.pkl"
-EXPERIMENT_STATE = "experiment_state-*.json"
-# Every file of the search folder's top level that Tune may read back (and unpickle) on restore.
-TUNE_STATE = (TUNER_PKL, EXPERIMENT_STATE, "searcher-state-*.pkl", "search_gen_state-*.json",
-              "callback-states-*.pkl", "basic-variant-state-*.json")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_STATE_BYTES = 2**30
 RECOVER = ("start a new search with another --name, or recover results from the trial folders "
@@ -60,7 +57,7 @@ RECOVER = ("start a new search with another --name, or recover results from the 
 
 
 def is_tune_state(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TUNE_STATE)
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TUNE_STATE_FILES)
 
 
 # --- the key ----------------------------------------------------------------------------------

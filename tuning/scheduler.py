@@ -13,6 +13,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from headernet_core.artifacts import write_json
 
+from .ray_compat import asha_max_t, asha_time_attr
 from .trial import SCHEDULER_STOP
 
 
@@ -25,8 +26,8 @@ class RecordingASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
-        epoch = result.get(self._time_attr)
-        if action == TrialScheduler.STOP and epoch is not None and epoch < self._max_t:
+        epoch = result.get(asha_time_attr(self))
+        if action == TrialScheduler.STOP and epoch is not None and epoch < asha_max_t(self):
             write_json(Path(self.search_dir) / Path(trial.path).name / SCHEDULER_STOP,
                        {"epoch": int(epoch), "trial_id": trial.trial_id})
         return action

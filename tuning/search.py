@@ -29,6 +29,7 @@ from headernet_core.paths import check_name, check_writable_dir, folder_bytes, s
 
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray, stop_ray
 from . import resume_guard
+from .ray_compat import TUNER_PKL
 from .space import SearchSpace, find_space_file, load_space
 from .summary import (TrialRecord, best_record, complete_trial_plots, feature_cache_note, format_bytes,
                       write_summary)
@@ -305,7 +306,7 @@ def search_state(search_dir: Path) -> str | None:
     summary = search_dir / "search_summary.json"
     if summary.is_file():
         return read_json_dict(summary).get("state") or "unknown"
-    return "started" if (search_dir / "tuner.pkl").is_file() else None
+    return "started" if (search_dir / TUNER_PKL).is_file() else None
 
 
 def check_search_dir(search_dir: Path, resume: bool) -> StartRecord | None:

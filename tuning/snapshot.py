@@ -14,6 +14,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from . import resume_guard
+from .ray_compat import EXPERIMENT_STATE, TUNE_STATE_FILES, forget_pickled_error
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +52,23 @@ class ResumeSnapshot(Callback):
         """Tune would unpickle a failed trial's error.pkl from the search folder when it builds
         the results; its error.txt (plain text) says the same and is read instead."""
         for trial in trials:
-            if trial.run_metadata.pickled_error_filename is not None:
-                trial.run_metadata.pickled_error_filename = None
+            forget_pickled_error(trial)
 
     def _snapshot(self, trials) -> None:
         if not trials:
             return
-        storage = trials[0].storage
-        staging = Path(storage.experiment_driver_staging_path)
+        # Tune's local staging folder: the files there are complete, the synced copies in the
+        # search folder may lag or be mid-copy
+        staging = Path(trials[0].local_experiment_path)
         if not staging.is_dir():
             return
         names = sorted(entry.name for entry in staging.iterdir() if entry.is_file())
         newest = {}
-        for pattern in resume_guard.TUNE_STATE[1:]:  # tuner.pkl is not in the staging folder
+        for pattern in TUNE_STATE_FILES[1:]:  # tuner.pkl is not in the staging folder
             matches = fnmatch.filter(names, pattern)
             if matches:
                 newest[pattern] = max(matches)  # Tune's own choice: the newest session's file
-        state = newest.get(resume_guard.EXPERIMENT_STATE)
+        state = newest.get(EXPERIMENT_STATE)
         if state is None:
             return
         stat = (staging / state).stat()
@@ -76,7 +77,7 @@ class ResumeSnapshot(Callback):
             return
         files = {name: (staging / name).read_bytes() for name in newest.values()}
         try:
-            resume_guard.record(Path(storage.experiment_fs_path), files)
+            resume_guard.record(Path(trials[0].remote_experiment_path), files)
         except Exception as exc:  # noqa: BLE001 - a failed snapshot must not end the search
             logger.warning("could not sign the search's resume state (%s); --resume will refuse "
                            "this search if the next snapshot fails too", exc)

@@ -17,10 +17,16 @@ from typing import Any
 
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import LOCK_FILE_SUFFIX
 from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
+
+from .ray_compat import (
+    journal_lock_file,
+    mark_searcher_trial_complete,
+    searcher_study,
+    searcher_trials,
+)
 
 STUDY_FILE = "optuna_study.log"
 
@@ -33,7 +39,7 @@ def study_storage(search_dir: str | Path) -> JournalStorage:
 def clear_stale_lock(search_dir: str | Path) -> None:
     """Before a resume: a journal lock left by a killed driver (one search owns its folder, so
     any lock there is stale) would make the resumed search wait 30 s and warn, then break it."""
-    Path(search_dir, STUDY_FILE + LOCK_FILE_SUFFIX).unlink(missing_ok=True)
+    journal_lock_file(Path(search_dir, STUDY_FILE)).unlink(missing_ok=True)
 
 
 class StudySearch(OptunaSearch):
@@ -69,20 +75,21 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
         if self._finished_in_study(trial_id):
-            self._completed_trials.add(trial_id)
+            mark_searcher_trial_complete(self, trial_id)
             return
         super().on_trial_complete(trial_id, result, error)
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        known = {t.number for t in self._ot_trials.values()}
-        for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study, ot_trials = searcher_study(self), searcher_trials(self)
+        known = {t.number for t in ot_trials.values()}
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number not in known:     # asked after the snapshot: Tune will not run it
-                self._ot_study.tell(trial.number, state=TrialState.FAIL)
-        study_trials = self._ot_study.get_trials(deepcopy=False)
+                study.tell(trial.number, state=TrialState.FAIL)
+        study_trials = study.get_trials(deepcopy=False)
         self._finished_before_restore = frozenset(
-            trial_id for trial_id, ot_trial in self._ot_trials.items()
+            trial_id for trial_id, ot_trial in ot_trials.items()
             if study_trials[ot_trial.number].state.is_finished())
         self._reported_epochs = {trial_id: set(study_trials[ot_trial.number].intermediate_values)
-                                 for trial_id, ot_trial in self._ot_trials.items()}
+                                 for trial_id, ot_trial in ot_trials.items()}
 

@@ -277,7 +277,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if config.compile:
-        torch._dynamo.reset()
+        torch.compiler.reset()
     # The search owns the folder (its lock); a retried trial takes over its own run folder.
     stopped: list[Any] = []
     with warnings.catch_warnings(), trial_output(run_dir, quiet):  # a fresh warning registry
