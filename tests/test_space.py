@@ -17,7 +17,7 @@ from tuning.space import Param, SearchSpace, find_space_file, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SHIPPED = ("csn_full", "demo", "vmae_frozen", "vmae_full", "vmae_imbalance")
+SHIPPED = ("csn_full", "csn_ig65m", "demo", "vmae_frozen", "vmae_full", "vmae_imbalance")
 def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
