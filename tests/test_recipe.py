@@ -305,3 +305,33 @@ def test_killed_mid_epoch_and_resumed_is_bitwise_the_uninterrupted_run(
         assert torch.equal(wa["state_dict"][key], wb["state_dict"][key]), key
     saved = yaml.safe_load((resumed.run_dir / "config.yaml").read_text())
     assert all(saved[k] == v for k, v in settings.items())
+
+
+# --- the shipped csn_ig65m space --------------------------------------------------------------
+@pytest.mark.slow
+def test_csn_ig65m_space_runs_with_a_tiny_checkpoint(tiny_data, tmp_path, capsys):
+    """The shipped space end to end (Ray, 2 trials of 1 epoch) with a tiny mmaction2-layout
+    ir-CSN checkpoint in place of the IG65M one: the recipe's settings reach the trials."""
+    import json
+
+    from tuning.search import main
+
+    ckpt = write_tiny_csn_checkpoint(tmp_path / "ircsn_tiny.pth")
+    sets = {"csn_variant": "tiny", "backbone_ckpt": ckpt, "epochs": 1, "num_frames": 4,
+            "input_size": 32, "batch_size": 6, "num_workers": 0, "cpu": True, "progress": False,
+            "plots": False, "tensorboard": False, "output_root": tmp_path / "out",
+            "budget.num_samples": 2, "budget.max_concurrent": 1, "scheduler.type": "none",
+            "resources.cpu": 1, "resources.gpu": 0}
+    main(["--space", "csn_ig65m", "--train_csv", str(tiny_data["train_csv"]),
+          "--val_csv", str(tiny_data["val_csv"]), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]])
+    search_dir = tmp_path / "out" / "csn_ig65m"
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+    for trial in summary["trials"]:
+        config = yaml.safe_load((search_dir / trial["name"] / "config.yaml").read_text())
+        assert (config["optimizer"], config["bn_frozen"], config["max_grad_norm"]) == ("sgd", True, 40.0)
+        assert config["backbone_ckpt"] == str(ckpt) and 1.5e-4 <= config["lr_backbone"] <= 1.5e-3
+        trained = torch.load(search_dir / trial["name"] / "checkpoints" / "last.pt",
+                             weights_only=True)["state_dict"]
+        original = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert torch.equal(trained["backbone.conv1.bn.running_mean"], original["backbone.conv1.bn.running_mean"])
