@@ -95,6 +95,9 @@ class TrainConfig:
     aug_flip: float = _opt(0.5, "probability of a horizontal flip of the whole clip")
     aug_jitter: float = _opt(0.1, "max relative brightness/contrast change of the whole clip")
     aug_crop_scale: float = _opt(0.8, "min side fraction of the random crop (1 = no crop)")
+    temporal_jitter: bool = _opt(False, "training: each sampled frame is a random frame of its segment "
+                                        "(the frames nearest its evenly spaced position), drawn per "
+                                        "seed, epoch and clip")
     mean: list[float] | None = _opt(None, "normalisation mean per channel (default: per backbone)")
     std: list[float] | None = _opt(None, "normalisation std per channel (default: per backbone)")
     num_workers: int = _opt(2, "loader threads reading clips ahead of the training step (0: none)",
@@ -115,6 +118,10 @@ class TrainConfig:
     unfreeze_blocks: int = _opt(4, "partial mode: how many last blocks train")
     gradient_checkpointing: bool = _opt(False, "recompute block activations in backward (saves memory)")
     head_dropout: float = _opt(0.5, "dropout before the linear head")
+    drop_path: float = _opt(0.0, "VideoMAE stochastic depth: per-sample drop rate of each block's "
+                                 "residual branches, linear from 0 (first block) to this (last block)")
+    bn_frozen: bool = _opt(False, "ir-CSN: BatchNorm layers stay in eval mode (running statistics "
+                                  "kept) and their affine parameters do not train (mmaction2 bn_frozen)")
     feature_cache: bool = _opt(True, "frozen backbone: compute each clip's feature once per view, on "
                                      "disk, and train the head on it (shared by runs and trials)")
     feature_cache_dir: str | None = _opt(None, "where cached features go (default: <output_root>/feature_cache)",
@@ -136,10 +143,13 @@ class TrainConfig:
     epochs: int = _opt(30, "training epochs", roles=("resumable",))
     batch_size: int = _opt(8, "clips per forward pass (split over --gpus)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step", aliases=("--gradient_accumulation_steps",))
-    max_grad_norm: float | None = _opt(None, "clip the gradient norm to this value")
+    max_grad_norm: float | None = _opt(None, "clip the gradient norm to this value",
+                                       aliases=("--clip_grad",))
     loss: str = _opt("focal", "loss", choices=("ce", "focal"))
     focal_alpha: float = _opt(0.75, "focal loss weight of the positive class")
     focal_gamma: float = _opt(2.0, "focal loss focusing exponent")
+    label_smoothing: float = _opt(0.0, "training targets (1-E)*one-hot + E/2, for ce and focal "
+                                       "(validation loss stays unsmoothed)")
     amp: str = _opt("auto", "mixed precision (auto: bf16 where the GPU has it, off on CPU)",
                     choices=("auto", "bf16", "fp16", "off"))
     seed: int = _opt(42, "seed for init, sampling and augmentation")
@@ -173,6 +183,7 @@ class TrainConfig:
         """Build from a mapping (YAML file, Tune trial, tests); unknown keys and wrong types
         are errors naming `source` and the key."""
         known = {f.name: f for f in dataclasses.fields(cls)}
+        values = canonical_keys(values, source)
         unknown = sorted(set(values) - set(known))
         if unknown:
             fail(f"{source}: unknown key(s) {', '.join(unknown)}; expected trainer config keys "
@@ -244,6 +255,9 @@ class TrainConfig:
                 fail("--layer_decay applies to --backbone vmae only")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             fail(f"--max_grad_norm must be > 0, got {self.max_grad_norm}")
+        for key in ("drop_path", "label_smoothing"):
+            if not 0 <= getattr(self, key) < 1:
+                fail(f"--{key} must be in [0, 1), got {getattr(self, key)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             fail(f"--betas must be two numbers in [0, 1), got {self.betas}")
         for key in ("mean", "std"):
@@ -298,6 +312,26 @@ class TrainConfig:
         )
 
 
+def key_aliases() -> dict[str, str]:
+    """Alias key -> field name, from the fields' CLI aliases (`--clip_grad` -> max_grad_norm):
+    the same names work as YAML keys and Tune dict keys."""
+    return {alias.removeprefix("--"): f.name for f in dataclasses.fields(TrainConfig)
+            for alias in f.metadata["aliases"]}
+
+
+def canonical_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`values` with alias keys renamed to their field (config.yaml is then written with the
+    field name); an alias given together with its field is an error naming both."""
+    aliases = key_aliases()
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = aliases.get(key, key)
+        if name in out or (name != key and name in values):
+            fail(f"{source}: {key} is another name of {name}; give one of them")
+        out[name] = value
+    return out
+
+
 def fields_with_role(role: str) -> tuple[str, ...]:
     """The `TrainConfig` fields that play `role` (one of ROLES), in declaration order."""
     if role not in ROLES:
@@ -309,8 +343,8 @@ class IgnoredSettingWarning(UserWarning):
     """A setting that has no effect in this run (warned once per setting, never an error)."""
 
 
-# VideoMAE config.json keys the encoder here does not implement (the released models train
-# without them at fine-tuning time; the head's dropout is --head_dropout).
+# VideoMAE config.json keys the encoder here does not apply (the released models train
+# without them at fine-tuning time; the head's dropout is --head_dropout, drop path --drop_path).
 VMAE_UNUSED_DROPOUTS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
 
 
@@ -341,6 +375,14 @@ def ignored_settings(config: TrainConfig, vmae_model_config: Any = None) -> list
         ("warmup_epochs", config.scheduler == "none", "with --scheduler none (no schedule to warm up)"),
         *[(key, not config.augment, "with --no-augment (augmentation is off)")
           for key in ("aug_flip", "aug_jitter", "aug_crop_scale")],
+        ("temporal_jitter", config.uses_feature_cache,
+         "with a frozen backbone's feature cache (cached views keep the evenly spaced frames)"),
+        ("drop_path", config.backbone != "vmae", f"with --backbone {config.backbone} (VideoMAE only)"),
+        ("drop_path", config.backbone == "vmae" and config.finetune_mode == "frozen",
+         "with a frozen backbone (its blocks run in eval mode)"),
+        ("bn_frozen", config.backbone != "csn", f"with --backbone {config.backbone} (it has no BatchNorm)"),
+        ("bn_frozen", config.backbone == "csn" and config.finetune_mode == "frozen",
+         "with a frozen backbone (its BatchNorm is frozen anyway)"),
     ]
     lines = [f"{_flag_and_value(key, getattr(config, key))} has no effect {why}"
              for key, applies, why in rules if applies and key in changed]
@@ -349,7 +391,12 @@ def ignored_settings(config: TrainConfig, vmae_model_config: Any = None) -> list
             value = getattr(vmae_model_config, key, 0.0)
             if value:
                 lines.append(f"VideoMAE config.json {key} {value:g} has no effect (this encoder "
-                             f"has no dropout or drop path; --head_dropout regularises the head)")
+                             f"has no dropout; drop path is --drop_path, the head's dropout "
+                             f"--head_dropout)")
+    if config.bn_frozen and config.backbone == "csn" and config.trains_backbone \
+            and config.backbone_ckpt is None:
+        lines.append("--bn_frozen on a randomly initialised ir-CSN (no --backbone_ckpt): BatchNorm "
+                     "keeps its initial statistics (mean 0, variance 1) and affine (1, 0)")
     return lines
 
 

@@ -328,6 +328,33 @@ def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:
     return np.clip(np.floor(positions + 0.5), 0, num_available - 1).astype(np.int64)
 
 
+def frame_segments(num_available: int, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last frame `(lo, hi)` of each sampled frame's segment, for temporal jitter.
+
+    Segment k holds the frames nearer to the k-th evenly spaced position p_k = k (T-1)/(n-1)
+    than to any other (a frame halfway between two goes to the later one), so the segments
+    tile the clip and each holds its evenly spaced frame `sample_frame_indices(T, n)[k]`. A
+    clip no longer than `num_frames` has one-frame segments (no jitter); one sampled frame's
+    segment is the whole clip. Integer arithmetic: the boundaries (k - 1/2)(T-1)/(n-1) are
+    exact."""
+    if num_frames == 1:
+        return np.zeros(1, dtype=np.int64), np.full(1, num_available - 1, dtype=np.int64)
+    k = np.arange(num_frames, dtype=np.int64)
+    span, steps = num_available - 1, 2 * (num_frames - 1)
+    lo = -((-(2 * k - 1) * span) // steps)               # ceil((k - 1/2) (T-1)/(n-1))
+    hi = -((-(2 * k + 1) * span) // steps) - 1           # ceil((k + 1/2) (T-1)/(n-1)) - 1
+    lo, hi = np.clip(lo, 0, span), np.clip(hi, 0, span)
+    even = sample_frame_indices(num_available, num_frames)
+    short = hi < lo                                      # T < n: no frame nearer than the next
+    return np.where(short, even, lo), np.where(short, even, hi)
+
+
+def jittered_frame_indices(num_available: int, num_frames: int, u: np.ndarray) -> np.ndarray:
+    """One frame per segment (`frame_segments`), chosen by the uniform draws `u` in [0, 1)."""
+    lo, hi = frame_segments(num_available, num_frames)
+    return np.minimum(lo + np.floor(u * (hi - lo + 1)).astype(np.int64), hi)
+
+
 def load_clip_frames(path: str, num_frames: int) -> np.ndarray:
     """The sampled frames `(n, H, W, 3)` uint8, reading only those frames through a memmap."""
     clip = open_clip(path)
@@ -385,6 +412,7 @@ class EpochSampler:
 
 # --- augmentation parameters ---------------------------------------------------------------
 VIEW_STREAM = 0x76696577  # "view": keeps the cached views' draws apart from the epochs' draws
+JITTER_STREAM = 0x6A697474  # "jitt": temporal jitter's draws, apart from the spatial ones
 
 
 @dataclass(frozen=True)
@@ -438,6 +466,7 @@ class ClipTransform:
     jitter: float = 0.1
     crop_scale: float = 0.8
     seed: int = 0
+    temporal_jitter: bool = False  # training only (see `frame_indices`); independent of augment
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.size < 1:
@@ -457,7 +486,17 @@ class ClipTransform:
             raise ValueError("config.input_size is unset; use TrainConfig.resolved() first")
         return cls(num_frames=config.num_frames, size=config.input_size,
                    train=train and config.augment, flip=config.aug_flip,
-                   jitter=config.aug_jitter, crop_scale=config.aug_crop_scale, seed=config.seed)
+                   jitter=config.aug_jitter, crop_scale=config.aug_crop_scale, seed=config.seed,
+                   temporal_jitter=train and config.temporal_jitter)
+
+    def frame_indices(self, num_available: int, epoch: int, index: int) -> np.ndarray:
+        """The frames clip `index` is read at in `epoch`: evenly spaced, or with
+        `temporal_jitter` one random frame of each segment from
+        `default_rng([seed, JITTER_STREAM, epoch, index])` (the same in any worker or resume)."""
+        if not self.temporal_jitter:
+            return sample_frame_indices(num_available, self.num_frames)
+        u = np.random.default_rng([self.seed, JITTER_STREAM, epoch, index]).random(self.num_frames)
+        return jittered_frame_indices(num_available, self.num_frames, u)
 
     def params(self, epoch: int, index: int) -> AugParams:
         """The draw for clip `index` in `epoch`; always six numbers in a fixed order so that
@@ -552,17 +591,18 @@ class ClipDataset:
         for key in keys:
             index, params = self.aug_params(key)
             clip = self.map_clip(index)
-            plans.append((index, params, clip, self.region(clip.shape[1], clip.shape[2], params)))
+            frames_at = self.frame_indices(clip.shape[0], key)
+            plans.append((index, params, clip, frames_at, self.region(clip.shape[1], clip.shape[2], params)))
         num_frames = self.transform.num_frames
         height = max(region[2] for *_, region in plans)
         width = max(region[3] for *_, region in plans)
         frames = torch.empty((len(plans), num_frames, height, width, 3), dtype=torch.uint8, pin_memory=pin)
         out = frames.numpy()
         aug = np.empty((len(plans), len(AUG_FIELDS)), dtype=np.float32)
-        for b, (index, params, clip, (top, left, h, w)) in enumerate(plans):
+        for b, (index, params, clip, frames_at, (top, left, h, w)) in enumerate(plans):
             out[b, :, h:] = 0  # the padding only (the crop itself is overwritten next)
             out[b, :, :h, w:] = 0
-            for f, t in enumerate(self.frame_indices(clip.shape[0])):
+            for f, t in enumerate(frames_at):
                 out[b, f, :h, :w] = clip[t, top:top + h, left:left + w]
             aug[b] = (h, w, params.flip, params.brightness, params.contrast) if params else (h, w, 0, 1, 1)
         indices = np.array([index for index, *_ in plans], dtype=np.int64)
@@ -572,10 +612,14 @@ class ClipDataset:
         return ClipBatch(frames, *small)
 
 
-    def frame_indices(self, num_available: int) -> np.ndarray:
-        """Which frames of a clip of `num_available` frames are read (a test-time view of
-        `headernet_core.evaluation` shifts them)."""
-        return sample_frame_indices(num_available, self.transform.num_frames)
+    def frame_indices(self, num_available: int, key: tuple[int, int] | int = 0) -> np.ndarray:
+        """Which frames of a clip of `num_available` frames are read for dataset `key` (a
+        test-time view of `headernet_core.evaluation` shifts them). Cached views (`views=True`)
+        keep the evenly spaced frames."""
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        if self.views:
+            return sample_frame_indices(num_available, self.transform.num_frames)
+        return self.transform.frame_indices(num_available, int(epoch), int(index))
 
     def region(self, height: int, width: int, params: AugParams | None) -> tuple[int, int, int, int]:
         """(top, left, height, width) of the pixels read from each frame (see `crop_region`)."""

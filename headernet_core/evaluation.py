@@ -135,7 +135,7 @@ class ViewDataset(ClipDataset):
         index, _ = super().aug_params(key)
         return index, MIRROR if self.view.spatial == 1 else None
 
-    def frame_indices(self, num_available: int) -> np.ndarray:
+    def frame_indices(self, num_available: int, key: tuple[int, int] | int = 0) -> np.ndarray:
         return view_frame_indices(num_available, self.transform.num_frames, self.view)
 
     def region(self, height: int, width: int, params: AugParams | None) -> tuple[int, int, int, int]:

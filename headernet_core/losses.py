@@ -2,6 +2,12 @@
 
 Headers are rare (often 1 positive in tens of negatives), so the default is focal loss: it
 down-weights the many easy negatives ((1 - p_t)^gamma) and weights the positive class by alpha.
+
+Label smoothing (`--label_smoothing E`) replaces the one-hot target by q = (1 - E) one-hot + E/2,
+as `F.cross_entropy(label_smoothing=E)` does. Focal loss is defined for any such soft target q
+as the q-weighted sum of its per-class terms, -sum_c alpha_c q_c (1 - p_c)^gamma log p_c, which
+is the usual focal loss for a one-hot q (and half the smoothed CE for gamma 0, alpha 0.5).
+Both losses also accept soft targets `(B, 2)` directly.
 """
 from __future__ import annotations
 
@@ -19,24 +25,29 @@ class FocalLoss(nn.Module):
     autocast off, from log_softmax, so fp16/bf16 logits and extreme values stay finite.
     """
 
-    def __init__(self, alpha: float = 0.75, gamma: float = 2.0) -> None:
+    def __init__(self, alpha: float = 0.75, gamma: float = 2.0, label_smoothing: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"focal alpha must be in [0, 1], got {alpha}")
         if gamma < 0.0:
             raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label smoothing must be in [0, 1), got {label_smoothing}")
         self.alpha = float(alpha)
         self.gamma = float(gamma)
+        self.label_smoothing = float(label_smoothing)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, gamma={self.gamma}"
+        return f"alpha={self.alpha}, gamma={self.gamma}, label_smoothing={self.label_smoothing}"
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.ndim != 2 or logits.shape[1] != 2:
             raise ValueError(f"FocalLoss expects logits of shape (B, 2), got {tuple(logits.shape)}")
-        if target.shape != logits.shape[:1]:
+        if target.shape not in (logits.shape[:1], logits.shape):
             raise ValueError(f"target shape {tuple(target.shape)} does not match batch size "
                              f"{logits.shape[0]}")
+        if target.ndim == 2 or self.label_smoothing:
+            return self._soft(logits, target)
         # Low-precision exp/log lose the small (1 - p_t) of confident clips: compute in fp32.
         with torch.autocast(device_type=logits.device.type, enabled=False):
             target = target.long()
@@ -51,11 +62,26 @@ class FocalLoss(nn.Module):
             alpha_t = torch.where(target == 1, self.alpha, 1.0 - self.alpha).to(loss.dtype)
             return (alpha_t * loss).mean()
 
+    def _soft(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss for soft targets `(B, 2)` (or labels, then smoothed): see the module text."""
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            log_p = F.log_softmax(logits.float(), dim=1)
+            q = target.float() if target.ndim == 2 else F.one_hot(target.long(), 2).float()
+            q = q * (1.0 - self.label_smoothing) + self.label_smoothing / 2
+            loss = -log_p
+            if self.gamma != 0.0:
+                one_minus_p = (-torch.expm1(log_p)).clamp_min(torch.finfo(torch.float32).tiny)
+                loss = one_minus_p.pow(self.gamma) * loss
+            alpha = torch.tensor([1.0 - self.alpha, self.alpha], device=logits.device)
+            return (alpha * q * loss).sum(dim=1).mean()
 
-def build_loss(name: str, *, focal_alpha: float, focal_gamma: float) -> nn.Module:
-    """The loss named by `--loss`: "ce" (unweighted cross-entropy) or "focal"."""
+
+def build_loss(name: str, *, focal_alpha: float, focal_gamma: float,
+               label_smoothing: float = 0.0) -> nn.Module:
+    """The loss named by `--loss`: "ce" (unweighted cross-entropy) or "focal", with
+    `label_smoothing` E (targets (1 - E) one-hot + E/2)."""
     if name == "ce":
-        return nn.CrossEntropyLoss()
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     if name == "focal":
-        return FocalLoss(alpha=focal_alpha, gamma=focal_gamma)
+        return FocalLoss(alpha=focal_alpha, gamma=focal_gamma, label_smoothing=label_smoothing)
     raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(LOSS_NAMES)}")

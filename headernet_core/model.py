@@ -38,6 +38,7 @@ class HeaderClassifier(nn.Module):
         self.backbone = backbone
         self.head = ClassifierHead(backbone.num_features, dropout)
         self.finetune_mode = "full"
+        self.bn_frozen = False   # --bn_frozen: every backbone BatchNorm stays in eval mode
 
     @property
     def backbone_frozen(self) -> bool:
@@ -53,8 +54,9 @@ class HeaderClassifier(nn.Module):
 
     def train(self, mode: bool = True) -> "HeaderClassifier":
         super().train(mode)
-        if mode and self.finetune_mode != "full":
-            # Frozen weights must not change through BatchNorm running statistics either.
+        if mode and (self.finetune_mode != "full" or self.bn_frozen):
+            # Frozen weights must not change through BatchNorm running statistics either
+            # (DataParallel replicas copy the mode; SyncBatchNorm is a _BatchNorm too).
             if self.backbone_frozen:
                 self.backbone.eval()
             for module in self.backbone.modules():
@@ -82,9 +84,24 @@ def configure_finetune(model: HeaderClassifier, mode: str, unfreeze_blocks: int)
         param.requires_grad_(True)
 
 
+def freeze_batchnorm(model: HeaderClassifier) -> None:
+    """mmaction2's `norm_eval` + `bn_frozen`: the backbone's BatchNorm layers keep their running
+    statistics (`train()` leaves them in eval mode) and their affine parameters do not train
+    (no gradient, so no optimizer group holds them)."""
+    model.bn_frozen = True
+    for module in model.backbone.modules():
+        if isinstance(module, _BatchNorm):
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
+
+
 def build_classifier(backbone: nn.Module, config: TrainConfig) -> HeaderClassifier:
     model = HeaderClassifier(backbone, config.head_dropout)
     configure_finetune(model, config.finetune_mode, config.unfreeze_blocks)
+    if config.bn_frozen:
+        freeze_batchnorm(model)
+    if config.drop_path and hasattr(backbone, "set_drop_path"):  # VideoMAE (CSN: warned)
+        backbone.set_drop_path(config.drop_path)
     if config.gradient_checkpointing:
         backbone.set_grad_checkpointing(True)
     return model
@@ -92,7 +109,13 @@ def build_classifier(backbone: nn.Module, config: TrainConfig) -> HeaderClassifi
 
 def param_groups(model: HeaderClassifier, config: TrainConfig) -> list[dict[str, Any]]:
     """Optimizer groups: backbone at `lr_backbone` (times a per-layer `lr_scale` with
-    `--layer_decay`), head at `lr_head`; no weight decay on 1-d params (norms, biases)."""
+    `--layer_decay`), head at `lr_head`; no weight decay on 1-d params (norms, biases).
+
+    VideoMAE's pooling norm (`fc_norm`, Giant's `norm`) is backbone: `lr_backbone` at scale 1.
+    The official code gives it the head's layer id, i.e. scale 1 of its one base LR; here the
+    head LR is meant for the randomly initialised linear layer (20x the backbone's by default),
+    while `fc_norm` is pre-trained and loaded from the checkpoint, so it takes the backbone's
+    LR at the head's scale. With one LR for both (lr_head = lr_backbone) the two rules agree."""
     groups: list[dict[str, Any]] = []
     if config.trains_backbone:
         if config.layer_decay is not None:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import artifacts, checkpoints
 from .augment import ClipLoader, DeviceTransform
 from .backbones import BackboneInfo, Geometry, backbone_geometry, create_backbone, peek_vmae_config
-from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, cli_values,
+from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, canonical_keys, cli_values,
                      fields_with_role, ignored_settings, load_yaml_mapping, parse_neg_pos_ratio)
 from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, load_split,
                    split_warnings)
@@ -505,7 +505,10 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
     steps_per_epoch = math.ceil(math.ceil(len(train_sampler) / config.batch_size) / config.grad_accum)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    criterion = build_loss(config.loss, focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
+    criterion = build_loss(config.loss, focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma,
+                           label_smoothing=config.label_smoothing)
+    # val_loss against the true labels: comparable between runs with different smoothing.
+    val_criterion = build_loss(config.loss, focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
     state = RunState()
 
     if prep.resume_state is not None:
@@ -538,7 +541,7 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                                           config, state, device, amp_dtype, writer,
                                           desc=f"epoch {epoch}/{config.epochs}",
                                           between_batches=between_batches)
-            prob, labels, val_loss = predict(net, val_loader, config, device, amp_dtype, criterion,
+            prob, labels, val_loss = predict(net, val_loader, config, device, amp_dtype, val_criterion,
                                              between_batches)
             if features is None:  # every train and val clip went through the backbone
                 backbone_clips = int(train_stats["train_clips"]) + len(labels)
@@ -732,7 +735,8 @@ def config_for_cli(argv: Sequence[str] | None) -> TrainConfig:
         config_path = str(Path(output_root) / typed["run_name"] / "config.yaml")
         if not Path(config_path).is_file():
             fail(f"{Path(config_path).parent}: nothing to resume (no config.yaml)")
-    values = load_yaml_mapping(config_path) if config_path else {}
+    # Alias keys (clip_grad) renamed first, so a typed flag overrides the file's spelling too.
+    values = canonical_keys(load_yaml_mapping(config_path), str(config_path)) if config_path else {}
     return TrainConfig.from_dict({**values, **typed}, source=str(config_path or "command line"))
 
 

@@ -18,7 +18,7 @@ from tuning.space import Param, SearchSpace, find_space_file, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SHIPPED = ("csn_full", "demo", "vmae_frozen", "vmae_full", "vmae_imbalance")
+SHIPPED = ("csn_full", "csn_ig65m", "demo", "vmae_frozen", "vmae_full", "vmae_imbalance")
 def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -257,7 +257,7 @@ def test_find_space_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert find_space_file("demo").resolve() == local.resolve()   # the cwd's wins
     assert find_space_file("vmae_full").resolve() == (space_mod.REPO_SPACES_DIR / "vmae_full.yaml").resolve()
-    with pytest.raises(HeaderNetError, match=r"search space 'nope' not found.*available: csn_full, demo"):
+    with pytest.raises(HeaderNetError, match=r"search space 'nope' not found.*available: csn_full, csn_ig65m, demo"):
         find_space_file("nope")
     with pytest.raises(HeaderNetError, match=r"'sub/x\.yaml' not found"):
         find_space_file("sub/x.yaml")

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
-from timm.layers import Mlp
+from timm.layers import DropPath, Mlp
 from torch import nn
 
 from ..errors import fail
@@ -186,7 +186,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (no layer scale, no drop path: the released models have none)."""
+    """Pre-norm transformer block (no layer scale: the released models have none). Drop path
+    (`set_drop_path`) is off until the trainer asks for it; off, the branches are plain."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool,
                  qk_scale: float | None, eps: float) -> None:
@@ -195,10 +196,11 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, qk_scale)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, hidden_features=mlp_hidden, act_layer=nn.GELU)  # exact (erf) GELU
+        self.drop_path: nn.Module = nn.Identity()  # no parameters: checkpoints are unaffected
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 def sincos_table(num_tokens: int, dim: int) -> torch.Tensor:
@@ -285,6 +287,14 @@ class VideoMAEv2(Backbone):
 
     def post_block_modules(self) -> list[nn.Module]:
         return [self.fc_norm if self.fc_norm is not None else self.norm]
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth like the official fine-tuning code: block i of depth L drops its
+        residual branches per sample with rate i * rate / (L - 1) (`linspace(0, rate, L)`),
+        scaling kept samples by 1/(1 - p) (timm `DropPath`); identity in eval mode."""
+        rates = torch.linspace(0, rate, len(self.blocks)).tolist()
+        for block, p in zip(self.blocks, rates):
+            block.drop_path = DropPath(p) if p > 0 else nn.Identity()
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm layer grouping (for layer-wise LR decay): stem, one group per block, then the
