@@ -36,7 +36,7 @@ class WeightEma:
         self.ema = ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=EMA_WARMUP_POWER)
 
     @classmethod
-    def from_config(cls, model: nn.Module, config: TrainConfig) -> "WeightEma | None":
+    def from_config(cls, model: nn.Module, config: TrainConfig) -> WeightEma | None:
         return cls(model, config.model_ema_decay) if config.model_ema else None
 
     @property

@@ -48,7 +48,7 @@ class ClipMix:
     seed: int
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> "ClipMix | None":
+    def from_config(cls, config: TrainConfig) -> ClipMix | None:
         if not config.mixes:
             return None
         return cls(config.mixup, config.cutmix, config.mixup_prob, config.mixup_switch_prob, config.seed)

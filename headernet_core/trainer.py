@@ -655,7 +655,7 @@ def _write_scalars(writer, row: dict[str, float], epoch: int) -> None:
     if writer is None:
         return
     for key, value in row.items():
-        if key != "epoch" and isinstance(value, (int, float)) and value == value:  # skip NaN, text
+        if key != "epoch" and isinstance(value, (int, float)) and not math.isnan(value):  # not text
             group = "train" if key.startswith("train") else "lr" if key.startswith("lr_") else \
                 "val" if key.startswith("val") else "speed"
             writer.add_scalar(f"{group}/{key}", value, epoch)
