@@ -150,6 +150,16 @@ class TrainConfig:
     focal_gamma: float = _opt(2.0, "focal loss focusing exponent")
     label_smoothing: float = _opt(0.0, "training targets (1-E)*one-hot + E/2, for ce and focal "
                                        "(validation loss stays unsmoothed)")
+    # Fine-tuning recipe of VideoMAE v2 (run_class_finetuning.py names; all off by default).
+    mixup: float = _opt(0.0, "mixup alpha: Beta(a, a) weight of two clips (0: off; official 0.8)")
+    cutmix: float = _opt(0.0, "cutmix alpha: Beta(a, a) area of a box pasted on every frame "
+                              "(0: off; official 1.0)")
+    mixup_prob: float = _opt(1.0, "probability of mixing a batch when --mixup or --cutmix is on")
+    mixup_switch_prob: float = _opt(0.5, "probability of cutmix instead of mixup when both are on")
+    model_ema: bool = _opt(False, "validate and keep as best the exponential moving average of the "
+                                  "weights")
+    model_ema_decay: float = _opt(0.999, "EMA decay cap; timm's warm-up decay 1 - step^-0.75 stays "
+                                         "below it for the first 10k steps at 0.999")
     amp: str = _opt("auto", "mixed precision (auto: bf16 where the GPU has it, off on CPU)",
                     choices=("auto", "bf16", "fp16", "off"))
     seed: int = _opt(42, "seed for init, sampling and augmentation")
@@ -213,6 +223,11 @@ class TrainConfig:
         """A frozen backbone's features are computed once and cached (see features.py)."""
         return self.finetune_mode == "frozen" and self.feature_cache
 
+    @property
+    def mixes(self) -> bool:
+        """Mixup or cutmix is on (an alpha above 0)."""
+        return self.mixup > 0 or self.cutmix > 0
+
     def validate(self, *, need_data: bool = True) -> "TrainConfig":
         """Check everything that needs no file or model; raise one clear line on the first problem."""
         if need_data:
@@ -258,6 +273,7 @@ class TrainConfig:
         for key in ("drop_path", "label_smoothing"):
             if not 0 <= getattr(self, key) < 1:
                 fail(f"--{key} must be in [0, 1), got {getattr(self, key)}")
+        self._check_recipe()
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             fail(f"--betas must be two numbers in [0, 1), got {self.betas}")
         for key in ("mean", "std"):
@@ -279,6 +295,20 @@ class TrainConfig:
             if getattr(self, key) not in choices:
                 fail(f"--{key} must be one of {', '.join(map(str, choices))}, got {getattr(self, key)!r}")
         return self
+
+    def _check_recipe(self) -> None:
+        """Mixup/cutmix and EMA ranges; mixing needs clips, not a frozen backbone's cached features."""
+        for key in ("mixup", "cutmix"):
+            if getattr(self, key) < 0:
+                fail(f"--{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
+        for key in ("mixup_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(self, key) <= 1:
+                fail(f"--{key} must be between 0 and 1, got {getattr(self, key)}")
+        if not 0 < self.model_ema_decay < 1:
+            fail(f"--model_ema_decay must be in (0, 1), got {self.model_ema_decay}")
+        if self.mixes and self.uses_feature_cache:
+            fail("--mixup/--cutmix mix clips, but a frozen backbone with --feature_cache trains on "
+                 "cached features; pass --no-feature_cache or drop --mixup/--cutmix")
 
     def _check_finite(self) -> None:
         """NaN and infinity pass every `<`/`>` check, so they are refused first, by type."""
@@ -373,6 +403,11 @@ def ignored_settings(config: TrainConfig, vmae_model_config: Any = None) -> list
         ("momentum", config.optimizer != "sgd", f"with --optimizer {config.optimizer} (SGD only)"),
         ("betas", config.optimizer != "adamw", f"with --optimizer {config.optimizer} (AdamW only)"),
         ("warmup_epochs", config.scheduler == "none", "with --scheduler none (no schedule to warm up)"),
+        *[(key, not config.mixes, "while --mixup and --cutmix are 0 (mixing is off)")
+          for key in ("mixup_prob", "mixup_switch_prob")],
+        ("mixup_switch_prob", config.mixes and not (config.mixup > 0 and config.cutmix > 0),
+         "unless --mixup and --cutmix are both on (it picks between them)"),
+        ("model_ema_decay", not config.model_ema, "without --model_ema"),
         *[(key, not config.augment, "with --no-augment (augmentation is off)")
           for key in ("aug_flip", "aug_jitter", "aug_crop_scale")],
         ("temporal_jitter", config.uses_feature_cache,

@@ -23,6 +23,11 @@ class FocalLoss(nn.Module):
 
     alpha_t is `alpha` for label 1 (header) and 1 - alpha for label 0. Computed in float32 with
     autocast off, from log_softmax, so fp16/bf16 logits and extreme values stay finite.
+
+    Soft targets (float `(B, 2)` rows of class weights, as mixup/cutmix make them) give
+    `sum_c y_c * alpha_c * (1 - p_c)^gamma * -log p_c`: the hard-label loss where a row is
+    one-hot, and linear in the targets, so a mixed target's loss is λ·loss(y_i) +
+    (1-λ)·loss(y_j), the mixup loss of the official recipe with focal in place of CE.
     """
 
     def __init__(self, alpha: float = 0.75, gamma: float = 2.0, label_smoothing: float = 0.0) -> None:

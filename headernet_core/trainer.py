@@ -34,11 +34,13 @@ from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, can
                      fields_with_role, ignored_settings, load_yaml_mapping, parse_neg_pos_ratio)
 from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, load_split,
                    split_warnings)
+from .ema import WeightEma
 from .errors import HeaderNetError, describe_os_error, fail, run_cli
 from .features import FrozenFeatures
 from .locks import FolderLock, Heartbeat
 from .losses import build_loss
 from .metrics import classification_metrics, is_improvement
+from .mixup import ClipMix
 from .model import CompiledWithFallback, HeaderClassifier, build_classifier, build_optimizer, nominal_lr
 from .paths import check_name, check_writable_dir, is_inside
 from .status import beat, read_status, write_status
@@ -294,12 +296,15 @@ def make_loader(df: pd.DataFrame, config: TrainConfig, *, train: bool, pin: bool
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterion,
                     config: TrainConfig, state: RunState, device: torch.device,
                     amp_dtype: torch.dtype | None, writer, desc: str,
-                    between_batches: Callable[[], None] | None = None) -> dict[str, float]:
+                    between_batches: Callable[[], None] | None = None, *,
+                    mix: ClipMix | None = None, ema: WeightEma | None = None) -> dict[str, float]:
     """One pass over `loader` (clips, or cached features with a frozen backbone). Nothing waits
     for the device per step: the running loss and accuracy stay on the device, and each step's
     loss is kept there until the next log point (every LOG_EVERY steps and the epoch's end),
     where one read checks them all for divergence and writes them to TensorBoard.
-    `between_batches` is called after each batch (see `train`)."""
+    `between_batches` is called after each batch (see `train`). `mix` mixes each batch on the
+    device after its augmentation (the loss gets soft targets; accuracy counts hard labels);
+    `ema` folds the weights in after each optimizer step."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -313,9 +318,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(bar):
         inputs, labels = loader.to_device(batch, device)
+        targets = labels
+        if mix is not None:
+            inputs, targets = mix(inputs, labels, state.epoch + 1, i)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(inputs)
-        loss = criterion(logits.float(), labels)
+        loss = criterion(logits.float(), targets)
         if micro == 0:  # the epoch's last group of micro-batches may be shorter than grad_accum
             group_size = min(config.grad_accum, steps - i)
         scaler.scale(loss / group_size).backward()
@@ -332,6 +340,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
                 lr_sums[key] += nominal_lr(optimizer, key.removeprefix("lr_"))
             optimizer_steps += 1
             state.global_step += 1
+            if ema is not None:
+                ema.update(state.global_step)
             if scheduler is not None:
                 scheduler.step_update(state.global_step)
         batch_size = len(labels)
@@ -509,10 +519,14 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                            label_smoothing=config.label_smoothing)
     # val_loss against the true labels: comparable between runs with different smoothing.
     val_criterion = build_loss(config.loss, focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
+    mix = ClipMix.from_config(config)
+    ema = WeightEma.from_config(model, config)
+    eval_net = net if ema is None else _eval_net(ema.module, features is not None, prep.device_ids)
     state = RunState()
 
     if prep.resume_state is not None:
-        state = _restore(prep.resume_state, model, optimizer, scheduler, scaler, config, steps_per_epoch)
+        state = _restore(prep.resume_state, model, optimizer, scheduler, scaler, config, steps_per_epoch,
+                         ema)
         _drop_stale_best(run_dir, state.best_epoch)
         log(f"resuming {run_dir} after epoch {state.epoch}")
 
@@ -540,8 +554,8 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             train_stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion,
                                           config, state, device, amp_dtype, writer,
                                           desc=f"epoch {epoch}/{config.epochs}",
-                                          between_batches=between_batches)
-            prob, labels, val_loss = predict(net, val_loader, config, device, amp_dtype, val_criterion,
+                                          between_batches=between_batches, mix=mix, ema=ema)
+            prob, labels, val_loss = predict(eval_net, val_loader, config, device, amp_dtype, val_criterion,
                                              between_batches)
             if features is None:  # every train and val clip went through the backbone
                 backbone_clips = int(train_stats["train_clips"]) + len(labels)
@@ -550,21 +564,23 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                 val = classification_metrics(labels, prob, loss=val_loss)
             for w in {str(w.message) for w in caught}:
                 log(f"warning: {w}")
-            row = {"epoch": epoch, **train_stats, **val, "val_clips": len(labels),
+            row = {"epoch": epoch, **train_stats, **val, "eval_weights": "model" if ema is None else "ema",
+                   "val_clips": len(labels),
                    "backbone_clips": backbone_clips, "epoch_seconds": time.perf_counter() - epoch_start}
             state.epoch = epoch
             state.history.append(row)
             is_best = is_improvement(row, state.best_metrics, config.select_metric,
                                      SELECTABLE_METRICS[config.select_metric])
             if is_best:
-                _save_best(run_dir, model, config, prep.info, epoch, row,
+                _save_best(run_dir, model if ema is None else ema.module, config, prep.info, epoch, row,
                            predictions_frame(prep.val_df, prob, row["val_threshold"]))
                 state.best_epoch, state.best_metrics = epoch, row
                 if plots is not None:
                     plots.best = (epoch, labels, prob)
             write_metrics_csv(run_dir, state.history)
             last = run_dir / "checkpoints" / "last.pt"
-            checkpoints.save(last, _last_payload(model, optimizer, scheduler, scaler, config, prep.info, state))
+            checkpoints.save(last, _last_payload(model, optimizer, scheduler, scaler, config, prep.info, state,
+                                                 ema))
             _drop_stale_best(run_dir, state.best_epoch)  # only now: last.pt points at the new best
             _write_scalars(writer, row, state.epoch)
             # Finished is recorded before the callback: a Tune scheduler may end the process there.
@@ -605,6 +621,13 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                        best_ckpt, config)
 
 
+def _eval_net(ema_model: HeaderClassifier, on_features: bool, device_ids: list[int]) -> nn.Module:
+    """What validation runs with --model_ema: the EMA model (its head on cached features),
+    over the same GPUs as training."""
+    net = ema_model.head if on_features else ema_model
+    return nn.DataParallel(net, device_ids=device_ids) if len(device_ids) > 1 and not on_features else net
+
+
 # --- artifacts of one epoch -----------------------------------------------------------------
 def _model_payload(model: HeaderClassifier, config: TrainConfig, info: BackboneInfo) -> dict[str, Any]:
     return {"state_dict": model.state_dict(), "config": config.to_dict(),
@@ -642,7 +665,7 @@ def _write_scalars(writer, row: dict[str, float], epoch: int) -> None:
     if writer is None:
         return
     for key, value in row.items():
-        if key != "epoch" and value == value:  # skip NaN
+        if key != "epoch" and isinstance(value, (int, float)) and not math.isnan(value):  # not text
             group = "train" if key.startswith("train") else "lr" if key.startswith("lr_") else \
                 "val" if key.startswith("val") else "speed"
             writer.add_scalar(f"{group}/{key}", value, epoch)
@@ -691,8 +714,12 @@ RESUME_KEYS = frozenset({"optimizer", "scheduler", "scaler", "rng", "epoch", "gl
                          "history", "best_epoch", "best_metrics"})
 
 
-def _last_payload(model, optimizer, scheduler, scaler, config, info, state: RunState) -> dict[str, Any]:
+def _last_payload(model, optimizer, scheduler, scaler, config, info, state: RunState,
+                  ema: WeightEma | None = None) -> dict[str, Any]:
+    """The training weights (never the EMA: a resume continues them) and, with --model_ema,
+    the EMA's state as `model_ema`."""
     return {**_model_payload(model, config, info),
+            **({"model_ema": ema.state_dict()} if ema is not None else {}),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(),
@@ -703,8 +730,10 @@ def _last_payload(model, optimizer, scheduler, scaler, config, info, state: RunS
 
 
 def _restore(payload: dict[str, Any], model, optimizer, scheduler, scaler, config: TrainConfig,
-             steps_per_epoch: int) -> RunState:
+             steps_per_epoch: int, ema: WeightEma | None = None) -> RunState:
     model.load_state_dict(payload["state_dict"])
+    if ema is not None:  # config.yaml matched, so last.pt was written with --model_ema too
+        ema.load_state_dict(payload["model_ema"])
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload.get("scheduler"):
         scheduler.load_state_dict(payload["scheduler"])

@@ -38,6 +38,11 @@ FIXTURE_VMAE = REPO / "tests" / "data" / "vmae_tiny"
     ({"augment": False, "aug_flip": 0.0}, "--aug_flip 0 has no effect with --no-augment"),
     ({"augment": False, "aug_jitter": 0.3}, "--aug_jitter 0.3 has no effect with --no-augment"),
     ({"augment": False, "aug_crop_scale": 1.0}, "--aug_crop_scale 1 has no effect with --no-augment"),
+    ({"mixup_prob": 0.5}, "--mixup_prob 0.5 has no effect while --mixup and --cutmix are 0"),
+    ({"mixup_switch_prob": 0.2}, "--mixup_switch_prob 0.2 has no effect while --mixup and --cutmix"),
+    ({"mixup": 0.8, "mixup_switch_prob": 0.2},
+     "--mixup_switch_prob 0.2 has no effect unless --mixup and --cutmix are both on"),
+    ({"model_ema_decay": 0.99}, "--model_ema_decay 0.99 has no effect without --model_ema"),
 ])
 def test_each_ignored_setting_gets_one_line(settings, expected):
     lines = ignored_settings(TrainConfig(**settings))
@@ -51,6 +56,8 @@ def test_each_ignored_setting_gets_one_line(settings, expected):
     {"loss": "focal", "focal_gamma": 3.0},
     {"finetune_mode": "frozen"},                            # lr_backbone left to the LR table
     {"augment": False},
+    {"mixup": 0.8, "cutmix": 1.0, "mixup_prob": 0.5, "mixup_switch_prob": 0.2},
+    {"model_ema": True, "model_ema_decay": 0.99},
 ])
 def test_settings_that_take_effect_are_not_warned_about(settings):
     assert ignored_settings(TrainConfig(**settings)) == []

@@ -19,6 +19,11 @@ from tuning.space import Param, SearchSpace, find_space_file, load_space
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 SHIPPED = ("csn_full", "csn_ig65m", "demo", "vmae_frozen", "vmae_full", "vmae_imbalance")
+# vmae_full's recipe priors, for FixedTrials of it (layer_decay, drop_path: only a training backbone)
+VMAE_RECIPE = {"layer_decay": 0.75, "drop_path": 0.1, "weight_decay": 0.05, "model_ema": False}
+FROZEN_RECIPE = {"weight_decay": 0.05, "model_ema": False}
+
+
 def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -97,7 +102,8 @@ def test_the_format_reference_example_loads(tmp_path):
 # --- define-by-run ---------------------------------------------------------------------------
 def test_overrides_follow_the_sampled_choice():
     space = load_space("vmae_full")
-    trial = optuna.trial.FixedTrial({"vmae_variant": "giant", "lr_backbone": 3e-5, "lr_head": 1e-3})
+    trial = optuna.trial.FixedTrial({"vmae_variant": "giant", "lr_backbone": 3e-5, "lr_head": 1e-3,
+                                     **VMAE_RECIPE})
     space.define_by_run(trial)
     giant = space.trial_config(trial.params)
     assert (giant.vmae_variant, giant.batch_size, giant.grad_accum) == ("giant", 2, 8)
@@ -109,7 +115,8 @@ def test_overrides_follow_the_sampled_choice():
 def test_condition_on_a_fixed_key_drops_the_param():
     space = load_space("vmae_full", sets=["finetune_mode=frozen"])
     # FixedTrial raises if asked for a key it does not hold: lr_backbone is never asked.
-    space.define_by_run(optuna.trial.FixedTrial({"vmae_variant": "base", "lr_head": 1e-3}))
+    space.define_by_run(optuna.trial.FixedTrial({"vmae_variant": "base", "lr_head": 1e-3,
+                                                 **FROZEN_RECIPE}))
     assert all("lr_backbone" not in s for s in sample(space, 4))
     assert space.trial_config({"vmae_variant": "base", "lr_head": 1e-3}).lr_backbone is None
     assert "never sampled here (when is false): lr_backbone" in space.describe()
@@ -173,9 +180,11 @@ def test_seeded_sampler_repeats_its_draws():
 def test_define_by_run_pickles():
     space = load_space("vmae_full")
     fn = pickle.loads(pickle.dumps(space.define_by_run))
-    trial = optuna.trial.FixedTrial({"vmae_variant": "large", "lr_backbone": 2e-5, "lr_head": 1e-3})
+    trial = optuna.trial.FixedTrial({"vmae_variant": "large", "lr_backbone": 2e-5, "lr_head": 1e-3,
+                                     **VMAE_RECIPE})
     fn(trial)
-    assert trial.params == {"vmae_variant": "large", "lr_backbone": 2e-5, "lr_head": 1e-3}
+    assert trial.params == {"vmae_variant": "large", "lr_backbone": 2e-5, "lr_head": 1e-3,
+                            **VMAE_RECIPE}
     assert pickle.loads(pickle.dumps(space)) == space
 
 
@@ -296,7 +305,7 @@ def test_set_on_a_searched_key_fixes_it():
                                   ["batch_size=1", "vmae_variant=giant"]])
 def test_set_on_a_choice_brings_its_overrides_and_explicit_sets_win(sets):
     space = load_space("vmae_full", sets=sets)
-    assert [p.name for p in space.params] == ["lr_backbone", "lr_head"]
+    assert [p.name for p in space.params] == ["lr_backbone", "lr_head", *VMAE_RECIPE]
     assert space.trainer["vmae_variant"] == "giant"
     assert (space.trainer["batch_size"], space.trainer["grad_accum"]) == (1, 8)
     assert space.trainer["gradient_checkpointing"] is True
