@@ -26,7 +26,6 @@ from headernet_core.config import TrainConfig
 from headernet_core.errors import CliParser, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
-from headernet_core.threads import usable_cpus
 
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray, stop_ray
 from . import resume_guard
@@ -359,7 +358,7 @@ def start_ray(address: str | None, quiet: bool) -> None:
 
 
 def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | None,
-                checked: CheckedSplits | None = None, verbose: bool = False, local: bool = True):
+                checked: CheckedSplits | None = None, verbose: bool = False):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import FIFOScheduler
@@ -367,9 +366,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
     from .console import console_run_config
     from .diskspace import DiskWatch
     from .scheduler import RecordingASHA
-    from .prefetch import SummaryPrefetch
     from .snapshot import ResumeSnapshot
-    from .spare_cpus import SpareCpus
     from .study import StudySearch, clear_stale_lock, study_storage
 
     console = console_run_config(metric=space.metric, mode=space.mode,
@@ -388,10 +385,6 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
     searcher = StudySearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
                            sampler=tpe_sampler(space.seed, space.startup_trials),
                            storage=study_storage(search_dir), study_name=search_dir.name)
-    # On one machine, CPU trials take over the cores of the trials that have ended.
-    cpus = max(1, int(space.resources.get("cpu", 1)))
-    spare = [SpareCpus(search_dir, space.num_samples, space.max_concurrent, cpus,
-                       machine_cpus=len(usable_cpus()))] if local and not space.resources.get("gpu") else []
     if space.scheduler.get("type") == "asha":
         scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
                                   grace_period=space.scheduler["grace_period"],
@@ -411,9 +404,7 @@ def build_tuner(space: SearchSpace, search_dir: Path, saved: dict[str, Any] | No
         run_config=tune.RunConfig(
             name=search_dir.name, storage_path=str(search_dir.parent),
             **{**console, "callbacks": [CSVLoggerCallback(), JsonLoggerCallback(), ResumeSnapshot(),
-                                        SummaryPrefetch(space.num_samples, space.max_concurrent),
                                         DiskWatch(search_dir, space.num_samples),
-                                        *spare,
                                         *console["callbacks"]]},
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Tune checkpoints are tiny progress markers (weights live in each run folder);
@@ -588,7 +579,7 @@ def fit_and_summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, na
     try:
         if args.address:
             check_cluster_gpus(space)
-        tuner = build_tuner(space, search_dir, saved, checked, args.verbose, local=not args.address)
+        tuner = build_tuner(space, search_dir, saved, checked, args.verbose)
         if saved is None:
             resume_guard.sign_tuner(search_dir)
         from .console import own_stop_lines
@@ -623,8 +614,6 @@ def summarise(args: SearchArgs, space: SearchSpace, search_dir: Path, name: str,
               saved: dict[str, Any] | None, records: list[TrialRecord],
               interrupted: bool) -> TrialRecord | None:
     """Prune checkpoints, write the summary, print the result; returns the best trial."""
-    from . import prefetch
-    prefetch.wait_for_imports()
     best = best_record(records, space.mode)
     if args.keep_checkpoints == "best_trial" and not interrupted:
         prune_checkpoints(search_dir, records, best)
