@@ -2,11 +2,12 @@
 clip's pooled backbone feature is computed once per view, kept on disk, and every epoch of every
 run and trial on that storage trains the head on it instead of running the backbone again.
 
-A feature's key (`FeatureSpec.key`) holds everything that changes it: the backbone weights'
+A feature's key (`FeatureSpec.keys`) holds everything that changes it: the backbone weights'
 content hash, the backbone family and architecture, num_frames, input size, mean/std, the
-compute precision, the view's augmentation draw and the clip file (absolute path, size, mtime).
-Change any of them and the key changes, so a stale entry is never found; nothing is ever
-invalidated in place.
+compute precision, the code that computes features (`FEATURE_CODE_VERSION`) and the torch
+version, the view's augmentation draw and the clip file (absolute path, size, mtime). Change
+any of them and the key changes, so a stale entry is never found; nothing is ever invalidated
+in place.
 
 Views: view 0 is the clip un-augmented (validation uses it); with `--augment` views 1..V-1 are
 fixed seeded draws (`ClipTransform.view_params`), and each epoch picks one view per train clip
@@ -57,6 +58,11 @@ FORMAT = "headernet-features-1"
 CACHE_DIRNAME = "feature_cache"
 SHARD_CLIPS = 512
 KEY_BYTES = 32
+# Bumped by hand whenever a change to the code that turns a clip file into a feature (frame
+# sampling, cropping, resizing, jitter, normalising, the backbones' forward and pooling) could
+# change a feature: a shared cache then misses instead of serving features of the old code.
+# tests/test_features.py hashes that code and says when to bump it.
+FEATURE_CODE_VERSION = 1
 
 _DIGESTS: dict[Any, str] = {}   # weights hash per checkpoint file identity, once per process
 
@@ -105,6 +111,8 @@ class FeatureSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     precision: str           # float32, bfloat16, float16
+    code_version: int = FEATURE_CODE_VERSION
+    torch_version: str = torch.__version__
 
     def keys(self, entries: Sequence[tuple[str, AugParams | None]]) -> np.ndarray:
         """`(N, 32)` uint8 keys of (clip path, view draw) entries."""

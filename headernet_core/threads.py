@@ -27,9 +27,8 @@ def usable_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def cpu_times() -> tuple[float, float] | None:
-    """(idle, total) jiffies summed over the usable cores, or None without /proc/stat."""
-    cpus = set(usable_cpus())
+def _cpu_times(cpus: set[int]) -> tuple[float, float] | None:
+    """(idle, total) jiffies summed over `cpus`, or None without /proc/stat."""
     try:
         with open("/proc/stat") as fp:
             lines = fp.read().splitlines()
@@ -46,26 +45,17 @@ def cpu_times() -> tuple[float, float] | None:
     return (idle, total) if total else None
 
 
-def idle_between(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
-    """How many of the usable cores were idle between two `cpu_times()` (None if unknown)."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return len(usable_cpus()) * (after[0] - before[0]) / (after[1] - before[1])
-
-
 def idle_cpus(sample_s: float = SAMPLE_S) -> float | None:
     """How many of the usable cores were idle over the next `sample_s` seconds (None if unknown)."""
-    before = cpu_times()
+    cpus = set(usable_cpus())
+    before = _cpu_times(cpus)
     if before is None:
         return None
     time.sleep(sample_s)
-    return idle_between(before, cpu_times())
-
-
-def free_cores(idle: float) -> int:
-    """Idle cores that count as free: a core counts when it was at least 90% idle (an OpenMP
-    thread on a core another process wants even half the time stalls every parallel op)."""
-    return int(idle + 0.1)
+    after = _cpu_times(cpus)
+    if after is None or after[1] <= before[1]:
+        return None
+    return len(cpus) * (after[0] - before[0]) / (after[1] - before[1])
 
 
 def choose_threads(requested: int | None, num_workers: int) -> tuple[int | None, str]:
@@ -76,7 +66,9 @@ def choose_threads(requested: int | None, num_workers: int) -> tuple[int | None,
         return None, "OMP_NUM_THREADS"
     cores = len(usable_cpus())
     idle = idle_cpus()
-    free = cores if idle is None else min(cores, free_cores(idle))
+    # A core counts as idle when it was at least 90% idle: an OpenMP thread on a core that
+    # another process wants even half the time stalls every parallel op.
+    free = cores if idle is None else min(cores, int(idle + 0.1))
     return max(1, free - num_workers), f"{cores} cores, {'?' if idle is None else f'{idle:.1f}'} idle, " \
                                        f"{num_workers} loader threads"
 

@@ -295,16 +295,14 @@ def make_loader(df: pd.DataFrame, config: TrainConfig, *, train: bool, pin: bool
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterion,
                     config: TrainConfig, state: RunState, device: torch.device,
-                    amp_dtype: torch.dtype | None, writer, desc: str,
-                    between_batches: Callable[[], None] | None = None, *,
+                    amp_dtype: torch.dtype | None, writer, desc: str, *,
                     mix: ClipMix | None = None, ema: WeightEma | None = None) -> dict[str, float]:
     """One pass over `loader` (clips, or cached features with a frozen backbone). Nothing waits
     for the device per step: the running loss and accuracy stay on the device, and each step's
     loss is kept there until the next log point (every LOG_EVERY steps and the epoch's end),
-    where one read checks them all for divergence and writes them to TensorBoard.
-    `between_batches` is called after each batch (see `train`). `mix` mixes each batch on the
-    device after its augmentation (the loss gets soft targets; accuracy counts hard labels);
-    `ema` folds the weights in after each optimizer step."""
+    where one read checks them all for divergence and writes them to TensorBoard. `mix` mixes
+    each batch on the device after its augmentation (the loss gets soft targets; accuracy
+    counts hard labels); `ema` folds the weights in after each optimizer step."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -353,8 +351,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
             running_loss = _read_losses(pending, loss_sum, state, writer)
             bar.set_postfix(loss=f"{running_loss / seen:.4f}",
                             clips_s=f"{seen / (time.perf_counter() - start):.1f}")
-        if between_batches is not None:
-            between_batches()
     bar.close()
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
@@ -379,10 +375,8 @@ def _read_losses(pending: list[tuple[int, int, torch.Tensor]], loss_sum: torch.T
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, config: TrainConfig, device: torch.device,
-            amp_dtype: torch.dtype | None, criterion: nn.Module,
-            between_batches: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Class-1 probabilities in dataset order, labels, and mean loss (read from the device once);
-    `between_batches` is called after each batch (see `train`)."""
+            amp_dtype: torch.dtype | None, criterion: nn.Module) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class-1 probabilities in dataset order, labels, and mean loss (read from the device once)."""
     model.eval()
     probs, labels_all, loss_sum = [], [], torch.zeros((), device=device)
     for batch in tqdm(loader, desc="validate", disable=not config.progress, leave=False,
@@ -393,8 +387,6 @@ def predict(model: nn.Module, loader, config: TrainConfig, device: torch.device,
         loss_sum += criterion(logits, labels) * len(labels)
         probs.append(torch.softmax(logits, dim=1)[:, 1])
         labels_all.append(labels)
-        if between_batches is not None:
-            between_batches()
     prob = torch.cat(probs).cpu().numpy().astype(np.float64)
     label = torch.cat(labels_all).cpu().numpy()
     return prob, label, loss_sum.item() / len(label)
@@ -443,15 +435,11 @@ def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> Cos
 
 def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | None = None,
           *, log: Callable[[str], None] = print, lock: bool = True,
-          checked: CheckedSplits | None = None,
-          between_batches: Callable[[], None] | None = None) -> TrainResult:
+          checked: CheckedSplits | None = None) -> TrainResult:
     """Run (or resume) one training run and write its artifacts; `on_epoch` may return True to stop.
 
     `lock=False` is for a caller that already owns the folder (a search owns its trials');
-    `checked`: split CSVs already validated by the caller (see `prepare`);
-    `between_batches`: called after every training and validation batch on the thread that
-    computes, so it can change what only that thread can (torch's CPU thread count is the
-    calling thread's own: a search's last trial takes the cores of those that ended)."""
+    `checked`: split CSVs already validated by the caller (see `prepare`)."""
     prep = prepare(config, checked)
     owner = FolderLock(prep.run_dir, "a training run") if lock else None
     heartbeat = Heartbeat(lambda: beat(prep.run_dir), *([owner.beat] if owner else []))
@@ -463,7 +451,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
                 check_run_dir(prep.config)  # another run may have written here meanwhile
         artifacts.remove_stale_temps(prep.run_dir, prep.run_dir / "checkpoints")
         heartbeat.start()
-        return _run(prep, on_epoch, log, between_batches)
+        return _run(prep, on_epoch, log)
     except OSError as exc:  # disk full, quota, a vanished folder: status.json says failed
         resume = (f"; once that is fixed, --resume --run_name {prep.config.run_name} continues from "
                   f"its last completed epoch" if (prep.run_dir / "checkpoints" / "last.pt").is_file() else "")
@@ -477,7 +465,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
 
 
 def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
-         log: Callable[[str], None], between_batches: Callable[[], None] | None = None) -> TrainResult:
+         log: Callable[[str], None]) -> TrainResult:
     config, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir
     amp_dtype = resolve_amp(config.amp, device)
 
@@ -553,10 +541,8 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                 backbone_clips = features.build(feature_backbone, device, amp_dtype, log)
             train_stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion,
                                           config, state, device, amp_dtype, writer,
-                                          desc=f"epoch {epoch}/{config.epochs}",
-                                          between_batches=between_batches, mix=mix, ema=ema)
-            prob, labels, val_loss = predict(eval_net, val_loader, config, device, amp_dtype, val_criterion,
-                                             between_batches)
+                                          desc=f"epoch {epoch}/{config.epochs}", mix=mix, ema=ema)
+            prob, labels, val_loss = predict(eval_net, val_loader, config, device, amp_dtype, val_criterion)
             if features is None:  # every train and val clip went through the backbone
                 backbone_clips = int(train_stats["train_clips"]) + len(labels)
             with warnings.catch_warnings(record=True) as caught:

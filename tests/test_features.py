@@ -46,7 +46,8 @@ def test_every_key_part_changes_the_key(tmp_path):
     assert np.array_equal(base, SPEC.keys([(paths[0], None), (paths[0], view)]))  # stable
     for change in [dict(weights="v" * 64), dict(num_frames=8), dict(input_size=64),
                    dict(mean=(0.4,) * 3), dict(std=(0.2,) * 3), dict(precision="bfloat16"),
-                   dict(backbone='{"family": "csn"}')]:
+                   dict(backbone='{"family": "csn"}'), dict(code_version=SPEC.code_version + 1),
+                   dict(torch_version="0.0.0")]:
         assert not np.array_equal(dataclasses.replace(SPEC, **change).keys([(paths[0], None)])[0], base[0]), change
     other_view = dataclasses.replace(view, brightness=1.2)
     assert not np.array_equal(SPEC.keys([(paths[0], other_view)])[0], base[1])
@@ -65,6 +66,91 @@ def test_weights_digest_sees_every_weight():
     with torch.no_grad():
         model.bias[1] += 1e-6
     assert weights_digest(model) != digest
+
+
+# The code whose change can change a cached feature without changing its key otherwise: how a
+# clip's frames, crop and pixels are read, resized, jittered and normalised, and the backbones'
+# forward and pooling (their weights and architecture settings are in the key already).
+FEATURE_CODE = [
+    "headernet_core.data:sample_frame_indices", "headernet_core.data:AugParams.crop_box",
+    "headernet_core.data:crop_region", "headernet_core.data:ClipDataset.read_batch",
+    "headernet_core.data:ClipDataset.frame_indices", "headernet_core.data:ClipDataset.region",
+    "headernet_core.augment:GREY_WEIGHTS", "headernet_core.augment:resize_weights",
+    "headernet_core.augment:resize_crops", "headernet_core.augment:jitter",
+    "headernet_core.augment:DeviceTransform.__call__", "headernet_core.augment:normalize_float",
+    "headernet_core.backbones.base:Backbone.run_block",
+    "headernet_core.backbones.csn:ConvBN", "headernet_core.backbones.csn:IrBottleneck",
+    "headernet_core.backbones.csn:IrCSN.__init__", "headernet_core.backbones.csn:IrCSN.forward",
+    "headernet_core.backbones.videomae:PatchEmbed3d", "headernet_core.backbones.videomae:Attention",
+    "headernet_core.backbones.videomae:Block", "headernet_core.backbones.videomae:sincos_table",
+    "headernet_core.backbones.videomae:VideoMAEv2.__init__",
+    "headernet_core.backbones.videomae:VideoMAEv2.pos_embed",
+    "headernet_core.backbones.videomae:VideoMAEv2.embed_tokens",
+    "headernet_core.backbones.videomae:VideoMAEv2.forward_tokens",
+    "headernet_core.backbones.videomae:VideoMAEv2.pool",
+    "headernet_core.backbones.videomae:VideoMAEv2.forward",
+    "headernet_core.features:FrozenFeatures.entries", "headernet_core.features:FrozenFeatures.build",
+    "headernet_core.features:BackboneRunner.__call__",
+]
+# FEATURE_CODE_VERSION -> the hash of FEATURE_CODE it was recorded for.
+FEATURE_CODE_HASHES = {
+    1: "08242abe69eafb03c3f036d34ab2e3a39c385936241179e6a07d06f1bbc1abcb",
+}
+
+
+def _normalised(node) -> str:
+    """An AST as text without positions, docstrings, comments or formatting, the same on every
+    Python >= 3.10 (fields that are None or empty are left out, as 3.13's ast.dump does)."""
+    import ast
+
+    if isinstance(node, list):
+        return "[" + ",".join(_normalised(item) for item in node) + "]"
+    if not isinstance(node, ast.AST):
+        return repr(node)
+    body = getattr(node, "body", None)
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)) and body \
+            and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        node.body = body[1:]   # the docstring
+    fields = [f"{name}={_normalised(value)}" for name, value in ast.iter_fields(node)
+              if value is not None and value != [] and not isinstance(value, ast.expr_context)]
+    return f"{type(node).__name__}({','.join(fields)})"
+
+
+def feature_code_hash() -> str:
+    import ast
+    import hashlib
+    import importlib
+    import inspect
+    import textwrap
+
+    digest = hashlib.sha256()
+    for name in FEATURE_CODE:
+        module_name, _, attribute = name.partition(":")
+        obj = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+        text = _normalised(ast.parse(textwrap.dedent(inspect.getsource(obj)))) \
+            if callable(obj) else repr(obj)
+        digest.update(f"{name}\n{text}\n".encode())
+    return digest.hexdigest()
+
+
+def test_a_change_to_the_feature_code_bumps_feature_code_version():
+    """A shared feature cache trusts its keys: new feature code under the old key would read
+    features the old code computed. So a change to FEATURE_CODE fails here until
+    FEATURE_CODE_VERSION is bumped (docstrings, comments and formatting do not count)."""
+    from headernet_core.features import FEATURE_CODE_VERSION
+
+    current = feature_code_hash()
+    recorded = FEATURE_CODE_HASHES.get(FEATURE_CODE_VERSION)
+    assert current == recorded, (
+        "the code that computes cached features changed (FEATURE_CODE in tests/test_features.py): if that "
+        "can change a feature, bump FEATURE_CODE_VERSION in headernet_core/features.py to "
+        f"{max(FEATURE_CODE_HASHES) + 1} and add {max(FEATURE_CODE_HASHES) + 1}: \"{current}\" to "
+        f"FEATURE_CODE_HASHES here; if it cannot (a refactor), replace the hash of version "
+        f"{FEATURE_CODE_VERSION} with \"{current}\"")
+    assert len(set(FEATURE_CODE_HASHES.values())) == len(FEATURE_CODE_HASHES)
 
 
 # --- shards -----------------------------------------------------------------------------------

@@ -165,31 +165,6 @@ def test_a_cpu_run_logs_and_applies_its_thread_count(tiny_config):
     assert "cpu threads: 1 (--threads)" in lines
 
 
-def test_between_batches_runs_on_the_computing_thread_after_every_batch(tiny_config):
-    """A search's trial changes torch's thread count there mid-epoch (tuning/spare_cpus.py):
-    it has to be the thread that trains, after each training and validation batch."""
-    import math
-    import threading
-
-    before = torch.get_num_threads()
-    calls: list[tuple[int, threading.Thread]] = []
-
-    def between_batches():
-        calls.append((len(calls), threading.current_thread()))
-        torch.set_num_threads(2 if len(calls) >= 3 else 1)
-
-    try:
-        result = train(tiny_config(threads=1, epochs=2), log=lambda line: None,
-                       between_batches=between_batches)
-        epoch = result.best_metrics
-        per_epoch = math.ceil(epoch["train_clips"] / 4) + math.ceil(epoch["val_clips"] / 4)
-        assert len(calls) == 2 * per_epoch
-        assert {thread for _, thread in calls} == {threading.current_thread()}
-        assert torch.get_num_threads() == 2   # what it set stays set: the trainer does not reset it
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_new_settings_are_validated():
     for bad in (dict(feature_cache_views=0), dict(threads=0)):
         with pytest.raises(HeaderNetError, match=next(iter(bad))):

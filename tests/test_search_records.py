@@ -236,46 +236,6 @@ def test_a_stopped_trial_draws_its_plots_while_tune_ends_its_actor(tmp_path):
     assert "SIGABRT" not in console and "terminate" not in console, console[-2000:]
 
 
-def test_the_summary_libraries_load_once_a_slot_is_idle_for_good(monkeypatch):
-    """SummaryPrefetch: nothing while trials are still to start or every slot trains; once all
-    have started and a slot is free, the imports start, once; a resumed search starts over."""
-    import pickle
-    import subprocess
-    import sys
-
-    import tuning.prefetch as prefetch
-
-    started, joined = [], []
-    monkeypatch.setattr(prefetch, "_started", [])
-    monkeypatch.setattr(prefetch.threading, "Thread", lambda target, **kw: SimpleNamespace(
-        start=lambda: started.append(target), join=lambda: joined.append(target)))
-    prefetch.wait_for_imports()   # nothing started: returns at once
-    assert joined == []
-    callback = prefetch.SummaryPrefetch(num_samples=4, max_concurrent=2)
-
-    def trials(*statuses):
-        return [SimpleNamespace(status=s) for s in statuses]
-
-    done = trials("TERMINATED", "RUNNING", "RUNNING")          # one still to start
-    callback.on_trial_complete(1, done, done[0])
-    done = trials("TERMINATED", "TERMINATED", "RUNNING", "PENDING")   # two slots still busy
-    callback.on_trial_complete(2, done, done[0])
-    assert started == []
-    done = trials("TERMINATED", "TERMINATED", "RUNNING", "ERROR")     # a slot is free for good
-    callback.on_trial_error(3, done, done[3])
-    callback.on_trial_complete(4, done, done[2])
-    assert started == [prefetch.import_summary_libraries]
-    prefetch.wait_for_imports()   # the summary waits for it rather than import beside it
-    assert joined == [prefetch.import_summary_libraries]
-    assert pickle.loads(pickle.dumps(callback)).started is False
-
-    code = ("import sys; from tuning.prefetch import import_summary_libraries as f; f(); "
-            "print(all(m in sys.modules for m in ('sklearn', 'matplotlib.figure', 'optuna.importance')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=120)
-    assert out.stdout.strip() == "True", out.stderr[-2000:]
-
-
 @pytest.mark.slow
 def test_a_quiet_search_quiets_tune_in_every_trial_actor_from_its_start(tmp_path):
     """`start_ray(quiet=True)` gives the job QUIET_HOOK, which Ray runs in every worker as it

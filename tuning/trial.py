@@ -216,8 +216,6 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     from headernet_core.features import cache_dir
     from headernet_core.trainer import train
 
-    from .spare_cpus import SpareCpuTaker
-
     if quiet:
         quiet_ray_loggers()   # also for a job started without QUIET_HOOK
 
@@ -231,8 +229,6 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     config = space.trial_config(sampled)
-    # Threads the space leaves to the trial may grow once the search's other trials have ended.
-    grow_threads = config.threads is None and not gpu_ids
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     num_workers = min(config.num_workers, cpus - 1)
     config = config.replace(
@@ -246,8 +242,6 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         feature_cache_dir=str(cache_dir(config.replace(output_root=str(Path(search_dir).parent)))),
         # The trial's best epoch is the objective's best epoch.
         select_metric=space.metric)
-    take_spare_cpus = SpareCpuTaker(search_dir, config.threads, num_workers,
-                                    log=lambda line: print(line, flush=True)) if grow_threads else None
     node = ray.get_runtime_context().get_node_id()
     write_json(run_dir / "trial.json", {"trial_id": context.get_trial_id(), "name": run_name,
                                         "params": sampled, "node_id": node,
@@ -283,7 +277,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     with warnings.catch_warnings(), trial_output(run_dir, quiet):  # a fresh warning registry
         try:
             result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch),
-                           lock=False, checked=checked, between_batches=take_spare_cpus)
+                           lock=False, checked=checked)
         except SystemExit as stop:   # Tune ended the trial in a report (ASHA, the search's end)
             stopped.append(stop.code)
     if stopped:
