@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import conftest
 import pytest
 import yaml
 
@@ -22,26 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def write_space(tmp_path: Path, tiny_data, *, search: dict | None = None, **sections) -> Path:
-    space = {
-        "name": "s",
-        "trainer": {"train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"]),
-                    "vmae_variant": "tiny", "csn_variant": "tiny", "num_frames": 4, "input_size": 32,
-                    "batch_size": 6, "epochs": 3, "cpu": True, "num_workers": 0, "progress": False,
-                    "plots": False, "tensorboard": False, "output_root": str(tmp_path / "out")},
-        "search": search or {"backbone": {"choice": ["vmae", "csn"]},
-                             "lr_head": {"loguniform": [3e-4, 3e-3]}},
-        "budget": {"num_samples": 4, "max_concurrent": 2, "seed": 0},
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "resources": {"cpu": 1, "gpu": 0},
-    }
-    for key, value in sections.items():
-        space[key] = {**space.get(key, {}), **value} if isinstance(value, dict) else value
-    for key in space["search"]:
-        space["trainer"].pop(key, None)
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return path
+ASHA = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
+
+
+def write_space(tmp_path: Path, tiny_data, **sections) -> Path:
+    """conftest's tiny space, 3 epochs a trial and ASHA."""
+    sections["trainer"] = {"epochs": 3, **sections.get("trainer", {})}
+    return conftest.write_space(tmp_path, tiny_data, scheduler=ASHA, **sections)
 
 
 def planted_pickle(marker: Path) -> bytes:
