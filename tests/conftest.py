@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 # Tests run on 2 cores next to other processes: one intra-op thread avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -66,3 +67,33 @@ def tiny_config(tiny_data, tmp_path):
         values.update(overrides)
         return TrainConfig.from_dict(values, source="test")
     return make
+
+
+# Trainer settings of a tiny CPU trial (seconds per epoch): the search tests' common ground.
+TINY_TRAINER = {"vmae_variant": "tiny", "csn_variant": "tiny", "num_frames": 4, "input_size": 32,
+                "batch_size": 6, "epochs": 2, "cpu": True, "num_workers": 0, "progress": False,
+                "plots": False, "tensorboard": False}
+
+
+def write_space(where: Path, data: dict | None = None, *, search: dict | None = None,
+                **sections) -> Path:
+    """A space file of tiny trials (both backbones x lr_head, 4 trials, 2 at a time) written to
+    `where` (a .yaml path, else `where`/space.yaml), training on `data` (train_csv, val_csv;
+    output under `where`/out) when given. A mapping in `sections` updates that section, any
+    other value replaces it; a searched key leaves the fixed trainer settings."""
+    path = where if where.suffix == ".yaml" else where / "space.yaml"
+    trainer = dict(TINY_TRAINER)
+    if data is not None:
+        trainer.update(train_csv=str(data["train_csv"]), val_csv=str(data["val_csv"]),
+                       output_root=str(path.parent / "out"))
+    space = {"name": "s", "trainer": trainer,
+             "search": search or {"backbone": {"choice": ["vmae", "csn"]},
+                                  "lr_head": {"loguniform": [3e-4, 3e-3]}},
+             "budget": {"num_samples": 4, "max_concurrent": 2, "seed": 0},
+             "resources": {"cpu": 1, "gpu": 0}}
+    for key, value in sections.items():
+        space[key] = {**space.get(key, {}), **value} if isinstance(value, dict) else value
+    for key in space["search"]:
+        space["trainer"].pop(key, None)
+    path.write_text(yaml.safe_dump(space))
+    return path

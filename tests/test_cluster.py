@@ -29,8 +29,8 @@ from types import SimpleNamespace
 
 import pandas as pd
 import psutil
+import conftest
 import pytest
-import yaml
 
 from tuning.space import load_space
 
@@ -338,16 +338,8 @@ def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp
     127.0.0.1; the token Ray needs is created 0600 and used without Ray's warning line; usage
     stats stay off although the user's environment turns them on; the raylet's disk monitor and
     worker prestart are off; Ray's settings are in place before ray is first imported."""
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "name": "local", "trainer": {
-            "train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"]),
-            "vmae_variant": "tiny", "num_frames": 4, "input_size": 32, "batch_size": 6, "epochs": 2,
-            "cpu": True, "num_workers": 0, "progress": False, "plots": False, "tensorboard": False,
-            "output_root": str(tmp_path / "out")},
-        "search": {"lr_head": {"loguniform": [3e-4, 3e-3]}},
-        "budget": {"num_samples": 2, "max_concurrent": 2, "seed": 0},
-        "resources": {"cpu": 1, "gpu": 0}}))
+    space = conftest.write_space(tmp_path, tiny_data, name="local", budget={"num_samples": 2},
+                                 search={"lr_head": {"loguniform": [3e-4, 3e-3]}})
     home = tmp_path / "home"
     env = clean_env(home, RAY_USAGE_STATS_ENABLED="1")
     for key in ("RAY_DEDUP_LOGS", "RAY_local_fs_capacity_threshold", "TUNE_WARN_THRESHOLD_S",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import conftest
 import pytest
 import yaml
 
@@ -29,8 +30,7 @@ from tuning.summary import FINAL_HEADING
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-TINY = {"vmae_variant": "tiny", "csn_variant": "tiny", "num_frames": 4, "input_size": 32,
-        "batch_size": 6, "num_workers": 0, "plots": False, "tensorboard": False}
+TINY = {k: v for k, v in conftest.TINY_TRAINER.items() if k not in ("epochs", "cpu", "progress")}
 
 
 def load_study(search_dir: Path) -> optuna.Study:
@@ -48,14 +48,11 @@ def model_based(study: optuna.Study, startup: int) -> list[int]:
 
 
 def write_space(path: Path, **sections) -> Path:
-    space = {"name": "journey",
-             "trainer": {**TINY, "epochs": 2, "cpu": True, "progress": True},
-             "search": {"backbone": {"choice": ["vmae", "csn"]}, "lr_head": {"loguniform": [5e-4, 3e-3]}},
-             "budget": {"num_samples": 4, "max_concurrent": 1, "seed": 0, "startup_trials": 2},
-             "scheduler": {"type": "none"}, "resources": {"cpu": 1, "gpu": 0}}
-    space.update(sections)
-    path.write_text(yaml.safe_dump(space))
-    return path
+    """conftest's tiny space, one trial at a time, TPE after 2 random trials, no early stopping."""
+    sections.setdefault("search", {"backbone": {"choice": ["vmae", "csn"]},
+                                   "lr_head": {"loguniform": [5e-4, 3e-3]}})
+    return conftest.write_space(path, name="journey", budget={"max_concurrent": 1, "startup_trials": 2},
+                                scheduler={"type": "none"}, **sections)
 
 
 def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_path, monkeypatch, capsys):

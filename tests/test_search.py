@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import conftest
 import pytest
 import yaml
 
@@ -22,26 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def write_space(tmp_path: Path, tiny_data, *, search: dict | None = None, **sections) -> Path:
-    space = {
-        "name": "s",
-        "trainer": {"train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"]),
-                    "vmae_variant": "tiny", "csn_variant": "tiny", "num_frames": 4, "input_size": 32,
-                    "batch_size": 6, "epochs": 3, "cpu": True, "num_workers": 0, "progress": False,
-                    "plots": False, "tensorboard": False, "output_root": str(tmp_path / "out")},
-        "search": search or {"backbone": {"choice": ["vmae", "csn"]},
-                             "lr_head": {"loguniform": [3e-4, 3e-3]}},
-        "budget": {"num_samples": 4, "max_concurrent": 2, "seed": 0},
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "resources": {"cpu": 1, "gpu": 0},
-    }
-    for key, value in sections.items():
-        space[key] = {**space.get(key, {}), **value} if isinstance(value, dict) else value
-    for key in space["search"]:
-        space["trainer"].pop(key, None)
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return path
+ASHA = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
+
+
+def write_space(tmp_path: Path, tiny_data, **sections) -> Path:
+    """conftest's tiny space, 3 epochs a trial and ASHA."""
+    sections["trainer"] = {"epochs": 3, **sections.get("trainer", {})}
+    return conftest.write_space(tmp_path, tiny_data, scheduler=ASHA, **sections)
 
 
 def planted_pickle(marker: Path) -> bytes:
@@ -454,17 +442,20 @@ def test_readme_demo_search(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    demo = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
+    budget, epochs = demo["budget"], demo["trainer"]["epochs"]
+    assert budget["num_samples"] > budget["startup_trials"]   # TPE samples at least one trial
     search_dir = tmp_path / "report" / "header_experiments" / "demo"
     summary = json.loads((search_dir / "search_summary.json").read_text())
-    assert summary["state"] == "finished" and len(summary["trials"]) == 8
-    assert any(t["status"] == "stopped_early" and t["epochs_run"] < 3 for t in summary["trials"])
+    assert summary["state"] == "finished" and len(summary["trials"]) == budget["num_samples"]
+    assert any(t["status"] == "stopped_early" and t["epochs_run"] < epochs for t in summary["trials"])
     for t in summary["trials"]:  # ASHA's own record says which trials it stopped
         assert (t["status"] == "stopped_early") == (search_dir / t["name"] / "scheduler_stop.json").is_file()
-    assert len({json.dumps(t["params"], sort_keys=True) for t in summary["trials"]}) == 8
+    assert len({json.dumps(t["params"], sort_keys=True) for t in summary["trials"]}) == budget["num_samples"]
     # one actor per slot for the whole search: a stopped trial's ending (its plots) never made
     # Tune throw its actor away for a cold one
     pids = {json.loads((search_dir / t["name"] / "trial.json").read_text())["pid"] for t in summary["trials"]}
-    assert len(pids) == 2, pids
+    assert len(pids) == budget["max_concurrent"], pids
     # every trial's plots, also those of the trials stopped as the search ended (their actors
     # end right after their last report: the summary draws what they could not)
     for t in summary["trials"]:
@@ -478,9 +469,9 @@ def test_readme_demo_search(tmp_path):
     metrics, _ = evaluate(summary["best_trial"]["checkpoint_abs"], tmp_path / "demo_data" / "splits" / "val.csv")
     assert metrics["val_f1"] == pytest.approx(summary["best_trial"]["objective"], abs=1e-6)
 
-    # TPE sampled from its model once its 4 random start-up trials had ended
+    # TPE sampled from its model once its random start-up trials had ended
     from test_journey import load_study, model_based
-    assert model_based(load_study(search_dir), 4), "every trial was sampled at random"
+    assert model_based(load_study(search_dir), budget["startup_trials"]), "every trial was sampled at random"
     # the retrained best, scored once on the held-out test split
     final = summary["final"]
     assert final["test_clips"] == len(pd.read_csv(tmp_path / "demo_data" / "splits" / "test.csv"))
@@ -488,5 +479,5 @@ def test_readme_demo_search(tmp_path):
     # the console: at most 60 lines, one per trial event with the tNNN name and the objective
     console = (result.stdout + result.stderr).splitlines()
     assert len(console) <= 60, "\n".join(console)
-    assert sum(" started " in line for line in console) == 8
+    assert sum(" started " in line for line in console) == budget["num_samples"]
     assert any(line.startswith("[") and " t00" in line and "val_f1 " in line for line in console)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import conftest
 import pytest
 import yaml
 
@@ -13,16 +14,9 @@ from tuning.search import main
 
 
 def write_space(folder: Path, tiny_data, search: dict) -> Path:
-    space = {"name": "s",
-             "trainer": {"train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"]),
-                         "vmae_variant": "tiny", "csn_variant": "tiny", "num_frames": 4,
-                         "input_size": 32, "epochs": 2, "cpu": True,
-                         "output_root": str(folder / "out")},
-             "search": search, "budget": {"num_samples": 3, "max_concurrent": 1, "seed": 0},
-             "resources": {"cpu": 1, "gpu": 0}}
-    path = folder / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return path
+    """conftest's tiny space, one trial at a time."""
+    return conftest.write_space(folder, tiny_data, search=search,
+                                budget={"num_samples": 3, "max_concurrent": 1, "seed": 0})
 
 
 def error_of(args: list[str], capsys) -> str:
