@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 import warnings
-from typing import Callable, Iterator, NoReturn
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
 
