@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_json, write_text
 from headernet_core.config import TrainConfig, fields_with_role, format_value
-from headernet_core.errors import CliParser, fail, first_paragraph, run_cli, sigterm_as_sigint
+from headernet_core.errors import CliParser, HeaderNetError, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
 
@@ -237,6 +237,7 @@ def check_data(space: SearchSpace) -> CheckedSplits:
     import warnings
 
     from headernet_core.data import check_splits, load_split, split_warnings
+    from headernet_core.trainer import check_frames
 
     for key in ("train_csv", "val_csv"):
         if not space.trainer.get(key):
@@ -246,6 +247,14 @@ def check_data(space: SearchSpace) -> CheckedSplits:
     train_df, val_df = (load_split(csvs[split], split, checked) for split in ("train", "val"))
     for message in split_warnings(train_df, val_df, csvs["train"], csvs["val"]):
         warnings.warn(message, stacklevel=2)
+    frames = [*train_df["clip_frames"], *val_df["clip_frames"]]
+    top = {p.name: p.high for p in space.params if p.kind == "int"}   # an int range's largest draw
+    for sampled, _ in space.combinations():   # the trainer's own frame check, for every trial
+        values = space.trainer_values({**sampled, **({"num_frames": top["num_frames"]} if "num_frames" in top else {})})
+        try:
+            check_frames(TrainConfig.from_dict(values, source=str(space.path)), frames)
+        except HeaderNetError as exc:
+            fail(f"{space.path}: {exc}")
     test_csv = space.retrain.get("test_csv")
     if test_csv:  # scored after the search: a missing file must not surface hours from now
         load_split(test_csv, "test")
