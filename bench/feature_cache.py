@@ -18,8 +18,8 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
-from common import demo_split
 
+from common import demo_split
 from headernet_core.config import TrainConfig
 from headernet_core.trainer import train
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+
 from common import demo_split
 
 REPO = Path(__file__).resolve().parents[1]

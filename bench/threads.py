@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+
 from common import demo_split
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headernet_core import model as model_module
 from headernet_core.augment import normalize
 from headernet_core.backbones import CSN_MEAN_STD, CSN_NATIVE_SIZE, VMAE_MEAN_STD, csn, videomae
 from headernet_core.config import TrainConfig
+from headernet_core import model as model_module
 from headernet_core.model import build_classifier, build_optimizer
 from headernet_core.trainer import resolve_amp
 
@@ -89,8 +89,7 @@ def bare_rows(args: argparse.Namespace, checkpointing: bool, compiled: bool, dev
                               device=device)
         labels = torch.randint(0, 2, (batch_size,), device=device)
 
-        def step(net: torch.nn.Module = compiled_model, clips: torch.Tensor = clips,
-                 labels: torch.Tensor = labels) -> None:
+        def step(net: torch.nn.Module = compiled_model) -> None:
             x = normalize(clips, config.mean, config.std)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss = torch.nn.functional.cross_entropy(net(x).float(), labels)

@@ -23,9 +23,8 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 

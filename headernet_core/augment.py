@@ -23,8 +23,8 @@ Definitions, and how they differ from the torchvision uint8 ops the CPU transfor
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 

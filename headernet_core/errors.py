@@ -15,8 +15,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import Callable, Iterator, NoReturn
 
 EXIT_BAD_INPUT = 2
 

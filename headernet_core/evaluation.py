@@ -28,18 +28,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from . import artifacts, checkpoints
-from .augment import ClipLoader
 from .backbones import build_backbone
 from .config import MAX_NUM_WORKERS, TrainConfig
+from .augment import ClipLoader
 from .data import AugParams, BatchLoader, ClipDataset, check_clips, read_split, sample_frame_indices
 from .errors import CliParser, fail, first_paragraph, run_cli
 from .losses import build_loss

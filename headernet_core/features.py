@@ -39,9 +39,8 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd

@@ -7,8 +7,7 @@ parameters, so a "frozen" backbone cannot drift and `partial` trains exactly the
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -53,7 +52,7 @@ class HeaderClassifier(nn.Module):
             features = self.backbone(x)
         return self.head(features)
 
-    def train(self, mode: bool = True) -> HeaderClassifier:
+    def train(self, mode: bool = True) -> "HeaderClassifier":
         super().train(mode)
         if mode and (self.finetune_mode != "full" or self.bn_frozen):
             # Frozen weights must not change through BatchNorm running statistics either

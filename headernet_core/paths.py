@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
+from typing import Iterable
 
 from .errors import fail
 

@@ -6,8 +6,8 @@ registry, and a figure is freed as soon as it goes out of scope.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd

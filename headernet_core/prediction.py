@@ -11,8 +11,8 @@ validation threshold stored in the checkpoint). Views as in `headernet_core.eval
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,14 +20,8 @@ import pandas as pd
 from .artifacts import write_csv
 from .data import check_clips, check_paths_present, resolve_clips
 from .errors import CliParser, fail, first_paragraph, run_cli
-from .evaluation import (
-    add_inference_arguments,
-    check_inference,
-    clip_probabilities,
-    eval_config,
-    load_classifier,
-    resolve_threshold,
-)
+from .evaluation import (add_inference_arguments, check_inference, clip_probabilities, eval_config,
+                         load_classifier, resolve_threshold)
 from .paths import check_output_file
 
 

@@ -25,8 +25,8 @@ import argparse
 import math
 import os
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd

@@ -15,10 +15,9 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,18 +30,10 @@ from tqdm.auto import tqdm
 from . import artifacts, checkpoints
 from .augment import ClipLoader, DeviceTransform
 from .backbones import BackboneInfo, Geometry, backbone_geometry, create_backbone, peek_vmae_config
-from .config import (
-    SELECTABLE_METRICS,
-    IgnoredSettingWarning,
-    TrainConfig,
-    canonical_keys,
-    cli_values,
-    fields_with_role,
-    ignored_settings,
-    load_yaml_mapping,
-    parse_neg_pos_ratio,
-)
-from .data import BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, load_split, split_warnings
+from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, canonical_keys, cli_values,
+                     fields_with_role, ignored_settings, load_yaml_mapping, parse_neg_pos_ratio)
+from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, load_split,
+                   split_warnings)
 from .ema import WeightEma
 from .errors import HeaderNetError, describe_os_error, fail, run_cli
 from .features import FrozenFeatures

@@ -18,17 +18,8 @@ from safetensors.torch import load_file, save_file
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from headernet_core.backbones import (
-    VARIANTS,
-    BackboneInfo,
-    IrCSN,
-    VideoMAEConfig,
-    VideoMAEv2,
-    create_backbone,
-    csn,
-    load_backbone,
-    videomae,
-)
+from headernet_core.backbones import (VARIANTS, BackboneInfo, IrCSN, VideoMAEConfig, VideoMAEv2,
+                                      create_backbone, csn, load_backbone, videomae)
 from headernet_core.backbones.base import check_state_dict
 from headernet_core.errors import HeaderNetError
 
@@ -373,7 +364,6 @@ def test_registry_infos_and_warnings():
 def test_build_backbone_rebuilds_the_architecture_from_info_arch(family):
     """Trained checkpoints store `info.arch`; `build_backbone` must accept every weight strictly."""
     import json
-
     from headernet_core.backbones import build_backbone
     model, info = create_backbone(family, "tiny")
     arch = json.loads(json.dumps(info.arch))  # as it comes back from a checkpoint/YAML

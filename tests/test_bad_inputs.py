@@ -15,12 +15,13 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
+
 from conftest import write_clips
 
 REPO = Path(__file__).resolve().parents[1]

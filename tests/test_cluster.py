@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import conftest
 import pandas as pd
 import psutil
+import conftest
 import pytest
 
 from tuning.space import load_space

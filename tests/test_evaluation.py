@@ -13,15 +13,8 @@ import torch
 from headernet_core import checkpoints
 from headernet_core.config import TrainConfig
 from headernet_core.data import ClipDataset, ClipTransform, sample_frame_indices
-from headernet_core.evaluation import (
-    View,
-    ViewDataset,
-    checkpoint_threshold,
-    evaluate,
-    main,
-    per_video_errors,
-    view_frame_indices,
-)
+from headernet_core.evaluation import (View, ViewDataset, checkpoint_threshold, evaluate, main,
+                                       per_video_errors, view_frame_indices)
 from headernet_core.prediction import main as predict_main
 from headernet_core.prediction import predict
 from headernet_core.trainer import train

@@ -12,13 +12,13 @@ import time
 import wsgiref.util
 from pathlib import Path
 
-import conftest
 import optuna
 import pandas as pd
+import conftest
 import pytest
 import yaml
-from conftest import write_clips
 
+from conftest import write_clips
 from headernet_core import split_dataset
 from headernet_core.config import TrainConfig
 from headernet_core.evaluation import evaluate
@@ -89,8 +89,7 @@ def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_pa
     assert [t["status"] for t in summary["trials"]] == ["finished"] * 4, summary["trials"]
 
     # the console: event lines with tNNN names and the objective, Ray's chatter kept out
-    for fragment in ("t001 started", "t004 started", "t001 epoch 1  val_f1",
-                     "t001 finished after epoch 2: best val_f1"):
+    for fragment in ("t001 started", "t004 started", "t001 epoch 1  val_f1", "t001 finished after epoch 2: best val_f1"):
         assert fragment in console, fragment
     assert console.count("warning: progress is off in trials") == 1
     for noise in ("Checkpoint successfully created", "run_trial pid", "Trial status:", "╭"):
@@ -148,7 +147,6 @@ def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_pa
 def test_the_study_file_opens_in_optuna_dashboard(tmp_path):
     """optuna-dashboard (the `dashboard` extra; the tests install it) serves the journal file as it is."""
     import optuna_dashboard as dashboard
-
     from tuning.study import study_storage
     study = optuna.create_study(storage=study_storage(tmp_path), study_name="s", direction="maximize")
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)

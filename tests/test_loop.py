@@ -13,9 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from headernet_core import data, threads
-from headernet_core import model as model_module
-from headernet_core import trainer as train_module
+from headernet_core import data, model as model_module, threads, trainer as train_module
 from headernet_core.config import TrainConfig
 from headernet_core.errors import HeaderNetError
 from headernet_core.model import HeaderClassifier, build_optimizer
@@ -60,8 +58,7 @@ def run_epoch(loader, criterion, writer=None) -> dict:
 def test_losses_are_read_every_log_interval_and_each_step_is_logged(monkeypatch):
     reads = []
     real = train_module._read_losses
-    monkeypatch.setattr(train_module, "_read_losses",
-                        lambda pending, *a: reads.append(len(pending)) or real(pending, *a))
+    monkeypatch.setattr(train_module, "_read_losses", lambda pending, *a: reads.append(len(pending)) or real(pending, *a))
     writer = Writer()
     steps = 2 * train_module.LOG_EVERY + 5
     stats = run_epoch(FeatureBatches(steps), nn.CrossEntropyLoss(), writer=writer)

@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+
 from conftest import write_clips
 
 REPO = Path(__file__).resolve().parents[1]

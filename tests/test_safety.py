@@ -19,7 +19,7 @@ import pytest
 
 from headernet_core import artifacts
 from headernet_core.errors import HeaderNetError, run_cli
-from headernet_core.locks import STALE_S, FolderLock, Heartbeat
+from headernet_core.locks import FolderLock, Heartbeat, STALE_S
 from headernet_core.status import beat, read_status, read_status_record, write_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,8 +206,8 @@ def limit_file_size(limit: int):
 @pytest.mark.slow
 def test_an_io_error_mid_run_is_one_line_and_the_last_epoch_resumes(tiny_data, tmp_path):
     """A real write error (a file-size limit: last.pt grows a little each epoch, so epoch 2's
-    does not fit; --epochs 3 has the same size as 1): exit 2 with one line, status.json failed
-    with the reason, the previous last.pt intact, and --resume finishes the run with a consistent best checkpoint."""
+    does not fit; --epochs 3 has the same size as 1): exit 2 with one line, status.json failed with the reason, the previous
+    last.pt intact, and --resume finishes the run with a consistent best checkpoint."""
     from headernet_core.trainer import main
 
     flags = ["--train_csv", str(tiny_data["train_csv"]), "--val_csv", str(tiny_data["val_csv"]),

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import conftest
 import pandas as pd
+import conftest
 import pytest
 import yaml
 
@@ -80,7 +80,7 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys, mon
     space = write_space(tmp_path, tiny_data, search={
         "lr_backbone": {"choice": [1e-3, 1e38]}, "lr_head": {"loguniform": [3e-4, 3e-3]}},
         budget={"num_samples": 5, "max_concurrent": 2, "seed": 3})
-    from tuning import diskspace  # a disk with 1 KiB free: the trials still to run cannot fit
+    from tuning import diskspace   # a disk with 1 KiB free: the trials still to run cannot fit
     monkeypatch.setattr(diskspace, "free_bytes", lambda folder: 1024)
     monkeypatch.setattr(diskspace, "MIN_FREE_BYTES", 0)
     monkeypatch.setattr(diskspace, "reserve_bytes", lambda *args: 0)   # warned, never stopped
@@ -185,8 +185,7 @@ def test_a_filling_disk_stops_the_search_cleanly_and_resume_finishes_it(tiny_dat
     captured = capsys.readouterr()
     assert STOP_LINE in captured.out   # this command's line, not Tune's "e.g. via SIGINT/Ctrl+C"
     lines = [line for line in captured.err.splitlines() if line.startswith("error: the search's storage")]
-    assert len(lines) == 1, captured.err
-    assert "100.0 MiB free, under the 256.0 MiB" in lines[0] and "--resume" in lines[0], captured.err
+    assert len(lines) == 1 and "100.0 MiB free, under the 256.0 MiB" in lines[0] and "--resume" in lines[0], captured.err
     [hint] = [line for line in captured.out.splitlines() if line.startswith("interrupted: continue with ")]
     resume = shlex.split(hint.removeprefix("interrupted: continue with "))
     assert resume[:3] == ["python", "-m", "tuning.search"] and resume[-1] == "--resume"

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from tuning.search import collect_records
-from tuning.space import load_space
 from tuning.trial import SCHEDULER_STOP
+from tuning.space import load_space
 
 
 def trial(root: Path, name: str, state: str | None, epochs: int, error=None, asha_stopped=False):

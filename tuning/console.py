@@ -26,9 +26,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 import optuna
 from ray import tune

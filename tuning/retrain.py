@@ -33,9 +33,8 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 from headernet_core.artifacts import read_json_dict, write_csv, write_json
 from headernet_core.config import TrainConfig, fields_with_role, load_yaml_mapping

@@ -18,9 +18,8 @@ import shlex
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_json, write_text
 from headernet_core.config import TrainConfig, fields_with_role, format_value
@@ -28,12 +27,14 @@ from headernet_core.errors import CliParser, HeaderNetError, fail, first_paragra
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
 
-from . import resume_guard
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray, stop_ray
+from . import resume_guard
 from .ray_compat import TUNER_PKL
 from .space import SearchSpace, find_space_file, load_space
-from .summary import TrialRecord, best_record, complete_trial_plots, feature_cache_note, format_bytes, write_summary
-from .trial import OBJECTIVE, QUIET_HOOK, SCHEDULER_STOP, one_line_error, run_trial, search_warnings, trial_dirname
+from .summary import (TrialRecord, best_record, complete_trial_plots, feature_cache_note, format_bytes,
+                      write_summary)
+from .trial import (OBJECTIVE, QUIET_HOOK, SCHEDULER_STOP, one_line_error, run_trial,
+                    search_warnings, trial_dirname)
 
 if TYPE_CHECKING:
     from headernet_core.data import CheckedSplits
@@ -213,10 +214,9 @@ def prepare_demo_data(space: SearchSpace) -> None:
     own_test = Path(train_csv).with_name("test.csv")  # the demo's own, whatever --test_csv says
     if any(Path(path).exists() for path in (train_csv, val_csv, own_test)):
         return
-    import pandas as pd
-
     from headernet_core.demo_data import generate
     from headernet_core.split_dataset import relative_to, split_parts, write_csv
+    import pandas as pd
 
     folder = Path(space.demo_data).absolute()
     print(f"demo dataset missing: generating it in {folder} (once)")
@@ -574,9 +574,8 @@ def run_search(args: SearchArgs) -> int:
             if verified is not None:
                 replaced = resume_guard.install(search_dir, verified)
                 if replaced:
-                    displaced = search_dir / resume_guard.SNAPSHOT_DIR / resume_guard.DISPLACED
                     print(f"note: resuming from the signed state; unsigned or stale Ray Tune files "
-                          f"{', '.join(replaced)} moved to {displaced}")
+                          f"{', '.join(replaced)} moved to {search_dir / resume_guard.SNAPSHOT_DIR / resume_guard.DISPLACED}")
             return search_owned(plan, checked)
     finally:
         if created and search_dir.is_dir() and not any(search_dir.iterdir()):

@@ -17,34 +17,17 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, NoReturn, Sequence
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PlainValidator,
-    StringConstraints,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StringConstraints,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
-from headernet_core.config import (
-    MAX_SEED,
-    SELECTABLE_METRICS,
-    TrainConfig,
-    coerce,
-    fields_with_role,
-    format_value,
-    load_yaml_mapping,
-)
+from headernet_core.config import (MAX_SEED, SELECTABLE_METRICS, TrainConfig, coerce, fields_with_role,
+                                   format_value,
+                                   load_yaml_mapping)
 from headernet_core.errors import HeaderNetError, fail
 from headernet_core.metrics import reported_metrics
 from headernet_core.paths import MAX_NAME_LEN

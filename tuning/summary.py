@@ -33,10 +33,9 @@ import json
 import math
 import shlex
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -153,8 +152,7 @@ def complete_trial_plots(search_dir: Path, records: Sequence[TrialRecord]) -> li
     for record in records:
         run_dir = Path(search_dir) / record.name
         try:
-            config = run_dir / "config.yaml"
-            if not config.is_file() or not load_yaml_mapping(config).get("plots", True):
+            if not (run_dir / "config.yaml").is_file() or not load_yaml_mapping(run_dir / "config.yaml").get("plots", True):
                 continue
             owner = read_status_record(run_dir)   # the trial's process (another host's: not waited for)
             if owner.get("pid") == os.getpid():
@@ -162,8 +160,7 @@ def complete_trial_plots(search_dir: Path, records: Sequence[TrialRecord]) -> li
             while owner_alive(owner, None) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if owner_alive(owner, None):
-                problems.append(f"warning: plots of {record.name} not checked: its process "
-                                f"{owner.get('pid')} still runs")
+                problems.append(f"warning: plots of {record.name} not checked: its process {owner.get('pid')} still runs")
                 continue
             remove_stale_temps(run_dir / "plots")
             if plots_outdated(run_dir):

@@ -11,10 +11,9 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 from torch import nn
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from ..errors import fail
-from .base import Backbone, load_into, require_path, strip_prefixes, torch_load_dict, unwrap_state_dict
+from .base import (Backbone, load_into, require_path, strip_prefixes, torch_load_dict,
+                   unwrap_state_dict)
 
 logger = logging.getLogger(__name__)
 
