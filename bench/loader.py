@@ -93,9 +93,9 @@ def main() -> None:
         rates: dict[str, list[float]] = {"np_load": [], "loader": [], "legacy_transform": []}
         for round_ in range(args.rounds):
             runs = [("np_load", lambda: time_np_load(paths)),
-                    ("loader", lambda: time_loader(dataset, args.batch_size, round_ + 1))]
+                    ("loader", lambda r=round_: time_loader(dataset, args.batch_size, r + 1))]
             if args.legacy:
-                runs.append(("legacy_transform", lambda: time_legacy(paths, transform, round_ + 1)))
+                runs.append(("legacy_transform", lambda r=round_: time_legacy(paths, transform, r + 1)))
             if round_ % 2:
                 runs.reverse()
             for name, run in runs:

@@ -89,7 +89,8 @@ def bare_rows(args: argparse.Namespace, checkpointing: bool, compiled: bool, dev
                               device=device)
         labels = torch.randint(0, 2, (batch_size,), device=device)
 
-        def step(net: torch.nn.Module = compiled_model) -> None:
+        def step(net: torch.nn.Module = compiled_model, clips: torch.Tensor = clips,
+                 labels: torch.Tensor = labels) -> None:
             x = normalize(clips, config.mean, config.std)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss = torch.nn.functional.cross_entropy(net(x).float(), labels)

@@ -189,7 +189,7 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
         """Build from a mapping (YAML file, Tune trial, tests); unknown keys and wrong types
         are errors naming `source` and the key."""
         known = {f.name: f for f in dataclasses.fields(cls)}
@@ -206,7 +206,7 @@ class TrainConfig:
         """Plain dict of YAML-safe values (lists, not tuples)."""
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     # --- derived values -----------------------------------------------------------------
@@ -228,7 +228,7 @@ class TrainConfig:
         """Mixup or cutmix is on (an alpha above 0)."""
         return self.mixup > 0 or self.cutmix > 0
 
-    def validate(self, *, need_data: bool = True) -> "TrainConfig":
+    def validate(self, *, need_data: bool = True) -> TrainConfig:
         """Check everything that needs no file or model; raise one clear line on the first problem."""
         if need_data:
             for key in ("train_csv", "val_csv"):
@@ -322,7 +322,7 @@ class TrainConfig:
                 fail(f"--{f.name} must be finite numbers, got {value}")
 
     def resolved(self, *, native_size: int, default_mean: Sequence[float],
-                 default_std: Sequence[float]) -> "TrainConfig":
+                 default_std: Sequence[float]) -> TrainConfig:
         """Fill the defaults that depend on the backbone (LR table, input size, normalisation)."""
         lr_bb, lr_head = LR_TABLE[(self.backbone, self.finetune_mode)]
         lr_backbone = self.lr_backbone if self.lr_backbone is not None else lr_bb

@@ -291,7 +291,8 @@ def _split_identity(csv_path: str | Path, split: str) -> tuple[str, str, int, in
 
 def load_split(csv_path: str | Path, split: str, checked: CheckedSplits | None = None) -> pd.DataFrame:
     """A split CSV read and fully checked (`read_split`, both classes for "train",
-    `check_clips`, whose frame counts become column `clip_frames`), or the frame `checked` holds for this very file (same path, size, mtime)."""
+    `check_clips`, whose frame counts become column `clip_frames`), or the frame `checked`
+    holds for this very file (same path, size, mtime)."""
     key = _split_identity(csv_path, split)
     if checked and key in checked:
         return checked[key]
@@ -599,7 +600,7 @@ class ClipDataset:
         frames = torch.empty((len(plans), num_frames, height, width, 3), dtype=torch.uint8, pin_memory=pin)
         out = frames.numpy()
         aug = np.empty((len(plans), len(AUG_FIELDS)), dtype=np.float32)
-        for b, (index, params, clip, frames_at, (top, left, h, w)) in enumerate(plans):
+        for b, (_, params, clip, frames_at, (top, left, h, w)) in enumerate(plans):
             out[b, :, h:] = 0  # the padding only (the crop itself is overwritten next)
             out[b, :, :h, w:] = 0
             for f, t in enumerate(frames_at):

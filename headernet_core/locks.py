@@ -137,7 +137,7 @@ class FolderLock:
                 self.path.unlink()
         self.record = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         """Acquire, and keep the lock fresh while held: on another host only the heartbeat
         tells a live owner from a dead one (`owner_alive`), and a search or a retrain holds
         its folder far longer than STALE_S."""
@@ -165,7 +165,7 @@ class Heartbeat:
                 with contextlib.suppress(Exception):
                     beat()
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         self._thread.start()
         return self
 

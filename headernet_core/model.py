@@ -52,7 +52,7 @@ class HeaderClassifier(nn.Module):
             features = self.backbone(x)
         return self.head(features)
 
-    def train(self, mode: bool = True) -> "HeaderClassifier":
+    def train(self, mode: bool = True) -> HeaderClassifier:
         super().train(mode)
         if mode and (self.finetune_mode != "full" or self.bn_frozen):
             # Frozen weights must not change through BatchNorm running statistics either

@@ -214,7 +214,7 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
                              "--output_root", str(tmp_path / "runs"), "--run_name", "x"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "missing.csv" in lines[0]
     assert not (tmp_path / "runs").exists()
 
@@ -302,7 +302,7 @@ def test_every_bad_input_is_one_clear_line_and_writes_nothing(tiny_data, tmp_pat
             args[flag] = next(it)
         argv = [x for k, v in args.items() for x in ([k] if v is None else [k, v])]
         code, err = cli(argv, capsys)
-        lines = [l for l in err.splitlines() if l.strip() and "Warning" not in l and "warn" not in l]
+        lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line and "warn" not in line]
         ok = code == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in err
         if not ok:
             failures.append(f"{extra}: code {code}, stderr {err!r}")

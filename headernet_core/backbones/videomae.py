@@ -77,7 +77,7 @@ class VideoMAEConfig:
         return int(nearest) if abs(product - nearest) < 1e-6 * max(1.0, product) else int(product)
 
     @classmethod
-    def from_model_config(cls, values: Mapping[str, Any], source: str) -> "VideoMAEConfig":
+    def from_model_config(cls, values: Mapping[str, Any], source: str) -> VideoMAEConfig:
         """Validate a `model_config` mapping; errors name `source` and the key."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
@@ -95,7 +95,7 @@ class VideoMAEConfig:
         """The `model_config` dict of a checkpoint folder's `config.json`."""
         return dataclasses.asdict(self)
 
-    def _validated(self, source: str) -> "VideoMAEConfig":
+    def _validated(self, source: str) -> VideoMAEConfig:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                      "tubelet_size", "num_frames"):
             if getattr(self, name) < 1:
