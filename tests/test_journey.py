@@ -51,8 +51,8 @@ def write_space(path: Path, **sections) -> Path:
     """conftest's tiny space, one trial at a time, TPE after 2 random trials, no early stopping."""
     sections.setdefault("search", {"backbone": {"choice": ["vmae", "csn"]},
                                    "lr_head": {"loguniform": [5e-4, 3e-3]}})
-    return conftest.write_space(path, name="journey", budget={"max_concurrent": 1, "startup_trials": 2},
-                                scheduler={"type": "none"}, **sections)
+    sections["budget"] = {"max_concurrent": 1, "startup_trials": 2, **sections.get("budget", {})}
+    return conftest.write_space(path, name="journey", scheduler={"type": "none"}, **sections)
 
 
 def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_path, monkeypatch, capsys):
