@@ -15,9 +15,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
+import yaml
 
 from .config import TrainConfig
 from .errors import HeaderNetError
@@ -31,7 +32,12 @@ OOM_TEST_ENV = "HEADERNET_TEST_OOM"
 
 
 class OutOfMemoryEnd(HeaderNetError):
-    """A run ran out of memory at micro-batch 1: nothing smaller is left to try."""
+    """A run ran out of memory at micro-batch 1: nothing smaller is left to try. `peak`: the
+    GiB in use then."""
+
+    def __init__(self, peak: float) -> None:
+        super().__init__(f"out of memory at batch 1 (peak {peak:.1f} GiB)")
+        self.peak = peak
 
 
 def reset_peak(device: torch.device, device_ids: Sequence[int] = ()) -> None:
@@ -74,8 +80,20 @@ def halved_batch(config: TrainConfig, peak: float) -> TrainConfig:
     effective batch (and with it every LR) stays (an odd micro-batch rounds down and loses one
     clip per micro-batch). At micro-batch 1 the run ends: `OutOfMemoryEnd`."""
     if config.batch_size <= 1:
-        raise OutOfMemoryEnd(f"out of memory at batch 1 (peak {peak:.1f} GiB)")
+        raise OutOfMemoryEnd(peak)
     return config.replace(batch_size=config.batch_size // 2, grad_accum=config.grad_accum * 2)
+
+
+def recorded_micro_batch(config: TrainConfig, run_dir: Path) -> TrainConfig:
+    """`config` with the micro-batch and accumulation a backoff recorded in the run's
+    config.yaml (a retried trial starts from its space's values); unchanged when there is none."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return config
+    if not isinstance(saved, dict) or not same_effective_batch(saved, config):
+        return config
+    return config.replace(batch_size=saved["batch_size"], grad_accum=saved["grad_accum"])
 
 
 def same_effective_batch(saved: dict, config: TrainConfig) -> bool:
