@@ -33,7 +33,7 @@ from .ray_compat import TUNER_PKL
 from .space import SearchSpace, find_space_file, load_space
 from .summary import (TrialRecord, best_record, complete_trial_plots, feature_cache_note, format_bytes,
                       write_summary)
-from .trial import (OBJECTIVE, QUIET_HOOK, SCHEDULER_STOP, one_line_error, run_trial,
+from .trial import (OBJECTIVE, QUIET_HOOK, SCHEDULER_STOP, objective_keys, one_line_error, run_trial,
                     search_warnings, trial_dirname)
 
 if TYPE_CHECKING:
@@ -415,9 +415,15 @@ def build_tuner(plan: SearchPlan, checked: CheckedSplits | None = None):
         clear_stale_lock(search_dir)
         return tune.Tuner.restore(str(search_dir), trainable=trainable,
                                   resume_unfinished=True, resume_errored=True)
-    searcher = StudySearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
+    # Several objectives: Optuna's multi-objective TPE over every `objective*` key (no
+    # intermediate values then); the space allows no scheduler with them.
+    keys = objective_keys(space)
+    searcher = StudySearch(space=space.define_by_run,
+                           metric=keys if len(keys) > 1 else OBJECTIVE,
+                           mode=list(space.objective_modes) if len(keys) > 1 else space.mode,
                            sampler=tpe_sampler(space.seed, space.startup_trials),
-                           storage=study_storage(search_dir), study_name=search_dir.name)
+                           storage=study_storage(search_dir), study_name=search_dir.name,
+                           constraints=space.constraints)
     if space.scheduler.get("type") == "asha":
         scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
                                   grace_period=space.scheduler["grace_period"],
