@@ -111,7 +111,7 @@ def test_json_is_strict_and_equals_the_return_value(done):
     assert (data["metric"], data["mode"]) == ("val_f1", "max")
     assert data["num_trials"] == 8
     assert data["counts"] == {"finished": 4, "stopped_early": 2, "failed": 1, "running": 1,
-                              "pending": 0, "interrupted": 0}
+                              "pending": 0, "interrupted": 0, "out_of_memory": 0}
     assert data["disk_bytes"] == 3 * 1024 ** 3 // 2 and data["disk"] == "1.5 GiB"
     assert data["notes"] == ["resumed once"]
     trials = {t["name"]: t for t in data["trials"]}

@@ -13,6 +13,8 @@ per trial holding the standard run artifacts beside Ray Tune's own files.
 """
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import shlex
 import sys
@@ -20,6 +22,8 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
+
+import yaml
 
 from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_json, write_text
 from headernet_core.config import TrainConfig, fields_with_role, format_value
@@ -456,11 +460,14 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
     records = []
     for result in results:
         folder = Path(result.path)
-        status = read_json_dict(folder / "status.json").get("state")
+        status_record = read_json_dict(folder / "status.json")
+        status = status_record.get("state")
         best = read_json_dict(folder / "best_metrics.json")
         error = None
         if result.error is not None:
             state, error = "failed", one_line_error(result.error)
+        elif str(status_record.get("error", "")).startswith("OutOfMemoryEnd:"):   # headernet_core.memory
+            state, error = "out_of_memory", str(status_record["error"]).split(": ", 1)[-1]
         elif status == "finished":
             state = "finished"
         elif (folder / SCHEDULER_STOP).is_file():
@@ -478,8 +485,33 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
             best_metrics={k: v for k, v in best.items() if isinstance(v, (int, float))},
             checkpoint=checkpoint, error=error,
             node=(read_json_dict(folder / "trial.json").get("node_id") or "")[:12] or None,
+            **trial_cost(space, folder, state),
             order=_order(folder.name)))
     return sorted(records, key=lambda r: (r.order, r.name))
+
+
+def trial_cost(space: SearchSpace, folder: Path, state: str) -> dict[str, Any]:
+    """A trial's device-hours (its epochs' wall time x the GPUs it held, or the CPUs without
+    GPUs), its backbone variant (config.yaml), and whether its last epoch met the space's
+    constraints (what the study was told)."""
+    rows = []
+    with contextlib.suppress(OSError, ValueError, csv.Error), \
+            open(folder / "metrics_epoch.csv", newline="") as fp:
+        rows = list(csv.DictReader(fp))
+    seconds = sum(float(row.get("epoch_seconds") or 0) for row in rows)
+    slots = space.resources.get("gpu", 0) or space.resources.get("cpu", 1)
+    config: Any = {}
+    with contextlib.suppress(OSError, yaml.YAMLError):
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    config = config if isinstance(config, dict) else {}
+    backbone = config.get("backbone")
+    variant = config.get("vmae_variant" if backbone == "vmae" else "csn_variant")
+    last = rows[-1] if rows else {}
+    feasible = state != "out_of_memory" and all(
+        not last.get(metric) or (float(last[metric]) <= bound if side == "max" else float(last[metric]) >= bound)
+        for metric, side, bound in space.constraints)
+    return {"device_hours": seconds * slots / 3600 if rows else None,
+            "variant": f"{backbone}-{variant}" if backbone else None, "feasible": feasible}
 
 
 def _order(name: str) -> int:
@@ -673,7 +705,8 @@ def summarise(plan: SearchPlan, records: list[TrialRecord], interrupted: bool) -
     write_summary(search_dir, name=search_dir.name, metric=space.metric, mode=space.mode,
                   space_params=space.params, records=records,
                   state="interrupted" if interrupted else "finished", disk_bytes=size,
-                  notes=notes, val_csv=space.trainer.get("val_csv"))
+                  notes=notes, val_csv=space.trainer.get("val_csv"), objectives=space.objectives,
+                  cost_unit="GPU-hours" if space.resources.get("gpu", 0) else "CPU-hours")
     print_result(search_dir, space, records, best, size, notes)
     return best
 
