@@ -312,7 +312,8 @@ class _File(_Section):
 
 _SECTION_MODELS: dict[str, type[BaseModel]] = {
     "objective": _Objectives, "budget": _Budget, "scheduler": _Scheduler,
-    "resources": _Resources, "retrain": _Retrain}
+    "resources": _Resources, "retrain": _Retrain,
+    "constraints": _Bound}   # (the model of each metric's entry: the section is a mapping of them)
 
 
 # --- the space ------------------------------------------------------------------------------
