@@ -298,11 +298,11 @@ class FrozenFeatures:
             f"({time.perf_counter() - start:.1f}s)")
         return computed
 
-    def loader(self, *, train: bool) -> tuple[FeatureLoader, EpochSampler]:
+    def loader(self, *, train: bool, batch_size: int | None = None) -> tuple[FeatureLoader, EpochSampler]:
         labels = self.train_labels if train else self.val_labels
         ratio = parse_neg_pos_ratio(self.config.neg_pos_ratio) if train else None
         sampler = EpochSampler(labels, neg_pos_ratio=ratio, seed=self.config.seed, shuffle=train)
-        return FeatureLoader(self, sampler, labels, self.config.batch_size, train=train), sampler
+        return FeatureLoader(self, sampler, labels, batch_size or self.config.batch_size, train=train), sampler
 
 
 class BackboneRunner:

@@ -27,7 +27,7 @@ METRIC_KEYS: tuple[str, ...] = (
 
 # Per-epoch numbers the trainer reports besides the validation metrics.
 TRAIN_METRICS: tuple[str, ...] = ("train_loss", "train_acc", "train_clips", "train_seconds",
-                                  "clips_per_s", "epoch_seconds", "lr_backbone", "lr_head")
+                                  "clips_per_s", "epoch_seconds", "peak_mem_gib", "lr_backbone", "lr_head")
 
 
 def reported_metrics() -> tuple[str, ...]:

@@ -8,6 +8,7 @@ the epochs (train -> validate -> write artifacts -> callback), and `main` is the
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -39,6 +40,7 @@ from .errors import HeaderNetError, describe_os_error, fail, run_cli
 from .features import FrozenFeatures
 from .locks import FolderLock, Heartbeat
 from .losses import build_loss
+from .memory import halved_batch, inject_oom, peak_gib, reset_peak, same_effective_batch
 from .metrics import classification_metrics, is_improvement
 from .mixup import ClipMix
 from .model import CompiledWithFallback, HeaderClassifier, build_classifier, build_optimizer, nominal_lr
@@ -180,8 +182,10 @@ def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
 
 def check_resume_compatible(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
     current = config.to_dict()
+    # The micro-batch may change with the effective batch kept (what an OOM backoff records).
+    kept = {"batch_size", "grad_accum"} if same_effective_batch(saved, config) else set()
     changed = sorted(k for k, v in saved.items()
-                     if k not in RESUMABLE_CHANGES and k in current and current[k] != v)
+                     if k not in RESUMABLE_CHANGES | kept and k in current and current[k] != v)
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed[:4])
         fail(f"{run_dir}: --resume cannot change {detail}; only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
@@ -316,6 +320,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(bar):
         inputs, labels = loader.to_device(batch, device)
+        inject_oom(config, state.epoch + 1, i)
         targets = labels
         if mix is not None:
             inputs, targets = mix(inputs, labels, state.epoch + 1, i)
@@ -488,19 +493,15 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
     parallel = len(prep.device_ids) > 1
     if features is None:
         net: nn.Module = nn.DataParallel(model, device_ids=prep.device_ids) if parallel else model
-        pin = device.type == "cuda"
-        train_loader, train_sampler = make_loader(prep.train_df, config, train=True, pin=pin)
-        val_loader, _ = make_loader(prep.val_df, config, train=False, pin=pin)
     else:
         net = model.head
         feature_backbone = nn.DataParallel(model.backbone, device_ids=prep.device_ids) if parallel \
             else model.backbone
-        train_loader, train_sampler = features.loader(train=True)
-        val_loader, _ = features.loader(train=False)
+    train_loader, train_sampler, val_loader = _loaders(prep, config, features)
     if config.compile:
         net = CompiledWithFallback(net, log)
     optimizer = build_optimizer(model, config, fused=device.type == "cuda")
-    steps_per_epoch = math.ceil(math.ceil(len(train_sampler) / config.batch_size) / config.grad_accum)
+    steps_per_epoch = _steps_per_epoch(train_sampler, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = build_loss(config.loss, focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma,
@@ -528,6 +529,10 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         f"{' x' + str(len(prep.device_ids)) if len(prep.device_ids) > 1 else ''}, "
         f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}")
 
+    trained = (model, optimizer, scheduler, scaler, ema)
+    # An out-of-memory retry of epoch 1 restarts from here; later epochs from last.pt.
+    start_copy = _cpu_copy(_last_payload(*trained[:4], config, prep.info, state, ema)) \
+        if state.epoch == 0 else None
     status = "running"
     write_status(run_dir, status, state.epoch)
     finished = False   # "finished" recorded: every artifact of the last epoch is written
@@ -536,13 +541,22 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             epoch = state.epoch + 1
             train_sampler.set_epoch(epoch)
             epoch_start = time.perf_counter()
+            reset_peak(device, prep.device_ids)
             backbone_clips = 0
             if features is not None:  # computes what the cache lacks, once per run
                 backbone_clips = features.build(feature_backbone, device, amp_dtype, log)
-            train_stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion,
-                                          config, state, device, amp_dtype, writer,
-                                          desc=f"epoch {epoch}/{config.epochs}", mix=mix, ema=ema)
-            prob, labels, val_loss = predict(eval_net, val_loader, config, device, amp_dtype, val_criterion)
+            try:
+                train_stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion,
+                                              config, state, device, amp_dtype, writer,
+                                              desc=f"epoch {epoch}/{config.epochs}", mix=mix, ema=ema)
+                prob, labels, val_loss = predict(eval_net, val_loader, config, device, amp_dtype,
+                                                 val_criterion)
+            except torch.OutOfMemoryError:
+                train_stats = None   # handled outside: the traceback holds the step's tensors
+            if train_stats is None:
+                config, state, (train_loader, train_sampler, val_loader) = _retry_smaller(
+                    prep, config, epoch, features, trained, start_copy, log)
+                continue
             if features is None:  # every train and val clip went through the backbone
                 backbone_clips = int(train_stats["train_clips"]) + len(labels)
             with warnings.catch_warnings(record=True) as caught:
@@ -552,7 +566,8 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                 log(f"warning: {w}")
             row = {"epoch": epoch, **train_stats, **val, "eval_weights": "model" if ema is None else "ema",
                    "val_clips": len(labels),
-                   "backbone_clips": backbone_clips, "epoch_seconds": time.perf_counter() - epoch_start}
+                   "backbone_clips": backbone_clips, "epoch_seconds": time.perf_counter() - epoch_start,
+                   "peak_mem_gib": peak_gib(device, prep.device_ids)}
             state.epoch = epoch
             state.history.append(row)
             is_best = is_improvement(row, state.best_metrics, config.select_metric,
@@ -567,6 +582,7 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             last = run_dir / "checkpoints" / "last.pt"
             checkpoints.save(last, _last_payload(model, optimizer, scheduler, scaler, config, prep.info, state,
                                                  ema))
+            start_copy = None   # last.pt now holds the next epoch's start
             _drop_stale_best(run_dir, state.best_epoch)  # only now: last.pt points at the new best
             _write_scalars(writer, row, state.epoch)
             # Finished is recorded before the callback: a Tune scheduler may end the process there.
@@ -605,6 +621,62 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         f"{(state.best_metrics or {}).get(config.select_metric, float('nan')):.4f} -> {best_ckpt}")
     return TrainResult(run_dir, status, state.epoch, state.best_epoch, state.best_metrics or {},
                        best_ckpt, config)
+
+
+def _loaders(prep: Prepared, config: TrainConfig, features: FrozenFeatures | None) -> tuple:
+    """(train loader, its sampler, val loader) at `config.batch_size`: over clips, or over
+    cached features with a frozen backbone."""
+    if features is None:
+        pin = prep.device.type == "cuda"
+        train_loader, train_sampler = make_loader(prep.train_df, config, train=True, pin=pin)
+        val_loader, _ = make_loader(prep.val_df, config, train=False, pin=pin)
+    else:
+        train_loader, train_sampler = features.loader(train=True, batch_size=config.batch_size)
+        val_loader, _ = features.loader(train=False, batch_size=config.batch_size)
+    return train_loader, train_sampler, val_loader
+
+
+def _steps_per_epoch(train_sampler: EpochSampler, config: TrainConfig) -> int:
+    return math.ceil(math.ceil(len(train_sampler) / config.batch_size) / config.grad_accum)
+
+
+# --- out of memory: the epoch again at half the micro-batch ------------------------------------
+def _cpu_copy(value: Any) -> Any:
+    """A copy of a checkpoint payload whose tensors live on the CPU (training changes the
+    originals in place)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
+
+
+def _retry_smaller(prep: Prepared, config: TrainConfig, epoch: int, features: FrozenFeatures | None,
+                   trained: tuple, start_copy: dict[str, Any] | None, log: Callable[[str], None]
+                   ) -> tuple[TrainConfig, RunState, tuple]:
+    """After `torch.OutOfMemoryError` in epoch `epoch`: its starting state back (model,
+    optimizer, scheduler, scaler, EMA, RNG: last.pt, or `start_copy` in a first epoch), half
+    the micro-batch and twice the accumulation (memory.halved_batch; ends the run at batch 1),
+    recorded in config.yaml at once and in last.pt at the epoch's end, so a retried trial or
+    `--resume` continues with them. Returns the new config, state and loaders."""
+    model, optimizer, scheduler, scaler, ema = trained
+    peak = peak_gib(prep.device, prep.device_ids)
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if prep.device.type == "cuda":
+        torch.cuda.empty_cache()
+    smaller = halved_batch(config, peak)
+    log(f"out of memory in epoch {epoch} at batch {config.batch_size} (peak {peak:.1f} GiB): "
+        f"epoch {epoch} again at batch {smaller.batch_size} x {smaller.grad_accum} accumulation")
+    artifacts.write_yaml(prep.run_dir / "config.yaml", smaller.to_dict())
+    loaders = _loaders(prep, smaller, features)
+    payload = start_copy if start_copy is not None else \
+        checkpoints.load(prep.run_dir / "checkpoints" / "last.pt")
+    state = _restore(payload, model, optimizer, scheduler, scaler, smaller,
+                     _steps_per_epoch(loaders[1], smaller), ema)
+    return smaller, state, loaders
 
 
 def _eval_net(ema_model: HeaderClassifier, on_features: bool, device_ids: list[int]) -> nn.Module:

@@ -18,7 +18,8 @@ from tuning.space import Param, SearchSpace, find_space_file, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SHIPPED = ("csn_full", "csn_ig65m", "demo", "vmae_frozen", "vmae_full", "vmae_imbalance")
+SHIPPED = ("csn_full", "csn_ig65m", "demo", "vmae_frozen", "vmae_full", "vmae_imbalance",
+           "vmae_pareto")
 # vmae_full's recipe priors, for FixedTrials of it (layer_decay, drop_path: only a training backbone)
 VMAE_RECIPE = {"layer_decay": 0.75, "drop_path": 0.1, "weight_decay": 0.05, "model_ema": False}
 FROZEN_RECIPE = {"weight_decay": 0.05, "model_ema": False}
@@ -552,3 +553,37 @@ def test_messages_show_a_space_file_relative_to_the_folder_below_which_it_lies(t
     assert _show(tmp_path.parent / "b.yaml") == str(tmp_path.parent / "b.yaml")
     monkeypatch.chdir("/")   # not "tmp/...": from the root the absolute path is the clear one
     assert _show(tmp_path / "a.yaml") == str(tmp_path / "a.yaml")
+
+
+# --- several objectives and constraints (issue 21) ----------------------------------------------
+PARETO = "objective: {metrics: [val_f1, clips_per_s], modes: [max, max]}\n"
+
+
+def test_several_objectives_and_a_constraint(tmp_path):
+    space = load_text(tmp_path, OK + LR + PARETO + "constraints: {peak_mem_gib: {max: 70}, "
+                      "clips_per_s: {min: 5}}\n")
+    assert space.objective_metrics == ("val_f1", "clips_per_s")
+    assert space.objective_modes == ("max", "max") and (space.metric, space.mode) == ("val_f1", "max")
+    assert space.constraints == (("peak_mem_gib", "max", 70.0), ("clips_per_s", "min", 5.0))
+    single = load_text(tmp_path, OK + LR)
+    assert single.objective_metrics == ("val_f1",) and single.objectives == () and not single.constraints
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (PARETO.replace("val_f1, clips_per_s", "clips_per_s, val_f1"),
+     "metrics[0]: clips_per_s is reported but cannot pick a trial's best epoch"),
+    (PARETO.replace("[max, max]", "[max]"), "modes needs one max or min per metric"),
+    (PARETO.replace("[max, max]", "[min, max]"), "metrics[0]: min would look for the worst val_f1"),
+    (PARETO.replace("clips_per_s", "val_f1"), "metrics lists a metric twice"),
+    (PARETO.replace("clips_per_s", "clips"), "clips is not a metric the trainer reports"),
+    ("objective: {metric: val_f1, metrics: [val_f1, clips_per_s], modes: [max, max]}\n", "not both"),
+    (PARETO + "scheduler: {type: asha}\n", "a multi-objective search runs without a scheduler"),
+    ("constraints: {peak_mem: {max: 3}}\n", "did you mean peak_mem_gib"),
+    ("constraints: {peak_mem_gib: {}}\n", "expected max and/or min"),
+    ("constraints: {peak_mem_gib: {below: 3}}\n", "unknown key"),
+])
+def test_bad_objectives_and_constraints(tmp_path, text, fragment):
+    path = write(tmp_path, OK + LR + text)
+    with pytest.raises(HeaderNetError) as info:
+        load_space(str(path))
+    assert fragment in str(info.value) and "\n" not in str(info.value)

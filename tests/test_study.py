@@ -101,3 +101,43 @@ def test_intermediate_values_are_per_epoch_across_a_restore(tmp_path):
         second.on_trial_complete("a", {"objective": 0.7, "epoch": 3})
     [trial] = optuna.load_study(study_name=None, storage=study_storage(tmp_path)).trials
     assert trial.intermediate_values == {1: 0.4, 2: 0.5, 3: 0.7}
+
+
+# --- constraints and out-of-memory ends (issue 21) --------------------------------------------
+def constrained(folder, ceiling: float = 2.0) -> StudySearch:
+    bounds = (("peak_mem_gib", "max", ceiling),)
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=2)
+    return StudySearch(space=space, metric=["objective", "objective_clips_per_s"], mode=["max", "max"],
+                       storage=study_storage(folder), study_name="s", sampler=sampler,
+                       constraints=bounds)
+
+
+def feasible(trial) -> bool:
+    return bool(trial.constraints) and all(c <= 0 for c in trial.constraints.values())
+
+
+def test_a_memory_ceiling_marks_trials_above_it_infeasible(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = constrained(tmp_path)
+    for name, peak in (("a", 1.5), ("b", 3.0), ("c", 2.0)):
+        search.suggest(name)
+        search.on_trial_complete(name, {"objective": 0.5, "objective_clips_per_s": 10.0,
+                                        "peak_mem_gib": peak, "epoch": 2})
+    trials = optuna.load_study(study_name="s", storage=study_storage(tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [feasible(t) for t in trials] == [True, False, True]
+    assert trials[1].user_attrs["peak_mem_gib"] == 3.0
+    search.suggest("d")      # the sampler goes on with an infeasible trial in the study
+
+
+def test_an_out_of_memory_end_is_pruned_and_infeasible(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = constrained(tmp_path, ceiling=70.0)
+    search.suggest("a")
+    search.on_trial_result("a", {"objective": float("nan"), "epoch": 1, "oom_ended": 1,
+                                 "peak_mem_gib": 0.5})
+    search.on_trial_complete("a", {"objective": float("nan"), "epoch": 1, "oom_ended": 1,
+                                   "peak_mem_gib": 0.5})
+    [trial] = optuna.load_study(study_name="s", storage=study_storage(tmp_path)).trials
+    assert trial.state == TrialState.PRUNED and not trial.intermediate_values
+    assert not feasible(trial)

@@ -111,7 +111,7 @@ def test_json_is_strict_and_equals_the_return_value(done):
     assert (data["metric"], data["mode"]) == ("val_f1", "max")
     assert data["num_trials"] == 8
     assert data["counts"] == {"finished": 4, "stopped_early": 2, "failed": 1, "running": 1,
-                              "pending": 0, "interrupted": 0}
+                              "pending": 0, "interrupted": 0, "out_of_memory": 0}
     assert data["disk_bytes"] == 3 * 1024 ** 3 // 2 and data["disk"] == "1.5 GiB"
     assert data["notes"] == ["resumed once"]
     trials = {t["name"]: t for t in data["trials"]}
@@ -418,3 +418,23 @@ def test_summary_md_is_rendered_from_the_json_alone(tmp_path):
     summary = strict_json(tmp_path / "search_summary.json")
     assert "final" in summary and summary["param_names"][-1] == "threads"
     assert summary_mod.render_markdown(summary) == (tmp_path / "summary.md").read_text()
+
+
+# --- cost, out-of-memory ends and the Pareto front (issue 21) -----------------------------------
+def test_cost_out_of_memory_and_pareto_front(tmp_path):
+    speeds = {1: (0.70, 30.0), 2: (0.80, 10.0), 3: (0.60, 20.0), 4: (0.80, 5.0), 5: (0.90, 40.0)}
+    recs = [rec(i, "finished", f1, device_hours=0.5) for i, (f1, _) in speeds.items()]
+    for r, (_, speed) in zip(recs, speeds.values()):
+        r.best_metrics["clips_per_s"] = speed
+    recs[4].feasible = False                                # t005 dominates all but is infeasible
+    recs.append(rec(6, "out_of_memory", None, variant="vmae-giant", device_hours=0.25))
+    summary = run(tmp_path, recs, objectives=(("val_f1", "max"), ("clips_per_s", "max")))
+    assert summary["pareto_front"] == [recs[1].name, recs[0].name]     # t002 (f1), t001 (speed)
+    assert summary["cost"]["total"] == pytest.approx(2.75) and summary["cost"]["unit"] == "GPU-hours"
+    assert summary["out_of_memory"] == {"vmae-giant": [recs[5].name]}
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "## Pareto front" in markdown and "## Out of memory at micro-batch 1" in markdown
+    assert "- Cost: 2.75 GPU-hours in all" in markdown and "| GPU-hours |" in markdown
+    assert (tmp_path / "plots" / "pareto.png").is_file()
+    header = (tmp_path / "trials.csv").read_text().splitlines()[0].split(",")
+    assert {"val_f1", "clips_per_s", "device_hours"} <= set(header)

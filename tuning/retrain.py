@@ -1,13 +1,15 @@
 """Finish a search: train the best trial's exact config again, then score it once on a test CSV.
 
-    python -m tuning.retrain SEARCH_DIR --epochs N [--test_csv CSV] [--train_on_val] [--name final]
-        [--cpu | --gpus 0 1] [--num_workers N] [--views T --spatial_views S]
+    python -m tuning.retrain SEARCH_DIR --epochs N [--trial tNNN] [--test_csv CSV] [--train_on_val]
+        [--name final] [--cpu | --gpus 0 1] [--num_workers N] [--views T --spatial_views S]
 
 (`python -m tuning.search ... --retrain_best N --test_csv CSV` does the same right after the
 search; a space's `retrain:` section does it by default, as the demo's does.)
 
-1. The best trial is the one `SEARCH_DIR/search_summary.json` names; its config is the resolved
-   `config.yaml` of its run folder, so the retrained model is exactly what was searched.
+1. The best trial is the one `SEARCH_DIR/search_summary.json` names (a multi-objective search:
+   the front's best by the first objective metric); `--trial tNNN` picks any other trial. Its
+   config is the resolved `config.yaml` of its run folder, so the retrained model is exactly
+   what was searched.
 2. It trains for N epochs as a normal run folder `SEARCH_DIR/<name>/` (default `final`): its own
    output root, never overwriting; a folder of that name already there is an error (pass another
    `--name`). Devices are chosen afresh: the trial's `cpu`, `gpus`, `num_workers`, `progress`
@@ -60,8 +62,9 @@ TEST_KEYS = {"f1": "test_f1", "precision": "test_precision", "recall": "test_rec
              "tp": "tp", "fp": "fp", "fn": "fn", "tn": "tn"}
 
 
-def best_trial(search_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(trial folder name, its config.yaml, its best_metrics.json) of the search's best trial."""
+def best_trial(search_dir: Path, trial: str | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(trial folder name, its config.yaml, its best_metrics.json) of the search's best trial,
+    or of `trial` (its folder name or just its `tNNN` prefix)."""
     summary_path = search_dir / SUMMARY_JSON
     if not summary_path.is_file():
         fail(f"{search_dir}: no {SUMMARY_JSON}; expected the folder of a search that has ended")
@@ -69,6 +72,15 @@ def best_trial(search_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     if not summary:
         fail(f"{summary_path}: not the JSON object a search writes")
     best = summary.get("best_trial")
+    if trial is not None:
+        names = [t.get("name") for t in summary.get("trials") or [] if isinstance(t, dict)]
+        matches = [n for n in names if isinstance(n, str) and (n == trial or n.split("_", 1)[0] == trial)]
+        if len(matches) != 1:
+            fail(f"--trial {trial}: {'no such trial' if not matches else 'names several trials'} "
+                 f"in {summary_path} (trials: {', '.join(n.split('_', 1)[0] for n in names[:20])})")
+        best = {"name": matches[0]}
+    elif summary.get("pareto_front"):
+        best = {"name": summary["pareto_front"][0]}   # the front's best by the first metric
     if not best:
         fail(f"{summary_path}: the search has no best trial (no trial finished an epoch)")
     name = best.get("name") if isinstance(best, dict) else None
@@ -105,7 +117,7 @@ def combined_csv(config: TrainConfig, path: Path) -> str:
 def retrain(search_dir: str | Path, *, epochs: int, test_csv: str | Path | None = None,
             train_on_val: bool = False, name: str = FINAL, devices: Mapping[str, Any] | None = None,
             views: int = 1, spatial_views: int = 1, lock: bool = True,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            log: Callable[[str], None] = print, trial: str | None = None) -> dict[str, Any]:
     """Steps 1-3 of the module docstring; returns the record added to the summary.
 
     `lock`: hold the search folder's lock meanwhile, so that no search (`--resume`) rewrites
@@ -116,20 +128,21 @@ def retrain(search_dir: str | Path, *, epochs: int, test_csv: str | Path | None 
         fail(f"--epochs must be a positive integer, got {epochs}")
     from headernet_core.evaluation import check_views
     check_views(views, spatial_views)
-    best_trial(search_dir)  # a search folder, before its lock is taken
+    best_trial(search_dir, trial)  # a search folder, before its lock is taken
     with FolderLock(search_dir, "a retrain") if lock else contextlib.nullcontext():
         return _retrain(search_dir, epochs=epochs, test_csv=test_csv, train_on_val=train_on_val,
-                        name=name, devices=devices, views=views, spatial_views=spatial_views, log=log)
+                        name=name, devices=devices, views=views, spatial_views=spatial_views, log=log,
+                        trial=trial)
 
 
 def _retrain(search_dir: Path, *, epochs: int, test_csv: str | Path | None, train_on_val: bool,
              name: str, devices: Mapping[str, Any] | None, views: int, spatial_views: int,
-             log: Callable[[str], None]) -> dict[str, Any]:
+             log: Callable[[str], None], trial: str | None = None) -> dict[str, Any]:
     from headernet_core.data import check_clips, read_split
     from headernet_core.evaluation import evaluate, per_video_errors
     from headernet_core.trainer import train
 
-    trial, trial_config, trial_best = best_trial(search_dir)
+    trial, trial_config, trial_best = best_trial(search_dir, trial)
     if read_json_dict(search_dir / SUMMARY_JSON).get("state") != "finished":
         log(f"note: {search_dir.name} has not finished: {trial} is its best trial so far")
     run_dir = search_dir / name
@@ -194,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = CliParser(prog="python -m tuning.retrain", description=first_paragraph(__doc__))
     parser.add_argument("search_dir", help="a search folder (holds search_summary.json)")
     parser.add_argument("--epochs", type=int, required=True, help="training epochs of the final model")
+    parser.add_argument("--trial", help="the trial to retrain, e.g. t007 (default: the best; a "
+                                        "multi-objective search's: the front's best by its first metric)")
     parser.add_argument("--test_csv", help="held-out labelled CSV to score the final model on, once")
     parser.add_argument("--train_on_val", action="store_true",
                         help="train on train + val (then the last epoch is scored)")
@@ -211,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                if v is not None}
     run_cli(lambda: retrain(args.search_dir, epochs=args.epochs, test_csv=args.test_csv,
                             train_on_val=args.train_on_val, name=args.name, devices=devices,
-                            views=args.views, spatial_views=args.spatial_views))
+                            views=args.views, spatial_views=args.spatial_views, trial=args.trial))
 
 
 if __name__ == "__main__":

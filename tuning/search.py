@@ -13,6 +13,8 @@ per trial holding the standard run artifacts beside Ray Tune's own files.
 """
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import shlex
 import sys
@@ -20,6 +22,8 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
+
+import yaml
 
 from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_json, write_text
 from headernet_core.config import TrainConfig, fields_with_role, format_value
@@ -33,7 +37,7 @@ from .ray_compat import TUNER_PKL
 from .space import SearchSpace, find_space_file, load_space
 from .summary import (TrialRecord, best_record, complete_trial_plots, feature_cache_note, format_bytes,
                       write_summary)
-from .trial import (OBJECTIVE, QUIET_HOOK, SCHEDULER_STOP, one_line_error, run_trial,
+from .trial import (OBJECTIVE, QUIET_HOOK, SCHEDULER_STOP, objective_keys, one_line_error, run_trial,
                     search_warnings, trial_dirname)
 
 if TYPE_CHECKING:
@@ -424,9 +428,15 @@ def build_tuner(plan: SearchPlan, checked: CheckedSplits | None = None):
         clear_stale_lock(search_dir)
         return tune.Tuner.restore(str(search_dir), trainable=trainable,
                                   resume_unfinished=True, resume_errored=True)
-    searcher = StudySearch(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode,
+    # Several objectives: Optuna's multi-objective TPE over every `objective*` key (no
+    # intermediate values then); the space allows no scheduler with them.
+    keys = objective_keys(space)
+    searcher = StudySearch(space=space.define_by_run,
+                           metric=keys if len(keys) > 1 else OBJECTIVE,
+                           mode=list(space.objective_modes) if len(keys) > 1 else space.mode,
                            sampler=tpe_sampler(space.seed, space.startup_trials),
-                           storage=study_storage(search_dir), study_name=search_dir.name)
+                           storage=study_storage(search_dir), study_name=search_dir.name,
+                           constraints=space.constraints)
     if space.scheduler.get("type") == "asha":
         scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
                                   grace_period=space.scheduler["grace_period"],
@@ -459,11 +469,14 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
     records = []
     for result in results:
         folder = Path(result.path)
-        status = read_json_dict(folder / "status.json").get("state")
+        status_record = read_json_dict(folder / "status.json")
+        status = status_record.get("state")
         best = read_json_dict(folder / "best_metrics.json")
         error = None
         if result.error is not None:
             state, error = "failed", one_line_error(result.error)
+        elif str(status_record.get("error", "")).startswith("OutOfMemoryEnd:"):   # headernet_core.memory
+            state, error = "out_of_memory", str(status_record["error"]).split(": ", 1)[-1]
         elif status == "finished":
             state = "finished"
         elif (folder / SCHEDULER_STOP).is_file():
@@ -481,8 +494,33 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
             best_metrics={k: v for k, v in best.items() if isinstance(v, (int, float))},
             checkpoint=checkpoint, error=error,
             node=(read_json_dict(folder / "trial.json").get("node_id") or "")[:12] or None,
+            **trial_cost(space, folder, state),
             order=_order(folder.name)))
     return sorted(records, key=lambda r: (r.order, r.name))
+
+
+def trial_cost(space: SearchSpace, folder: Path, state: str) -> dict[str, Any]:
+    """A trial's device-hours (its epochs' wall time x the GPUs it held, or the CPUs without
+    GPUs), its backbone variant (config.yaml), and whether its last epoch met the space's
+    constraints (what the study was told)."""
+    rows = []
+    with contextlib.suppress(OSError, ValueError, csv.Error), \
+            open(folder / "metrics_epoch.csv", newline="") as fp:
+        rows = list(csv.DictReader(fp))
+    seconds = sum(float(row.get("epoch_seconds") or 0) for row in rows)
+    slots = space.resources.get("gpu", 0) or space.resources.get("cpu", 1)
+    config: Any = {}
+    with contextlib.suppress(OSError, yaml.YAMLError):
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    config = config if isinstance(config, dict) else {}
+    backbone = config.get("backbone")
+    variant = config.get("vmae_variant" if backbone == "vmae" else "csn_variant")
+    last = rows[-1] if rows else {}
+    feasible = state != "out_of_memory" and all(
+        not last.get(metric) or (float(last[metric]) <= bound if side == "max" else float(last[metric]) >= bound)
+        for metric, side, bound in space.constraints)
+    return {"device_hours": seconds * slots / 3600 if rows else None,
+            "variant": f"{backbone}-{variant}" if backbone else None, "feasible": feasible}
 
 
 def _order(name: str) -> int:
@@ -676,7 +714,8 @@ def summarise(plan: SearchPlan, records: list[TrialRecord], interrupted: bool) -
     write_summary(search_dir, name=search_dir.name, metric=space.metric, mode=space.mode,
                   space_params=space.params, records=records,
                   state="interrupted" if interrupted else "finished", disk_bytes=size,
-                  notes=notes, val_csv=space.trainer.get("val_csv"))
+                  notes=notes, val_csv=space.trainer.get("val_csv"), objectives=space.objectives,
+                  cost_unit="GPU-hours" if space.resources.get("gpu", 0) else "CPU-hours")
     print_result(search_dir, space, records, best, size, notes)
     return best
 

@@ -35,9 +35,10 @@ from headernet_core.paths import MAX_NAME_LEN
 SPACES_DIRNAME = "search_spaces"
 REPO_SPACES_DIR = Path(__file__).resolve().parents[1] / SPACES_DIRNAME
 
-SECTIONS = ("name", "trainer", "search", "objective", "budget", "scheduler", "resources",
-            "max_failures", "retrain", "demo_data")
-MAPPING_SECTIONS = ("trainer", "search", "objective", "budget", "scheduler", "resources", "retrain")
+SECTIONS = ("name", "trainer", "search", "objective", "constraints", "budget", "scheduler",
+            "resources", "max_failures", "retrain", "demo_data")
+MAPPING_SECTIONS = ("trainer", "search", "objective", "constraints", "budget", "scheduler",
+                    "resources", "retrain")
 DEFAULT_STARTUP_TRIALS = 10
 
 KINDS = ("loguniform", "uniform", "int", "choice")
@@ -144,6 +145,52 @@ class _Objective(_Section):
             raise ValueError(f"{mode} would look for the worst {metric} ({better} is better); "
                              f"use {natural}")
         return mode
+
+
+def _reported(value: Any) -> str:
+    """A metric of metrics_epoch.csv (a further objective or a constraint may be any)."""
+    if value not in reported_metrics():
+        raise ValueError(f"{value} is not a metric the trainer reports"
+                         f"{_did_you_mean(str(value), reported_metrics())}")
+    return value
+
+
+class _Objectives(_Objective):
+    """`metric`/`mode` (one objective) or `metrics`/`modes` (several: a Pareto front). The
+    first of several picks each trial's best epoch, so it must be a selectable metric in its
+    own direction; the others are read at that epoch."""
+    metrics: list[Annotated[str, AfterValidator(_reported)]] | None = Field(None, min_length=2)
+    modes: list[Literal["max", "min"]] | None = None
+
+    @model_validator(mode="after")
+    def _several(self) -> _Objectives:
+        if self.metrics is None:
+            if self.modes is not None:
+                raise ValueError("modes goes with metrics (a list of two or more metrics)")
+            return self
+        if self.model_fields_set & {"metric", "mode"}:
+            raise ValueError("give metric/mode (one objective) or metrics/modes (several), not both")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics lists a metric twice: {', '.join(self.metrics)}")
+        if self.modes is None or len(self.modes) != len(self.metrics):
+            raise ValueError(f"modes needs one max or min per metric ({len(self.metrics)})")
+        try:
+            first = _Objective(metric=self.metrics[0], mode=self.modes[0])   # its checks
+        except ValidationError as exc:
+            raise ValueError(f"metrics[0]: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        self.metric, self.mode = first.metric, first.mode
+        return self
+
+
+class _Bound(_Section):
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> _Bound:
+        if self.max is None and self.min is None:
+            raise ValueError("expected max and/or min")
+        return self
 
 
 class _Budget(_Section):
@@ -253,7 +300,8 @@ class _File(_Section):
     name: Annotated[str, PlainValidator(_folder_name)]
     trainer: dict[str, Any] = {}
     search: dict[str, _Spec] = {}
-    objective: _Objective = Field(default_factory=_Objective)
+    objective: _Objectives = Field(default_factory=_Objectives)
+    constraints: dict[Annotated[str, AfterValidator(_reported)], _Bound] = {}
     budget: _Budget = Field(default_factory=_Budget)
     scheduler: _Scheduler = Field(default_factory=_Scheduler)
     resources: _Resources = Field(default_factory=_Resources)
@@ -263,8 +311,9 @@ class _File(_Section):
 
 
 _SECTION_MODELS: dict[str, type[BaseModel]] = {
-    "objective": _Objective, "budget": _Budget, "scheduler": _Scheduler,
-    "resources": _Resources, "retrain": _Retrain}
+    "objective": _Objectives, "budget": _Budget, "scheduler": _Scheduler,
+    "resources": _Resources, "retrain": _Retrain,
+    "constraints": _Bound}   # (the model of each metric's entry: the section is a mapping of them)
 
 
 # --- the space ------------------------------------------------------------------------------
@@ -334,6 +383,18 @@ class SearchSpace:
     startup_trials: int = DEFAULT_STARTUP_TRIALS    # TPE's random start-up trials
     retrain: dict[str, Any] = field(default_factory=dict)   # {} | {"epochs": int,
                                         #  "test_csv": str | None, "train_on_val": bool}
+    # A multi-objective search: ((metric, mode), ...), the first being (metric, mode); () for one.
+    objectives: tuple[tuple[str, str], ...] = ()
+    # Feasibility: ((metric, "max" | "min", bound), ...), told to Optuna's constraints_func.
+    constraints: tuple[tuple[str, str, float], ...] = ()
+
+    @property
+    def objective_metrics(self) -> tuple[str, ...]:
+        return tuple(m for m, _ in self.objectives) or (self.metric,)
+
+    @property
+    def objective_modes(self) -> tuple[str, ...]:
+        return tuple(mode for _, mode in self.objectives) or (self.mode,)
 
     def define_by_run(self, trial: Any) -> None:
         """Optuna define-by-run: sample the params in order, skipping those whose `when`
@@ -408,7 +469,13 @@ class SearchSpace:
         lines += [f"             {text}" for text in searched[1:]]
         if off:
             lines.append(f"  never sampled here (when is false): {', '.join(off)}")
-        lines.append(f"  objective: {self.mode}imize {self.metric}")
+        lines.append("  objective: " + ", ".join(f"{mode}imize {metric}" for metric, mode
+                                                 in zip(self.objective_metrics, self.objective_modes))
+                     + (" (Pareto front)" if self.objectives else ""))
+        if self.constraints:
+            lines.append("  feasible:  " + ", ".join(f"{metric} {'<=' if side == 'max' else '>='} "
+                                                     f"{_fmt(bound)}" for metric, side, bound
+                                                     in self.constraints))
         retries = (f", a failed trial is retried up to {self.max_failures}x"
                    if self.max_failures else "")
         lines.append(f"  budget:    {self.num_samples} trials, {self.max_concurrent} at a time, "
@@ -524,7 +591,15 @@ class _Loader:
             scheduler=(raw.scheduler.model_dump() if raw.scheduler.type == "asha"
                        else {"type": "none"}),
             resources=raw.resources.model_dump(), max_failures=raw.max_failures,
-            demo_data=raw.demo_data, retrain=retrain, **raw.budget.model_dump())
+            demo_data=raw.demo_data, retrain=retrain, **raw.budget.model_dump(),
+            objectives=tuple(zip(raw.objective.metrics, raw.objective.modes)) if raw.objective.metrics else (),
+            constraints=tuple((metric, side, getattr(bound, side)) for metric, bound
+                              in raw.constraints.items() for side in ("max", "min")
+                              if getattr(bound, side) is not None))
+        if space.objectives and space.scheduler["type"] == "asha":
+            fail(f"{self.where('scheduler.type')}: a multi-objective search runs without a scheduler "
+                 f"(ASHA would rank trials by {space.metric} alone and stop the ones the front needs "
+                 f"for the other metrics); drop the scheduler section")
         self._check_trials(space)
         return space
 

@@ -9,11 +9,16 @@ A journal outlives Tune's searcher snapshot, which can be seconds older after a 
 refuses to update a finished trial, so `StudySearch` keeps the recorded result instead of
 failing the search; (b) never hear again of trials asked after the snapshot: they are marked
 FAIL in the study when the searcher is restored, so none stays "running" forever.
+
+A trial that ran out of memory at micro-batch 1 is told PRUNED, not FAIL (Optuna's samplers
+skip FAIL trials), and violates every constraint of the space (`constraint_values`), so the sampler
+learns which configs do not fit.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -27,6 +32,8 @@ from .ray_compat import (
     searcher_study,
     searcher_trials,
 )
+
+from .trial import OOM_ENDED
 
 STUDY_FILE = "optuna_study.log"
 
@@ -42,6 +49,24 @@ def clear_stale_lock(search_dir: str | Path) -> None:
     journal_lock_file(Path(search_dir, STUDY_FILE)).unlink(missing_ok=True)
 
 
+def constraint_values(bounds: Sequence[tuple[str, str, float]], result: dict[str, Any]
+                      ) -> dict[str, float]:
+    """A space's `constraints` ((metric, "max" | "min", bound), ...) as Optuna constraint
+    values (`Trial.set_constraint`, Optuna 5's successor of a sampler's `constraints_func`):
+    <= 0 when met, read from a trial's last result. A missing value (e.g. no peak where /proc
+    is absent) meets its bound; an out-of-memory end violates every bound."""
+    values = {}
+    for metric, side, bound in bounds:
+        value = result.get(metric)
+        if result.get(OOM_ENDED):
+            values[f"{metric}_{side}"] = 1.0
+        elif not isinstance(value, (int, float)) or not math.isfinite(value):
+            values[f"{metric}_{side}"] = 0.0
+        else:
+            values[f"{metric}_{side}"] = value - bound if side == "max" else bound - value
+    return values
+
+
 class StudySearch(OptunaSearch):
     """`OptunaSearch` over a persistent study that a restored snapshot may lag behind."""
 
@@ -50,6 +75,14 @@ class StudySearch(OptunaSearch):
     _finished_before_restore: frozenset[str] = frozenset()
     # Tune trial id -> the epochs the study holds for it (seeded from the study on restore).
     _reported_epochs: dict[str, set[int]] | None = None
+    # Metrics of a trial's last result kept as its user attributes (optuna-dashboard shows them).
+    recorded_metrics: tuple[str, ...] = ("peak_mem_gib", "clips_per_s")
+    constraints: tuple[tuple[str, str, float], ...] = ()
+
+    def __init__(self, *args: Any, constraints: Sequence[tuple[str, str, float]] = (),
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.constraints = tuple(constraints)
 
     def _finished_in_study(self, trial_id: str) -> bool:
         return trial_id in self._finished_before_restore
@@ -59,7 +92,7 @@ class StudySearch(OptunaSearch):
         restarts from its snapshot when a trial is restored, and a restored trial re-reports
         its recorded epoch: as steps, either would put an epoch's value under another epoch or
         make Optuna warn and drop it (what optuna-dashboard shows per epoch)."""
-        if self._finished_in_study(trial_id):
+        if self._finished_in_study(trial_id) or result.get(OOM_ENDED):
             return
         if "epoch" not in result:
             super().on_trial_result(trial_id, result)
@@ -77,6 +110,19 @@ class StudySearch(OptunaSearch):
         if self._finished_in_study(trial_id):
             mark_searcher_trial_complete(self, trial_id)
             return
+        ot_trial = searcher_trials(self).get(trial_id)
+        if result and ot_trial is not None:
+            for metric in self.recorded_metrics:
+                value = result.get(metric)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    ot_trial.set_user_attr(metric, float(value))
+            for key, value in constraint_values(self.constraints, result).items():
+                ot_trial.set_constraint(key, value)
+            if result.get(OOM_ENDED):
+                ot_trial.set_user_attr(OOM_ENDED, True)
+                searcher_study(self).tell(ot_trial, state=TrialState.PRUNED)
+                mark_searcher_trial_complete(self, trial_id)
+                return
         super().on_trial_complete(trial_id, result, error)
 
     def restore(self, checkpoint_path: str) -> None:

@@ -11,6 +11,11 @@ search folder, every file atomically, so rewriting it at any time is safe:
                           first, then every trial best first
     plots/                drawn by tuning.summary_plots
 
+Cost: each trial's device-hours (the wall time of its epochs x the GPUs, or without GPUs the
+CPUs, it held) and the search's total. A multi-objective search adds `pareto_front`: the
+trials no other trial beats on every objective metric (each read at the trial's best epoch of
+the first), among those that finished, did not run out of memory and meet the constraints.
+
 The best trial is the record with the best finite objective (its best epoch's value) among the
 trials that did not fail: a failed trial's numbers come from a run that broke, so a search whose
 every trial failed names no best trial. Ties go to more epochs run, then to the smaller name.
@@ -53,7 +58,8 @@ TRIALS_CSV = "trials.csv"
 SUMMARY_MD = "summary.md"
 PLOTS_DIRNAME = "plots"
 
-STATUSES = ("finished", "stopped_early", "failed", "running", "pending", "interrupted")
+STATUSES = ("finished", "stopped_early", "failed", "running", "pending", "interrupted",
+            "out_of_memory")
 STATES = ("finished", "interrupted", "running")
 MODES = ("max", "min")
 # Best-epoch metrics copied into trials.csv when a trial reported them.
@@ -81,6 +87,9 @@ class TrialRecord:
     error: str | None                   # one-line error of a failed trial
     node: str | None = None             # Ray node id / hostname
     order: int = 0                      # launch order, 1-based (0: use the position in records)
+    device_hours: float | None = None   # epochs' wall time x the trial's GPUs (or CPUs)
+    variant: str | None = None          # backbone-variant, e.g. vmae-large
+    feasible: bool = True               # meets the space's constraints (last epoch's values)
 
 
 # --- public helpers -------------------------------------------------------------------------
@@ -173,7 +182,8 @@ def complete_trial_plots(search_dir: Path, records: Sequence[TrialRecord]) -> li
 def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
                   space_params: Sequence[Param], records: Sequence[TrialRecord], state: str,
                   disk_bytes: int, notes: Sequence[str] = (),
-                  val_csv: str | None = None) -> dict[str, Any]:
+                  val_csv: str | None = None, objectives: Sequence[tuple[str, str]] = (),
+                  cost_unit: str = "GPU-hours") -> dict[str, Any]:
     """Write search_summary.json, trials.csv, summary.md and plots/ into `search_dir`.
 
     `state` is the search's: finished | interrupted | running. `val_csv`, when given, goes into
@@ -211,11 +221,59 @@ def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
     from .summary_plots import write_plots  # imports this module: only when drawing
 
     plots = write_plots(search_dir / PLOTS_DIRNAME, records, space_params, metric, mode, best)
+    summary.update(_cost(records, cost_unit))
+    if objectives:
+        from .summary_plots import write_pareto_plot
+
+        summary["objectives"] = [{"metric": m, "mode": d} for m, d in objectives]
+        summary["pareto_front"] = pareto_front(records, objectives)
+        for trial, record in zip(summary["trials"], records):
+            trial["objectives"] = {m: finite((record.best_metrics or {}).get(m)) for m, _ in objectives}
+        plots.append(write_pareto_plot(search_dir / PLOTS_DIRNAME, records, objectives,
+                                       summary["pareto_front"]))
     summary["plots"] = [f"{PLOTS_DIRNAME}/{p.name}" for p in plots]
 
-    _write_csv(search_dir / TRIALS_CSV, records, space_params)
+    _write_csv(search_dir / TRIALS_CSV, records, space_params, [m for m, _ in objectives])
     _write_md_and_json(search_dir, summary)
     return summary
+
+
+def dominates(a: Sequence[float], b: Sequence[float], modes: Sequence[str]) -> bool:
+    """`a` is at least as good as `b` on every objective and better on one."""
+    sign = [1 if mode == "max" else -1 for mode in modes]
+    better = [s * (x - y) for s, x, y in zip(sign, a, b)]
+    return all(d >= 0 for d in better) and any(d > 0 for d in better)
+
+
+def pareto_front(records: Sequence[TrialRecord], objectives: Sequence[tuple[str, str]]) -> list[str]:
+    """Names of the non-dominated trials, best first by the first objective (see the module
+    docstring for which trials take part)."""
+    modes = [mode for _, mode in objectives]
+    points = {}
+    for r in records:
+        values = [finite((r.best_metrics or {}).get(m)) for m, _ in objectives]
+        if r.status in ("finished", "stopped_early") and r.feasible and None not in values:
+            points[r.name] = values
+    front = [name for name, p in points.items()
+             if not any(dominates(q, p, modes) for other, q in points.items() if other != name)]
+    return sorted(front, key=lambda n: _rank_key(points[n][0], 0, n, modes[0]))
+
+
+def _cost(records: Sequence[TrialRecord], unit: str) -> dict[str, Any]:
+    """`cost` (the unit and the search's total) and `out_of_memory` (trial names per backbone
+    variant), each only when there is something to say."""
+    out: dict[str, Any] = {}
+    hours = [r.device_hours for r in records if r.device_hours is not None]
+    if hours:
+        out["cost"] = {"unit": unit, "total": float(sum(hours)),
+                       "trials": {r.name: r.device_hours for r in records}}
+    ended: dict[str, list[str]] = {}
+    for r in records:
+        if r.status == "out_of_memory":
+            ended.setdefault(r.variant or "?", []).append(r.name)
+    if ended:
+        out["out_of_memory"] = ended
+    return out
 
 
 def _write_md_and_json(search_dir: Path, summary: dict[str, Any]) -> None:
@@ -464,11 +522,16 @@ def _csv_cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _write_csv(path: Path, records: Sequence[TrialRecord], space_params: Sequence[Param]) -> None:
+def _write_csv(path: Path, records: Sequence[TrialRecord], space_params: Sequence[Param],
+               objective_metrics: Sequence[str] = ()) -> None:
+    """`objective_metrics`: a multi-objective search's metrics, each a column named as itself."""
     params = _param_names(records, space_params)
-    metrics = [m for m in KEY_METRICS if any(m in (r.best_metrics or {}) for r in records)]
+    metrics = [m for m in dict.fromkeys([*KEY_METRICS, *objective_metrics])
+               if m in objective_metrics or any(m in (r.best_metrics or {}) for r in records)]
+    costs = any(r.device_hours is not None for r in records)
     columns = (["order", "name", "status", "objective", "best_epoch", "epochs_run"]
-               + [f"param_{p}" for p in params] + metrics + ["checkpoint", "error", "node"])
+               + [f"param_{p}" for p in params] + metrics + (["device_hours"] if costs else [])
+               + ["checkpoint", "error", "node"])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -477,6 +540,7 @@ def _write_csv(path: Path, records: Sequence[TrialRecord], space_params: Sequenc
                int(r.epochs_run or 0)]
         row += [r.params.get(p) for p in params]
         row += [(r.best_metrics or {}).get(m) for m in metrics]
+        row += [r.device_hours] if costs else []
         row += [r.checkpoint, _one_line(r.error), r.node]
         writer.writerow([_csv_cell(v) for v in row])
     write_text(path, buffer.getvalue())
@@ -530,11 +594,16 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
              f"- State: {_STATE_TEXT[summary['state']]}",
              f"- Objective: {mode}imize `{metric}` (each trial's best epoch)",
              f"- Trials: {summary['num_trials']}" + (f" ({counts})" if counts else ""),
-             f"- Disk used: {summary['disk']}", ""]
+             f"- Disk used: {summary['disk']}"]
+    if summary.get("cost"):
+        lines.append(f"- Cost: {summary['cost']['total']:.3g} {summary['cost']['unit']} in all")
+    lines.append("")
     lines += _best_markdown(summary["best_trial"], metric)
     if summary.get("final"):
         lines += _final_markdown(summary["final"]).splitlines()
+    lines += _pareto_markdown(summary)
     lines += _trials_markdown(summary)
+    lines += _out_of_memory_markdown(summary)
     lines += ["## Parameter importances", ""]
     if summary["importances"]:
         lines += _table(["param", "importance"],
@@ -574,6 +643,32 @@ def _best_markdown(info: Mapping[str, Any] | None, metric: str) -> list[str]:
     return lines
 
 
+def _pareto_markdown(summary: Mapping[str, Any]) -> list[str]:
+    """A multi-objective search's front: each trial on it with its objective values."""
+    if "pareto_front" not in summary:
+        return []
+    metrics = [o["metric"] for o in summary["objectives"]]
+    aims = ", ".join(f"{o['mode']}imize `{o['metric']}`" for o in summary["objectives"])
+    lines = ["## Pareto front", "", (f"Objectives: {aims} (at each trial's best epoch of "
+                                     f"`{metrics[0]}`). No trial below beats another on every "
+                                     f"objective."), ""]
+    if not summary["pareto_front"]:
+        return lines + ["No trial has every objective value yet.", ""]
+    trials = {t["name"]: t for t in summary["trials"]}
+    rows = [[name, *(_fmt_value(trials[name]["objectives"].get(m)) for m in metrics)]
+            for name in summary["pareto_front"]]
+    return lines + _table(["trial", *metrics], rows) + [""]
+
+
+def _out_of_memory_markdown(summary: Mapping[str, Any]) -> list[str]:
+    ended = summary.get("out_of_memory")
+    if not ended:
+        return []
+    return (["## Out of memory at micro-batch 1", ""]
+            + _table(["backbone", "trials"], [[variant, ", ".join(names)]
+                                              for variant, names in sorted(ended.items())]) + [""])
+
+
 def _trials_markdown(summary: Mapping[str, Any]) -> list[str]:
     """The trials table, best first; a summary written before `param_names` was recorded
     shows the params in the order the trials hold them."""
@@ -584,7 +679,9 @@ def _trials_markdown(summary: Mapping[str, Any]) -> list[str]:
     best = (summary["best_trial"] or {}).get("name")
     has_node = any(t["node"] for t in trials)
     has_error = any(t["error"] for t in trials)
+    cost = summary.get("cost")
     header = (["#", "trial", "status", summary["metric"], "best epoch", "epochs"] + params
+              + ([cost["unit"]] if cost else [])
               + (["node"] if has_node else []) + (["error"] if has_error else []))
     rows = []
     for t in _table_order(trials, summary["mode"]):
@@ -592,6 +689,8 @@ def _trials_markdown(summary: Mapping[str, Any]) -> list[str]:
         row = [t["order"], name, t["status"].replace("_", " "), _fmt_objective(t["objective"]),
                _fmt_value(t["best_epoch"]), t["epochs_run"]]
         row += [_fmt_value(t["params"].get(p)) for p in params]
+        if cost:
+            row.append(_fmt_value(cost["trials"].get(t["name"])))
         if has_node:
             row.append(t["node"] or "-")
         if has_error:

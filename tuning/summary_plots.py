@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from tuning.space import Param
 
 OBJECTIVE_PLOT = "objective_per_trial.png"
+PARETO_PLOT = "pareto.png"
 
 # (marker colour, filled) per status; failed trials are red crosses.
 _STATUS_STYLE: dict[str, tuple[str, bool]] = {
@@ -32,6 +33,7 @@ _STATUS_STYLE: dict[str, tuple[str, bool]] = {
     "running": ("tab:green", False),
     "interrupted": ("tab:grey", False),
     "pending": ("tab:grey", False),
+    "out_of_memory": ("tab:red", False),
 }
 
 
@@ -55,6 +57,36 @@ def write_plots(plot_dir: Path, records: Sequence[TrialRecord], space_params: Se
         else:
             path.unlink(missing_ok=True)
     return written
+
+
+def write_pareto_plot(plot_dir: Path, records: Sequence[TrialRecord],
+                      objectives: Sequence[tuple[str, str]], front: Sequence[str]) -> Path:
+    """pareto.png: every trial by its first two objective values (best epoch), the front's
+    trials joined by a line (its staircase) and named."""
+    from headernet_core.plots import new_figure, save_figure
+
+    (mx, _), (my, _) = objectives[0], objectives[1]
+    points = [(finite((r.best_metrics or {}).get(mx)), finite((r.best_metrics or {}).get(my)), r)
+              for r in records]
+    points = [(x, y, r) for x, y, r in points if x is not None and y is not None]
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = new_figure()
+    if points:
+        _scatter_by_status(ax, points)
+    on_front = sorted((x, y, r.name) for x, y, r in points if r.name in front)
+    if on_front:
+        ax.plot([p[0] for p in on_front], [p[1] for p in on_front], color="black", linewidth=1,
+                marker="o", markerfacecolor="none", markersize=11, label="Pareto front")
+        for x, y, name in on_front:
+            ax.annotate(name.split("_", 1)[0], (x, y), textcoords="offset points", xytext=(5, 5),
+                        fontsize=8)
+    more = f" (+{len(objectives) - 2} more objectives)" if len(objectives) > 2 else ""
+    ax.set(xlabel=f"{mx} ({objectives[0][1]})", ylabel=f"{my} ({objectives[1][1]})",
+           title=f"{mx} against {my} at each trial's best epoch{more}")
+    ax.grid(alpha=0.3)
+    if points:
+        _legend(ax)
+    return save_figure(fig, plot_dir / PARETO_PLOT)
 
 
 def _scatter_by_status(ax, points: Sequence[tuple[float, float, TrialRecord]]) -> None:

@@ -29,6 +29,7 @@ from headernet_core.config import fields_with_role, format_value
 from .space import SearchSpace
 
 OBJECTIVE = "objective"
+OOM_ENDED = "oom_ended"                  # in a trial's last result: it ran out of memory at batch 1
 SCHEDULER_STOP = "scheduler_stop.json"  # in a trial folder: ASHA stopped it (tuning/scheduler.py)
 TRIAL_LOG = "train.log"                  # in a trial folder: the trainer's output (compact console)
 
@@ -95,6 +96,12 @@ def search_warnings(space: SearchSpace, search_dir: str | Path) -> list[str]:
         lines.append(line if len(places) == combos or not places[0] else
                      f"{line} (trials with {' / '.join(dict.fromkeys(places))})")
     return lines
+
+
+def objective_keys(space: SearchSpace) -> list[str]:
+    """What a trial reports per objective metric at its best epoch: `objective` for the first
+    (the best-epoch metric), `objective_<metric>` for each further one of a multi-objective search."""
+    return [OBJECTIVE, *(f"{OBJECTIVE}_{metric}" for metric in space.objective_metrics[1:])]
 
 
 def one_line_error(error: BaseException | str | None) -> str:
@@ -214,6 +221,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     register_trial_thread()
 
     from headernet_core.features import cache_dir
+    from headernet_core.memory import OutOfMemoryEnd, recorded_micro_batch
     from headernet_core.trainer import train
 
     if quiet:
@@ -230,6 +238,8 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
 
     config = space.trial_config(sampled)
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    if resume:   # an out-of-memory backoff's micro-batch, not the space's
+        config = recorded_micro_batch(config, run_dir)
     num_workers = min(config.num_workers, cpus - 1)
     config = config.replace(
         output_root=search_dir, run_name=run_name, progress=False,
@@ -251,7 +261,8 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     def report(row: dict[str, Any], best: dict[str, Any] | None, best_epoch: int | None) -> None:
         nonlocal reported
         metrics = _finite(row)
-        metrics[OBJECTIVE] = float((best or {}).get(space.metric, float("nan")))
+        for key, metric in zip(objective_keys(space), space.objective_metrics):
+            metrics[key] = float((best or {}).get(metric, float("nan")))
         metrics["best_epoch"] = best_epoch or 0
         with tempfile.TemporaryDirectory() as tmp:
             # The weights live in the run folder (last.pt); Tune's checkpoint only marks progress.
@@ -274,12 +285,21 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         torch.compiler.reset()
     # The search owns the folder (its lock); a retried trial takes over its own run folder.
     stopped: list[Any] = []
+    out_of_memory: list[OutOfMemoryEnd] = []
     with warnings.catch_warnings(), trial_output(run_dir, quiet):  # a fresh warning registry
         try:
             result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch),
                            lock=False, checked=checked)
         except SystemExit as stop:   # Tune ended the trial in a report (ASHA, the search's end)
             stopped.append(stop.code)
+        except OutOfMemoryEnd as end:
+            out_of_memory.append(end)
+    if out_of_memory:
+        # Ended, not failed: the study records it (PRUNED, infeasible) instead of ignoring it.
+        status = read_json_dict(run_dir / "status.json")
+        report({"epoch": int(status.get("epochs_done") or 0), "peak_mem_gib": out_of_memory[0].peak,
+                OOM_ENDED: 1}, None, None)
+        return
     if stopped:
         # Re-raised without the trainer's frames: its model and tensors are freed here, at once,
         # not whenever Tune drops the exception; the thread then ends well within the actor's

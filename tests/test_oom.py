@@ -1,0 +1,84 @@
+"""Out-of-memory backoff (through the test seam that raises torch.OutOfMemoryError on the CPU)
+and the per-epoch memory peak."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from headernet_core.memory import OOM_TEST_ENV, OutOfMemoryEnd, peak_gib, reset_peak
+from headernet_core.trainer import train
+
+UNTIMED = ["train_seconds", "clips_per_s", "epoch_seconds", "peak_mem_gib"]
+
+
+def test_oom_in_epoch_2_backs_off_and_equals_a_run_resumed_at_that_batch(tiny_config, monkeypatch):
+    monkeypatch.setenv(OOM_TEST_ENV, "2:2")    # epoch 2 runs out of memory above micro-batch 2
+    lines: list[str] = []
+    backed = train(tiny_config(epochs=3, batch_size=8, model_ema=True, run_name="oom"), log=lines.append)
+    assert backed.status == "finished" and backed.epochs_done == 3
+    assert (backed.config.batch_size, backed.config.grad_accum) == (2, 4)
+    said = [line for line in lines if line.startswith("out of memory")]
+    assert len(said) == 2 and "at batch 8" in said[0] and "at batch 2 x 4" in said[1]
+    saved = yaml.safe_load((backed.run_dir / "config.yaml").read_text())
+    last = torch.load(backed.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert (saved["batch_size"], saved["grad_accum"]) == (2, 4)
+    assert (last["config"]["batch_size"], last["config"]["grad_accum"]) == (2, 4)
+
+    monkeypatch.delenv(OOM_TEST_ENV)
+    first = train(tiny_config(epochs=3, batch_size=8, model_ema=True, run_name="ref"),
+                  on_epoch=lambda r: r.epoch == 1, log=lambda _: None)
+    assert first.status == "stopped"
+    resumed = train(tiny_config(epochs=3, batch_size=2, grad_accum=4, model_ema=True, run_name="ref",
+                                resume=True), log=lambda _: None)
+    a = pd.read_csv(backed.run_dir / "metrics_epoch.csv").drop(columns=UNTIMED)
+    b = pd.read_csv(resumed.run_dir / "metrics_epoch.csv").drop(columns=UNTIMED)
+    pd.testing.assert_frame_equal(a, b, atol=1e-5)
+    wb = torch.load(resumed.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    for key, value in last["state_dict"].items():
+        torch.testing.assert_close(value, wb["state_dict"][key], atol=1e-5, rtol=0)
+
+
+def test_oom_in_epoch_1_restarts_from_the_runs_start(tiny_config, monkeypatch):
+    plain = train(tiny_config(batch_size=2, grad_accum=2, run_name="plain"), log=lambda _: None)
+    monkeypatch.setenv(OOM_TEST_ENV, "1:2")
+    backed = train(tiny_config(batch_size=4, run_name="oom"), log=lambda _: None)
+    assert (backed.config.batch_size, backed.config.grad_accum) == (2, 2)
+    a = pd.read_csv(plain.run_dir / "metrics_epoch.csv").drop(columns=UNTIMED)
+    b = pd.read_csv(backed.run_dir / "metrics_epoch.csv").drop(columns=UNTIMED)
+    pd.testing.assert_frame_equal(a, b, atol=1e-5)
+
+
+def test_oom_at_batch_1_ends_the_run(tiny_config, monkeypatch):
+    monkeypatch.setenv(OOM_TEST_ENV, "1:0")
+    with pytest.raises(OutOfMemoryEnd, match=r"^out of memory at batch 1 \(peak .* GiB\)$"):
+        train(tiny_config(batch_size=2), log=lambda _: None)
+    status = json.loads((Path(tiny_config().output_root) / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and "out of memory at batch 1" in status["error"]
+
+
+def test_resume_refuses_another_effective_batch(tiny_config):
+    from headernet_core.errors import HeaderNetError
+
+    train(tiny_config(epochs=1), log=lambda _: None)
+    with pytest.raises(HeaderNetError, match="batch_size"):
+        train(tiny_config(epochs=2, batch_size=2, resume=True), log=lambda _: None)
+
+
+def test_peak_memory_is_per_epoch_on_the_cpu():
+    cpu = torch.device("cpu")
+    reset_peak(cpu)
+    before = peak_gib(cpu)
+    block = torch.ones(64 * 2**20 // 4)          # 64 MiB, touched
+    grown = peak_gib(cpu)
+    del block
+    reset_peak(cpu)
+    after = peak_gib(cpu)
+    if math.isnan(before):
+        pytest.skip("no /proc/self/status here")
+    assert grown >= before + 0.05 and after < grown - 0.03
