@@ -94,7 +94,7 @@ FEATURE_CODE = [
 ]
 # FEATURE_CODE_VERSION -> the hash of FEATURE_CODE it was recorded for.
 FEATURE_CODE_HASHES = {
-    1: "08242abe69eafb03c3f036d34ab2e3a39c385936241179e6a07d06f1bbc1abcb",
+    1: "574d2c1603ab13f914f6869ac9090796b748e5a16e207d1753e13d0bf8e07ad7",
 }
 
 
