@@ -28,6 +28,8 @@ METRIC_KEYS: tuple[str, ...] = (
 # Per-epoch numbers the trainer reports besides the validation metrics.
 TRAIN_METRICS: tuple[str, ...] = ("train_loss", "train_acc", "train_clips", "train_seconds",
                                   "clips_per_s", "epoch_seconds", "peak_mem_gib", "lr_backbone", "lr_head")
+# Those that measure the machine, not the model: they differ between two runs of the same config.
+MEASURED_METRICS: tuple[str, ...] = ("train_seconds", "clips_per_s", "epoch_seconds", "peak_mem_gib")
 
 
 def reported_metrics() -> tuple[str, ...]:

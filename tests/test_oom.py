@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
+from headernet_core.metrics import MEASURED_METRICS
 from headernet_core.memory import OOM_TEST_ENV, OutOfMemoryEnd, peak_gib, reset_peak
 from headernet_core.trainer import train
 
-UNTIMED = ["train_seconds", "clips_per_s", "epoch_seconds", "peak_mem_gib"]
+UNTIMED = list(MEASURED_METRICS)
 
 
 def test_oom_in_epoch_2_backs_off_and_equals_a_run_resumed_at_that_batch(tiny_config, monkeypatch):

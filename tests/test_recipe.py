@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 import headernet_core.trainer as trainer_mod
+from headernet_core.metrics import MEASURED_METRICS
 from headernet_core.backbones import create_backbone
 from headernet_core.backbones.csn import VARIANTS as CSN_VARIANTS
 from headernet_core.backbones.csn import IrCSN
@@ -30,7 +31,7 @@ from headernet_core.losses import FocalLoss, build_loss
 from headernet_core.model import build_classifier, build_optimizer
 from headernet_core.trainer import config_for_cli, train
 
-TIMING = ["train_seconds", "clips_per_s", "epoch_seconds"]
+TIMING = list(MEASURED_METRICS)
 
 
 def tiny_vmae(drop_path: float = 0.0):
