@@ -94,7 +94,7 @@ FEATURE_CODE = [
 ]
 # FEATURE_CODE_VERSION -> the hash of FEATURE_CODE it was recorded for.
 FEATURE_CODE_HASHES = {
-    1: "08242abe69eafb03c3f036d34ab2e3a39c385936241179e6a07d06f1bbc1abcb",
+    1: "b98a6b7baa810875aebd2a7b80428cc0ff87e5edbfca4ace0cc46e59064c27c9",
 }
 
 
