@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -214,6 +215,7 @@ def trainer_row(args: argparse.Namespace, batch_size: int, compiled: bool, devic
     return {**base_row(args, device, amp, size), "mode": "trainer", "batch": batch_size, "compile": compiled,
             "workers": args.workers, "source_size": args.source_size or size,
             "clips_per_s": round(float(last["clips_per_s"]), 1),
+            "processes": int(os.environ.get("WORLD_SIZE", "1")),   # > 1: under torchrun (DDP)
             "epoch_seconds": round(float(last["epoch_seconds"]), 2), "train_clips": int(last["train_clips"])}
 
 
@@ -265,7 +267,8 @@ def main() -> None:
                 row = trainer_row(args, batch_size, compiled, device)
                 if batch_size in gflop_per_clip:
                     row["gflop_per_clip"] = gflop_per_clip[batch_size]
-                print(json.dumps(add_mfu(row, device, args.peak_tflops)), flush=True)
+                if os.environ.get("RANK", "0") == "0":   # under torchrun: one row, from rank 0
+                    print(json.dumps(add_mfu(row, device, args.peak_tflops)), flush=True)
 
 
 if __name__ == "__main__":
