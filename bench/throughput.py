@@ -210,6 +210,8 @@ def trainer_row(args: argparse.Namespace, batch_size: int, compiled: bool, devic
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = train(config, log=lambda _: None)
+        if os.environ.get("RANK", "0") != "0":
+            return {}   # under torchrun rank 0 alone writes the run folder and the row
         last = pd.read_csv(result.run_dir / "metrics_epoch.csv").iloc[-1]
     amp = resolve_amp(args.amp, device)
     return {**base_row(args, device, amp, size), "mode": "trainer", "batch": batch_size, "compile": compiled,

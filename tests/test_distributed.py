@@ -241,3 +241,19 @@ def test_a_killed_worker_resumes_its_trial_from_the_last_epoch(tmp_path):
     assert list(metrics["epoch"]) == [1, 2, 3, 4]
     pd.testing.assert_series_equal(metrics.iloc[0], first_row, check_names=False)
     assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
+
+
+def test_worker_groups_the_cluster_can_place_and_a_batch_the_workers_split(tiny_data, tmp_path):
+    from tuning.ddp_trial import placeable_trials
+    from tuning.space import load_space
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_search import write_space
+
+    assert placeable_trials({"cpu": 1, "gpu": 0, "workers": 2}, {"CPU": 2.0}) == 1   # no CPU token
+    assert placeable_trials({"cpu": 1, "gpu": 0, "workers": 3}, {"CPU": 2.0}) == 0
+    assert placeable_trials({"cpu": 4, "gpu": 1, "workers": 2}, {"CPU": 16.0, "GPU": 3.0}) == 1
+    space = write_space(tmp_path, tiny_data, resources={"cpu": 1, "gpu": 0, "workers": 4})  # batch_size 6
+    with pytest.raises(HeaderNetError, match="resources.workers: 4 DDP workers .* must divide by 4 .got 6"):
+        load_space(space)
+    assert load_space(write_space(tmp_path, tiny_data, resources={"workers": 2, "gpu": 0})).resources["workers"] == 2
+    assert "workers" not in load_space(write_space(tmp_path, tiny_data)).resources

@@ -745,8 +745,16 @@ class _Loader:
 
     def _check_resources(self, resources: _Resources, trainer: dict[str, Any],
                          params: tuple[Param, ...]) -> None:
-        """A 0-GPU Ray trial still sees every GPU; a reserved GPU the trainer ignores is wasted."""
-        if "cpu" in {p.name for p in params}:
+        """A 0-GPU Ray trial still sees every GPU; a reserved GPU the trainer ignores is wasted.
+        N workers split each global batch: every batch_size must divide by N."""
+        searched = {p.name: p for p in params}
+        sizes = searched["batch_size"].values if "batch_size" in searched else \
+            (trainer.get("batch_size", _trainer_defaults()["batch_size"]),)
+        uneven = [size for size in sizes if isinstance(size, int) and size % resources.workers]
+        if uneven:
+            fail(f"{self.where('resources.workers')}: {resources.workers} DDP workers split the global "
+                 f"batch_size, which must divide by {resources.workers} (got {uneven[0]})")
+        if "cpu" in searched:
             return
         where, gpu = self.where("resources.gpu"), resources.gpu
         on_cpu = trainer.get("cpu", _trainer_defaults()["cpu"])
