@@ -178,7 +178,7 @@ def test_a_search_of_two_worker_trials_matches_one_process(tiny_data, tmp_path, 
                         objective={"metric": "val_loss"},   # distinct values: ASHA stops some
                         resources={"cpu": 1, "gpu": 0, "workers": 2})
     with pytest.raises(SystemExit) as exc:
-        main(["--space", str(space), "--set", "resources.workers=3"])
+        main(["--space", str(space), "--set", "resources.workers=4"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "does not fit the Ray cluster" in err and err.count("error:") == 1, err
 
