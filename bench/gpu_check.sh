@@ -6,6 +6,7 @@
 #   - ir-CSN-50 and ir-CSN-152
 #   - one short run of the real trainer (loader threads + device-side augmentation) on synthetic
 #     16 x 256^2 clips, against the bare model step at the same batch
+#   - with >= 2 GPUs, the same trainer run under torchrun (DDP) with 1 and 2 processes
 #
 #   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU
 #   bash bench/gpu_check.sh --dry           # the same steps on the CPU with tiny models (a test)
@@ -64,6 +65,31 @@ measure --backbone vmae --variant "$LARGE" --largest --batch_size "${LARGEST[@]}
 measure --backbone vmae --variant "$GIANT" --largest --batch_size "${LARGEST[@]}" "${COMMON[@]}"
 measure --backbone csn --variant "$CSN_A" --batch_size "${BATCHES[@]:0:2}" "${COMMON[@]}"
 measure --backbone csn --variant "$CSN_B" --batch_size "${BATCHES[0]}" "${COMMON[@]}"
+
+measure_ddp() {  # the real trainer under torchrun with $1 processes (DDP), same global batch
+    if (( SECONDS - START > BUDGET_S )); then
+        echo "{\"skipped\": \"DDP trainer x$1\", \"why\": \"past ${BUDGET_S}s\"}" >> "$RESULTS"
+        return
+    fi
+    echo "+ torchrun --nproc_per_node $1 bench/throughput.py $*" >> "$LOG"
+    timeout "$LIMIT" env PYTHONPATH="$PWD" "$PY" -m torch.distributed.run --standalone --nproc_per_node "$1" \
+        bench/throughput.py --mode trainer "${@:2}" >> "$RESULTS" 2>> "$LOG"
+    local status=$?
+    if (( status != 0 )); then
+        echo "{\"failed\": \"DDP trainer x$1\", \"why\": \"exit $status (see gpu_check.log)\"}" >> "$RESULTS"
+    fi
+}
+
+# DDP: clips/s of 1 and 2 processes (one GPU each) at the same global batch; --dry: 2 on the CPU.
+GPUS=0
+(( DRY )) || GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if (( DRY )); then
+    measure_ddp 2 --backbone vmae --variant "$BASE" "${TRAINER[@]}" "${COMMON[@]}"
+elif (( GPUS >= 2 )); then
+    for n in 1 2; do measure_ddp "$n" --backbone vmae --variant "$BASE" "${TRAINER[@]}" "${COMMON[@]}"; done
+else
+    echo "DDP rows skipped: they need 2 GPUs, this machine has $GPUS"
+fi
 
 PYTHONPATH="$PWD" "$PY" bench/table.py "$RESULTS"
 echo "($((SECONDS - START)) s; raw results: $RESULTS)"

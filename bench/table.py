@@ -24,6 +24,8 @@ def cells(row: dict) -> list[str]:
                 else f"nothing fits (OOM at {row['oom_at']})")
     if row.get("mode") == "trainer":
         note = f"real trainer, {row['workers']} loader threads, {row['source_size']}px clips"
+        if row.get("processes", 1) > 1:
+            note += f", DDP x{row['processes']} (global batch)"
     mfu = row.get("mfu")
     return [row.get("mode", ""), row.get("backbone", ""), str(row.get("batch", "")), row.get("amp", ""),
             "yes" if row.get("compile") else "no", str(row.get("clips_per_s", "")),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -210,11 +211,14 @@ def trainer_row(args: argparse.Namespace, batch_size: int, compiled: bool, devic
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = train(config, log=lambda _: None)
+        if os.environ.get("RANK", "0") != "0":
+            return {}   # under torchrun rank 0 alone writes the run folder and the row
         last = pd.read_csv(result.run_dir / "metrics_epoch.csv").iloc[-1]
     amp = resolve_amp(args.amp, device)
     return {**base_row(args, device, amp, size), "mode": "trainer", "batch": batch_size, "compile": compiled,
             "workers": args.workers, "source_size": args.source_size or size,
             "clips_per_s": round(float(last["clips_per_s"]), 1),
+            "processes": int(os.environ.get("WORLD_SIZE", "1")),   # > 1: under torchrun (DDP)
             "epoch_seconds": round(float(last["epoch_seconds"]), 2), "train_clips": int(last["train_clips"])}
 
 
@@ -266,7 +270,8 @@ def main() -> None:
                 row = trainer_row(args, batch_size, compiled, device)
                 if batch_size in gflop_per_clip:
                     row["gflop_per_clip"] = gflop_per_clip[batch_size]
-                print(json.dumps(add_mfu(row, device, args.peak_tflops)), flush=True)
+                if os.environ.get("RANK", "0") == "0":   # under torchrun: one row, from rank 0
+                    print(json.dumps(add_mfu(row, device, args.peak_tflops)), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -668,9 +668,10 @@ class BatchLoader:
     itself (a 320 instead of ~1,900 clips/s worker at 16x256^2, docs/performance.md)."""
 
     def __init__(self, dataset: ClipDataset, sampler: Any, batch_size: int, *, threads: int = 0,
-                 pin: bool = False) -> None:
+                 pin: bool = False, shard: Callable[[list], list] | None = None) -> None:
         self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
         self.threads, self.pin = threads, pin
+        self.shard = shard   # DDP: this rank's part of each global batch (distributed.RankShard)
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
@@ -678,6 +679,8 @@ class BatchLoader:
     def __iter__(self) -> Iterator[ClipBatch]:
         keys = list(self.sampler)
         groups = [keys[i:i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
+        if self.shard is not None:
+            groups = [self.shard(group) for group in groups]
         if self.threads == 0:
             for group in groups:
                 yield self.dataset.read_batch(group, pin=self.pin)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import signal
 import sys
 import threading
@@ -59,6 +60,12 @@ def one_line_warnings() -> Iterator[None]:
         warnings.formatwarning = original
 
 
+def _report(line: str) -> None:
+    """Print a CLI's final line; under torchrun only rank 0 does (every rank fails alike)."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(line, file=sys.stderr)
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run a CLI body: `HeaderNetError` becomes one stderr line and exit code 2; warnings are
     one line each; an interruption (Ctrl-C or SIGTERM) exits with 130."""
@@ -69,16 +76,16 @@ def run_cli(main: Callable[[], object]) -> None:
             main()
     except HeaderNetError as exc:
         message = " ".join(str(exc).split())  # always one line
-        print(f"error: {message}", file=sys.stderr)
+        _report(f"error: {message}")
         raise SystemExit(EXIT_BAD_INPUT) from None
     except OSError as exc:
-        print(f"error: {' '.join(describe_os_error(exc).split())}", file=sys.stderr)
+        _report(f"error: {' '.join(describe_os_error(exc).split())}")
         raise SystemExit(EXIT_BAD_INPUT) from None
     except RecursionError:
-        print("error: input nested too deeply to read (a config, space or JSON file?)", file=sys.stderr)
+        _report("error: input nested too deeply to read (a config, space or JSON file?)")
         raise SystemExit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report("interrupted")
         raise SystemExit(130) from None
     finally:
         if threading.current_thread() is threading.main_thread() and previous is not None:

@@ -298,11 +298,16 @@ class FrozenFeatures:
             f"({time.perf_counter() - start:.1f}s)")
         return computed
 
-    def loader(self, *, train: bool, batch_size: int | None = None) -> tuple[FeatureLoader, EpochSampler]:
+    def loader(self, *, train: bool, batch_size: int | None = None,
+               shard: Callable[[Any], Any] | None = None) -> tuple[FeatureLoader, EpochSampler]:
+        """`batch_size`: a micro-batch other than the config's (after an out-of-memory halving);
+        `shard`: under DDP, this rank's part of each global batch (distributed.RankShard)."""
         labels = self.train_labels if train else self.val_labels
         ratio = parse_neg_pos_ratio(self.config.neg_pos_ratio) if train else None
         sampler = EpochSampler(labels, neg_pos_ratio=ratio, seed=self.config.seed, shuffle=train)
-        return FeatureLoader(self, sampler, labels, batch_size or self.config.batch_size, train=train), sampler
+        loader = FeatureLoader(self, sampler, labels, batch_size or self.config.batch_size, train=train)
+        loader.shard = shard
+        return loader, sampler
 
 
 class BackboneRunner:
@@ -338,6 +343,7 @@ class FeatureLoader:
                  batch_size: int, *, train: bool) -> None:
         self.features, self.sampler, self.batch_size, self.train = features, sampler, batch_size, train
         self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.shard: Callable[[Any], Any] | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
@@ -354,6 +360,8 @@ class FeatureLoader:
             table, views = f.val[None], torch.zeros(len(f.val), dtype=torch.int64)
         for start in range(0, len(indices), self.batch_size):
             idx = indices[start:start + self.batch_size]
+            if self.shard is not None:
+                idx = torch.stack(self.shard(idx))
             yield table[views[idx], idx], self.labels[idx]
 
     def to_device(self, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device

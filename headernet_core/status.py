@@ -2,7 +2,7 @@
 
     {"state": "running", "epochs_done": 3, "updated": "2026-05-01T10:00:00",
      "pid": 4242, "host": "gpu-node-1", "process_start": 123456,
-     "heartbeat": "2026-05-01T10:04:30+00:00"}
+     "heartbeat": "2026-05-01T10:04:30+00:00", "world_size": 1}
 
 `state` is running / stopped / finished / failed / interrupted (`error` says why for the last
 two). While a run is `running` the heartbeat is refreshed every `HEARTBEAT_S` seconds, so a run
@@ -39,9 +39,12 @@ def _now() -> str:
 _MUTEX = threading.Lock()
 
 
-def write_status(run_dir: str | Path, state: str, epochs_done: int, error: str | None = None) -> None:
+def write_status(run_dir: str | Path, state: str, epochs_done: int, error: str | None = None,
+                 world_size: int = 1) -> None:
+    """`world_size`: how many DDP processes train the run (rank 0 writes; 1 without DDP)."""
     payload = {"state": state, "epochs_done": epochs_done,
-               "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **owner_record(), "heartbeat": _now()}
+               "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **owner_record(), "heartbeat": _now(),
+               "world_size": world_size}
     if error:
         payload["error"] = error
     with _MUTEX:

@@ -58,8 +58,9 @@ def idle_cpus(sample_s: float = SAMPLE_S) -> float | None:
     return len(cpus) * (after[0] - before[0]) / (after[1] - before[1])
 
 
-def choose_threads(requested: int | None, num_workers: int) -> tuple[int | None, str]:
-    """(threads to set, or None to leave torch's choice; why) for a CPU run."""
+def choose_threads(requested: int | None, num_workers: int, ranks: int = 1) -> tuple[int | None, str]:
+    """(threads to set, or None to leave torch's choice; why) for a CPU run; `ranks`: DDP
+    processes on this node, which share its idle cores."""
     if requested is not None:
         return requested, "--threads"
     if os.environ.get("OMP_NUM_THREADS"):
@@ -69,15 +70,16 @@ def choose_threads(requested: int | None, num_workers: int) -> tuple[int | None,
     # A core counts as idle when it was at least 90% idle: an OpenMP thread on a core that
     # another process wants even half the time stalls every parallel op.
     free = cores if idle is None else min(cores, int(idle + 0.1))
-    return max(1, free - num_workers), f"{cores} cores, {'?' if idle is None else f'{idle:.1f}'} idle, " \
-                                       f"{num_workers} loader threads"
+    shared = f", {ranks} processes" if ranks > 1 else ""
+    why = f"{cores} cores, {'?' if idle is None else f'{idle:.1f}'} idle, {num_workers} loader threads{shared}"
+    return max(1, free // ranks - num_workers), why
 
 
-def apply_thread_policy(requested: int | None, num_workers: int) -> str:
+def apply_thread_policy(requested: int | None, num_workers: int, ranks: int = 1) -> str:
     """Set torch's intra-op threads for a CPU run; returns a line saying what and why."""
     import torch
 
-    threads, why = choose_threads(requested, num_workers)
+    threads, why = choose_threads(requested, num_workers, ranks)
     if threads is not None:
         torch.set_num_threads(threads)
     return f"cpu threads: {torch.get_num_threads()} ({why})"

@@ -8,6 +8,7 @@ the epochs (train -> validate -> write artifacts -> callback), and `main` is the
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -28,7 +29,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts, checkpoints
+from . import artifacts, checkpoints, distributed
 from .augment import ClipLoader, DeviceTransform
 from .backbones import BackboneInfo, Geometry, backbone_geometry, create_backbone, peek_vmae_config
 from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, canonical_keys, cli_values,
@@ -116,7 +117,15 @@ class RunState:
 
 # --- preparation: every check before anything is written ----------------------------------
 def resolve_devices(config: TrainConfig) -> tuple[torch.device, list[int]]:
-    """`--cpu` -> CPU; `--gpus a b ...` -> cuda:a with DataParallel over all; else first GPU or CPU."""
+    """`--cpu` -> CPU; `--gpus a b ...` -> cuda:a with DataParallel over all; else first GPU or CPU.
+    One of several DDP processes: its node-local GPU (`LOCAL_RANK`), else the CPU."""
+    ranks = distributed.current()
+    if ranks.active and config.gpus:
+        fail(f"--gpus (DataParallel in one process) does not combine with {ranks.world} DDP "
+             f"processes (torchrun or a space's resources.workers); drop --gpus")
+    if ranks.active:
+        use_gpu = not config.cpu and torch.cuda.is_available()
+        return (torch.device(f"cuda:{ranks.local_rank}") if use_gpu else torch.device("cpu")), []
     if config.cpu:
         return torch.device("cpu"), []
     if config.gpus:
@@ -243,10 +252,14 @@ def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepar
     """Validate config, devices, backbone, data and run folder. Writes nothing. `checked`:
     split CSVs a search driver has already validated (reused while the files are unchanged)."""
     config.validate()
+    world = distributed.current().world
+    if config.batch_size % world:
+        fail(f"--batch_size {config.batch_size} is the global batch and must divide by the "
+             f"{world} DDP processes (world size)")
     if config.run_name is None:
         if config.resume:
             fail("--resume needs --run_name (the run folder to continue)")
-        config = config.replace(run_name=default_run_name(config))
+        config = config.replace(run_name=distributed.from_main(default_run_name(config)))
     device, device_ids = resolve_devices(config)
     resolve_amp(config.amp, device)
     # Cheap checks first: data before loading a (possibly multi-GB) backbone checkpoint.
@@ -280,12 +293,16 @@ def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepar
     if resume_state is not None:
         check_resume_compatible(resume_state["config"], config, run_dir)
     model = build_classifier(backbone, config)
+    if world > 1 and device.type == "cpu" and not config.uses_feature_cache \
+            and distributed.needs_gpu_sync_bn(model):
+        fail("--backbone csn trains its BatchNorm, which DDP synchronises (SyncBatchNorm) only on "
+             "GPUs; on the CPU pass --bn_frozen or run one process")
     return Prepared(config, info, model, device, device_ids, train_df, val_df, run_dir, resume_state)
 
 
 # --- the loop ------------------------------------------------------------------------------
-def make_loader(df: pd.DataFrame, config: TrainConfig, *, train: bool, pin: bool
-                ) -> tuple[ClipLoader, EpochSampler]:
+def make_loader(df: pd.DataFrame, config: TrainConfig, *, train: bool, pin: bool,
+                shard: distributed.RankShard | None = None) -> tuple[ClipLoader, EpochSampler]:
     """`num_workers` threads read uint8 crops + augmentation draws (data.BatchLoader);
     `loader.to_device` finishes each batch on the training device (augment.DeviceTransform).
     Nothing here touches the global RNG: a resumed run draws the same dropout masks."""
@@ -293,20 +310,24 @@ def make_loader(df: pd.DataFrame, config: TrainConfig, *, train: bool, pin: bool
                           ClipTransform.from_config(config, train=train))
     sampler = EpochSampler(df["label"].to_numpy(), seed=config.seed, shuffle=train,
                            neg_pos_ratio=parse_neg_pos_ratio(config.neg_pos_ratio) if train else None)
-    batches = BatchLoader(dataset, sampler, config.batch_size, threads=config.num_workers, pin=pin)
+    batches = BatchLoader(dataset, sampler, config.batch_size, threads=config.num_workers, pin=pin,
+                          shard=shard)
     return ClipLoader(batches, DeviceTransform(config.input_size, config.mean, config.std)), sampler
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, criterion,
                     config: TrainConfig, state: RunState, device: torch.device,
                     amp_dtype: torch.dtype | None, writer, desc: str, *,
-                    mix: ClipMix | None = None, ema: WeightEma | None = None) -> dict[str, float]:
+                    mix: ClipMix | None = None, ema: WeightEma | None = None,
+                    shares: list[distributed.Share] | None = None) -> dict[str, float]:
     """One pass over `loader` (clips, or cached features with a frozen backbone). Nothing waits
     for the device per step: the running loss and accuracy stay on the device, and each step's
     loss is kept there until the next log point (every LOG_EVERY steps and the epoch's end),
     where one read checks them all for divergence and writes them to TensorBoard. `mix` mixes
     each batch on the device after its augmentation (the loss gets soft targets; accuracy
-    counts hard labels); `ema` folds the weights in after each optimizer step."""
+    counts hard labels); `ema` folds the weights in after each optimizer step. `shares`: under
+    DDP, this rank's part of each global batch (its loss scaled to the global mean, the
+    epoch's sums added over the ranks)."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -327,9 +348,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(inputs)
         loss = criterion(logits.float(), targets)
+        share = shares[i] if shares is not None else None
         if micro == 0:  # the epoch's last group of micro-batches may be shorter than grad_accum
             group_size = min(config.grad_accum, steps - i)
-        scaler.scale(loss / group_size).backward()
+        scaler.scale((loss if share is None else loss * share.loss_scale) / group_size).backward()
         micro += 1
         if micro == config.grad_accum or i + 1 == steps:
             if config.max_grad_norm is not None:
@@ -347,9 +369,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
                 ema.update(state.global_step)
             if scheduler is not None:
                 scheduler.step_update(state.global_step)
-        batch_size = len(labels)
+        batch_size = len(labels) if share is None else share.real
         loss_sum += loss.detach() * batch_size
-        correct += (logits.detach().argmax(1) == labels).sum()
+        correct += (logits.detach().argmax(1) == labels)[:batch_size].sum()
         seen += batch_size
         pending.append((i, state.global_step, loss.detach()))
         if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
@@ -357,6 +379,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, crit
             bar.set_postfix(loss=f"{running_loss / seen:.4f}",
                             clips_s=f"{seen / (time.perf_counter() - start):.1f}")
     bar.close()
+    if shares is not None:
+        loss_total, correct_total, seen = distributed.all_sum([loss_sum.item(), correct.item(), seen], device)
+        loss_sum, correct = torch.tensor(loss_total), torch.tensor(correct_total)
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
             "train_clips": float(seen), "train_seconds": seconds, "clips_per_s": seen / seconds,
@@ -380,21 +405,31 @@ def _read_losses(pending: list[tuple[int, int, torch.Tensor]], loss_sum: torch.T
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, config: TrainConfig, device: torch.device,
-            amp_dtype: torch.dtype | None, criterion: nn.Module) -> tuple[np.ndarray, np.ndarray, float]:
-    """Class-1 probabilities in dataset order, labels, and mean loss (read from the device once)."""
+            amp_dtype: torch.dtype | None, criterion: nn.Module,
+            shares: list[distributed.Share] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class-1 probabilities in dataset order, labels, and mean loss (read from the device once).
+    Under DDP (`shares`) every rank gets all ranks' predictions, in dataset order."""
     model.eval()
     probs, labels_all, loss_sum = [], [], torch.zeros((), device=device)
-    for batch in tqdm(loader, desc="validate", disable=not config.progress, leave=False,
-                      dynamic_ncols=True, file=sys.stderr):
+    for i, batch in enumerate(tqdm(loader, desc="validate", disable=not config.progress, leave=False,
+                                   dynamic_ncols=True, file=sys.stderr)):
         inputs, labels = loader.to_device(batch, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(inputs).float()
-        loss_sum += criterion(logits, labels) * len(labels)
+        if shares is not None:  # a weight-0 pad is dropped
+            logits, labels = logits[:shares[i].real], labels[:shares[i].real]
+        if len(labels):
+            loss_sum += criterion(logits, labels) * len(labels)
         probs.append(torch.softmax(logits, dim=1)[:, 1])
         labels_all.append(labels)
-    prob = torch.cat(probs).cpu().numpy().astype(np.float64)
-    label = torch.cat(labels_all).cpu().numpy()
-    return prob, label, loss_sum.item() / len(label)
+    if shares is None:
+        prob = torch.cat(probs).cpu().numpy().astype(np.float64)
+        label = torch.cat(labels_all).cpu().numpy()
+        return prob, label, loss_sum.item() / len(label)
+    prob = distributed.gather_batches([p.cpu().numpy().astype(np.float64) for p in probs])
+    label = distributed.gather_batches([lab.cpu().numpy() for lab in labels_all])
+    (total,) = distributed.all_sum([loss_sum.item()], device)
+    return prob, label, total / len(label)
 
 
 def predictions_frame(val_df: pd.DataFrame, prob: np.ndarray, threshold: float) -> pd.DataFrame:
@@ -444,9 +479,32 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
     """Run (or resume) one training run and write its artifacts; `on_epoch` may return True to stop.
 
     `lock=False` is for a caller that already owns the folder (a search owns its trials');
-    `checked`: split CSVs already validated by the caller (see `prepare`)."""
-    prep = prepare(config, checked)
-    owner = FolderLock(prep.run_dir, "a training run") if lock else None
+    `checked`: split CSVs already validated by the caller (see `prepare`).
+
+    Launched by torchrun (or inside Ray Train's process group) every rank calls it: it joins
+    the group, trains its share of each global batch, and only rank 0 writes and logs
+    (headernet_core/distributed.py)."""
+    created_group = distributed.init(config.cpu)
+    try:
+        with distributed.LauncherInterrupts():
+            return _train_rank(config, on_epoch, log, lock, checked)
+    finally:
+        distributed.shutdown(created_group)
+
+
+def _silent(_line: str) -> None:
+    """The log of a rank other than 0."""
+
+
+def _train_rank(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | None,
+                log: Callable[[str], None], lock: bool, checked: CheckedSplits | None) -> TrainResult:
+    main = distributed.current().main
+    with warnings.catch_warnings() if not main else contextlib.nullcontext():
+        if not main:  # rank 0 shows the warnings, once
+            warnings.simplefilter("ignore")
+        prep = prepare(config, checked)
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
+    owner = FolderLock(prep.run_dir, "a training run") if lock and main else None
     heartbeat = Heartbeat(lambda: beat(prep.run_dir), *([owner.beat] if owner else []))
     created = not prep.run_dir.exists()
     try:
@@ -454,9 +512,10 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | None] | 
             owner.acquire()
             if not config.resume:
                 check_run_dir(prep.config)  # another run may have written here meanwhile
-        artifacts.remove_stale_temps(prep.run_dir, prep.run_dir / "checkpoints")
-        heartbeat.start()
-        return _run(prep, on_epoch, log)
+        if main:
+            artifacts.remove_stale_temps(prep.run_dir, prep.run_dir / "checkpoints")
+            heartbeat.start()
+        return _run(prep, on_epoch, log if main else _silent)
     except OSError as exc:  # disk full, quota, a vanished folder: status.json says failed
         resume = (f"; once that is fixed, --resume --run_name {prep.config.run_name} continues from "
                   f"its last completed epoch" if (prep.run_dir / "checkpoints" / "last.pt").is_file() else "")
@@ -473,31 +532,43 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
          log: Callable[[str], None]) -> TrainResult:
     config, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir
     amp_dtype = resolve_amp(config.amp, device)
+    ranks = distributed.current()
+    main = ranks.main  # the one rank that writes
+
+    def record(state: str, epochs_done: int, error: str | None = None) -> None:
+        if main:
+            write_status(run_dir, state, epochs_done, error=error, world_size=ranks.world)
 
     # From here on files are written.
-    if not config.resume:
+    if main and not config.resume:
         _remove_run_artifacts(run_dir)  # only finds something with --overwrite of an unfinished run
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    artifacts.write_yaml(run_dir / "config.yaml", config.to_dict())
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        artifacts.write_yaml(run_dir / "config.yaml", config.to_dict())
     if prep.info.source is None:
         log(f"backbone {prep.info.name}: random initialisation")
     else:
         log(f"backbone {prep.info.name} loaded from {prep.info.source}")
 
     if device.type == "cpu":
-        log(apply_thread_policy(config.threads, config.num_workers))
+        log(apply_thread_policy(config.threads, config.num_workers, ranks.local_world))
     # A frozen backbone runs once per clip and view, into the feature cache; the head trains on that.
     features = FrozenFeatures(config, prep.info, model.backbone, prep.train_df, prep.val_df, amp_dtype) \
         if config.uses_feature_cache else None
     model.to(device)
     parallel = len(prep.device_ids) > 1
+    shard = distributed.shard_for(ranks)
     if features is None:
+        plain: nn.Module = model
         net: nn.Module = nn.DataParallel(model, device_ids=prep.device_ids) if parallel else model
     else:
-        net = model.head
+        plain = net = model.head
         feature_backbone = nn.DataParallel(model.backbone, device_ids=prep.device_ids) if parallel \
             else model.backbone
-    train_loader, train_sampler, val_loader = _loaders(prep, config, features)
+    train_loader, train_sampler, val_loader, val_sampler = _loaders(prep, config, features, shard)
+    if ranks.active:
+        net = distributed.wrap_ddp(plain, device)
+    val_shares = distributed.batch_shares(len(val_sampler), config.batch_size, ranks)
     if config.compile:
         net = CompiledWithFallback(net, log)
     optimizer = build_optimizer(model, config, fused=device.type == "cuda")
@@ -510,7 +581,9 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
     val_criterion = build_loss(config.loss, focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
     mix = ClipMix.from_config(config)
     ema = WeightEma.from_config(model, config)
-    eval_net = net if ema is None else _eval_net(ema.module, features is not None, prep.device_ids)
+    # Under DDP each rank validates its part with the plain model (no collective per batch).
+    eval_net = (plain if ranks.active else net) if ema is None else \
+        _eval_net(ema.module, features is not None, prep.device_ids)
     state = RunState()
 
     if prep.resume_state is not None:
@@ -519,14 +592,15 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         _drop_stale_best(run_dir, state.best_epoch)
         log(f"resuming {run_dir} after epoch {state.epoch}")
 
-    plots = RunPlots(run_dir / "plots") if config.plots else None
+    plots = RunPlots(run_dir / "plots") if config.plots and main else None
     writer = None
-    if config.tensorboard:
+    if config.tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=state.epoch + 1 if state.epoch else None)
     log(f"run {run_dir}: {len(prep.train_df)} train / {len(prep.val_df)} val clips, "
         f"{len(train_sampler)} train clips per epoch, device {device}"
-        f"{' x' + str(len(prep.device_ids)) if len(prep.device_ids) > 1 else ''}, "
+        f"{' x' + str(len(prep.device_ids)) if len(prep.device_ids) > 1 else ''}"
+        f"{f', {ranks.world} DDP processes' if ranks.active else ''}, "
         f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}")
 
     trained = (model, optimizer, scheduler, scaler, ema)
@@ -534,28 +608,34 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
     start_copy = _cpu_copy(_last_payload(*trained[:4], config, prep.info, state, ema)) \
         if state.epoch == 0 else None
     status = "running"
-    write_status(run_dir, status, state.epoch)
+    record(status, state.epoch)
     finished = False   # "finished" recorded: every artifact of the last epoch is written
     try:
         while state.epoch < config.epochs:
             epoch = state.epoch + 1
             train_sampler.set_epoch(epoch)
+            shares = distributed.batch_shares(len(train_sampler), config.batch_size, ranks)
             epoch_start = time.perf_counter()
             reset_peak(device, prep.device_ids)
             backbone_clips = 0
             if features is not None:  # computes what the cache lacks, once per run
-                backbone_clips = features.build(feature_backbone, device, amp_dtype, log)
+                backbone_clips = distributed.main_first(
+                    lambda: features.build(feature_backbone, device, amp_dtype, log))
             try:
                 train_stats = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, criterion,
                                               config, state, device, amp_dtype, writer,
-                                              desc=f"epoch {epoch}/{config.epochs}", mix=mix, ema=ema)
+                                              desc=f"epoch {epoch}/{config.epochs}", mix=mix, ema=ema,
+                                              shares=shares)
                 prob, labels, val_loss = predict(eval_net, val_loader, config, device, amp_dtype,
-                                                 val_criterion)
+                                                 val_criterion, shares=val_shares)
             except torch.OutOfMemoryError:
+                if ranks.active:   # a halving is not agreed between ranks yet: the run ends
+                    raise
                 train_stats = None   # handled outside: the traceback holds the step's tensors
             if train_stats is None:
-                config, state, (train_loader, train_sampler, val_loader) = _retry_smaller(
+                config, state, (train_loader, train_sampler, val_loader, val_sampler) = _retry_smaller(
                     prep, config, epoch, features, trained, start_copy, log)
+                val_shares = distributed.batch_shares(len(val_sampler), config.batch_size, ranks)
                 continue
             if features is None:  # every train and val clip went through the backbone
                 backbone_clips = int(train_stats["train_clips"]) + len(labels)
@@ -572,28 +652,30 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             state.history.append(row)
             is_best = is_improvement(row, state.best_metrics, config.select_metric,
                                      SELECTABLE_METRICS[config.select_metric])
-            if is_best:
+            if is_best and main:
                 _save_best(run_dir, model if ema is None else ema.module, config, prep.info, epoch, row,
                            predictions_frame(prep.val_df, prob, row["val_threshold"]))
+            if is_best:
                 state.best_epoch, state.best_metrics = epoch, row
                 if plots is not None:
                     plots.best = (epoch, labels, prob)
-            write_metrics_csv(run_dir, state.history)
             last = run_dir / "checkpoints" / "last.pt"
-            checkpoints.save(last, _last_payload(model, optimizer, scheduler, scaler, config, prep.info, state,
-                                                 ema))
+            if main:
+                write_metrics_csv(run_dir, state.history)
+                checkpoints.save(last, _last_payload(model, optimizer, scheduler, scaler, config, prep.info,
+                                                     state, ema))
+                _drop_stale_best(run_dir, state.best_epoch)  # only now: last.pt points at the new best
             start_copy = None   # last.pt now holds the next epoch's start
-            _drop_stale_best(run_dir, state.best_epoch)  # only now: last.pt points at the new best
             _write_scalars(writer, row, state.epoch)
             # Finished is recorded before the callback: a Tune scheduler may end the process there.
             last_epoch = state.epoch >= config.epochs
             if plots is not None:
                 plots.draw(state, due_only=not last_epoch)
-            write_status(run_dir, "finished" if last_epoch else "running", state.epoch)
+            record("finished" if last_epoch else "running", state.epoch)
             finished = last_epoch
             log(summary_line(config, row, is_best))
-            if on_epoch is not None and on_epoch(EpochReport(
-                    epoch, row, state.best_epoch, state.best_metrics, is_best, run_dir, last)):
+            if on_epoch is not None and distributed.from_main(bool(on_epoch(EpochReport(
+                    epoch, row, state.best_epoch, state.best_metrics, is_best, run_dir, last)))):
                 if state.epoch < config.epochs:
                     status = "stopped"
                     break
@@ -601,15 +683,15 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             status = "finished"
         if plots is not None:
             plots.draw(state)   # a run stopped early: its last epochs
-        write_status(run_dir, status, state.epoch)
+        record(status, state.epoch)
     except BaseException as exc:
         if finished:  # e.g. Ray Tune ended the process in the last epoch's callback
-            write_status(run_dir, "finished", state.epoch)
+            record("finished", state.epoch)
         elif isinstance(exc, SystemExit) and exc.code in (0, None):
-            write_status(run_dir, "stopped", state.epoch)  # e.g. Ray Tune's scheduler ended it
+            record("stopped", state.epoch)  # e.g. Ray Tune's scheduler ended it
         else:
-            write_status(run_dir, "failed" if isinstance(exc, Exception) else "interrupted",
-                         state.epoch, error=f"{type(exc).__name__}: {exc}")
+            record("failed" if isinstance(exc, Exception) else "interrupted",
+                   state.epoch, error=f"{type(exc).__name__}: {exc}")
         if plots is not None:   # after the status: a second Ctrl-C here loses only the plots
             plots.draw_if_possible(state, log)
         raise
@@ -623,17 +705,18 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                        best_ckpt, config)
 
 
-def _loaders(prep: Prepared, config: TrainConfig, features: FrozenFeatures | None) -> tuple:
-    """(train loader, its sampler, val loader) at `config.batch_size`: over clips, or over
-    cached features with a frozen backbone."""
+def _loaders(prep: Prepared, config: TrainConfig, features: FrozenFeatures | None,
+             shard: distributed.RankShard | None = None) -> tuple:
+    """(train loader, its sampler, val loader, its sampler) at `config.batch_size`: over clips,
+    or over cached features with a frozen backbone; `shard`: this rank's part under DDP."""
     if features is None:
         pin = prep.device.type == "cuda"
-        train_loader, train_sampler = make_loader(prep.train_df, config, train=True, pin=pin)
-        val_loader, _ = make_loader(prep.val_df, config, train=False, pin=pin)
+        train = make_loader(prep.train_df, config, train=True, pin=pin, shard=shard)
+        val = make_loader(prep.val_df, config, train=False, pin=pin, shard=shard)
     else:
-        train_loader, train_sampler = features.loader(train=True, batch_size=config.batch_size)
-        val_loader, _ = features.loader(train=False, batch_size=config.batch_size)
-    return train_loader, train_sampler, val_loader
+        train = features.loader(train=True, batch_size=config.batch_size, shard=shard)
+        val = features.loader(train=False, batch_size=config.batch_size, shard=shard)
+    return (*train, *val)
 
 
 def _steps_per_epoch(train_sampler: EpochSampler, config: TrainConfig) -> int:

@@ -32,6 +32,7 @@ from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
 
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray, stop_ray
+from .ddp_trial import TRIAL_TOKEN, placeable_trials, worker_group_cleanup, workers_of
 from . import resume_guard
 from .ray_compat import TUNER_PKL
 from .space import SearchSpace, find_space_file, load_space
@@ -315,6 +316,23 @@ def check_cluster_gpus(space: SearchSpace, nodes: list[dict[str, Any]] | None = 
              f"{largest:g} GPU(s) ({sum(per_node):g} in all; a trial runs on one node)")
 
 
+def concurrent_trials(space: SearchSpace, cluster: dict[str, float] | None = None) -> int:
+    """`max_concurrent`, capped for N-worker trials at the worker groups the cluster can place
+    (each group reserves its own resources beside its trial's token): one line when none fits."""
+    if workers_of(space.resources) == 1:
+        return space.max_concurrent
+    if cluster is None:
+        import ray
+        cluster = ray.cluster_resources()
+    fits = placeable_trials(space.resources, cluster)
+    if fits < 1:
+        r = space.resources
+        fail(f"{space.path}: resources.workers {workers_of(r)} x (cpu {r.get('cpu', 1):g}, gpu "
+             f"{r.get('gpu', 0):g}) per trial does not fit the Ray cluster ({cluster.get('CPU', 0):g} CPU, "
+             f"{cluster.get('GPU', 0):g} GPU in all)")
+    return min(space.max_concurrent, fits)
+
+
 def search_state(search_dir: Path) -> str | None:
     summary = search_dir / "search_summary.json"
     if summary.is_file():
@@ -418,9 +436,12 @@ def build_tuner(plan: SearchPlan, checked: CheckedSplits | None = None):
     console = console_run_config(metric=space.metric, mode=space.mode,
                                  params=[p.name for p in space.params], search_dir=search_dir,
                                  max_failures=space.max_failures, verbose=verbose)
+    workers = workers_of(space.resources)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, search_dir=str(search_dir), checked=checked,
                              quiet=not verbose),
+        # N workers reserve their own CPUs/GPUs (tuning/ddp_trial.py); the trial a token.
+        TRIAL_TOKEN if workers > 1 else
         {"cpu": space.resources.get("cpu", 1), "gpu": space.resources.get("gpu", 0)})
     if plan.resume:
         # Tune restores the searcher (its study is the same journal file) and the RunConfig,
@@ -430,7 +451,7 @@ def build_tuner(plan: SearchPlan, checked: CheckedSplits | None = None):
                                   resume_unfinished=True, resume_errored=True)
     # Several objectives: Optuna's multi-objective TPE over every `objective*` key (no
     # intermediate values then); the space allows no scheduler with them.
-    keys = objective_keys(space)
+    keys = objective_keys(space.objective_metrics)
     searcher = StudySearch(space=space.define_by_run,
                            metric=keys if len(keys) > 1 else OBJECTIVE,
                            mode=list(space.objective_modes) if len(keys) > 1 else space.mode,
@@ -447,16 +468,18 @@ def build_tuner(plan: SearchPlan, checked: CheckedSplits | None = None):
         trainable,
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=space.mode, search_alg=searcher,
                                     scheduler=scheduler, num_samples=space.num_samples,
-                                    max_concurrent_trials=space.max_concurrent,
+                                    max_concurrent_trials=concurrent_trials(space),
                                     # one actor per slot for the whole search: torch and the
-                                    # trainer are imported once, not once per trial
-                                    reuse_actors=True,
+                                    # trainer are imported once, not once per trial (N-worker
+                                    # trials: their workers are new actors anyway)
+                                    reuse_actors=workers == 1,
                                     trial_dirname_creator=trial_dirname,
                                     trial_name_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=search_dir.name, storage_path=str(search_dir.parent),
             **{**console, "callbacks": [CSVLoggerCallback(), JsonLoggerCallback(), ResumeSnapshot(),
                                         DiskWatch(search_dir, space.num_samples),
+                                        *([worker_group_cleanup(search_dir)] if workers > 1 else []),
                                         *console["callbacks"]]},
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Tune checkpoints are tiny progress markers (weights live in each run folder);
@@ -665,6 +688,7 @@ def fit_and_summarise(plan: SearchPlan, checked: CheckedSplits
     try:
         if plan.address:
             check_cluster_gpus(space)
+        concurrent_trials(space)   # an N-worker group that cannot be placed: one line, now
         tuner = build_tuner(plan, checked)
         if not plan.resume:
             resume_guard.sign_tuner(search_dir)

@@ -207,8 +207,15 @@ class _Scheduler(_Section):
 
 
 class _Resources(_Section):
+    """Per trial; with `workers: N > 1` a trial is N DDP processes (Ray Train) and `cpu`/`gpu`
+    are per worker (tuning/ddp_trial.py)."""
     cpu: Annotated[float, AfterValidator(_cpus)] = 1.0
     gpu: Annotated[float, AfterValidator(_gpus)] = 1.0
+    workers: int = Field(1, ge=1, strict=True)
+
+    def as_dict(self) -> dict[str, float]:
+        """What SearchSpace keeps: `workers` only when a trial has several."""
+        return self.model_dump(exclude={"workers"} if self.workers == 1 else None)
 
 
 class _Retrain(_Section):
@@ -377,7 +384,7 @@ class SearchSpace:
     seed: int
     scheduler: dict[str, Any]           # {"type": "none"} | {"type": "asha", "grace_period":
                                         #  int, "reduction_factor": float}
-    resources: dict[str, float]         # {"cpu": float, "gpu": float}
+    resources: dict[str, float]         # {"cpu": float, "gpu": float, "workers": int}
     max_failures: int
     demo_data: str | None = None        # generate the demo dataset here when its CSVs are missing
     startup_trials: int = DEFAULT_STARTUP_TRIALS    # TPE's random start-up trials
@@ -487,8 +494,10 @@ class SearchSpace:
                          f"(max {self.max_epochs()} epochs)")
         else:
             lines.append(f"  scheduler: none (every trial runs all {self.max_epochs()} epochs)")
+        workers = int(self.resources.get("workers", 1))
         lines.append(f"  resources: {_fmt(self.resources['cpu'])} CPU + "
-                     f"{_fmt(self.resources['gpu'])} GPU per trial")
+                     f"{_fmt(self.resources['gpu'])} GPU per "
+                     f"{f'worker, {workers} DDP workers per trial' if workers > 1 else 'trial'}")
         if self.retrain:
             test = self.retrain.get("test_csv")
             lines.append(f"  retrain:   the best config for {self.retrain['epochs']} epochs"
@@ -590,7 +599,7 @@ class _Loader:
             metric=raw.objective.metric, mode=raw.objective.mode,
             scheduler=(raw.scheduler.model_dump() if raw.scheduler.type == "asha"
                        else {"type": "none"}),
-            resources=raw.resources.model_dump(), max_failures=raw.max_failures,
+            resources=raw.resources.as_dict(), max_failures=raw.max_failures,
             demo_data=raw.demo_data, retrain=retrain, **raw.budget.model_dump(),
             objectives=tuple(zip(raw.objective.metrics, raw.objective.modes)) if raw.objective.metrics else (),
             constraints=tuple((metric, side, getattr(bound, side)) for metric, bound
@@ -811,8 +820,16 @@ class _Loader:
 
     def _check_resources(self, resources: _Resources, trainer: dict[str, Any],
                          params: tuple[Param, ...]) -> None:
-        """A 0-GPU Ray trial still sees every GPU; a reserved GPU the trainer ignores is wasted."""
-        if "cpu" in {p.name for p in params}:
+        """A 0-GPU Ray trial still sees every GPU; a reserved GPU the trainer ignores is wasted.
+        N workers split each global batch: every batch_size must divide by N."""
+        searched = {p.name: p for p in params}
+        sizes = searched["batch_size"].values if "batch_size" in searched else \
+            (trainer.get("batch_size", _trainer_defaults()["batch_size"]),)
+        uneven = [size for size in sizes if isinstance(size, int) and size % resources.workers]
+        if uneven:
+            fail(f"{self.where('resources.workers')}: {resources.workers} DDP workers split the global "
+                 f"batch_size, which must divide by {resources.workers} (got {uneven[0]})")
+        if "cpu" in searched:
             return
         where, gpu = self.where("resources.gpu"), resources.gpu
         on_cpu = trainer.get("cpu", _trainer_defaults()["cpu"])

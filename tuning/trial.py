@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -98,10 +98,10 @@ def search_warnings(space: SearchSpace, search_dir: str | Path) -> list[str]:
     return lines
 
 
-def objective_keys(space: SearchSpace) -> list[str]:
+def objective_keys(metrics: Sequence[str]) -> list[str]:
     """What a trial reports per objective metric at its best epoch: `objective` for the first
     (the best-epoch metric), `objective_<metric>` for each further one of a multi-objective search."""
-    return [OBJECTIVE, *(f"{OBJECTIVE}_{metric}" for metric in space.objective_metrics[1:])]
+    return [OBJECTIVE, *(f"{OBJECTIVE}_{metric}" for metric in metrics[1:])]
 
 
 def one_line_error(error: BaseException | str | None) -> str:
@@ -128,6 +128,16 @@ def finite(value: Any) -> float | None:
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: number for k, v in metrics.items() if (number := finite(v)) is not None}
+
+
+def trial_metrics(row: dict[str, Any], best: dict[str, Any] | None, best_epoch: int | None,
+                  metrics: Sequence[str], node: str) -> dict[str, Any]:
+    """What a trial reports to Tune after an epoch: its finite metrics, each objective metric's
+    value at the best epoch so far (`objective_keys`), the best epoch and the node."""
+    values = {**_finite(row), "best_epoch": best_epoch or 0, "node_id": node}
+    for key, metric in zip(objective_keys(metrics), metrics):
+        values[key] = float((best or {}).get(metric, float("nan")))
+    return values
 
 
 def _quiet_teardown(unraisable: Any) -> None:
@@ -230,7 +240,9 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     context = tune.get_context()
     run_name = Path(context.get_trial_dir()).name
     run_dir = Path(search_dir) / run_name
-    gpu_ids = ray.get_gpu_ids()
+    workers = int(space.resources.get("workers", 1))
+    # N workers: each has its own CPUs and GPUs (tuning/ddp_trial.py); this process has a token.
+    gpu_ids = ray.get_gpu_ids() if workers == 1 else list(range(int(space.resources.get("gpu", 0))))
     cpus = max(1, int(space.resources.get("cpu", 1)))
     if not gpu_ids:
         # A 0-GPU Ray trial still sees every GPU (Ray >= 2.4x): hide them so it cannot touch one.
@@ -244,7 +256,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     config = config.replace(
         output_root=search_dir, run_name=run_name, progress=False,
         resume=resume, overwrite=not resume,
-        cpu=not gpu_ids, gpus=list(range(len(gpu_ids))) if gpu_ids else None,
+        cpu=not gpu_ids, gpus=list(range(len(gpu_ids))) if gpu_ids and workers == 1 else None,
         num_workers=num_workers,
         # The trial's CPUs are shared by torch's intra-op threads and the loader threads.
         threads=config.threads or max(1, cpus - num_workers),
@@ -260,15 +272,12 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
 
     def report(row: dict[str, Any], best: dict[str, Any] | None, best_epoch: int | None) -> None:
         nonlocal reported
-        metrics = _finite(row)
-        for key, metric in zip(objective_keys(space), space.objective_metrics):
-            metrics[key] = float((best or {}).get(metric, float("nan")))
-        metrics["best_epoch"] = best_epoch or 0
         with tempfile.TemporaryDirectory() as tmp:
             # The weights live in the run folder (last.pt); Tune's checkpoint only marks progress.
             Path(tmp, "progress.json").write_text(json.dumps({"epoch": int(row["epoch"]),
                                                               "run_dir": str(run_dir)}))
-            tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(tmp))
+            tune.report(trial_metrics(row, best, best_epoch, space.objective_metrics, node),
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
         reported = True
 
     if (run_dir / SCHEDULER_STOP).is_file():
@@ -286,6 +295,14 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     # The search owns the folder (its lock); a retried trial takes over its own run folder.
     stopped: list[Any] = []
     out_of_memory: list[OutOfMemoryEnd] = []
+    if workers > 1:
+        from .ddp_trial import run_workers
+
+        if read_json_dict(run_dir / "status.json").get("state") == "finished":
+            report_recorded(run_dir, report)   # restored after its last epoch: tell Tune once
+        else:
+            run_workers(config, space.resources, run_dir, space.objective_metrics, checked, quiet)
+        return
     with warnings.catch_warnings(), trial_output(run_dir, quiet):  # a fresh warning registry
         try:
             result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch),

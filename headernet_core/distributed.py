@@ -1,0 +1,225 @@
+"""One run in several processes: DistributedDataParallel under `torchrun` or Ray Train.
+
+A run launched with `RANK`/`WORLD_SIZE` in its environment (torchrun), or inside a process
+group someone else initialised (Ray Train), trains as one of `world` ranks:
+
+- `--batch_size` is the *global* batch. Every rank walks the same global batches a single
+  process would (same sampler order, same per-clip augmentation draws, both seeded by clip and
+  epoch) and takes its contiguous part of each (`rank_part`). A rank's loss is scaled by
+  `real * world / global size` (`Share.loss_scale`), so DDP's gradient average equals the
+  single process's mean over the global batch, a short last batch included. A last batch with
+  fewer clips than ranks pads the empty ranks with one clip of weight 0 (every rank must run
+  the same number of steps); only such a batch's BatchNorm statistics see the pad.
+- Validation predictions are gathered from all ranks in dataset order (`gather_batches`), so
+  metrics are computed on exactly the predictions one process makes.
+- Rank 0 alone writes the run folder and prints; the others compute.
+
+Mixup/cutmix mixes within each rank's part of the batch (as timm's Mixup does per GPU in the
+VideoMAE v2 recipe): one draw per global batch, shared by the ranks, pairs clips of the same
+rank. The EMA is updated on every rank from identical weights, so it stays identical.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands: its rank among `world`, and on its own node."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().isdigit() else default
+
+
+def current() -> Ranks:
+    """The ranks of an initialised process group, else those the launcher's environment names."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    return Ranks(rank, world, _env_int("LOCAL_RANK", rank % max(1, local_world)), local_world)
+
+
+def init(cpu: bool) -> bool:
+    """Join the process group the environment describes (NCCL with GPUs, gloo on the CPU);
+    returns whether this call created it (and so must destroy it, `shutdown`)."""
+    ranks = current()
+    if not ranks.active or dist.is_initialized():
+        return False
+    use_gpu = not cpu and torch.cuda.is_available()
+    if use_gpu:
+        torch.cuda.set_device(ranks.local_rank)
+    dist.init_process_group("nccl" if use_gpu else "gloo")
+    return True
+
+
+def shutdown(created: bool) -> None:
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def split_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s contiguous part of `size` items (sizes differ by at most 1)."""
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def rank_part(group: Sequence[T], ranks: Ranks) -> list[T]:
+    """This rank's part of one global batch; an empty part is padded with the batch's first
+    item, of weight 0 (`Share.real` is then 0)."""
+    start, stop = split_bounds(len(group), ranks.rank, ranks.world)
+    part = list(group[start:stop])
+    return part if part else list(group[:1])
+
+
+@dataclass(frozen=True)
+class Share:
+    """One global batch as a rank sees it: its real clips (the first `real` of its part) and
+    `loss_scale`, the factor of the rank's mean loss that makes DDP's average of the gradients
+    the gradient of the global batch's mean loss (`real * world / global size`)."""
+    real: int
+    loss_scale: float
+
+
+def batch_shares(clips: int, batch_size: int, ranks: Ranks) -> list[Share] | None:
+    """The `Share` of each global batch of an epoch of `clips` clips (None in one process)."""
+    if not ranks.active:
+        return None
+    shares = []
+    for start in range(0, clips, batch_size):
+        size = min(batch_size, clips - start)
+        lo, hi = split_bounds(size, ranks.rank, ranks.world)
+        shares.append(Share(hi - lo, (hi - lo) * ranks.world / size))
+    return shares
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """Given to a loader: it yields this rank's part of each global batch."""
+    ranks: Ranks
+
+    def __call__(self, group: Sequence[T]) -> list[T]:
+        return rank_part(group, self.ranks)
+
+
+def shard_for(ranks: Ranks) -> RankShard | None:
+    return RankShard(ranks) if ranks.active else None
+
+
+def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Each value summed over all ranks (unchanged in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=on)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_batches(parts: list[np.ndarray]) -> np.ndarray:
+    """Per-batch local arrays -> every rank's, batch by batch in rank order: the dataset order
+    (each rank holds a contiguous part of each batch)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return np.concatenate(parts) if parts else np.zeros(0)
+    every: list[list[np.ndarray] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, parts)
+    return np.concatenate([part for batch in zip(*every) for part in batch])
+
+
+def from_main(value: T) -> T:
+    """Rank 0's value on every rank (a stop decision, a run name made from the clock)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main_first(build: Callable[[], T]) -> T:
+    """Rank 0 runs `build` (e.g. fills the feature cache), then the others (which find it done)."""
+    ranks = current()
+    if not ranks.active:
+        return build()
+    result = build() if ranks.main else None
+    barrier()
+    return build() if not ranks.main else result
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the process group; on GPUs BatchNorm becomes SyncBatchNorm (statistics of the
+    global batch). Frozen BatchNorm stays frozen: its parameters keep `requires_grad=False` and
+    the model's `train()` keeps it in eval mode, where nothing is synchronised. (DDP accepts
+    SyncBatchNorm on GPUs only: on the CPU BatchNorm must be frozen, which `prepare` checks.)"""
+    if device.type == "cuda" and any(isinstance(m, _BatchNorm) for m in model.modules()):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def needs_gpu_sync_bn(model: nn.Module) -> bool:
+    """Whether the model has BatchNorm that trains (SyncBatchNorm synchronises only on GPUs)."""
+    return any(isinstance(m, _BatchNorm) and
+               any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules())
+
+
+class LauncherInterrupts:
+    """Under torchrun, Ctrl-C or SIGTERM on any one rank ends them all as `interrupted`: the
+    rank tells the launcher (SIGTERM), which forwards SIGTERM to every rank, so rank 0 records
+    `interrupted` instead of failing on a vanished peer. Then it raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.launcher = os.getppid()
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if os.getppid() == self.launcher and self.launcher > 1:
+            try:
+                os.kill(self.launcher, signal.SIGTERM)
+            except OSError:
+                pass
+            self.launcher = 0
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> LauncherInterrupts:
+        import threading
+
+        if "TORCHELASTIC_RUN_ID" in os.environ and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,259 @@
+"""DDP (headernet_core/distributed.py): a run under `torchrun --nproc_per_node 2` (gloo, CPU)
+trains on the same global batches as one process, so its per-epoch metrics match one
+process's to 1e-4, and its run folder is written once, by rank 0."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from headernet_core.distributed import Ranks, batch_shares, rank_part
+from headernet_core.errors import HeaderNetError
+from headernet_core.trainer import RUN_ARTIFACTS, prepare, train
+
+REPO = Path(__file__).resolve().parents[1]
+# Compared per epoch: the loss and every validation metric (not timings).
+COMPARED = ("train_loss", "train_acc", "val_loss", "val_auc", "val_ap", "val_f1", "val_threshold",
+            "val_acc", "lr_backbone", "lr_head")
+
+
+@pytest.fixture
+def torchrun():
+    """Starts `torchrun --standalone --nproc_per_node 2 ...` (a free port each); whatever is
+    left of a launch when the test ends is killed (its own process group)."""
+    started: list[subprocess.Popen] = []
+
+    def launch(*args: str) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node", "2", *args], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        started.append(proc)
+        return proc
+    yield launch
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def cli_args(config) -> list[str]:
+    """The flags of a config's non-default values (what the test sets)."""
+    flags = []
+    for key, value in config.to_dict().items():
+        if key in ("train_csv", "val_csv", "output_root", "run_name", "epochs", "batch_size",
+                   "num_frames", "input_size", "backbone", "vmae_variant", "lr_backbone", "lr_head",
+                   "warmup_epochs", "head_dropout", "num_workers"):
+            flags += [f"--{key}", str(value)]
+    return flags + ["--cpu", "--no-progress", "--no-augment"]
+
+
+def assert_same_epochs(run: Path, reference: Path) -> None:
+    got, want = pd.read_csv(run / "metrics_epoch.csv"), pd.read_csv(reference / "metrics_epoch.csv")
+    assert list(got["epoch"]) == list(want["epoch"])
+    for column in COMPARED:
+        assert np.allclose(got[column], want[column], rtol=0, atol=1e-4, equal_nan=True), \
+            (column, list(got[column]), list(want[column]))
+
+
+def assert_written_once(run: Path, world: int) -> None:
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["world_size"] == world
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "status.json", "metrics_epoch.csv",
+                                               "best_metrics.json", "val_predictions.csv", "checkpoints"}
+    assert max(p.name for p in (run / "checkpoints").iterdir()) == "last.pt"
+    assert len(list((run / "checkpoints").iterdir())) == 2      # last.pt and one best
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+
+
+# --- the arithmetic of shares: no clip lost or counted twice, the global mean kept -----------------
+@pytest.mark.parametrize("clips,batch", [(18, 4), (9, 4), (17, 8), (1, 2)])
+def test_shares_cover_each_global_batch_once(clips, batch):
+    world = 2
+    keys = list(range(clips))
+    groups = [keys[i:i + batch] for i in range(0, clips, batch)]
+    per_rank = [batch_shares(clips, batch, Ranks(r, world)) for r in range(world)]
+    for b, group in enumerate(groups):
+        parts = [rank_part(group, Ranks(r, world))[:per_rank[r][b].real] for r in range(world)]
+        assert [key for part in parts for key in part] == group   # in order, each once (no pads)
+        # DDP averages over ranks: sum_r scale_r / world weights every real clip 1/len(group)
+        assert sum(per_rank[r][b].loss_scale for r in range(world)) / world == pytest.approx(1.0)
+    assert batch_shares(clips, batch, Ranks()) is None
+
+
+def test_bad_ddp_inputs_fail_before_anything_is_written(tiny_config, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(HeaderNetError, match="--batch_size 4 is the global batch and must divide by the 3"):
+        prepare(tiny_config())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(HeaderNetError, match="SyncBatchNorm.*--bn_frozen"):
+        prepare(tiny_config(backbone="csn"))
+    with pytest.raises(HeaderNetError, match="--gpus .*does not combine"):
+        prepare(tiny_config(cpu=False, gpus=[0]))
+
+
+# --- torchrun on the CPU ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_matches_one_process_interrupts_and_resumes(tiny_config, torchrun):
+    """Augmentation off, dropout 0, 18 train clips in batches of 4 (a short last batch) and 9
+    val clips (a last batch of 1: rank 1 pads). SIGTERM to rank 1 ends both ranks, the run
+    `interrupted`; `--resume` under torchrun finishes it exactly as one uninterrupted process."""
+    config = tiny_config(augment=False, head_dropout=0.0, epochs=8, run_name="ddp")
+    reference = train(config.replace(run_name="one"), log=lambda _: None).run_dir
+
+    proc = torchrun("-m", "headernet_core.train", *cli_args(config))
+    run = Path(config.output_root) / "ddp"
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True,
+                           check=False).stdout.split()
+    assert len(ranks) == 2, proc.communicate()
+    os.kill(max(map(int, ranks)), signal.SIGTERM)   # the later-started rank (rank 1)
+    _, err = proc.communicate(timeout=120)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted" and 1 <= status["epochs_done"] < 8, (status, err)
+    assert proc.returncode != 0
+
+    proc = torchrun("-m", "headernet_core.train", "--resume", "--run_name", "ddp", "--output_root",
+                    config.output_root, "--no-progress")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.count("finished: best epoch") == 1 and "resuming" in out   # rank 0 alone prints
+    assert_same_epochs(run, reference)
+    assert_written_once(run, world=2)
+
+    bad = torchrun("-m", "headernet_core.train", *cli_args(config.replace(run_name="bad", batch_size=3)))
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode != 0 and err.count("error: --batch_size 3 is the global batch") == 1, err
+
+
+@pytest.mark.slow
+def test_torchrun_augmented_csn_and_feature_cache_runs_match_one_process(tiny_config, torchrun):
+    """Augmentation on; a tiny ir-CSN with frozen BatchNorm (SyncBatchNorm needs GPUs); a frozen VideoMAE on the feature
+    cache (rank 0 fills it, rank 1 reads it) in batches of 8 (8, 8, 2)."""
+    configs = [tiny_config(augment=True, head_dropout=0.0, run_name="aug"),
+               tiny_config(backbone="csn", bn_frozen=True, head_dropout=0.0, run_name="csn"),
+               tiny_config(finetune_mode="frozen", head_dropout=0.0, batch_size=8, epochs=3,
+                           run_name="frozen", feature_cache_dir=str(Path(tiny_config().output_root) / "cache_ddp"))]
+    for config in configs:
+        train(config.replace(run_name=f"{config.run_name}-one", feature_cache_dir=None), log=lambda _: None)
+    proc = torchrun(str(REPO / "tests" / "ddp_runs.py"), json.dumps([c.to_dict() for c in configs]))
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("computed by the backbone") == 1    # the cache filled once, logged by rank 0
+    for config in configs:
+        run = Path(config.output_root) / config.run_name
+        assert_same_epochs(run, run.with_name(f"{config.run_name}-one"))
+        assert_written_once(run, world=2)
+    assert set(RUN_ARTIFACTS) >= {p.name for p in run.iterdir()} - {".lock"}
+
+
+# --- a search whose trials are 2 DDP workers (Ray Train) -------------------------------------------
+@pytest.mark.slow
+def test_a_search_of_two_worker_trials_matches_one_process(tiny_data, tmp_path, capsys):
+    """resources.workers 2 with 1 CPU each on the 2-core test machine, one trial at a time, ASHA:
+    every trial trains in 2 ranks (world_size 2), ASHA's stops leave `stopped` and plots, the
+    summary is written, and a trial equals one process running its config.yaml. A group that
+    does not fit the cluster fails with one line."""
+    import yaml as yaml_lib
+
+    from headernet_core.config import TrainConfig
+    from tuning.search import main
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_search import write_space
+
+    space = write_space(tmp_path, tiny_data, search={"lr_head": {"loguniform": [3e-4, 3e-3]}},
+                        trainer={"epochs": 3, "batch_size": 4, "augment": False, "head_dropout": 0.0,
+                                 "plots": True, "backbone": "vmae"},
+                        budget={"num_samples": 4, "max_concurrent": 1, "seed": 0},
+                        objective={"metric": "val_loss"},   # distinct values: ASHA stops some
+                        resources={"cpu": 1, "gpu": 0, "workers": 2})
+    with pytest.raises(SystemExit) as exc:
+        main(["--space", str(space), "--set", "resources.workers=4"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "does not fit the Ray cluster" in err and err.count("error:") == 1, err
+
+    main(["--space", str(space)])
+    search_dir = tmp_path / "out" / "s"
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    states = {t["name"]: json.loads((search_dir / t["name"] / "status.json").read_text()) for t in summary["trials"]}
+    assert len(states) == 4 and all(s["world_size"] == 2 for s in states.values()), states
+    stopped = [name for name, s in states.items() if s["state"] == "stopped"]
+    assert stopped and all((search_dir / n / "plots" / "loss.png").is_file() for n in stopped), states
+    assert all(s["state"] in ("stopped", "finished") for s in states.values()), states
+
+    name = next(n for n, s in states.items() if s["state"] == "finished")
+    values = yaml_lib.safe_load((search_dir / name / "config.yaml").read_text())
+    values.update(output_root=str(tmp_path / "again"), run_name="one", resume=False, overwrite=False,
+                  feature_cache_dir=None)
+    train(TrainConfig.from_dict(values, source="test"), log=lambda _: None)
+    assert_same_epochs(search_dir / name, tmp_path / "again" / "one")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_its_trial_from_the_last_epoch(tmp_path):
+    """SIGKILL to rank 0 of a 2-worker trial after its first epoch: with max_failures 1 Tune
+    retries the trial, whose new workers continue after that epoch (its row is kept as written)."""
+    from conftest import write_clips
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_search import trial_dirs, write_space
+
+    data = tmp_path / "data"
+    write_clips(data / "clips", 90, seed=5, prefix="tr").to_csv(data / "train.csv", index=False)
+    write_clips(data / "clips", 30, seed=6, prefix="va").to_csv(data / "val.csv", index=False)
+    space = write_space(tmp_path, {"train_csv": data / "train.csv", "val_csv": data / "val.csv"},
+                        search={"lr_head": {"loguniform": [1e-3, 2e-3]}},
+                        trainer={"epochs": 4, "batch_size": 4, "backbone": "vmae"}, max_failures=1,
+                        budget={"num_samples": 1, "max_concurrent": 1, "seed": 0},
+                        scheduler={"type": "none"}, resources={"cpu": 1, "gpu": 0, "workers": 2})
+    search_dir = tmp_path / "out" / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.search", "--space", str(space)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, first_row = time.time() + 300, None
+        while time.time() < deadline and proc.poll() is None and first_row is None:
+            for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
+                status = folder / "status.json"
+                record = json.loads(status.read_text()) if status.is_file() else {}
+                if record.get("epochs_done", 0) >= 1 and record.get("state") == "running":
+                    first_row = pd.read_csv(folder / "metrics_epoch.csv").iloc[0]
+                    os.kill(record["pid"], signal.SIGKILL)    # rank 0, a Ray Train worker
+            time.sleep(0.05)
+        assert first_row is not None, "the trial never finished an epoch"
+        output = proc.communicate(timeout=400)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    [trial] = json.loads((search_dir / "search_summary.json").read_text())["trials"]
+    assert trial["status"] == "finished" and trial["epochs_run"] == 4, trial
+    metrics = pd.read_csv(search_dir / trial["name"] / "metrics_epoch.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3, 4]
+    pd.testing.assert_series_equal(metrics.iloc[0], first_row, check_names=False)
+    assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
+
+
+def test_worker_groups_the_cluster_can_place_and_a_batch_the_workers_split(tiny_data, tmp_path):
+    from tuning.ddp_trial import placeable_trials
+    from tuning.space import load_space
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_search import write_space
+
+    assert placeable_trials({"cpu": 1, "gpu": 0, "workers": 2}, {"CPU": 2.0}) == 1   # no CPU token
+    assert placeable_trials({"cpu": 1, "gpu": 0, "workers": 3}, {"CPU": 2.0}) == 0
+    assert placeable_trials({"cpu": 4, "gpu": 1, "workers": 2}, {"CPU": 16.0, "GPU": 3.0}) == 1
+    space = write_space(tmp_path, tiny_data, resources={"cpu": 1, "gpu": 0, "workers": 4})  # batch_size 6
+    with pytest.raises(HeaderNetError, match="resources.workers: 4 DDP workers .* must divide by 4 .got 6"):
+        load_space(space)
+    assert load_space(write_space(tmp_path, tiny_data, resources={"workers": 2, "gpu": 0})).resources["workers"] == 2
+    assert "workers" not in load_space(write_space(tmp_path, tiny_data)).resources
