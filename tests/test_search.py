@@ -113,6 +113,7 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys, mon
     for trial in ok:  # a trial that ran every epoch is finished, even though ASHA ended it at max_t
         assert (trial["status"] == "finished") == (trial["epochs_run"] == 3), trial
     assert all(t["params"]["num_frames"] == 5 for t in failed)
+    assert_study_states(search_dir, summary)
 
     for trial in ok:
         folder = search_dir / trial["name"]
@@ -344,6 +345,27 @@ def test_asha_stops_survive_a_kill_and_sigterm_ends_a_search_like_ctrl_c(tiny_da
         assert len(rows) == trial["epochs_run"], (name, len(rows))
     for trial in summary["trials"]:
         assert (trial["status"] == "stopped_early") == (search_dir / trial["name"] / "scheduler_stop.json").is_file()
+    assert_study_states(search_dir, summary)
+
+
+def assert_study_states(search_dir, summary) -> None:
+    """The study tells the sampler what trials.csv says: a PRUNED trial per stopped one (its
+    last epoch among its intermediate values), COMPLETE per finished one, FAIL per failed one
+    (and for trials asked after a killed driver's last snapshot, which never ran)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from tuning.study import study_storage
+
+    study = optuna.load_study(study_name=None, storage=study_storage(search_dir))
+    states = [t.state for t in study.trials]
+    counts = summary["counts"]
+    assert states.count(TrialState.PRUNED) == counts.get("stopped_early", 0), (states, counts)
+    assert states.count(TrialState.COMPLETE) == counts.get("finished", 0), (states, counts)
+    assert states.count(TrialState.FAIL) >= counts.get("failed", 0), (states, counts)
+    stopped = sorted(t["epochs_run"] for t in summary["trials"] if t["status"] == "stopped_early")
+    deepest = sorted(max(t.intermediate_values) for t in study.get_trials(states=(TrialState.PRUNED,)))
+    assert deepest == stopped, (deepest, stopped)
 
 
 # --- a frozen search: features computed once for all trials, actors reused ------------------

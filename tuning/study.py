@@ -9,6 +9,14 @@ A journal outlives Tune's searcher snapshot, which can be seconds older after a 
 refuses to update a finished trial, so `StudySearch` keeps the recorded result instead of
 failing the search; (b) never hear again of trials asked after the snapshot: they are marked
 FAIL in the study when the searcher is restored, so none stays "running" forever.
+
+Trial states tell the sampler the truth: a trial that ran all its epochs is COMPLETE with its
+best epoch's objective; one the scheduler stopped before its own epochs is PRUNED, with the
+objective (best so far) of every epoch it ran as intermediate values (Optuna's TPE ranks those
+after the complete ones, by their deepest epoch); a failed trial is FAIL (Ray's own handling).
+Ray's `OptunaSearch` alone would call a stopped trial COMPLETE with its early value, and never
+hears the last epoch of a trial the scheduler stops (Tune sends that result only to
+`on_trial_complete`). A multi-objective study takes no intermediate values.
 """
 from __future__ import annotations
 
@@ -24,11 +32,20 @@ from ray.tune.search.optuna import OptunaSearch
 from .ray_compat import (
     journal_lock_file,
     mark_searcher_trial_complete,
+    searcher_completed,
     searcher_study,
     searcher_trials,
 )
+from .trial import TRIAL_EPOCHS
 
 STUDY_FILE = "optuna_study.log"
+
+
+def stopped_early(result: dict[str, Any] | None) -> bool:
+    """Whether a trial's last result is from before its own epochs (a scheduler stopped it)."""
+    result = result or {}
+    epochs, epoch = result.get(TRIAL_EPOCHS), result.get("epoch")
+    return epochs is not None and epoch is not None and int(epoch) < int(epochs)
 
 
 def study_storage(search_dir: str | Path) -> JournalStorage:
@@ -54,12 +71,15 @@ class StudySearch(OptunaSearch):
     def _finished_in_study(self, trial_id: str) -> bool:
         return trial_id in self._finished_before_restore
 
+    def _multi_objective(self) -> bool:
+        return isinstance(self.metric, (list, tuple))
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """Optuna's step is the trial's epoch, reported once. Tune's `training_iteration`
         restarts from its snapshot when a trial is restored, and a restored trial re-reports
         its recorded epoch: as steps, either would put an epoch's value under another epoch or
         make Optuna warn and drop it (what optuna-dashboard shows per epoch)."""
-        if self._finished_in_study(trial_id):
+        if self._finished_in_study(trial_id) or self._multi_objective():
             return
         if "epoch" not in result:
             super().on_trial_result(trial_id, result)
@@ -74,9 +94,19 @@ class StudySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
+        """COMPLETE, PRUNED (stopped before its own epochs) or FAIL; the last epoch's objective
+        becomes an intermediate value first (Tune sends a stopped trial's last result only
+        here)."""
         if self._finished_in_study(trial_id):
             mark_searcher_trial_complete(self, trial_id)
             return
+        if result and not error:
+            if "epoch" in result:
+                self.on_trial_result(trial_id, result)
+            if stopped_early(result) and trial_id not in searcher_completed(self):
+                searcher_study(self).tell(searcher_trials(self)[trial_id], state=TrialState.PRUNED)
+                mark_searcher_trial_complete(self, trial_id)
+                return
         super().on_trial_complete(trial_id, result, error)
 
     def restore(self, checkpoint_path: str) -> None:

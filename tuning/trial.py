@@ -29,6 +29,9 @@ from headernet_core.config import fields_with_role, format_value
 from .space import SearchSpace
 
 OBJECTIVE = "objective"
+# Reported each epoch beside the objective: the epochs the trial was to run, so the searcher
+# tells a trial the scheduler stopped (its last epoch before these) from one that finished.
+TRIAL_EPOCHS = "trial_epochs"
 SCHEDULER_STOP = "scheduler_stop.json"  # in a trial folder: ASHA stopped it (tuning/scheduler.py)
 TRIAL_LOG = "train.log"                  # in a trial folder: the trainer's output (compact console)
 
@@ -253,6 +256,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         metrics = _finite(row)
         metrics[OBJECTIVE] = float((best or {}).get(space.metric, float("nan")))
         metrics["best_epoch"] = best_epoch or 0
+        metrics[TRIAL_EPOCHS] = config.epochs
         with tempfile.TemporaryDirectory() as tmp:
             # The weights live in the run folder (last.pt); Tune's checkpoint only marks progress.
             Path(tmp, "progress.json").write_text(json.dumps({"epoch": int(row["epoch"]),
