@@ -31,8 +31,8 @@ from .cluster import check_address, join_cluster, prepare_environment, start_loc
 from . import resume_guard
 from .ray_compat import TUNER_PKL
 from .space import SearchSpace, find_space_file, load_space
-from .summary import (TrialRecord, best_record, complete_trial_plots, feature_cache_note, format_bytes,
-                      write_summary)
+from .summary import (TrialRecord, best_record, complete_trial_plots, edge_warnings,
+                      feature_cache_note, format_bytes, write_summary)
 from .trial import (OBJECTIVE, QUIET_HOOK, SCHEDULER_STOP, one_line_error, run_trial,
                     search_warnings, trial_dirname)
 
@@ -701,6 +701,8 @@ def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord
         print(f"best trial {best.name}: {space.metric} {best.objective:.4f} at epoch {best.best_epoch} ({params})")
         if best.checkpoint:
             print(f"best checkpoint: {search_dir / best.checkpoint}")
+        for line in edge_warnings(best, space.params):
+            print(f"warning: {line}")
     print(f"summary: {search_dir / 'summary.md'}  |  the search holds {format_bytes(size)} on disk")
     print(f"curves: tensorboard --logdir {search_dir}")
     for note in notes:
