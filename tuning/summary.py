@@ -561,8 +561,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
              f"- Trials: {summary['num_trials']}" + (f" ({counts})" if counts else ""),
              f"- Disk used: {summary['disk']}", ""]
     if summary.get("warm_start"):
-        lines[-1:] = [f"- Warm start: {summary['warm_start']['trials']} trials of "
-                      f"`{summary['warm_start']['from']}` imported into the study", ""]
+        warm = summary["warm_start"]
+        lines[-1:] = [f"- Warm start: {warm['trials']} trials of `{warm['from']}` imported into the study", ""]
     lines += _best_markdown(summary["best_trial"], metric, summary.get("edge_warnings", ()))
     if summary.get("final"):
         lines += _final_markdown(summary["final"]).splitlines()
