@@ -234,7 +234,7 @@ def test_distributions_match_what_the_space_samples(tmp_path, no_plots):
                 p.suggest(trial)
         for p in params:
             if p.name in trial.distributions:
-                assert trial.distributions[p.name] == summary_mod._distribution(p), p.name
+                assert trial.distributions[p.name] == summary_mod.optuna_distribution(p), p.name
         recs.append(TrialRecord(name=f"t{i}", status="finished", params=dict(trial.params),
                                 objective=0.1 * i, best_epoch=1, epochs_run=1, best_metrics={},
                                 checkpoint=None, error=None, order=i))

@@ -21,8 +21,10 @@ hears the last epoch of a trial the scheduler stops (Tune sends that result only
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
+import optuna
+from optuna.distributions import CategoricalDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -36,9 +38,14 @@ from .ray_compat import (
     searcher_study,
     searcher_trials,
 )
+from .summary import optuna_distribution
 from .trial import TRIAL_EPOCHS
 
+if TYPE_CHECKING:
+    from .space import Param
+
 STUDY_FILE = "optuna_study.log"
+WARM_START_ATTR = "warm_start"   # user attr of a trial copied from another search's study
 
 
 def stopped_early(result: dict[str, Any] | None) -> bool:
@@ -51,6 +58,43 @@ def stopped_early(result: dict[str, Any] | None) -> bool:
 def study_storage(search_dir: str | Path) -> JournalStorage:
     """The journal storage of the study in `search_dir`."""
     return JournalStorage(JournalFileBackend(str(Path(search_dir) / STUDY_FILE)))
+
+
+def load_search_study(search_dir: str | Path) -> optuna.Study:
+    """The study of the search in `search_dir` (one study per journal file)."""
+    return optuna.load_study(study_name=None, storage=study_storage(search_dir))
+
+
+def warm_start_trials(other_dir: str | Path, params: Sequence[Param]) -> list[optuna.trial.FrozenTrial]:
+    """The finished and pruned trials of the search in `other_dir`, as trials of a study over
+    `params`: each value under this space's distribution, so that TPE models imported and new
+    trials as one space (a widened range included); a trial holding a value outside this
+    space's ranges or a param it does not search is left out. The caller has checked that
+    kinds, log scales and choice lists agree."""
+    distributions = {p.name: optuna_distribution(p) for p in params}
+
+    def fits(name: str, value: Any) -> bool:
+        dist = distributions.get(name)
+        if isinstance(dist, CategoricalDistribution):
+            return value in dist.choices
+        return dist is not None and dist.low <= value <= dist.high
+
+    copies = []
+    for trial in load_search_study(other_dir).get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if all(fits(name, value) for name, value in trial.params.items()):
+            copies.append(optuna.trial.create_trial(
+                state=trial.state, values=trial.values if trial.state == TrialState.COMPLETE else None,
+                params=trial.params, distributions={n: distributions[n] for n in trial.params},
+                intermediate_values=trial.intermediate_values,
+                user_attrs={**trial.user_attrs, WARM_START_ATTR: str(other_dir)}))
+    return copies
+
+
+def imported_trials(search_dir: str | Path) -> int:
+    """How many trials of the study in `search_dir` a warm start copied from another search."""
+    return sum(WARM_START_ATTR in t.user_attrs
+               for t in load_search_study(search_dir).get_trials(deepcopy=False))
 
 
 def clear_stale_lock(search_dir: str | Path) -> None:

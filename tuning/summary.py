@@ -409,7 +409,8 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(verbosity)
 
 
-def _distribution(param: Param) -> optuna.distributions.BaseDistribution:
+def optuna_distribution(param: Param) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution a search samples `param` from (`Param.suggest`)."""
     if param.kind == "choice":
         return optuna.distributions.CategoricalDistribution(list(param.values))
     if param.kind == "int":
@@ -440,7 +441,7 @@ def _importances(records: Sequence[TrialRecord], space_params: Sequence[Param],
     """({param: importance} most important first, how it was computed) or (None, why not)."""
     with _quiet_optuna():
         try:
-            distributions = {p.name: _distribution(p) for p in space_params}
+            distributions = {p.name: optuna_distribution(p) for p in space_params}
         except Exception as exc:  # a bound Optuna rejects: the summary must still be written
             return None, f"not computed: the space has no Optuna form ({type(exc).__name__}: {exc})"
         trials, outside = [], 0
