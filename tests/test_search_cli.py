@@ -123,6 +123,7 @@ def started_search(tmp_path: Path, tiny_data) -> tuple[Path, Path]:
     (["--max_concurrent", "4"], "--max_concurrent 4"),
     (["--set", "epochs=5"], "--set epochs=5 (started with none)"),
     (["--train_csv", "other.csv"], "--train_csv other.csv"),
+    (["--warm_start", "elsewhere"], "--warm_start elsewhere (started with none)"),   # imported once, at the start
 ])
 def test_resume_refuses_flags_that_describe_another_search(tiny_data, tmp_path, capsys, extra, fragment):
     space, _ = started_search(tmp_path, tiny_data)
