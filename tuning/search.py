@@ -147,19 +147,24 @@ def resolve_space(args: SearchArgs, start: StartRecord | None) -> SearchSpace:
     """The space as the CLI describes it, or exactly as it was when a resumed search started,
     with every path made absolute against the folder the search was started from."""
     if start is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(start.space_file).name
-            path.write_text(start.space_yaml)
-            space = load_space(str(path), sets=start.sets, num_samples=start.num_samples,
-                               max_concurrent=start.max_concurrent)
-        space = dataclasses.replace(space, path=Path(start.space_file))
-        return absolute_paths(space, Path(start.cwd or Path.cwd()))
+        return recorded_space(start)
     sets = list(args.sets)
     sets += [f"{key}={value}" for key, value in (("train_csv", args.train_csv), ("val_csv", args.val_csv))
              if value is not None]
     space = load_space(args.space, sets=sets, num_samples=args.num_samples,
                        max_concurrent=args.max_concurrent)
     return absolute_paths(space, Path.cwd())
+
+
+def recorded_space(start: StartRecord) -> SearchSpace:
+    """The space exactly as a search's StartRecord says it started (paths absolute)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(start.space_file).name
+        path.write_text(start.space_yaml)
+        space = load_space(str(path), sets=start.sets, num_samples=start.num_samples,
+                           max_concurrent=start.max_concurrent)
+    space = dataclasses.replace(space, path=Path(start.space_file))
+    return absolute_paths(space, Path(start.cwd or Path.cwd()))
 
 
 def with_retrain_flags(space: SearchSpace, args: SearchArgs) -> SearchSpace:
@@ -585,7 +590,7 @@ def check_warm_start(other: str, space: SearchSpace) -> list[str]:
     record = Path(other) / SEARCH_RECORD
     if not record.is_file():
         fail(f"--warm_start {other}: not a search folder (no {SEARCH_RECORD})")
-    theirs = resolve_space(None, StartRecord.read(record))   # type: ignore[arg-type]
+    theirs = recorded_space(StartRecord.read(record))
     if (theirs.metric, theirs.mode) != (space.metric, space.mode):
         fail(f"--warm_start {other}: that search's objective is {theirs.mode} {theirs.metric}, "
              f"this one's {space.mode} {space.metric}")
