@@ -197,9 +197,9 @@ def replay_space(table: Table, sets: Sequence[str] = ()) -> Any:
     searched key a choice of the recorded values."""
     from tuning.space import Param, load_space
 
-    space = load_space(table.space, sets=[*table.sets, *sets])
+    space = load_space(table.space, sets=[*table.sets, f"epochs={table.epochs}", *sets])
     params = tuple(Param(name=p, kind="choice", values=tuple(table.values(p))) for p in table.params)
-    return dataclasses.replace(space, params=params, trainer={**space.trainer, "epochs": table.epochs})
+    return dataclasses.replace(space, params=params)
 
 
 def arm_objects(arm: str, space: Any, seed: int, folder: Path) -> tuple[Any, Any]:
