@@ -493,6 +493,15 @@ def test_readme_demo_search(tmp_path):
         assert sorted(p.name for p in (search_dir / t["name"] / "plots").iterdir()) == \
             ["loss.png", "metrics.png", "pr.png", "roc.png"], t["name"]
     assert summary["best_trial"]["objective"] > 0.8
+    assert_study_states(search_dir, summary)
+    # a second search warm-started from it: the study starts with the first one's ended trials
+    second = subprocess.run([sys.executable, "-m", "tuning.search", "--space", "demo", "--name", "demo2",
+                             "--warm_start", str(search_dir), "--num_samples", "1", "--retrain_best", "0"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    warm = json.loads((search_dir.parent / "demo2" / "search_summary.json").read_text())["warm_start"]
+    assert warm == {"from": str(search_dir), "trials": 8}
     assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
     assert "best trial" in result.stdout and summary["best_trial"]["checkpoint_abs"] in result.stdout
     # the best checkpoint, evaluated on its own, reproduces the reported objective
