@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -89,3 +91,40 @@ def test_gpu_check_dry_run_prints_the_whole_table(tmp_path):
     assert sum(1 for r in rows if r.get("largest_fit")) == 2
     assert any(r.get("compile") for r in rows) and any(r["backbone"] == "csn-tiny" for r in rows)
     assert "trainer / bare step" in done.stdout
+
+
+def test_search_quality_records_a_space_and_replays_every_arm(tiny_data, tmp_path):
+    """The recorder trains each grid config per seed (here 2 configs x 2 seeds x 2 epochs of
+    a tiny space); the replay drives every arm's real searcher and scheduler over a table and
+    prints the one JSON line."""
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "tiny", "trainer": {"train_csv": str(tiny_data["train_csv"]),
+                                    "val_csv": str(tiny_data["val_csv"]), "backbone": "csn",
+                                    "csn_variant": "tiny", "num_frames": 4, "input_size": 32,
+                                    "epochs": 2, "cpu": True},
+        "search": {"lr_head": {"loguniform": [1e-3, 1e-2]}},
+        "budget": {"num_samples": 4, "startup_trials": 2},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpu": 1, "gpu": 0}}))
+    table = tmp_path / "curves.csv.gz"
+    done = subprocess.run([sys.executable, "bench/search_quality.py", "record", "--space", str(space),
+                           "--values", "2", "--epochs", "2", "--out", str(table)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    frame = pd.read_csv(table)
+    assert len(frame) == 2 * 2 * 2 and set(frame["p:lr_head"]) == {0.001, 0.01}
+    assert frame["value"].between(0, 1).all()
+    assert not list(tmp_path.glob("*.partial*"))
+    # the replay: a bigger table of made-up curves over the same space, 2 seeds per arm
+    rows = [{"config": c, "seed": s, "p:lr_head": lr, "epoch": e,
+             "value": round(0.5 + 0.1 * c + 0.05 * e * (-1) ** c + 0.01 * s, 3)}
+            for c, lr in enumerate((1e-3, 2e-3, 5e-3, 1e-2)) for s in (0, 1) for e in (1, 2, 3, 4)]
+    pd.DataFrame(rows).to_csv(table, index=False)
+    info = json.loads(Path(f"{table}.json").read_text())
+    Path(f"{table}.json").write_text(json.dumps({**info, "epochs": 4}))
+    [line] = run_bench("bench/search_quality.py", "--table", str(table), "--seeds", "2",
+                       "--budgets", "2,4", "--processes", "1", "--json")
+    assert line["seeds"] == 2 and line["budgets"] == [8, 16] and len(line["diff_se"]) == 2
+    assert set(line["regret"]) == {"random_asha", "random_fifo", "ray_default", "tpe_fifo", "headernet"}
+    assert all(len(r) == 2 and min(r) >= 0 for r in line["regret"].values())

@@ -171,7 +171,9 @@ def test_optuna_searchs_study_and_trials():
     assert isinstance(study, optuna.Study), moved("OptunaSearch._ot_study is not the study")
     assert list(trials) == ["a"] and isinstance(trials["a"], optuna.Trial), \
         moved("OptunaSearch._ot_trials is not Tune id -> optuna.Trial")
+    assert ray_compat.searcher_completed(searcher) == set(), moved("OptunaSearch._completed_trials")
     ray_compat.mark_searcher_trial_complete(searcher, "a")
+    assert ray_compat.searcher_completed(searcher) == {"a"}, moved("OptunaSearch._completed_trials")
     searcher.on_trial_complete("a", {"m": 1.0})  # Tune's searcher now skips it: nothing told
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING, \
         moved("OptunaSearch ignores _completed_trials")

@@ -102,6 +102,7 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys, mon
     for trial in ok:  # a trial that ran every epoch is finished, even though ASHA ended it at max_t
         assert (trial["status"] == "finished") == (trial["epochs_run"] == 3), trial
     assert all(t["params"]["lr_backbone"] == 1e38 for t in failed)
+    assert_study_states(search_dir, summary)
 
     for trial in ok:
         folder = search_dir / trial["name"]
@@ -333,6 +334,27 @@ def test_asha_stops_survive_a_kill_and_sigterm_ends_a_search_like_ctrl_c(tiny_da
         assert len(rows) == trial["epochs_run"], (name, len(rows))
     for trial in summary["trials"]:
         assert (trial["status"] == "stopped_early") == (search_dir / trial["name"] / "scheduler_stop.json").is_file()
+    assert_study_states(search_dir, summary)
+
+
+def assert_study_states(search_dir, summary) -> None:
+    """The study tells the sampler what trials.csv says: a PRUNED trial per stopped one (its
+    last epoch among its intermediate values), COMPLETE per finished one, FAIL per failed one
+    (and for trials asked after a killed driver's last snapshot, which never ran)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from tuning.study import study_storage
+
+    study = optuna.load_study(study_name=None, storage=study_storage(search_dir))
+    states = [t.state for t in study.trials]
+    counts = summary["counts"]
+    assert states.count(TrialState.PRUNED) == counts.get("stopped_early", 0), (states, counts)
+    assert states.count(TrialState.COMPLETE) == counts.get("finished", 0), (states, counts)
+    assert states.count(TrialState.FAIL) >= counts.get("failed", 0), (states, counts)
+    stopped = sorted(t["epochs_run"] for t in summary["trials"] if t["status"] == "stopped_early")
+    deepest = sorted(max(t.intermediate_values) for t in study.get_trials(states=(TrialState.PRUNED,)))
+    assert deepest == stopped, (deepest, stopped)
 
 
 # --- a frozen search: features computed once for all trials, actors reused ------------------
@@ -463,6 +485,15 @@ def test_readme_demo_search(tmp_path):
         assert sorted(p.name for p in (search_dir / t["name"] / "plots").iterdir()) == \
             ["loss.png", "metrics.png", "pr.png", "roc.png"], t["name"]
     assert summary["best_trial"]["objective"] > 0.8
+    assert_study_states(search_dir, summary)
+    # a second search warm-started from it: the study starts with the first one's ended trials
+    second = subprocess.run([sys.executable, "-m", "tuning.search", "--space", "demo", "--name", "demo2",
+                             "--warm_start", str(search_dir), "--num_samples", "1", "--retrain_best", "0"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    warm = json.loads((search_dir.parent / "demo2" / "search_summary.json").read_text())["warm_start"]
+    assert warm == {"from": str(search_dir), "trials": 8}
     assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
     assert "best trial" in result.stdout and summary["best_trial"]["checkpoint_abs"] in result.stdout
     # the best checkpoint, evaluated on its own, reproduces the reported objective

@@ -111,6 +111,7 @@ def started_search(tmp_path: Path, tiny_data) -> tuple[Path, Path]:
     (["--max_concurrent", "4"], "--max_concurrent 4"),
     (["--set", "epochs=5"], "--set epochs=5 (started with none)"),
     (["--train_csv", "other.csv"], "--train_csv other.csv"),
+    (["--warm_start", "elsewhere"], "--warm_start elsewhere (started with none)"),   # imported once, at the start
 ])
 def test_resume_refuses_flags_that_describe_another_search(tiny_data, tmp_path, capsys, extra, fragment):
     space, _ = started_search(tmp_path, tiny_data)
@@ -332,3 +333,81 @@ def test_a_second_ctrl_c_still_says_how_to_resume(tiny_data, tmp_path, monkeypat
     assert resume[-1] == "--resume" and resume[resume.index("--name") + 1] == "twice"
     assert resume[resume.index("--space") + 1] == str(space)
     assert (tmp_path / "out" / "twice" / "search.json").is_file()   # what --resume starts from
+
+
+def recorded_search(folder: Path, space: Path) -> Path:
+    """A search folder as a search leaves it when it starts (its search.json)."""
+    folder.mkdir()
+    (folder / "search.json").write_text(json.dumps(
+        {"space_file": str(space), "space_yaml": space.read_text(), "sets": [], "cwd": str(space.parent)}))
+    return folder
+
+
+@pytest.mark.parametrize("theirs, fragment", [
+    ({"lr_head": {"uniform": [1e-4, 1e-3]}}, "search.lr_head differs in its kind (uniform there, loguniform here)"),
+    ({"lr_head": {"loguniform": [1e-4, 1e-3]}, "backbone": {"choice": ["vmae"]}},
+     "that search searched backbone, lr_head, this one lr_head"),
+])
+def test_a_warm_start_from_another_space_is_one_line(tiny_data, tmp_path, capsys, theirs, fragment):
+    (tmp_path / "o").mkdir()
+    other = recorded_search(tmp_path / "other", write_space(tmp_path / "o", tiny_data, theirs))
+    space = write_space(tmp_path, tiny_data, {"lr_head": {"loguniform": [1e-5, 1e-2]}})
+    line = error_of(["--space", str(space), "--warm_start", str(other)], capsys)
+    assert line.startswith(f"error: --warm_start {other}: ") and fragment in line, line
+    assert "not a search folder" in error_of(["--space", str(space), "--warm_start", str(tmp_path)], capsys)
+
+
+def test_a_warm_start_names_the_trainer_settings_that_differ(tiny_data, tmp_path):
+    from tuning.search import check_warm_start, load_space
+
+    (tmp_path / "o").mkdir()
+    other = recorded_search(tmp_path / "other", write_space(
+        tmp_path / "o", tiny_data, {"lr_head": {"loguniform": [1e-4, 1e-3]}}))
+    space = load_space(str(write_space(tmp_path, tiny_data, {"lr_head": {"loguniform": [1e-5, 1e-2]}})),
+                       sets=["epochs=5"])
+    [line] = check_warm_start(str(other), space)
+    assert "epochs 2 there, 5 here" in line and "output_root" in line, line
+
+
+def test_a_warm_started_searchs_first_proposal_is_tpe_given_the_imported_trials(tiny_data, tmp_path):
+    """The other search's finished and pruned trials are in the new study before its first
+    proposal: that proposal is what the same seeded TPE proposes given those trials."""
+    import optuna
+
+    from tuning.search import make_searcher, parse_args, plan_search, tpe_sampler
+    from tuning.study import StudySearch, load_search_study, study_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = {"lr_head": {"loguniform": [1e-4, 1e-2]}, "backbone": {"choice": ["vmae", "csn"]}}
+    (tmp_path / "o").mkdir()
+    other = recorded_search(tmp_path / "other", write_space(tmp_path / "o", tiny_data, search))
+    def earlier_space(trial) -> None:
+        trial.suggest_float("lr_head", 1e-4, 1e-2, log=True)
+        trial.suggest_categorical("backbone", ["vmae", "csn"])
+
+    earlier = StudySearch(space=earlier_space, metric="objective", mode="max", storage=study_storage(other), study_name="o",
+                          sampler=optuna.samplers.RandomSampler(seed=1))
+    for i in range(6):
+        earlier.suggest(f"t{i}")
+        earlier.on_trial_complete(f"t{i}", {"objective": 0.1 * i, "epoch": 1 if i % 3 else 2,
+                                            "trial_epochs": 2})    # two finished, four stopped
+    earlier.suggest("running")                                     # not imported
+    search["lr_head"] = {"loguniform": [1e-5, 1e-2]}               # widened: still a warm start
+    space = write_space(tmp_path, tiny_data, search)
+    plan = plan_search(parse_args(["--space", str(space), "--warm_start", str(other),
+                                   "--set", "budget.startup_trials=4"]))
+    assert plan.start.warm_start == str(other) and plan.space.startup_trials <= 6
+    plan.search_dir.mkdir(parents=True)
+    proposal = make_searcher(plan.space, plan.search_dir, plan.start.warm_start).suggest("first")
+
+    imported = load_search_study(plan.search_dir).trials[:-1]   # the last: the proposal
+    assert [t.state.name for t in imported] == ["COMPLETE", "PRUNED", "PRUNED"] * 2
+    reference = optuna.create_study(direction="maximize",
+                                    sampler=tpe_sampler(plan.space.seed, plan.space.startup_trials))
+    reference.add_trials(imported)
+    trial = reference.ask()
+    plan.space.define_by_run(trial)
+    assert proposal == trial.params
+    cold = optuna.create_study(sampler=tpe_sampler(plan.space.seed, plan.space.startup_trials)).ask()
+    plan.space.define_by_run(cold)
+    assert proposal != cold.params        # the imported trials, not the start-up draws, decided

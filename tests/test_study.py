@@ -141,3 +141,57 @@ def test_an_out_of_memory_end_is_pruned_and_infeasible(tmp_path):
     [trial] = optuna.load_study(study_name="s", storage=study_storage(tmp_path)).trials
     assert trial.state == TrialState.PRUNED and not trial.intermediate_values
     assert not feasible(trial)
+
+
+def epoch_result(value: float, epoch: int, epochs: int = 3) -> dict:
+    """A trial's report as tuning/trial.py sends it."""
+    return {"objective": value, "epoch": epoch, "trial_epochs": epochs, "training_iteration": epoch}
+
+
+def test_finished_stopped_and_failed_trials_get_their_true_states(tmp_path):
+    """As Tune's controller calls the searcher: a result the scheduler stops on goes only to
+    on_trial_complete; an errored trial gets error=True and no result."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = searcher(tmp_path)
+    for trial_id in "abc":
+        search.suggest(trial_id)
+    for epoch, value in enumerate((0.3, 0.5, 0.6), start=1):      # a: all 3 epochs
+        search.on_trial_result("a", epoch_result(value, epoch))
+    search.on_trial_complete("a", epoch_result(0.6, 3))
+    search.on_trial_result("b", epoch_result(0.2, 1))               # b: ASHA stops it at epoch 2
+    search.on_trial_complete("b", epoch_result(0.4, 2))
+    search.on_trial_complete("c", error=True)                       # c: failed
+    study = optuna.load_study(study_name=None, storage=study_storage(tmp_path))
+    assert [(t.state, t.value, t.intermediate_values) for t in study.trials] == [
+        (TrialState.COMPLETE, 0.6, {1: 0.3, 2: 0.5, 3: 0.6}),
+        (TrialState.PRUNED, 0.4, {1: 0.2, 2: 0.4}),   # its value: the last intermediate
+        (TrialState.FAIL, None, {})]
+
+
+def test_a_trial_stopped_before_a_kill_is_pruned_after_the_resume(tmp_path):
+    """Killed after ASHA stopped b but before the searcher heard of it: the resumed trial
+    reports its recorded epochs once (tuning/trial.py's report_recorded), and b is PRUNED."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    first = searcher(tmp_path)
+    first.suggest("b")
+    first.on_trial_result("b", epoch_result(0.2, 1))
+    first.save(str(tmp_path / "searcher-state.pkl"))
+    second = searcher(tmp_path)
+    second.restore(str(tmp_path / "searcher-state.pkl"))
+    second.on_trial_complete("b", {**epoch_result(0.4, 2), "training_iteration": 1})
+    [trial] = optuna.load_study(study_name=None, storage=study_storage(tmp_path)).trials
+    assert (trial.state, trial.intermediate_values) == (TrialState.PRUNED, {1: 0.2, 2: 0.4})
+
+
+def test_a_multi_objective_study_takes_no_intermediate_values(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = StudySearch(space=space, metric=["objective", "cost"], mode=["max", "min"],
+                         storage=study_storage(tmp_path), study_name="s")
+    search.suggest("a")
+    search.suggest("b")
+    search.on_trial_result("a", {**epoch_result(0.3, 1), "cost": 1.0})
+    search.on_trial_complete("a", {**epoch_result(0.5, 3), "cost": 2.0})
+    search.on_trial_complete("b", {**epoch_result(0.2, 1), "cost": 1.0})
+    study = optuna.load_study(study_name=None, storage=study_storage(tmp_path))
+    assert [(t.state, t.values, t.intermediate_values) for t in study.trials] == [
+        (TrialState.COMPLETE, [0.5, 2.0], {}), (TrialState.PRUNED, None, {})]

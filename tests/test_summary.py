@@ -234,7 +234,7 @@ def test_distributions_match_what_the_space_samples(tmp_path, no_plots):
                 p.suggest(trial)
         for p in params:
             if p.name in trial.distributions:
-                assert trial.distributions[p.name] == summary_mod._distribution(p), p.name
+                assert trial.distributions[p.name] == summary_mod.optuna_distribution(p), p.name
         recs.append(TrialRecord(name=f"t{i}", status="finished", params=dict(trial.params),
                                 objective=0.1 * i, best_epoch=1, epochs_run=1, best_metrics={},
                                 checkpoint=None, error=None, order=i))
@@ -391,7 +391,8 @@ def golden_summary(folder: Path) -> str:
 
     recs = records() + [rec(9, "failed", None, backbone="csn", epochs=0, error=LONG_ERROR)]
     recs[0].params["threads"] = 2
-    run(folder, recs, val_csv="data/splits/val.csv",
+    recs[1].params["focal_alpha"] = 0.89      # the best trial at the edge of its range
+    run(folder, recs, val_csv="data/splits/val.csv", warm_start={"from": "/runs/yesterday", "trials": 6},
         notes=("interrupted: continue with python -m tuning.search --resume",
                "feature cache: the backbone ran on 10 clips instead of 40 (4.0x fewer)"))
     add_final_model(folder, {
@@ -438,3 +439,38 @@ def test_cost_out_of_memory_and_pareto_front(tmp_path):
     assert (tmp_path / "plots" / "pareto.png").is_file()
     header = (tmp_path / "trials.csv").read_text().splitlines()[0].split(",")
     assert {"val_f1", "clips_per_s", "device_hours"} <= set(header)
+
+
+# --- the edge warning -----------------------------------------------------------------------
+@pytest.mark.parametrize(("param", "value", "side"), [
+    (PARAMS[2], 1e-2, "upper"), (PARAMS[2], 1.2e-4, "lower"),     # log scale: 1.2e-4 is near 1e-4
+    (PARAMS[3], 0.5, "lower"), (PARAMS[4], 12, "upper"), (PARAMS[2], 1e-3, None),
+    (PARAMS[3], 0.7, None), (PARAMS[2], 1.5e-4, None)])           # 1.5e-4: 9% of the log range
+def test_the_edge_warning_fires_at_a_bound_and_stays_silent_inside(param, value, side):
+    from tuning.summary import edge_warnings
+
+    best = rec(1, "finished", 0.7)
+    best.params[param.name] = value
+    lines = edge_warnings(best, [param])
+    if side is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and f"{param.name} " in lines[0] and f"{side} edge" in lines[0]
+        assert "widening" in lines[0]
+    assert edge_warnings(None, [param]) == []
+
+
+def test_the_edge_warning_ends_the_console_and_is_in_the_summary(tmp_path, no_plots, capsys):
+    from types import SimpleNamespace
+
+    from tuning.search import print_result
+
+    recs = records()
+    recs[1].params["lr_head"] = 1e-2          # t002, the best: at lr_head's upper bound
+    summary = run(tmp_path, recs)
+    assert len(summary["edge_warnings"]) == 1 and "lr_head" in summary["edge_warnings"][0]
+    assert "**Warning**: the best trial's lr_head" in (tmp_path / "summary.md").read_text()
+    space = SimpleNamespace(num_samples=8, metric="val_f1", params=PARAMS)
+    print_result(tmp_path, space, recs, recs[1], 0, [])
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "lr_head 0.01 is at the upper edge" in warned[0], warned

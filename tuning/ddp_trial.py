@@ -100,7 +100,7 @@ def worker_loop(loop: dict[str, Any]) -> None:
 
     def on_epoch(report) -> bool:
         ray.train.report(trial_metrics(report.metrics, report.best_metrics, report.best_epoch,
-                                       loop["metrics"], node))
+                                       loop["metrics"], node, config.epochs))
         # ASHA's stop, if it has been recorded by now (rank 0's answer holds for all ranks)
         return (run_dir / SCHEDULER_STOP).is_file()
 

@@ -161,6 +161,11 @@ def searcher_trials(searcher: Any) -> dict[str, Any]:
     return searcher._ot_trials
 
 
+def searcher_completed(searcher: Any) -> set[str]:
+    """The Tune trial ids a Tune `OptunaSearch` holds as complete (its `_completed_trials`)."""
+    return searcher._completed_trials
+
+
 def mark_searcher_trial_complete(searcher: Any, trial_id: str) -> None:
     """Records `trial_id` as complete in a Tune `OptunaSearch` (its `_completed_trials`) without
     telling the study: for a trial the study already holds as finished."""

@@ -5,6 +5,7 @@ sampling, ASHA early stopping, a summary at the end.
     python -m tuning.search --space vmae_full --train_csv s/train.csv --val_csv s/val.csv
     python -m tuning.search --space vmae_full --resume         # continue an interrupted search
     python -m tuning.search --space vmae_full --address HEAD:6379 --storage_path /shared/hpo
+    python -m tuning.search --space vmae_full --name wider --warm_start report/header_experiments/vmae_full
 
 Order of work: load + check the space, the data and every checkpoint a trial could need, and
 the search folder (nothing is started before all of that passes); then Ray; then the Tuner
@@ -36,8 +37,8 @@ from .ddp_trial import TRIAL_TOKEN, placeable_trials, worker_group_cleanup, work
 from . import resume_guard
 from .ray_compat import TUNER_PKL
 from .space import SearchSpace, find_space_file, load_space
-from .summary import (TrialRecord, best_record, complete_trial_plots, feature_cache_note, format_bytes,
-                      write_summary)
+from .summary import (TrialRecord, best_record, complete_trial_plots, edge_warnings,
+                      feature_cache_note, format_bytes, write_summary)
 from .trial import (OBJECTIVE, QUIET_HOOK, SCHEDULER_STOP, objective_keys, one_line_error, run_trial,
                     search_warnings, trial_dirname)
 
@@ -72,6 +73,7 @@ class SearchArgs:
     retrain_best: int | None = None
     test_csv: str | None = None
     verbose: bool = False
+    warm_start: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,7 @@ class StartRecord:
     cwd: str | None = None                # the folder the search was started from
     args: dict[str, Any] | None = None    # shaping_flags() at the start
     verbose: bool = False
+    warm_start: str | None = None         # --warm_start: the search whose trials seeded the study
 
     @classmethod
     def read(cls, path: Path) -> StartRecord:
@@ -111,6 +114,7 @@ class SearchPlan:
     keep_checkpoints: str                 # all | best_trial
     retrain_best: int | None              # the retrain flags, repeated by the resume command
     test_csv: str | None                  # absolute
+    warnings: tuple[str, ...] = ()        # said once when a new search starts
 
 
 def parse_args(argv: Sequence[str] | None) -> SearchArgs:
@@ -135,6 +139,9 @@ def parse_args(argv: Sequence[str] | None) -> SearchArgs:
                              "(overrides the space's retrain.epochs; 0: no retrain)")
     parser.add_argument("--test_csv", help="held-out CSV the retrained model is scored on, at the "
                                            "threshold chosen on validation (overrides retrain.test_csv)")
+    parser.add_argument("--warm_start", metavar="OTHER_SEARCH_DIR",
+                        help="start the study from the finished and stopped trials of another "
+                             "search folder over the same parameters (ranges may differ)")
     parser.add_argument("--verbose", action="store_true",
                         help="Ray's own console (per-trial result boxes, every trial's output)")
     return SearchArgs(**vars(parser.parse_args(argv)))
@@ -145,19 +152,24 @@ def resolve_space(args: SearchArgs, start: StartRecord | None) -> SearchSpace:
     """The space as the CLI describes it, or exactly as it was when a resumed search started,
     with every path made absolute against the folder the search was started from."""
     if start is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(start.space_file).name
-            path.write_text(start.space_yaml)
-            space = load_space(str(path), sets=start.sets, num_samples=start.num_samples,
-                               max_concurrent=start.max_concurrent)
-        space = dataclasses.replace(space, path=Path(start.space_file))
-        return absolute_paths(space, Path(start.cwd or Path.cwd()))
+        return recorded_space(start)
     sets = list(args.sets)
     sets += [f"{key}={value}" for key, value in (("train_csv", args.train_csv), ("val_csv", args.val_csv))
              if value is not None]
     space = load_space(args.space, sets=sets, num_samples=args.num_samples,
                        max_concurrent=args.max_concurrent)
     return absolute_paths(space, Path.cwd())
+
+
+def recorded_space(start: StartRecord) -> SearchSpace:
+    """The space exactly as a search's StartRecord says it started (paths absolute)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(start.space_file).name
+        path.write_text(start.space_yaml)
+        space = load_space(str(path), sets=start.sets, num_samples=start.num_samples,
+                           max_concurrent=start.max_concurrent)
+    space = dataclasses.replace(space, path=Path(start.space_file))
+    return absolute_paths(space, Path(start.cwd or Path.cwd()))
 
 
 def with_retrain_flags(space: SearchSpace, args: SearchArgs) -> SearchSpace:
@@ -394,6 +406,8 @@ def check_resume_args(args: SearchArgs, start: StartRecord, search_dir: Path) ->
     for key in ("train_csv", "val_csv"):
         if now[key] and key in started and now[key] != started[key]:
             changed.append(f"--{key} {getattr(args, key)} (started with {started[key] or 'the space file'})")
+    if args.warm_start and str(Path(args.warm_start).expanduser().absolute()) != start.warm_start:
+        changed.append(f"--warm_start {args.warm_start} (started with {start.warm_start or 'none'})")
     if changed:
         fail(f"{search_dir}: --resume continues the search as it was started, but "
              f"{'; '.join(changed)}; drop those flags or start a new search with another --name")
@@ -424,13 +438,11 @@ def start_ray(address: str | None, quiet: bool) -> None:
 def build_tuner(plan: SearchPlan, checked: CheckedSplits | None = None):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import FIFOScheduler
 
     from .console import console_run_config
     from .diskspace import DiskWatch
-    from .scheduler import RecordingASHA
     from .snapshot import ResumeSnapshot
-    from .study import StudySearch, clear_stale_lock, study_storage
+    from .study import clear_stale_lock
 
     space, search_dir, verbose = plan.space, plan.search_dir, plan.start.verbose
     console = console_run_config(metric=space.metric, mode=space.mode,
@@ -449,21 +461,8 @@ def build_tuner(plan: SearchPlan, checked: CheckedSplits | None = None):
         clear_stale_lock(search_dir)
         return tune.Tuner.restore(str(search_dir), trainable=trainable,
                                   resume_unfinished=True, resume_errored=True)
-    # Several objectives: Optuna's multi-objective TPE over every `objective*` key (no
-    # intermediate values then); the space allows no scheduler with them.
-    keys = objective_keys(space.objective_metrics)
-    searcher = StudySearch(space=space.define_by_run,
-                           metric=keys if len(keys) > 1 else OBJECTIVE,
-                           mode=list(space.objective_modes) if len(keys) > 1 else space.mode,
-                           sampler=tpe_sampler(space.seed, space.startup_trials),
-                           storage=study_storage(search_dir), study_name=search_dir.name,
-                           constraints=space.constraints)
-    if space.scheduler.get("type") == "asha":
-        scheduler = RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
-                                  grace_period=space.scheduler["grace_period"],
-                                  reduction_factor=space.scheduler["reduction_factor"])
-    else:
-        scheduler = FIFOScheduler()
+    searcher = make_searcher(space, search_dir, plan.start.warm_start)
+    scheduler = make_scheduler(space, search_dir)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=space.mode, search_alg=searcher,
@@ -485,6 +484,42 @@ def build_tuner(plan: SearchPlan, checked: CheckedSplits | None = None):
             # Tune checkpoints are tiny progress markers (weights live in each run folder);
             # keeping them all avoids restoring from one that was already deleted.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
+
+
+def make_searcher(space: SearchSpace, search_dir: Path | None, warm_start: str | None = None):
+    """A new search's searcher: `StudySearch` with seeded multivariate TPE over the study in
+    `search_dir` (None: in memory, as the search-quality bench replays it), first given the
+    finished and stopped trials of the `warm_start` search folder."""
+    from .ray_compat import searcher_study
+    from .study import StudySearch, study_storage, warm_start_trials
+
+    storage = study_storage(search_dir) if search_dir is not None else None
+    # Several objectives: Optuna's multi-objective TPE over every `objective*` key (no
+    # intermediate values then); the space allows no scheduler with them.
+    keys = objective_keys(space.objective_metrics)
+    several = len(keys) > 1
+    searcher = StudySearch(space=space.define_by_run, metric=keys if several else OBJECTIVE,
+                           mode=list(space.objective_modes) if several else space.mode,
+                           sampler=tpe_sampler(space.seed, space.startup_trials), storage=storage,
+                           study_name=search_dir.name if search_dir is not None else None,
+                           constraints=space.constraints)
+    if warm_start:   # a new search only: --resume finds them in the study already
+        searcher_study(searcher).add_trials(warm_start_trials(warm_start, space.params))
+    return searcher
+
+
+def make_scheduler(space: SearchSpace, search_dir: Path):
+    """The space's scheduler: ASHA over epochs (recording its stops in the trial folders) or
+    FIFO (every trial runs all its epochs)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from .scheduler import RecordingASHA
+
+    if space.scheduler.get("type") != "asha":
+        return FIFOScheduler()
+    return RecordingASHA(search_dir, time_attr="epoch", max_t=space.max_epochs(),
+                         grace_period=space.scheduler["grace_period"],
+                         reduction_factor=space.scheduler["reduction_factor"])
 
 
 # --- after the search ---------------------------------------------------------------------
@@ -597,18 +632,57 @@ def plan_search(args: SearchArgs) -> SearchPlan:
     if start is not None:
         check_resume_args(args, start, search_dir)
     space = with_retrain_flags(resolve_space(args, start), args)
+    warnings: list[str] = []
     if start is None:
+        warm_start = None
+        if args.warm_start:
+            warm_start = str(Path(args.warm_start).expanduser().absolute())
+            warnings = check_warm_start(warm_start, space)
         space_file = find_space_file(args.space).absolute()   # --resume may run from another folder
         start = StartRecord(
             space_file=str(space_file), space_yaml=space_file.read_text(),
             sets=[*args.sets, *[f"{k}={v}" for k, v in space.trainer.items() if k in PATH_KEYS]],
             num_samples=args.num_samples, max_concurrent=args.max_concurrent, cwd=str(Path.cwd()),
-            args=shaping_flags(args), verbose=args.verbose)
+            args=shaping_flags(args), verbose=args.verbose, warm_start=warm_start)
     return SearchPlan(
         search_dir=search_dir, space=space, start=start, resume=args.resume, address=args.address,
         keep_checkpoints=args.keep_checkpoints or (start.args or {}).get("keep_checkpoints") or "all",
         retrain_best=args.retrain_best,
-        test_csv=str(Path(args.test_csv).expanduser().absolute()) if args.test_csv else None)
+        test_csv=str(Path(args.test_csv).expanduser().absolute()) if args.test_csv else None,
+        warnings=tuple(warnings))
+
+
+def check_warm_start(other: str, space: SearchSpace) -> list[str]:
+    """--warm_start: the other search must have searched the same objective and parameters,
+    each of the same kind, log scale and choice list (its trials would mean something else to
+    the sampler); its ranges may differ. Returns one line naming the trainer settings that
+    differ (its results were measured under those)."""
+    record = Path(other) / SEARCH_RECORD
+    if not record.is_file():
+        fail(f"--warm_start {other}: not a search folder (no {SEARCH_RECORD})")
+    theirs = recorded_space(StartRecord.read(record))
+    if (theirs.metric, theirs.mode) != (space.metric, space.mode):
+        fail(f"--warm_start {other}: that search's objective is {theirs.mode} {theirs.metric}, "
+             f"this one's {space.mode} {space.metric}")
+    ours, old = {p.name: p for p in space.params}, {p.name: p for p in theirs.params}
+    if set(ours) != set(old):
+        fail(f"--warm_start {other}: that search searched {', '.join(sorted(old))}, this one "
+             f"{', '.join(sorted(ours))}; a warm start needs the same parameters")
+    for name, param in ours.items():
+        before = old[name]
+        for what, now, then in (("kind", param.kind, before.kind), ("log scale", param.log, before.log),
+                                ("choices", param.values, before.values)):
+            if now != then:
+                fail(f"--warm_start {other}: search.{name} differs in its {what} "
+                     f"({format_value(then, 4, None)} there, {format_value(now, 4, None)} here); "
+                     f"a warm start needs the same kinds, log scales and choice lists")
+    differ = sorted(k for k in {*space.trainer, *theirs.trainer}
+                    if space.trainer.get(k) != theirs.trainer.get(k))
+    if not differ:
+        return []
+    return [f"--warm_start: trainer settings differ from {other}: " + ", ".join(
+        f"{k} {format_value(theirs.trainer.get(k), 4, None)} there, "
+        f"{format_value(space.trainer.get(k), 4, None)} here" for k in differ)]
 
 
 def run_search(args: SearchArgs) -> int:
@@ -651,7 +725,7 @@ def search_owned(plan: SearchPlan, checked: CheckedSplits) -> int:
         write_json(search_dir / SEARCH_RECORD, dataclasses.asdict(plan.start))
         write_text(search_dir / SPACE_COPY, plan.start.space_yaml)
     print(space.describe())
-    for line in search_warnings(space, search_dir):
+    for line in [*search_warnings(space, search_dir), *([] if plan.resume else plan.warnings)]:
         print(f"warning: {line}")
     from .study import STUDY_FILE
     print(f"search folder: {search_dir}  (live study: optuna-dashboard {search_dir / STUDY_FILE})")
@@ -738,10 +812,19 @@ def summarise(plan: SearchPlan, records: list[TrialRecord], interrupted: bool) -
     write_summary(search_dir, name=search_dir.name, metric=space.metric, mode=space.mode,
                   space_params=space.params, records=records,
                   state="interrupted" if interrupted else "finished", disk_bytes=size,
-                  notes=notes, val_csv=space.trainer.get("val_csv"), objectives=space.objectives,
+                  notes=notes, val_csv=space.trainer.get("val_csv"), warm_start=warm_start_record(plan),
+                  objectives=space.objectives,
                   cost_unit="GPU-hours" if space.resources.get("gpu", 0) else "CPU-hours")
     print_result(search_dir, space, records, best, size, notes)
     return best
+
+
+def warm_start_record(plan: SearchPlan) -> dict[str, Any] | None:
+    """The summary's record of a warm start: the other search and how many trials it gave."""
+    if not plan.start.warm_start:
+        return None
+    from .study import imported_trials
+    return {"from": plan.start.warm_start, "trials": imported_trials(plan.search_dir)}
 
 
 def resume_command(plan: SearchPlan) -> str:
@@ -773,6 +856,8 @@ def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord
         print(f"best trial {best.name}: {space.metric} {best.objective:.4f} at epoch {best.best_epoch} ({params})")
         if best.checkpoint:
             print(f"best checkpoint: {search_dir / best.checkpoint}")
+        for line in edge_warnings(best, space.params):
+            print(f"warning: {line}")
     print(f"summary: {search_dir / 'summary.md'}  |  the search holds {format_bytes(size)} on disk")
     print(f"curves: tensorboard --logdir {search_dir}")
     for note in notes:

@@ -10,6 +10,14 @@ refuses to update a finished trial, so `StudySearch` keeps the recorded result i
 failing the search; (b) never hear again of trials asked after the snapshot: they are marked
 FAIL in the study when the searcher is restored, so none stays "running" forever.
 
+Trial states tell the sampler the truth: a trial that ran all its epochs is COMPLETE with its
+best epoch's objective; one the scheduler stopped before its own epochs is PRUNED, with the
+objective (best so far) of every epoch it ran as intermediate values (Optuna's TPE ranks those
+after the complete ones, by their deepest epoch); a failed trial is FAIL (Ray's own handling).
+Ray's `OptunaSearch` alone would call a stopped trial COMPLETE with its early value, and never
+hears the last epoch of a trial the scheduler stops (Tune sends that result only to
+`on_trial_complete`). A multi-objective study takes no intermediate values.
+
 A trial that ran out of memory at micro-batch 1 is told PRUNED, not FAIL (Optuna's samplers
 skip FAIL trials), and violates every constraint of the space (`constraint_values`), so the sampler
 learns which configs do not fit.
@@ -17,9 +25,12 @@ learns which configs do not fit.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
+import optuna
+from optuna.distributions import CategoricalDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -29,18 +40,67 @@ from ray.tune.search.optuna import OptunaSearch
 from .ray_compat import (
     journal_lock_file,
     mark_searcher_trial_complete,
+    searcher_completed,
     searcher_study,
     searcher_trials,
 )
+from .summary import optuna_distribution
+from .trial import OOM_ENDED, TRIAL_EPOCHS
 
-from .trial import OOM_ENDED
+if TYPE_CHECKING:
+    from .space import Param
 
 STUDY_FILE = "optuna_study.log"
+WARM_START_ATTR = "warm_start"   # user attr of a trial copied from another search's study
+
+
+def stopped_early(result: dict[str, Any] | None) -> bool:
+    """Whether a trial's last result is from before its own epochs (a scheduler stopped it)."""
+    result = result or {}
+    epochs, epoch = result.get(TRIAL_EPOCHS), result.get("epoch")
+    return epochs is not None and epoch is not None and int(epoch) < int(epochs)
 
 
 def study_storage(search_dir: str | Path) -> JournalStorage:
     """The journal storage of the study in `search_dir`."""
     return JournalStorage(JournalFileBackend(str(Path(search_dir) / STUDY_FILE)))
+
+
+def load_search_study(search_dir: str | Path) -> optuna.Study:
+    """The study of the search in `search_dir` (one study per journal file)."""
+    return optuna.load_study(study_name=None, storage=study_storage(search_dir))
+
+
+def warm_start_trials(other_dir: str | Path, params: Sequence[Param]) -> list[optuna.trial.FrozenTrial]:
+    """The finished and pruned trials of the search in `other_dir`, as trials of a study over
+    `params`: each value under this space's distribution, so that TPE models imported and new
+    trials as one space (a widened range included); a trial holding a value outside this
+    space's ranges or a param it does not search is left out. The caller has checked that
+    kinds, log scales and choice lists agree."""
+    distributions = {p.name: optuna_distribution(p) for p in params}
+
+    def fits(name: str, value: Any) -> bool:
+        dist = distributions.get(name)
+        if isinstance(dist, CategoricalDistribution):
+            return value in dist.choices
+        return dist is not None and dist.low <= value <= dist.high
+
+    copies = []
+    for trial in load_search_study(other_dir).get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if all(fits(name, value) for name, value in trial.params.items()):
+            copies.append(optuna.trial.create_trial(
+                state=trial.state, values=trial.values if trial.state == TrialState.COMPLETE else None,
+                params=trial.params, distributions={n: distributions[n] for n in trial.params},
+                intermediate_values=trial.intermediate_values,
+                user_attrs={**trial.user_attrs, WARM_START_ATTR: str(other_dir)}))
+    return copies
+
+
+def imported_trials(search_dir: str | Path) -> int:
+    """How many trials of the study in `search_dir` a warm start copied from another search."""
+    return sum(WARM_START_ATTR in t.user_attrs
+               for t in load_search_study(search_dir).get_trials(deepcopy=False))
 
 
 def clear_stale_lock(search_dir: str | Path) -> None:
@@ -87,12 +147,15 @@ class StudySearch(OptunaSearch):
     def _finished_in_study(self, trial_id: str) -> bool:
         return trial_id in self._finished_before_restore
 
+    def _multi_objective(self) -> bool:
+        return isinstance(self.metric, (list, tuple))
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """Optuna's step is the trial's epoch, reported once. Tune's `training_iteration`
         restarts from its snapshot when a trial is restored, and a restored trial re-reports
         its recorded epoch: as steps, either would put an epoch's value under another epoch or
         make Optuna warn and drop it (what optuna-dashboard shows per epoch)."""
-        if self._finished_in_study(trial_id) or result.get(OOM_ENDED):
+        if self._finished_in_study(trial_id) or result.get(OOM_ENDED) or self._multi_objective():
             return
         if "epoch" not in result:
             super().on_trial_result(trial_id, result)
@@ -107,6 +170,9 @@ class StudySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
+        """COMPLETE, PRUNED (stopped before its own epochs) or FAIL; the last epoch's objective
+        becomes an intermediate value first (Tune sends a stopped trial's last result only
+        here)."""
         if self._finished_in_study(trial_id):
             mark_searcher_trial_complete(self, trial_id)
             return
@@ -121,6 +187,13 @@ class StudySearch(OptunaSearch):
             if result.get(OOM_ENDED):
                 ot_trial.set_user_attr(OOM_ENDED, True)
                 searcher_study(self).tell(ot_trial, state=TrialState.PRUNED)
+                mark_searcher_trial_complete(self, trial_id)
+                return
+        if result and not error:
+            if "epoch" in result:
+                self.on_trial_result(trial_id, result)
+            if stopped_early(result) and trial_id not in searcher_completed(self):
+                searcher_study(self).tell(searcher_trials(self)[trial_id], state=TrialState.PRUNED)
                 mark_searcher_trial_complete(self, trial_id)
                 return
         super().on_trial_complete(trial_id, result, error)

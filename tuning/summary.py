@@ -72,6 +72,9 @@ MIN_VARYING_PARAMS = 2
 ROUGH_IMPORTANCE_TRIALS = 20
 # Error text in the markdown table is cut here (the JSON and CSV keep it whole).
 MD_ERROR_CHARS = 160
+# The best trial's value of a searched number this close to a bound (fraction of the range, on
+# the log scale for a log range) may mean the best lies beyond it: the summary says so.
+EDGE_FRACTION = 0.05
 
 @dataclass
 class TrialRecord:
@@ -114,6 +117,27 @@ def best_record(records: Sequence[TrialRecord], mode: str) -> TrialRecord | None
     ranked = sorted((r for r in records if r.status != "failed" and finite(r.objective) is not None),
                     key=lambda r: _rank_key(r.objective, r.epochs_run, r.name, mode))
     return ranked[0] if ranked else None
+
+
+def edge_warnings(best: TrialRecord | None, space_params: Sequence[Param]) -> list[str]:
+    """One line per searched number whose best-trial value lies in the outer EDGE_FRACTION of
+    its range: the search may have been fenced in there, and a wider range may find better."""
+    lines = []
+    for param in space_params:
+        value = finite((best.params if best else {}).get(param.name))
+        if param.kind == "choice" or value is None or not param.high > param.low:
+            continue
+        log = param.kind == "loguniform" or param.log
+        low, high, at = (math.log(x) if log else x for x in (param.low, param.high, value))
+        position = (at - low) / (high - low)
+        if EDGE_FRACTION < position < 1 - EDGE_FRACTION:
+            continue
+        side, bound = ("upper", param.high) if position >= 0.5 else ("lower", param.low)
+        lines.append(f"the best trial's {param.name} {format_value(value, 3)} is at the {side} "
+                     f"edge of its range {format_value(param.low, 3)} .. {format_value(param.high, 3)}"
+                     f"{' (log scale)' if log else ''}: the best may lie beyond {format_value(bound, 3)}; "
+                     f"consider widening the range")
+    return lines
 
 
 def feature_cache_note(search_dir: Path, records: Sequence[TrialRecord]) -> str | None:
@@ -183,11 +207,14 @@ def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
                   space_params: Sequence[Param], records: Sequence[TrialRecord], state: str,
                   disk_bytes: int, notes: Sequence[str] = (),
                   val_csv: str | None = None, objectives: Sequence[tuple[str, str]] = (),
-                  cost_unit: str = "GPU-hours") -> dict[str, Any]:
+                  cost_unit: str = "GPU-hours",
+                  warm_start: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write search_summary.json, trials.csv, summary.md and plots/ into `search_dir`.
 
     `state` is the search's: finished | interrupted | running. `val_csv`, when given, goes into
-    the command that evaluates the best checkpoint. Returns the summary as written to JSON.
+    the command that evaluates the best checkpoint. `warm_start`: {"from": the other search's
+    folder, "trials": how many of its trials the study imported}. Returns the summary as
+    written to JSON.
     """
     _check_choice("mode", mode, MODES)
     _check_choice("state", state, STATES)
@@ -206,11 +233,13 @@ def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
         "num_trials": len(records),
         "counts": {s: sum(r.status == s for r in records) for s in STATUSES},
         "best_trial": _best_dict(search_dir, best, val_csv),
+        "edge_warnings": edge_warnings(best, space_params),
         "trials": [_trial_dict(r) for r in records],
         "importances": importances,
         "importances_note": importances_note,
         "disk_bytes": int(disk_bytes),
         "disk": format_bytes(disk_bytes),
+        "warm_start": dict(warm_start) if warm_start else None,
         "notes": [str(n) for n in notes],
         "param_names": _param_names(records, space_params),   # the trials table's param columns
         "plots": [],
@@ -438,7 +467,8 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(verbosity)
 
 
-def _distribution(param: Param) -> optuna.distributions.BaseDistribution:
+def optuna_distribution(param: Param) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution a search samples `param` from (`Param.suggest`)."""
     if param.kind == "choice":
         return optuna.distributions.CategoricalDistribution(list(param.values))
     if param.kind == "int":
@@ -469,7 +499,7 @@ def _importances(records: Sequence[TrialRecord], space_params: Sequence[Param],
     """({param: importance} most important first, how it was computed) or (None, why not)."""
     with _quiet_optuna():
         try:
-            distributions = {p.name: _distribution(p) for p in space_params}
+            distributions = {p.name: optuna_distribution(p) for p in space_params}
         except Exception as exc:  # a bound Optuna rejects: the summary must still be written
             return None, f"not computed: the space has no Optuna form ({type(exc).__name__}: {exc})"
         trials, outside = [], 0
@@ -597,8 +627,11 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
              f"- Disk used: {summary['disk']}"]
     if summary.get("cost"):
         lines.append(f"- Cost: {summary['cost']['total']:.3g} {summary['cost']['unit']} in all")
+    if summary.get("warm_start"):
+        warm = summary["warm_start"]
+        lines.append(f"- Warm start: {warm['trials']} trials of `{warm['from']}` imported into the study")
     lines.append("")
-    lines += _best_markdown(summary["best_trial"], metric)
+    lines += _best_markdown(summary["best_trial"], metric, summary.get("edge_warnings", ()))
     if summary.get("final"):
         lines += _final_markdown(summary["final"]).splitlines()
     lines += _pareto_markdown(summary)
@@ -618,7 +651,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _best_markdown(info: Mapping[str, Any] | None, metric: str) -> list[str]:
+def _best_markdown(info: Mapping[str, Any] | None, metric: str, edge: Sequence[str] = ()) -> list[str]:
     lines = ["## Best trial", ""]
     if info is None:
         return lines + ["No trial has a finite objective yet: nothing to pick.", ""]
@@ -629,6 +662,7 @@ def _best_markdown(info: Mapping[str, Any] | None, metric: str) -> list[str]:
     if info["params"]:
         lines += _table(["param", "value"],
                         [[k, _fmt_value(v)] for k, v in info["params"].items()]) + [""]
+    lines += [f"**Warning**: {line}." for line in edge] + ([""] if edge else [])
     if info["best_metrics"]:
         # lr_* here are the schedule's values during that epoch, not the sampled peak LRs
         shown = ", ".join(f"{'scheduled ' if k.startswith('lr_') else ''}{k} {_fmt_value(v)}"

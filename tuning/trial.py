@@ -30,6 +30,9 @@ from .space import SearchSpace
 
 OBJECTIVE = "objective"
 OOM_ENDED = "oom_ended"                  # in a trial's last result: it ran out of memory at batch 1
+# Reported each epoch beside the objective: the epochs the trial was to run, so the searcher
+# tells a trial the scheduler stopped (its last epoch before these) from one that finished.
+TRIAL_EPOCHS = "trial_epochs"
 SCHEDULER_STOP = "scheduler_stop.json"  # in a trial folder: ASHA stopped it (tuning/scheduler.py)
 TRIAL_LOG = "train.log"                  # in a trial folder: the trainer's output (compact console)
 
@@ -131,10 +134,11 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def trial_metrics(row: dict[str, Any], best: dict[str, Any] | None, best_epoch: int | None,
-                  metrics: Sequence[str], node: str) -> dict[str, Any]:
+                  metrics: Sequence[str], node: str, epochs: int) -> dict[str, Any]:
     """What a trial reports to Tune after an epoch: its finite metrics, each objective metric's
-    value at the best epoch so far (`objective_keys`), the best epoch and the node."""
-    values = {**_finite(row), "best_epoch": best_epoch or 0, "node_id": node}
+    value at the best epoch so far (`objective_keys`), the best epoch, the node and the epochs
+    it was to run (TRIAL_EPOCHS)."""
+    values = {**_finite(row), "best_epoch": best_epoch or 0, "node_id": node, TRIAL_EPOCHS: epochs}
     for key, metric in zip(objective_keys(metrics), metrics):
         values[key] = float((best or {}).get(metric, float("nan")))
     return values
@@ -276,7 +280,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
             # The weights live in the run folder (last.pt); Tune's checkpoint only marks progress.
             Path(tmp, "progress.json").write_text(json.dumps({"epoch": int(row["epoch"]),
                                                               "run_dir": str(run_dir)}))
-            tune.report(trial_metrics(row, best, best_epoch, space.objective_metrics, node),
+            tune.report(trial_metrics(row, best, best_epoch, space.objective_metrics, node, config.epochs),
                         checkpoint=tune.Checkpoint.from_directory(tmp))
         reported = True
 
