@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -513,3 +514,28 @@ def test_readme_demo_search(tmp_path):
     assert len(console) <= 60, "\n".join(console)
     assert sum(" started " in line for line in console) == budget["num_samples"]
     assert any(line.startswith("[") and " t00" in line and "val_f1 " in line for line in console)
+    # its shape, pinned: the space's description before the trials and the closing lines after
+    # them, numbers, paths, trial names and backbones aside (an edge warning comes and goes
+    # with the best trial; the event lines are pinned in test_console.py)
+    shape = console_shape(result.stdout)
+    blank = len(shape) - 1 - shape[::-1].index("")
+    head = shape[:next(i for i, line in enumerate(shape) if line.startswith("search folder:")) + 1]
+    tail = [line for line in shape[blank:] if not line.startswith("warning: the best trial's")]
+    golden = DEMO_CONSOLE.read_text().split("\n...\n")
+    assert "\n".join(head) == golden[0] and "\n".join(tail) + "\n" == golden[1], \
+        "\n".join([*head, "...", *tail])
+
+
+DEMO_CONSOLE = Path(__file__).parent / "data" / "golden" / "demo_console.txt"
+
+
+def console_shape(text: str) -> list[str]:
+    """Console lines with paths, trial names, backbones and numbers replaced by placeholders."""
+    shape = []
+    for line in text.splitlines():
+        line = re.sub(r"(?<![\w.])/\S+", "PATH", line).replace("*best*", "")
+        line = re.sub(r"\bt\d{3}(_[^\s:]*)?", "tNNN", line)
+        line = re.sub(r"\b(vmae|csn)\b", "BACKBONE", line)
+        line = re.sub(r"(?<![A-Za-z_])\d+(\.\d+)?(e[-+]?\d+)?", "N", line)
+        shape.append(" ".join(line.split()))
+    return shape
