@@ -282,10 +282,11 @@ def interrupted_then_resumed(tiny_config, monkeypatch, at_call: int, **settings)
     return train(tiny_config(epochs=3, run_name="killed", resume=True, **settings), log=lambda _: None)
 
 
-@pytest.mark.parametrize("backbone, settings", [
-    ("vmae", {"drop_path": 0.3, "temporal_jitter": True, "label_smoothing": 0.1}),
+@pytest.mark.parametrize("backbone, settings", [   # every recipe knob that applies, at once
+    ("vmae", {"drop_path": 0.3, "temporal_jitter": True, "label_smoothing": 0.1, "max_grad_norm": 0.5,
+              "mixup": 0.8, "cutmix": 1.0, "model_ema": True, "model_ema_decay": 0.99}),
     ("csn", {"bn_frozen": True, "temporal_jitter": True, "label_smoothing": 0.1,
-             "max_grad_norm": 0.5, "optimizer": "sgd"}),
+             "max_grad_norm": 0.5, "optimizer": "sgd", "mixup": 0.8, "cutmix": 1.0, "model_ema": True}),
 ])
 def test_killed_mid_epoch_and_resumed_is_bitwise_the_uninterrupted_run(
         tiny_config, monkeypatch, tmp_path, backbone, settings):
