@@ -52,7 +52,8 @@ def write_space(path: Path, **sections) -> Path:
     sections.setdefault("search", {"backbone": {"choice": ["vmae", "csn"]},
                                    "lr_head": {"loguniform": [5e-4, 3e-3]}})
     sections["budget"] = {"max_concurrent": 1, "startup_trials": 2, **sections.get("budget", {})}
-    return conftest.write_space(path, name="journey", scheduler={"type": "none"}, **sections)
+    sections = {"name": "journey", "scheduler": {"type": "none"}, **sections}
+    return conftest.write_space(path, **sections)
 
 
 def test_split_in_one_folder_then_train_elsewhere_search_retrain_and_test(tmp_path, monkeypatch, capsys):

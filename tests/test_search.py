@@ -30,7 +30,8 @@ ASHA = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
 def write_space(tmp_path: Path, tiny_data, **sections) -> Path:
     """conftest's tiny space, 3 epochs a trial and ASHA."""
     sections["trainer"] = {"epochs": 3, **sections.get("trainer", {})}
-    return conftest.write_space(tmp_path, tiny_data, scheduler=ASHA, **sections)
+    sections.setdefault("scheduler", ASHA)
+    return conftest.write_space(tmp_path, tiny_data, **sections)
 
 
 def planted_pickle(marker: Path) -> bytes:
