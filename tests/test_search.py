@@ -155,7 +155,7 @@ def test_search_end_to_end_with_a_failing_trial(tiny_data, tmp_path, capsys, mon
 
 def test_a_search_whose_every_trial_failed_exits_non_zero(tiny_data, tmp_path, capsys):
     space = write_space(tmp_path, tiny_data, search={"lr_head": {"loguniform": [3e-4, 3e-3]}},
-                        trainer={"num_frames": 5, "backbone": "vmae"},  # not a multiple of the tubelet
+                        trainer={"lr_backbone": 1e38, "backbone": "vmae"},  # diverges in its first epoch
                         budget={"num_samples": 2, "max_concurrent": 2, "seed": 0},
                         scheduler={"type": "none"})
     with pytest.raises(SystemExit) as exc:
