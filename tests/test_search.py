@@ -349,13 +349,17 @@ def assert_study_states(search_dir, summary) -> None:
     from tuning.study import study_storage
 
     study = optuna.load_study(study_name=None, storage=study_storage(search_dir))
-    states = [t.state for t in study.trials]
+    # A trial Tune restores after a hard kill of the driver comes back into the study as a new
+    # entry with the same params (the earlier one FAIL, or already told): the last entry of
+    # each config is its state. (Known gap, issue 20: those duplicates stay in the study.)
+    latest = list({json.dumps(t.params, sort_keys=True): t for t in study.trials}.values())
+    states = [t.state for t in latest]
     counts = summary["counts"]
     assert states.count(TrialState.PRUNED) == counts.get("stopped_early", 0), (states, counts)
     assert states.count(TrialState.COMPLETE) == counts.get("finished", 0), (states, counts)
-    assert states.count(TrialState.FAIL) >= counts.get("failed", 0), (states, counts)
+    assert states.count(TrialState.FAIL) == counts.get("failed", 0), (states, counts)
     stopped = sorted(t["epochs_run"] for t in summary["trials"] if t["status"] == "stopped_early")
-    deepest = sorted(max(t.intermediate_values) for t in study.get_trials(states=(TrialState.PRUNED,)))
+    deepest = sorted(max(t.intermediate_values) for t in latest if t.state == TrialState.PRUNED)
     assert deepest == stopped, (deepest, stopped)
 
 
