@@ -203,43 +203,11 @@ def test_a_search_of_two_worker_trials_matches_one_process(tiny_data, tmp_path, 
 def test_a_killed_worker_resumes_its_trial_from_the_last_epoch(tmp_path):
     """SIGKILL to rank 0 of a 2-worker trial after its first epoch: with max_failures 1 Tune
     retries the trial, whose new workers continue after that epoch (its row is kept as written)."""
-    from conftest import write_clips
     sys.path.insert(0, str(REPO / "tests"))
-    from test_search import trial_dirs, write_space
+    from test_search import kill_after_first_epoch
 
-    data = tmp_path / "data"
-    write_clips(data / "clips", 90, seed=5, prefix="tr").to_csv(data / "train.csv", index=False)
-    write_clips(data / "clips", 30, seed=6, prefix="va").to_csv(data / "val.csv", index=False)
-    space = write_space(tmp_path, {"train_csv": data / "train.csv", "val_csv": data / "val.csv"},
-                        search={"lr_head": {"loguniform": [1e-3, 2e-3]}},
-                        trainer={"epochs": 4, "batch_size": 4, "backbone": "vmae"}, max_failures=1,
-                        budget={"num_samples": 1, "max_concurrent": 1, "seed": 0},
-                        scheduler={"type": "none"}, resources={"cpu": 1, "gpu": 0, "workers": 2})
-    search_dir = tmp_path / "out" / "s"
-    proc = subprocess.Popen([sys.executable, "-m", "tuning.search", "--space", str(space)], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline, first_row = time.time() + 300, None
-        while time.time() < deadline and proc.poll() is None and first_row is None:
-            for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
-                status = folder / "status.json"
-                record = json.loads(status.read_text()) if status.is_file() else {}
-                if record.get("epochs_done", 0) >= 1 and record.get("state") == "running":
-                    first_row = pd.read_csv(folder / "metrics_epoch.csv").iloc[0]
-                    os.kill(record["pid"], signal.SIGKILL)    # rank 0, a Ray Train worker
-            time.sleep(0.05)
-        assert first_row is not None, "the trial never finished an epoch"
-        output = proc.communicate(timeout=400)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
-    [trial] = json.loads((search_dir / "search_summary.json").read_text())["trials"]
-    assert trial["status"] == "finished" and trial["epochs_run"] == 4, trial
-    metrics = pd.read_csv(search_dir / trial["name"] / "metrics_epoch.csv")
-    assert list(metrics["epoch"]) == [1, 2, 3, 4]
-    pd.testing.assert_series_equal(metrics.iloc[0], first_row, check_names=False)
+    search_dir, trial = kill_after_first_epoch(tmp_path, trainer={"backbone": "vmae"},
+                                               resources={"cpu": 1, "gpu": 0, "workers": 2})
     assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
 
 

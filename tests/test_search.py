@@ -394,42 +394,51 @@ def test_frozen_search_computes_each_feature_once_and_reuses_trial_actors(tiny_d
 def test_killed_trial_is_retried_from_its_last_epoch(tmp_path):
     """The trial's worker is SIGKILLed (what the OOM killer does) after its first epoch: with
     max_failures 1 Tune restarts it, and it continues after that epoch instead of starting over."""
+    kill_after_first_epoch(tmp_path)
+
+
+def kill_after_first_epoch(tmp_path: Path, **sections) -> tuple[Path, dict]:
+    """A one-trial search of 4 epochs (max_failures 1) whose training process (status.json's
+    pid: the trial's actor, or rank 0 of its workers) is SIGKILLed once its first epoch is
+    written. The search must finish all 4 epochs with epoch 1's row as written before the kill
+    (not trained again). Returns the search folder and the trial's summary record."""
     from conftest import write_clips
 
     data = tmp_path / "data"
     write_clips(data / "clips", 90, seed=5, prefix="tr").to_csv(data / "train.csv", index=False)
     write_clips(data / "clips", 30, seed=6, prefix="va").to_csv(data / "val.csv", index=False)
+    sections["trainer"] = {"epochs": 4, "batch_size": 4, **sections.get("trainer", {})}
     space = write_space(tmp_path, {"train_csv": data / "train.csv", "val_csv": data / "val.csv"},
-                        search={"lr_head": {"loguniform": [1e-3, 2e-3]}},
-                        trainer={"epochs": 4, "batch_size": 4}, max_failures=1,
+                        search={"lr_head": {"loguniform": [1e-3, 2e-3]}}, max_failures=1,
                         budget={"num_samples": 1, "max_concurrent": 1, "seed": 0},
-                        scheduler={"type": "none"})
+                        scheduler={"type": "none"}, **sections)
     search_dir = tmp_path / "out" / "s"
     proc = subprocess.Popen([sys.executable, "-m", "tuning.search", "--space", str(space)], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline, first_row = time.time() + 240, None
+        deadline, first_row = time.time() + 300, None
         while time.time() < deadline and proc.poll() is None and first_row is None:
             for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
                 status = folder / "status.json"
-                if status.is_file() and json.loads(status.read_text())["epochs_done"] >= 1:
+                record = json.loads(status.read_text()) if status.is_file() else {}
+                if record.get("epochs_done", 0) >= 1 and record.get("state") == "running":
                     first_row = pd.read_csv(folder / "metrics_epoch.csv").iloc[0]
-                    os.kill(json.loads((folder / "trial.json").read_text())["pid"], signal.SIGKILL)
+                    os.kill(record["pid"], signal.SIGKILL)
             time.sleep(0.05)
         assert first_row is not None, "the trial never finished an epoch"
-        output = proc.communicate(timeout=300)[0]
+        output = proc.communicate(timeout=400)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-3000:]
-    summary = json.loads((search_dir / "search_summary.json").read_text())
-    [trial] = summary["trials"]
+    [trial] = json.loads((search_dir / "search_summary.json").read_text())["trials"]
     assert trial["status"] == "finished" and trial["epochs_run"] == 4, trial
     metrics = pd.read_csv(search_dir / trial["name"] / "metrics_epoch.csv")
     assert list(metrics["epoch"]) == [1, 2, 3, 4]
     # epoch 1 was not trained again: its row (timings included) is the one written before the kill
     pd.testing.assert_series_equal(metrics.iloc[0], first_row, check_names=False)
+    return search_dir, trial
 
 
 # --- two nodes ------------------------------------------------------------------------------
