@@ -179,6 +179,9 @@ def test_optuna_searchs_study_and_trials():
     assert ray_compat.searcher_completed(searcher) == set(), moved("OptunaSearch._completed_trials")
     ray_compat.mark_searcher_trial_complete(searcher, "a")
     assert ray_compat.searcher_completed(searcher) == {"a"}, moved("OptunaSearch._completed_trials")
+    again = ray_compat.study_trial(study, study.trials[0])
+    assert isinstance(again, optuna.Trial) and again.params == trials["a"].params, \
+        moved("FrozenTrial._trial_id is not the storage id optuna.Trial takes")
     searcher.on_trial_complete("a", {"m": 1.0})  # Tune's searcher now skips it: nothing told
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING, \
         moved("OptunaSearch ignores _completed_trials")

@@ -340,26 +340,27 @@ def test_asha_stops_survive_a_kill_and_sigterm_ends_a_search_like_ctrl_c(tiny_da
 
 
 def assert_study_states(search_dir, summary) -> None:
-    """The study tells the sampler what trials.csv says: a PRUNED trial per stopped one (its
-    last epoch among its intermediate values), COMPLETE per finished one, FAIL per failed one
-    (and for trials asked after a killed driver's last snapshot, which never ran)."""
+    """The study tells the sampler what trials.csv says, one entry per trial (a hard kill and
+    --resume included): a PRUNED trial per stopped one (its last epoch among its intermediate
+    values), COMPLETE per finished one, FAIL per failed one."""
     import optuna
     from optuna.trial import TrialState
 
-    from tuning.study import study_storage
+    from tuning.study import WARM_START_ATTR, study_storage
 
     study = optuna.load_study(study_name=None, storage=study_storage(search_dir))
-    # A trial Tune restores after a hard kill of the driver comes back into the study as a new
-    # entry with the same params (the earlier one FAIL, or already told): the last entry of
-    # each config is its state. (Known gap, issue 20: those duplicates stay in the study.)
-    latest = list({json.dumps(t.params, sort_keys=True): t for t in study.trials}.values())
-    states = [t.state for t in latest]
+    trials = [t for t in study.trials if WARM_START_ATTR not in t.user_attrs]
+    assert len(trials) == len(summary["trials"]), [(t.number, t.state, t.params) for t in study.trials]
+    searched = sorted(trials[0].params)
+    assert sorted([t.params[k] for k in searched] for t in trials) == \
+        sorted([t["params"][k] for k in searched] for t in summary["trials"])
+    states = [t.state for t in trials]
     counts = summary["counts"]
     assert states.count(TrialState.PRUNED) == counts.get("stopped_early", 0), (states, counts)
     assert states.count(TrialState.COMPLETE) == counts.get("finished", 0), (states, counts)
     assert states.count(TrialState.FAIL) == counts.get("failed", 0), (states, counts)
     stopped = sorted(t["epochs_run"] for t in summary["trials"] if t["status"] == "stopped_early")
-    deepest = sorted(max(t.intermediate_values) for t in latest if t.state == TrialState.PRUNED)
+    deepest = sorted(max(t.intermediate_values) for t in trials if t.state == TrialState.PRUNED)
     assert deepest == stopped, (deepest, stopped)
 
 

@@ -6,7 +6,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tuning.study import STUDY_FILE, StudySearch, clear_stale_lock, study_storage
+from tuning.study import STUDY_FILE, StudySearch, clear_stale_lock, fail_unfinished, study_storage
 
 
 def space(trial) -> None:
@@ -26,7 +26,7 @@ def test_a_restored_snapshot_that_lags_behind_the_study(tmp_path):
     first.save(str(tmp_path / "searcher-state.pkl"))          # Tune's snapshot
     first.on_trial_result("a", {"objective": 0.4, "training_iteration": 1})
     first.on_trial_complete("a", {"objective": 0.5})           # after the snapshot
-    first.suggest("c")                                         # asked after it: Tune forgets it
+    asked_c = first.suggest("c")                               # asked after it: Tune forgets it
     # the driver is killed; --resume restores the older snapshot over the same journal
     second = searcher(tmp_path)
     second.restore(str(tmp_path / "searcher-state.pkl"))
@@ -35,13 +35,37 @@ def test_a_restored_snapshot_that_lags_behind_the_study(tmp_path):
     second.on_trial_complete("a", {"objective": 0.9})
     second.on_trial_result("b", {"objective": 0.6, "training_iteration": 1})
     second.on_trial_complete("b", {"objective": 0.6})
-    second.suggest("d")
+    # Tune asks again for the trial it forgot: the study's trial 2 (c's params), not a new one
+    assert second.suggest("d") == asked_c
     second.on_trial_complete("d", {"objective": 0.7})
+    second.suggest("e")                                        # nothing left over: a new trial
     study = optuna.load_study(study_name=None, storage=study_storage(tmp_path))
     assert [(t.number, t.state, t.value) for t in study.trials] == [
         (0, TrialState.COMPLETE, 0.5), (1, TrialState.COMPLETE, 0.6),
-        (2, TrialState.FAIL, None), (3, TrialState.COMPLETE, 0.7)]
+        (2, TrialState.COMPLETE, 0.7), (3, TrialState.RUNNING, None)]
     assert (tmp_path / STUDY_FILE).is_file()
+
+
+def test_a_trial_that_ended_after_the_snapshot_keeps_its_end(tmp_path):
+    """c was asked and ASHA-stopped after the snapshot; d asked after it too, never asked again
+    (the resumed search has fewer trials left): c's end stands, d is FAIL at the search's end."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    first = searcher(tmp_path)
+    first.suggest("a")
+    first.save(str(tmp_path / "searcher-state.pkl"))
+    asked_c = first.suggest("c")
+    first.on_trial_complete("c", epoch_result(0.3, 1))       # stopped at epoch 1 of 3
+    first.suggest("d")
+    second = searcher(tmp_path)
+    second.restore(str(tmp_path / "searcher-state.pkl"))
+    assert second.suggest("c2") == asked_c
+    second.on_trial_result("c2", epoch_result(0.8, 2))       # re-run: the study keeps its record
+    second.on_trial_complete("c2", epoch_result(0.8, 2))
+    second.on_trial_complete("a", epoch_result(0.5, 3))
+    fail_unfinished(tmp_path)
+    study = optuna.load_study(study_name=None, storage=study_storage(tmp_path))
+    assert [(t.state, t.intermediate_values) for t in study.trials] == [
+        (TrialState.COMPLETE, {3: 0.5}), (TrialState.PRUNED, {1: 0.3}), (TrialState.FAIL, {})]
 
 
 def test_plain_optuna_search_would_fail_there(tmp_path):

@@ -166,6 +166,14 @@ def searcher_completed(searcher: Any) -> set[str]:
     return searcher._completed_trials
 
 
+def study_trial(study: Any, frozen: Any) -> Any:
+    """The live `optuna.Trial` of `study` behind a `FrozenTrial` read from it (built from the
+    frozen trial's storage id, its `_trial_id`): what a Tune `OptunaSearch` holds per Tune trial."""
+    import optuna
+
+    return optuna.trial.Trial(study, frozen._trial_id)
+
+
 def mark_searcher_trial_complete(searcher: Any, trial_id: str) -> None:
     """Records `trial_id` as complete in a Tune `OptunaSearch` (its `_completed_trials`) without
     telling the study: for a trial the study already holds as finished."""

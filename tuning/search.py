@@ -771,6 +771,9 @@ def fit_and_summarise(plan: SearchPlan, checked: CheckedSplits
             results = tuner.fit()
         done = results.num_terminated + results.num_errors
         interrupted = done < space.num_samples
+        if not interrupted:
+            from .study import fail_unfinished
+            fail_unfinished(search_dir)
         records = collect_records(space, search_dir, results, interrupted)
         # Stopping Ray (the local one this command started; from a cluster it only disconnects)
         # is waiting for its processes to exit: done while the summary is written, which needs

@@ -7,8 +7,11 @@ study, because Tune's searcher state holds the storage, not a copy of the trials
 A journal outlives Tune's searcher snapshot, which can be seconds older after a hard kill. Then
 `--resume` may (a) re-run the last epoch of a trial the study already holds as finished: Optuna
 refuses to update a finished trial, so `StudySearch` keeps the recorded result instead of
-failing the search; (b) never hear again of trials asked after the snapshot: they are marked
-FAIL in the study when the searcher is restored, so none stays "running" forever.
+failing the search; (b) ask again for the trials asked after the snapshot (Tune's own state is
+as old): each such ask gets the study's trial it had before, in order, with its params (Tune
+names the trial and its folder as before, and the trainer continues that folder), so that every
+trial is one entry of the study. One left unclaimed when a search finishes is FAIL
+(`fail_unfinished`): none stays "running" forever.
 
 Trial states tell the sampler the truth: a trial that ran all its epochs is COMPLETE with its
 best epoch's objective; one the scheduler stopped before its own epochs is PRUNED, with the
@@ -43,6 +46,7 @@ from .ray_compat import (
     searcher_completed,
     searcher_study,
     searcher_trials,
+    study_trial,
 )
 from .summary import optuna_distribution
 from .trial import OOM_ENDED, TRIAL_EPOCHS
@@ -109,6 +113,14 @@ def clear_stale_lock(search_dir: str | Path) -> None:
     journal_lock_file(Path(search_dir, STUDY_FILE)).unlink(missing_ok=True)
 
 
+def fail_unfinished(search_dir: str | Path) -> None:
+    """At the end of a finished search: a study trial still RUNNING was asked before a hard
+    kill and never asked again (see the module's docstring); it never ran to an end: FAIL."""
+    study = load_search_study(search_dir)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)
+
+
 def constraint_values(bounds: Sequence[tuple[str, str, float]], result: dict[str, Any]
                       ) -> dict[str, float]:
     """A space's `constraints` ((metric, "max" | "min", bound), ...) as Optuna constraint
@@ -130,9 +142,11 @@ def constraint_values(bounds: Sequence[tuple[str, str, float]], result: dict[str
 class StudySearch(OptunaSearch):
     """`OptunaSearch` over a persistent study that a restored snapshot may lag behind."""
 
-    # Tune trial ids the study already held as finished when the searcher was restored (read
-    # once there: a new search never has any, and no trial finishes twice in one session).
+    # Tune trial ids the study already held as finished when the searcher was restored or
+    # the trial was handed back (a new search never has any).
     _finished_before_restore: frozenset[str] = frozenset()
+    # Numbers of the study's trials asked after the restored snapshot, in order: the next asks.
+    _asked_after_snapshot: tuple[int, ...] = ()
     # Tune trial id -> the epochs the study holds for it (seeded from the study on restore).
     _reported_epochs: dict[str, set[int]] | None = None
     # Metrics of a trial's last result kept as its user attributes (optuna-dashboard shows them).
@@ -149,6 +163,21 @@ class StudySearch(OptunaSearch):
 
     def _multi_objective(self) -> bool:
         return isinstance(self.metric, (list, tuple))
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """A new Tune trial gets the next study trial asked after the restored snapshot, if
+        any (its params stand, its recorded epochs and end are kept), else a new one."""
+        if self._asked_after_snapshot and trial_id not in searcher_trials(self):
+            number, *rest = self._asked_after_snapshot
+            self._asked_after_snapshot = tuple(rest)
+            study = searcher_study(self)
+            frozen = study.get_trials(deepcopy=False)[number]
+            searcher_trials(self)[trial_id] = study_trial(study, frozen)
+            if frozen.state.is_finished():
+                self._finished_before_restore = self._finished_before_restore | {trial_id}
+            self._reported_epochs = {**(self._reported_epochs or {}),
+                                     trial_id: set(frozen.intermediate_values)}
+        return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """Optuna's step is the trial's epoch, reported once. Tune's `training_iteration`
@@ -202,10 +231,9 @@ class StudySearch(OptunaSearch):
         super().restore(checkpoint_path)
         study, ot_trials = searcher_study(self), searcher_trials(self)
         known = {t.number for t in ot_trials.values()}
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.number not in known:     # asked after the snapshot: Tune will not run it
-                study.tell(trial.number, state=TrialState.FAIL)
         study_trials = study.get_trials(deepcopy=False)
+        self._asked_after_snapshot = tuple(
+            t.number for t in study_trials if t.number not in known and WARM_START_ATTR not in t.user_attrs)
         self._finished_before_restore = frozenset(
             trial_id for trial_id, ot_trial in ot_trials.items()
             if study_trials[ot_trial.number].state.is_finished())
