@@ -290,12 +290,6 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def needs_gpu_sync_bn(model: nn.Module) -> bool:
-    """Whether the model has BatchNorm that trains (SyncBatchNorm synchronises only on GPUs)."""
-    return any(isinstance(m, _BatchNorm) and
-               any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules())
-
-
 class LauncherInterrupts:
     """Under torchrun, Ctrl-C or SIGTERM on any one rank ends them all as `interrupted`: the
     rank tells the launcher (SIGTERM), which forwards SIGTERM to every rank, so rank 0 records

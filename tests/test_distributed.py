@@ -94,8 +94,6 @@ def test_bad_ddp_inputs_fail_before_anything_is_written(tiny_config, monkeypatch
     with pytest.raises(HeaderNetError, match="--batch_size 4 is the global batch and must divide by the 3"):
         prepare(tiny_config())
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(HeaderNetError, match="SyncBatchNorm.*--bn_frozen"):
-        prepare(tiny_config(backbone="csn"))
     with pytest.raises(HeaderNetError, match="--gpus .*does not combine"):
         prepare(tiny_config(cpu=False, gpus=[0]))
 
@@ -208,10 +206,11 @@ def test_torchrun_matches_one_process_interrupts_and_resumes(tiny_config, torchr
 
 @pytest.mark.slow
 def test_torchrun_augmented_csn_and_feature_cache_runs_match_one_process(tiny_config, torchrun):
-    """Augmentation on; a tiny ir-CSN with frozen BatchNorm (SyncBatchNorm needs GPUs); a frozen VideoMAE on the feature
-    cache (rank 0 fills it, rank 1 reads it) in batches of 8 (8, 8, 2)."""
+    """Augmentation on; a tiny ir-CSN whose BatchNorm trains on the global batch's statistics
+    (GlobalBatchNorm3d, gloo); a frozen VideoMAE on the feature cache (rank 0 fills it, rank 1
+    reads it) in batches of 8 (8, 8, 2)."""
     configs = [tiny_config(augment=True, head_dropout=0.0, run_name="aug"),
-               tiny_config(backbone="csn", bn_frozen=True, head_dropout=0.0, run_name="csn"),
+               tiny_config(backbone="csn", head_dropout=0.0, run_name="csn"),
                tiny_config(finetune_mode="frozen", head_dropout=0.0, batch_size=8, epochs=3,
                            run_name="frozen", feature_cache_dir=str(Path(tiny_config().output_root) / "cache_ddp"))]
     for config in configs:
