@@ -10,6 +10,8 @@ group someone else initialised (Ray Train), trains as one of `world` ranks:
   single process's mean over the global batch, a short last batch included. A last batch with
   fewer clips than ranks pads the empty ranks with one clip of weight 0 (every rank must run
   the same number of steps); only such a batch's BatchNorm statistics see the pad.
+- BatchNorm (ir-CSN) normalises with the statistics of the global batch: torch's SyncBatchNorm
+  on GPUs, `GlobalBatchNorm3d` on the CPU (`wrap_ddp`).
 - Validation predictions are gathered from all ranks in dataset order (`gather_batches`), so
   metrics are computed on exactly the predictions one process makes.
 - Rank 0 alone writes the run folder and prints; the others compute.
@@ -177,21 +179,115 @@ def main_first(build: Callable[[], T]) -> T:
     return build() if not ranks.main else result
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over ranks, differentiable: the gradient of each rank's input is the sum over
+    ranks of the output's gradients. (torch.distributed.nn.functional.all_reduce does the same
+    but is deprecated in favour of a private module.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
+class _GlobalBatchStats:
+    """BatchNorm whose training-mode statistics are those of the global batch, summed over the
+    ranks with gloo: torch's SyncBatchNorm does this on GPUs only (it refuses CPU tensors).
+    Gradients flow through the statistics, as in SyncBatchNorm, and the running statistics,
+    `num_batches_tracked` and momentum (None: a cumulative average) are updated as BatchNorm
+    updates them, so a run in several CPU processes equals one process. In eval mode, or
+    without a process group, it is plain BatchNorm."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(input)
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        # Two passes (the mean, then the squared deviations from it), as one process computes.
+        local = torch.cat([x.sum(dims), x.new_full((1,), x.numel() // x.shape[1])])
+        total = _AllReduceSum.apply(local)
+        count = float(total[-1])
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                             f"size {list(input.shape)} on this rank and {count:.0f} values in all")
+        mean = total[:-1] / count
+        centred = x - mean.view(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count   # biased
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                unbiased = (var * (count / (count - 1))).to(self.running_var.dtype)
+                self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        if self.bias is not None:
+            out = out + self.bias.view(shape)
+        return out.to(input.dtype)
+
+
+class GlobalBatchNorm1d(_GlobalBatchStats, nn.BatchNorm1d):
+    pass
+
+
+class GlobalBatchNorm2d(_GlobalBatchStats, nn.BatchNorm2d):
+    pass
+
+
+class GlobalBatchNorm3d(_GlobalBatchStats, nn.BatchNorm3d):
+    pass
+
+
+_GLOBAL_KINDS = {nn.BatchNorm1d: GlobalBatchNorm1d, nn.BatchNorm2d: GlobalBatchNorm2d,
+                 nn.BatchNorm3d: GlobalBatchNorm3d}
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm1d/2d/3d replaced by its GlobalBatchNorm (the CPU's
+    SyncBatchNorm), keeping its parameters and buffers (the same tensors, so `requires_grad`
+    too) and its training flag; returns the module, or its replacement if it is one itself."""
+    kind = _GLOBAL_KINDS.get(type(module))
+    if kind is not None:
+        new = kind(module.num_features, module.eps, module.momentum, module.affine,
+                   module.track_running_stats)
+        new.weight, new.bias = module.weight, module.bias
+        new.running_mean, new.running_var = module.running_mean, module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        replaced = convert_global_batchnorm(child)
+        if replaced is not child:
+            module.add_module(name, replaced)
+    return module
+
+
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP over the process group; on GPUs BatchNorm becomes SyncBatchNorm (statistics of the
-    global batch). Frozen BatchNorm stays frozen: its parameters keep `requires_grad=False` and
-    the model's `train()` keeps it in eval mode, where nothing is synchronised. (DDP accepts
-    SyncBatchNorm on GPUs only: on the CPU BatchNorm must be frozen, which `prepare` checks.)"""
-    if device.type == "cuda" and any(isinstance(m, _BatchNorm) for m in model.modules()):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    """DDP over the process group, with BatchNorm computing the statistics of the global batch:
+    on GPUs torch's SyncBatchNorm, on the CPU (gloo) GlobalBatchNorm (SyncBatchNorm refuses CPU
+    tensors). Frozen BatchNorm stays frozen: its parameters keep `requires_grad=False` and the
+    model's `train()` keeps it in eval mode, where nothing is synchronised."""
+    if device.type == "cuda":
+        if any(isinstance(m, _BatchNorm) for m in model.modules()):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        model = convert_global_batchnorm(model)
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def needs_gpu_sync_bn(model: nn.Module) -> bool:
-    """Whether the model has BatchNorm that trains (SyncBatchNorm synchronises only on GPUs)."""
-    return any(isinstance(m, _BatchNorm) and
-               any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules())
 
 
 class LauncherInterrupts:

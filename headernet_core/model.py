@@ -56,7 +56,8 @@ class HeaderClassifier(nn.Module):
         super().train(mode)
         if mode and (self.finetune_mode != "full" or self.bn_frozen):
             # Frozen weights must not change through BatchNorm running statistics either
-            # (DataParallel replicas copy the mode; SyncBatchNorm is a _BatchNorm too).
+            # (DataParallel replicas copy the mode; DDP's SyncBatchNorm and GlobalBatchNorm3d
+            # are _BatchNorm too).
             if self.backbone_frozen:
                 self.backbone.eval()
             for module in self.backbone.modules():

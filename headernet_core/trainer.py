@@ -293,10 +293,6 @@ def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepar
     if resume_state is not None:
         check_resume_compatible(resume_state["config"], config, run_dir)
     model = build_classifier(backbone, config)
-    if world > 1 and device.type == "cpu" and not config.uses_feature_cache \
-            and distributed.needs_gpu_sync_bn(model):
-        fail("--backbone csn trains its BatchNorm, which DDP synchronises (SyncBatchNorm) only on "
-             "GPUs; on the CPU pass --bn_frozen or run one process")
     return Prepared(config, info, model, device, device_ids, train_df, val_df, run_dir, resume_state)
 
 

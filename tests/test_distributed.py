@@ -94,10 +94,78 @@ def test_bad_ddp_inputs_fail_before_anything_is_written(tiny_config, monkeypatch
     with pytest.raises(HeaderNetError, match="--batch_size 4 is the global batch and must divide by the 3"):
         prepare(tiny_config())
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(HeaderNetError, match="SyncBatchNorm.*--bn_frozen"):
-        prepare(tiny_config(backbone="csn"))
     with pytest.raises(HeaderNetError, match="--gpus .*does not combine"):
         prepare(tiny_config(cpu=False, gpus=[0]))
+
+
+# --- BatchNorm over the global batch on the CPU (torch's SyncBatchNorm refuses CPU tensors) ---------
+def test_global_batchnorm_in_two_gloo_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
+    """Two spawned gloo ranks take parts of 3 and 2 clips of each batch through a converted
+    BatchNorm3d (training mode, two steps, momentum 0.1 and None): the parts' outputs and input
+    gradients, the weight/bias gradients summed over the ranks, and every rank's running_mean,
+    running_var and num_batches_tracked equal nn.BatchNorm3d's on the whole batch to 1e-5."""
+    import torch
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from ddp_runs import global_batchnorm_rank
+
+    mp.spawn(global_batchnorm_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for momentum, first in ranks[0].items():
+        reference = torch.nn.BatchNorm3d(3, momentum=momentum)
+        reference.load_state_dict(first["start"])
+        for step, (x, mix) in enumerate(first["steps"]):
+            whole = x.clone().requires_grad_(True)
+            reference.zero_grad()
+            out = reference(whole)
+            (out * mix).sum().backward()
+            saved = [rank[momentum]["saved"][step] for rank in ranks]
+            got = {"out": torch.cat([s["out"] for s in saved]), "grad": torch.cat([s["grad"] for s in saved]),
+                   "weight": saved[0]["weight"] + saved[1]["weight"], "bias": saved[0]["bias"] + saved[1]["bias"]}
+            want = {"out": out.detach(), "grad": whole.grad, "weight": reference.weight.grad,
+                    "bias": reference.bias.grad}
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                want[name] = getattr(reference, name)
+                assert torch.equal(saved[0][name], saved[1][name]), (momentum, step, name)
+                got[name] = saved[0][name]
+            for name, value in want.items():
+                assert torch.allclose(got[name].double(), value.double(), rtol=0, atol=1e-5), \
+                    (momentum, step, name, got[name], value)
+        assert int(reference.num_batches_tracked) == 2
+
+
+def test_global_batchnorm_keeps_frozen_batchnorm_frozen_and_is_batchnorm_without_a_group():
+    """The converter swaps every BatchNorm3d of ir-CSN, keeping its tensors (so requires_grad)
+    and training flag; `--bn_frozen`'s BatchNorm stays in eval mode under the model's train(),
+    a trained one follows it. Without a process group it computes what BatchNorm3d does."""
+    import torch
+
+    from headernet_core.backbones import create_backbone
+    from headernet_core.distributed import GlobalBatchNorm3d, convert_global_batchnorm
+    from headernet_core.model import HeaderClassifier, freeze_batchnorm
+
+    for frozen in (True, False):
+        model = HeaderClassifier(create_backbone("csn", "tiny")[0], dropout=0.0)
+        if frozen:
+            freeze_batchnorm(model)
+        model.eval()
+        before = [(m, m.weight, m.running_mean) for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+        assert before and convert_global_batchnorm(model) is model
+        after = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+        assert len(after) == len(before) and all(type(m) is GlobalBatchNorm3d for m in after)
+        assert all(m.weight is w and m.running_mean is r and not m.training
+                   for m, (_, w, r) in zip(after, before))
+        model.train()
+        assert all(m.training != frozen and m.weight.requires_grad != frozen for m in after)
+
+    torch.manual_seed(0)
+    plain, x = torch.nn.BatchNorm3d(4, momentum=None), torch.randn(3, 4, 2, 3, 3)
+    converted = convert_global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm3d(4, momentum=None)))[0]
+    for _ in range(2):
+        assert torch.equal(converted(x), plain(x))
+    assert torch.equal(converted.running_var, plain.running_var)
+    assert int(converted.num_batches_tracked) == 2
 
 
 # --- torchrun on the CPU ---------------------------------------------------------------------------
@@ -138,10 +206,11 @@ def test_torchrun_matches_one_process_interrupts_and_resumes(tiny_config, torchr
 
 @pytest.mark.slow
 def test_torchrun_augmented_csn_and_feature_cache_runs_match_one_process(tiny_config, torchrun):
-    """Augmentation on; a tiny ir-CSN with frozen BatchNorm (SyncBatchNorm needs GPUs); a frozen VideoMAE on the feature
-    cache (rank 0 fills it, rank 1 reads it) in batches of 8 (8, 8, 2)."""
+    """Augmentation on; a tiny ir-CSN whose BatchNorm trains on the global batch's statistics
+    (GlobalBatchNorm3d, gloo); a frozen VideoMAE on the feature cache (rank 0 fills it, rank 1
+    reads it) in batches of 8 (8, 8, 2)."""
     configs = [tiny_config(augment=True, head_dropout=0.0, run_name="aug"),
-               tiny_config(backbone="csn", bn_frozen=True, head_dropout=0.0, run_name="csn"),
+               tiny_config(backbone="csn", head_dropout=0.0, run_name="csn"),
                tiny_config(finetune_mode="frozen", head_dropout=0.0, batch_size=8, epochs=3,
                            run_name="frozen", feature_cache_dir=str(Path(tiny_config().output_root) / "cache_ddp"))]
     for config in configs:
