@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
@@ -293,20 +295,34 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 class LauncherInterrupts:
     """Under torchrun, Ctrl-C or SIGTERM on any one rank ends them all as `interrupted`: the
     rank tells the launcher (SIGTERM), which forwards SIGTERM to every rank, so rank 0 records
-    `interrupted` instead of failing on a vanished peer. Then it raises KeyboardInterrupt."""
+    `interrupted` instead of failing on a vanished peer. Then it raises KeyboardInterrupt.
+    Only the first rank of a launcher to be signalled tells it: a second SIGTERM (e.g. from
+    rank 0, signalled by the launcher) would cut short the launcher's wait for the ranks, and
+    it would exit while rank 0 still records the interruption."""
 
     def __init__(self) -> None:
         self.launcher = os.getppid()
         self.previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if os.getppid() == self.launcher and self.launcher > 1:
+        if os.getppid() == self.launcher and self.launcher > 1 and self._first_to_tell():
             try:
                 os.kill(self.launcher, signal.SIGTERM)
             except OSError:
                 pass
-            self.launcher = 0
+        self.launcher = 0
         raise KeyboardInterrupt
+
+    def _first_to_tell(self) -> bool:
+        """Whether this rank is the first of its launcher's to tell it (a marker file per
+        launcher and run in the temp folder, created exclusively)."""
+        marker = Path(tempfile.gettempdir()) / \
+            f"headernet-torchrun-{self.launcher}-{os.environ.get('TORCHELASTIC_RUN_ID', '')}.interrupted"
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except OSError:
+            return False
+        return True
 
     def __enter__(self) -> LauncherInterrupts:
         import threading
