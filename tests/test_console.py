@@ -156,8 +156,10 @@ def test_tunes_stop_lines_become_this_commands_own(capsys):
     handler.emit = lambda record: seen.append(record.getMessage())
     logger.addHandler(handler)
     try:
-        with own_stop_lines():
+        with own_stop_lines() as stop:
+            assert not stop.seen
             logger.warning("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run. ...")
+            assert stop.seen
             logger.warning("Experiment has been interrupted, but the most recent state was saved.\n"
                            "Resume experiment with: Tuner.restore(path=\"/x\", trainable=...)")
             logger.warning("Trial t001 errored")

@@ -280,6 +280,20 @@ def test_a_killed_worker_resumes_its_trial_from_the_last_epoch(tmp_path):
     assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
+def test_an_interrupted_search_of_two_worker_trials_resumes(tmp_path):
+    """Ctrl-C (SIGINT) to the search while a 2-worker trial is past its first epoch: exit 130,
+    then --resume finishes the trial after the epochs it had (epoch 1's row kept as written),
+    on 2 workers again, and the study holds it once, COMPLETE."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_search import assert_study_states, kill_after_first_epoch
+
+    search_dir, trial = kill_after_first_epoch(tmp_path, driver=True, trainer={"backbone": "vmae"},
+                                               resources={"cpu": 1, "gpu": 0, "workers": 2})
+    assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
+    assert_study_states(search_dir, json.loads((search_dir / "search_summary.json").read_text()))
+
+
 def test_worker_groups_the_cluster_can_place_and_a_batch_the_workers_split(tiny_data, tmp_path):
     from tuning.ddp_trial import placeable_trials
     from tuning.space import load_space

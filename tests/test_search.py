@@ -398,11 +398,12 @@ def test_killed_trial_is_retried_from_its_last_epoch(tmp_path):
     kill_after_first_epoch(tmp_path)
 
 
-def kill_after_first_epoch(tmp_path: Path, **sections) -> tuple[Path, dict]:
+def kill_after_first_epoch(tmp_path: Path, *, driver: bool = False, **sections) -> tuple[Path, dict]:
     """A one-trial search of 4 epochs (max_failures 1) whose training process (status.json's
     pid: the trial's actor, or rank 0 of its workers) is SIGKILLed once its first epoch is
-    written. The search must finish all 4 epochs with epoch 1's row as written before the kill
-    (not trained again). Returns the search folder and the trial's summary record."""
+    written; `driver`: the search itself is interrupted then (SIGINT, exit 130) and continued
+    with --resume. The search must finish all 4 epochs with epoch 1's row as written before the
+    kill (not trained again). Returns the search folder and the trial's summary record."""
     from conftest import write_clips
 
     data = tmp_path / "data"
@@ -414,8 +415,9 @@ def kill_after_first_epoch(tmp_path: Path, **sections) -> tuple[Path, dict]:
                         budget={"num_samples": 1, "max_concurrent": 1, "seed": 0},
                         scheduler={"type": "none"}, **sections)
     search_dir = tmp_path / "out" / "s"
-    proc = subprocess.Popen([sys.executable, "-m", "tuning.search", "--space", str(space)], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+    command = [sys.executable, "-m", "tuning.search", "--space", str(space)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline, first_row = time.time() + 300, None
@@ -425,10 +427,15 @@ def kill_after_first_epoch(tmp_path: Path, **sections) -> tuple[Path, dict]:
                 record = json.loads(status.read_text()) if status.is_file() else {}
                 if record.get("epochs_done", 0) >= 1 and record.get("state") == "running":
                     first_row = pd.read_csv(folder / "metrics_epoch.csv").iloc[0]
-                    os.kill(record["pid"], signal.SIGKILL)
+                    os.kill(proc.pid if driver else record["pid"], signal.SIGINT if driver else signal.SIGKILL)
             time.sleep(0.05)
         assert first_row is not None, "the trial never finished an epoch"
         output = proc.communicate(timeout=400)[0]
+        if driver:
+            assert proc.returncode == 130 and "--resume" in output, output[-3000:]
+            proc = subprocess.Popen([*command, "--resume"], cwd=tmp_path, env=env, start_new_session=True,
+                                    text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            output = proc.communicate(timeout=400)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -243,24 +243,32 @@ STOP_LINE = ("stopping: saving the search's state and writing its summary; a run
              "resumes from its last finished epoch")
 
 
-def _own_stop_lines(record: logging.LogRecord) -> bool:
-    """Tune's stop notice ("e.g. via SIGINT/Ctrl+C", also when the disk watch stops the search)
-    becomes STOP_LINE; its "Resume experiment with: Tuner.restore(...)" is dropped: that call
-    would skip this command's check of the signed state, and the summary prints the command
-    that resumes the search instead."""
-    message = record.getMessage()
-    if message.startswith(TUNE_STOP_NOTICE):
-        print(STOP_LINE, flush=True)
-        return False
-    return not message.startswith(TUNE_RESUME_HINTS)
+class StopNotice:
+    """A filter of Tune's logger: Tune's stop notice ("e.g. via SIGINT/Ctrl+C", also when the
+    disk watch stops the search) becomes STOP_LINE and is remembered (`seen`: the search was
+    stopped, whatever state Tune then gives the running trials); its "Resume experiment with:
+    Tuner.restore(...)" is dropped: that call would skip this command's check of the signed
+    state, and the summary prints the command that resumes the search instead."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(TUNE_STOP_NOTICE):
+            self.seen = True
+            print(STOP_LINE, flush=True)
+            return False
+        return not message.startswith(TUNE_RESUME_HINTS)
 
 
 @contextlib.contextmanager
-def own_stop_lines() -> Iterator[None]:
-    """Around `tuner.fit()`: this command's lines instead of Tune's when the search is stopped."""
-    logger = logging.getLogger(TUNE_LOGGER)
-    logger.addFilter(_own_stop_lines)
+def own_stop_lines() -> Iterator[StopNotice]:
+    """Around `tuner.fit()`: this command's lines instead of Tune's when the search is stopped;
+    yields whether it was."""
+    logger, notice = logging.getLogger(TUNE_LOGGER), StopNotice()
+    logger.addFilter(notice)
     try:
-        yield
+        yield notice
     finally:
-        logger.removeFilter(_own_stop_lines)
+        logger.removeFilter(notice)

@@ -767,10 +767,11 @@ def fit_and_summarise(plan: SearchPlan, checked: CheckedSplits
         if not plan.resume:
             resume_guard.sign_tuner(search_dir)
         from .console import own_stop_lines
-        with own_stop_lines():
+        with own_stop_lines() as stop:
             results = tuner.fit()
         done = results.num_terminated + results.num_errors
-        interrupted = done < space.num_samples
+        # Stopped: Tune may call a stopped N-worker trial terminated (its TorchTrainer returned).
+        interrupted = stop.seen or done < space.num_samples
         if not interrupted:
             from .study import fail_unfinished
             fail_unfinished(search_dir)
