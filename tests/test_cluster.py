@@ -89,21 +89,22 @@ def session_processes(sid: int) -> list[psutil.Process]:
     return found
 
 
-def stop_session(sid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM (what `ray stop` sends) to every process of the session, then SIGKILL."""
-    procs = session_processes(sid)
+def stop_session(*sids: int, grace_s: float = 5.0) -> None:
+    """SIGTERM (what `ray stop` sends) to every process of the sessions at once, then SIGKILL to
+    what is left after `grace_s` (a test's Ray has nothing to save)."""
+    procs = [proc for sid in sids for proc in session_processes(sid)]
     for proc in procs:
         try:
             proc.terminate()
         except psutil.Error:
             pass
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive + session_processes(sid):
+    for proc in alive + [proc for sid in sids for proc in session_processes(sid)]:
         try:
             proc.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(session_processes(sid), timeout=10)
+    psutil.wait_procs([proc for sid in sids for proc in session_processes(sid)], timeout=10)
 
 
 class Node:
@@ -134,9 +135,7 @@ class Node:
     def node_id(self) -> str:
         return next(a.split("=", 1)[1] for a in self.raylet().cmdline() if a.startswith("--node_id="))
 
-    def stop(self) -> None:
-        if self.sid is not None:
-            stop_session(self.sid)
+    def remove(self) -> None:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -165,8 +164,9 @@ def cluster(tmp_path):
         worker.start(worker_command, small)
         yield {"address": f"127.0.0.1:{port}", "head": head, "worker": worker, "driver": driver}
     finally:
+        stop_session(*(node.sid for node in (worker, head, driver) if node.sid is not None))
         for node in (worker, head, driver):
-            node.stop()
+            node.remove()
     for node in (head, worker, driver):
         assert node.sid is None or not session_processes(node.sid), f"{node.home.name} left processes"
         assert not [p for p in psutil.process_iter(["cmdline"])
