@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pandas as pd
@@ -11,8 +12,8 @@ import pytest
 import torch
 import yaml
 
+from headernet_core.memory import OOM_TEST_ENV, OutOfMemoryEnd, halved_batch, inject_oom, peak_gib, reset_peak
 from headernet_core.metrics import MEASURED_METRICS
-from headernet_core.memory import OOM_TEST_ENV, OutOfMemoryEnd, peak_gib, reset_peak
 from headernet_core.trainer import train
 
 UNTIMED = list(MEASURED_METRICS)
@@ -69,6 +70,38 @@ def test_resume_refuses_another_effective_batch(tiny_config):
     train(tiny_config(epochs=1), log=lambda _: None)
     with pytest.raises(HeaderNetError, match="batch_size"):
         train(tiny_config(epochs=2, batch_size=2, resume=True), log=lambda _: None)
+
+
+# --- under DDP: a halving agreed through a restart (the torchrun run: tests/test_distributed.py) ----
+def test_the_seam_raises_on_its_rank_only(tiny_config, monkeypatch):
+    """"EPOCH:ABOVE:RANK" raises on DDP rank RANK alone (the rank read from the launcher's
+    environment here, no process group); without RANK on every rank."""
+    config = tiny_config(batch_size=4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for spec, rank, raises in (("2:2:1", "1", True), ("2:2:1", "0", False), ("2:2", "0", True),
+                               ("2:2", "1", True), ("2:4:1", "1", False)):
+        monkeypatch.setenv(OOM_TEST_ENV, spec)
+        monkeypatch.setenv("RANK", rank)
+        inject_oom(config, 2, 0)     # only the second micro-batch
+        inject_oom(config, 1, 1)     # only epoch 2
+        if raises:
+            with pytest.raises(torch.OutOfMemoryError, match=spec):
+                inject_oom(config, 2, 1)
+        else:
+            inject_oom(config, 2, 1)
+
+
+def test_a_ddp_halving_stops_where_the_global_batch_no_longer_divides(tiny_config):
+    smaller = halved_batch(tiny_config(batch_size=8), 1.0, world=2)
+    assert (smaller.batch_size, smaller.grad_accum) == (4, 2)
+    assert halved_batch(tiny_config(batch_size=4, grad_accum=3), 1.0, world=2).grad_accum == 6
+    with pytest.raises(OutOfMemoryEnd, match=r"^out of memory at global batch 2 of 2 DDP processes "
+                                             r"\(its half would not divide by them\) \(peak 1\.5 GiB\)$"):
+        halved_batch(tiny_config(batch_size=2), 1.5, world=2)
+    with pytest.raises(OutOfMemoryEnd, match="global batch 12 of 4"):
+        halved_batch(tiny_config(batch_size=12), 1.5, world=4)   # 6 clips do not split over 4 ranks
+    end = pickle.loads(pickle.dumps(OutOfMemoryEnd(2.5, 2, 2)))   # a Ray Train worker's error
+    assert (end.peak, end.batch, end.world, str(end)) == (2.5, 2, 2, str(OutOfMemoryEnd(2.5, 2, 2)))
 
 
 def test_peak_memory_is_per_epoch_on_the_cpu():
