@@ -162,15 +162,20 @@ def default_run_name(config: TrainConfig) -> str:
 
 
 def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
-    """Where the run goes, and its last.pt when resuming. A finished run is never overwritten."""
+    """Where the run goes, and its last.pt when resuming. A finished run is never overwritten.
+    A resumed run without last.pt (it ended in its first epoch, e.g. out of memory under DDP,
+    which records the halved micro-batch in config.yaml) starts again from its beginning: with
+    the CLI's --resume, at the settings of its config.yaml."""
     run_dir = Path(config.output_root) / str(config.run_name)
     last = run_dir / "checkpoints" / "last.pt"
     if config.resume:
         if not run_dir.is_dir():
             fail(f"{run_dir}: nothing to resume (no such run folder); check --output_root/--run_name")
         if not last.is_file():
-            fail(f"{run_dir}: nothing to resume (no checkpoints/last.pt: it ended before its first "
-                 f"epoch); start it again with --overwrite instead of --resume")
+            if read_status(run_dir) == "finished":
+                fail(f"{run_dir} is a finished run without checkpoints/last.pt; it is never "
+                     f"overwritten: choose another --run_name")
+            return run_dir, None
         saved = checkpoints.load(last)
         missing = sorted(RESUME_KEYS - saved.keys())
         if missing:
@@ -180,7 +185,8 @@ def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
     if any((run_dir / name).exists() for name in RUN_ARTIFACTS):
         if not config.overwrite:
             hint = ("--resume to continue it" if last.is_file() else
-                    "--overwrite to start it again (it ended before its first epoch)")
+                    "--resume to start it again with its config.yaml, or --overwrite with these settings "
+                    "(it ended before its first epoch)")
             state = read_status(run_dir)
             state = f" ({'its process died' if state == 'dead' else state})" if state else ""
             fail(f"{run_dir} already exists{state}; pass {hint} or choose another --run_name")
@@ -536,8 +542,9 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             write_status(run_dir, state, epochs_done, error=error, world_size=ranks.world)
 
     # From here on files are written.
-    if main and not config.resume:
-        _remove_run_artifacts(run_dir)  # only finds something with --overwrite of an unfinished run
+    if main and prep.resume_state is None:
+        # only finds something with --overwrite, or --resume, of a run without a completed epoch
+        _remove_run_artifacts(run_dir)
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         artifacts.write_yaml(run_dir / "config.yaml", config.to_dict())
@@ -587,6 +594,9 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                          ema)
         _drop_stale_best(run_dir, state.best_epoch)
         log(f"resuming {run_dir} after epoch {state.epoch}")
+    elif config.resume:
+        log(f"resuming {run_dir}: no epoch was completed, so it starts again from epoch 1 at batch "
+            f"{config.batch_size} x {config.grad_accum} accumulation")
 
     plots = RunPlots(run_dir / "plots") if config.plots and main else None
     writer = None

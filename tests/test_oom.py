@@ -12,9 +12,11 @@ import pytest
 import torch
 import yaml
 
+from headernet_core import artifacts
 from headernet_core.memory import OOM_TEST_ENV, OutOfMemoryEnd, halved_batch, inject_oom, peak_gib, reset_peak
 from headernet_core.metrics import MEASURED_METRICS
-from headernet_core.trainer import train
+from headernet_core.status import write_status
+from headernet_core.trainer import config_for_cli, train
 
 UNTIMED = list(MEASURED_METRICS)
 
@@ -102,6 +104,27 @@ def test_a_ddp_halving_stops_where_the_global_batch_no_longer_divides(tiny_confi
         halved_batch(tiny_config(batch_size=12), 1.5, world=4)   # 6 clips do not split over 4 ranks
     end = pickle.loads(pickle.dumps(OutOfMemoryEnd(2.5, 2, 2)))   # a Ray Train worker's error
     assert (end.peak, end.batch, end.world, str(end)) == (2.5, 2, 2, str(OutOfMemoryEnd(2.5, 2, 2)))
+
+
+def test_resume_without_last_pt_starts_the_run_again_at_its_recorded_micro_batch(tiny_config):
+    """Out of memory in epoch 1 under DDP leaves config.yaml with the halved batch and no
+    last.pt: `--resume` (each rank reads config.yaml) starts the run again from its beginning at
+    that batch, clearing what the failed start left, and equals a run started at it."""
+    plain = train(tiny_config(batch_size=2, grad_accum=2, run_name="plain"), log=lambda _: None)
+    halved = tiny_config(batch_size=2, grad_accum=2, run_name="oom")
+    run_dir = Path(halved.output_root) / "oom"
+    artifacts.write_yaml(run_dir / "config.yaml", halved.to_dict())   # as the rank that ran out wrote it
+    write_status(run_dir, "failed", 0, error="OutOfMemoryError: a DDP rank ran out of memory", world_size=2)
+    (run_dir / "tb").mkdir()
+    lines: list[str] = []
+    resumed = train(config_for_cli(["--resume", "--run_name", "oom", "--output_root", halved.output_root]),
+                    log=lines.append)
+    assert resumed.status == "finished" and (resumed.config.batch_size, resumed.config.grad_accum) == (2, 2)
+    assert any("no epoch was completed, so it starts again from epoch 1 at batch 2 x 2" in line for line in lines)
+    assert not (run_dir / "tb").exists()
+    a = pd.read_csv(plain.run_dir / "metrics_epoch.csv").drop(columns=UNTIMED)
+    b = pd.read_csv(resumed.run_dir / "metrics_epoch.csv").drop(columns=UNTIMED)
+    pd.testing.assert_frame_equal(a, b, atol=1e-5)
 
 
 def test_peak_memory_is_per_epoch_on_the_cpu():
