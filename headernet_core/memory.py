@@ -9,6 +9,11 @@ the CPU the process's peak resident set (VmHWM), reset by writing 5 to /proc/sel
 
 A CPU run that exhausts memory is killed by the kernel (no exception reaches Python): the
 backoff covers a GPU's `torch.OutOfMemoryError` only.
+
+Under DDP the halving cannot be retried in-process (the other ranks wait for the one that ran
+out in DDP's gradient all-reduce): the rank(s) that ran out write the halved config to the run's
+config.yaml and the run ends; its restart (`--resume`, a search trial's retry) reads it on every
+rank, so all ranks agree (headernet_core/trainer.py, `_halve_for_restart`).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from headernet_core import artifacts
 from headernet_core.memory import OOM_TEST_ENV, OutOfMemoryEnd, halved_batch, inject_oom, peak_gib, reset_peak
 from headernet_core.metrics import MEASURED_METRICS
 from headernet_core.status import write_status
-from headernet_core.trainer import config_for_cli, train
+from headernet_core.trainer import _ranks_out_of_memory, config_for_cli, train
 
 UNTIMED = list(MEASURED_METRICS)
 
@@ -104,6 +104,19 @@ def test_a_ddp_halving_stops_where_the_global_batch_no_longer_divides(tiny_confi
         halved_batch(tiny_config(batch_size=12), 1.5, world=4)   # 6 clips do not split over 4 ranks
     end = pickle.loads(pickle.dumps(OutOfMemoryEnd(2.5, 2, 2)))   # a Ray Train worker's error
     assert (end.peak, end.batch, end.world, str(end)) == (2.5, 2, 2, str(OutOfMemoryEnd(2.5, 2, 2)))
+
+
+def test_rank_0_records_why_a_rank_ran_out_of_memory(tiny_config, tmp_path):
+    """Rank 0 sees a peer's out-of-memory only as a vanished peer or torchrun's SIGTERM: it
+    records the peer's `OutOfMemoryEnd` (status.json) or the halving it wrote (config.yaml)."""
+    config = tiny_config(batch_size=4)
+    artifacts.write_yaml(tmp_path / "config.yaml", config.to_dict())
+    write_status(tmp_path, "running", 1, world_size=2)
+    assert _ranks_out_of_memory(tmp_path, config) is None
+    artifacts.write_yaml(tmp_path / "config.yaml", config.replace(batch_size=2, grad_accum=2).to_dict())
+    assert "config.yaml now holds batch 2 x 2 accumulation" in _ranks_out_of_memory(tmp_path, config)
+    write_status(tmp_path, "failed", 1, error=f"OutOfMemoryEnd: {OutOfMemoryEnd(0.5, 2, 2)}", world_size=2)
+    assert _ranks_out_of_memory(tmp_path, config) == f"OutOfMemoryEnd: {OutOfMemoryEnd(0.5, 2, 2)}"
 
 
 def test_resume_without_last_pt_starts_the_run_again_at_its_recorded_micro_batch(tiny_config):
