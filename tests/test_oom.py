@@ -140,6 +140,29 @@ def test_resume_without_last_pt_starts_the_run_again_at_its_recorded_micro_batch
     pd.testing.assert_frame_equal(a, b, atol=1e-5)
 
 
+def test_a_retried_trial_starts_at_the_recorded_micro_batch_with_or_without_last_pt(tiny_config, tmp_path):
+    """tuning.trial.starting_point: a halving recorded in config.yaml applies to the retry also
+    without last.pt (N workers that ran out in epoch 1); another effective batch there is not
+    taken. An N-worker trial's `OutOfMemoryEnd` is read back from status.json."""
+    from tuning.trial import OOM_ENDED, recorded_out_of_memory_end, starting_point
+
+    space = tiny_config(batch_size=8)
+    assert starting_point(space, tmp_path) == (space, False)
+    artifacts.write_yaml(tmp_path / "config.yaml", space.replace(batch_size=4, grad_accum=2).to_dict())
+    config, resume = starting_point(space, tmp_path)
+    assert (config.batch_size, config.grad_accum, resume) == (4, 2, False)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    assert starting_point(space, tmp_path)[1] is True
+    artifacts.write_yaml(tmp_path / "config.yaml", space.replace(batch_size=4).to_dict())
+    assert starting_point(space, tmp_path)[0].batch_size == 8
+
+    write_status(tmp_path, "failed", 1, error="RuntimeError: boom", world_size=2)
+    assert recorded_out_of_memory_end(tmp_path) is None
+    write_status(tmp_path, "failed", 1, error=f"OutOfMemoryEnd: {OutOfMemoryEnd(0.5, 2, 2)}", world_size=2)
+    assert recorded_out_of_memory_end(tmp_path) == {"epoch": 1, "peak_mem_gib": 0.5, OOM_ENDED: 1}
+
+
 def test_peak_memory_is_per_epoch_on_the_cpu():
     cpu = torch.device("cpu")
     reset_peak(cpu)
