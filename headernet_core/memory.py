@@ -9,6 +9,11 @@ the CPU the process's peak resident set (VmHWM), reset by writing 5 to /proc/sel
 
 A CPU run that exhausts memory is killed by the kernel (no exception reaches Python): the
 backoff covers a GPU's `torch.OutOfMemoryError` only.
+
+Under DDP the halving cannot be retried in-process (the other ranks wait for the one that ran
+out in DDP's gradient all-reduce): the rank(s) that ran out write the halved config to the run's
+config.yaml and the run ends; its restart (`--resume`, a search trial's retry) reads it on every
+rank, so all ranks agree (headernet_core/trainer.py, `_halve_for_restart`).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import distributed
 from .config import TrainConfig
 from .errors import HeaderNetError
 
@@ -27,17 +33,24 @@ GIB = 2**30
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 # Test seam: "EPOCH:ABOVE" raises torch.OutOfMemoryError at the second micro-batch of epoch
-# EPOCH while the micro-batch is larger than ABOVE (a CPU test cannot exhaust a GPU).
+# EPOCH while the (global) batch is larger than ABOVE (a CPU test cannot exhaust a GPU);
+# "EPOCH:ABOVE:RANK" raises on DDP rank RANK only (every rank without it).
 OOM_TEST_ENV = "HEADERNET_TEST_OOM"
 
 
 class OutOfMemoryEnd(HeaderNetError):
-    """A run ran out of memory at micro-batch 1: nothing smaller is left to try. `peak`: the
-    GiB in use then."""
+    """A run ran out of memory at micro-batch 1 (under DDP: at a global batch whose half would
+    not divide by the `world` processes): nothing smaller is left to try. `peak`: the GiB in
+    use then."""
 
-    def __init__(self, peak: float) -> None:
-        super().__init__(f"out of memory at batch 1 (peak {peak:.1f} GiB)")
-        self.peak = peak
+    def __init__(self, peak: float, batch: int = 1, world: int = 1) -> None:
+        where = f"batch {batch}" if world == 1 else \
+            f"global batch {batch} of {world} DDP processes (its half would not divide by them)"
+        super().__init__(f"out of memory at {where} (peak {peak:.1f} GiB)")
+        self.peak, self.batch, self.world = peak, batch, world
+
+    def __reduce__(self):   # rebuilt from its fields when pickled (a Ray Train worker's error)
+        return type(self), (self.peak, self.batch, self.world)
 
 
 def reset_peak(device: torch.device, device_ids: Sequence[int] = ()) -> None:
@@ -70,23 +83,28 @@ def inject_oom(config: TrainConfig, epoch: int, batch_index: int) -> None:
     spec = os.environ.get(OOM_TEST_ENV)
     if not spec or batch_index != 1:
         return
-    at_epoch, above = (int(part) for part in spec.split(":"))
-    if epoch == at_epoch and config.batch_size > above:
+    at_epoch, above, *rank = (int(part) for part in spec.split(":"))
+    if epoch == at_epoch and config.batch_size > above and (not rank or rank[0] == distributed.current().rank):
         raise torch.OutOfMemoryError(f"{OOM_TEST_ENV}={spec}")
 
 
-def halved_batch(config: TrainConfig, peak: float) -> TrainConfig:
+def halved_batch(config: TrainConfig, peak: float, world: int = 1) -> TrainConfig:
     """The config to retry with: half the micro-batch, twice the accumulation, so the
     effective batch (and with it every LR) stays (an odd micro-batch rounds down and loses one
-    clip per micro-batch). At micro-batch 1 the run ends: `OutOfMemoryEnd`."""
-    if config.batch_size <= 1:
-        raise OutOfMemoryEnd(peak)
-    return config.replace(batch_size=config.batch_size // 2, grad_accum=config.grad_accum * 2)
+    clip per micro-batch). At micro-batch 1 the run ends: `OutOfMemoryEnd`; under DDP
+    (`world` processes, `batch_size` the global batch) already when the half would not divide
+    by them (each process takes an equal part)."""
+    half = config.batch_size // 2
+    if half < 1 or half % world:
+        raise OutOfMemoryEnd(peak, config.batch_size, world)
+    return config.replace(batch_size=half, grad_accum=config.grad_accum * 2)
 
 
 def recorded_micro_batch(config: TrainConfig, run_dir: Path) -> TrainConfig:
     """`config` with the micro-batch and accumulation a backoff recorded in the run's
-    config.yaml (a retried trial starts from its space's values); unchanged when there is none."""
+    config.yaml (a retried trial starts from its space's values; the config.yaml is there
+    without last.pt too, after an out-of-memory in epoch 1 under DDP); unchanged when there is
+    none or it describes another effective batch."""
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):

@@ -41,12 +41,12 @@ from .errors import HeaderNetError, describe_os_error, fail, run_cli
 from .features import FrozenFeatures
 from .locks import FolderLock, Heartbeat
 from .losses import build_loss
-from .memory import halved_batch, inject_oom, peak_gib, reset_peak, same_effective_batch
+from .memory import OutOfMemoryEnd, halved_batch, inject_oom, peak_gib, reset_peak, same_effective_batch
 from .metrics import classification_metrics, is_improvement
 from .mixup import ClipMix
 from .model import CompiledWithFallback, HeaderClassifier, build_classifier, build_optimizer, nominal_lr
 from .paths import check_name, check_writable_dir, is_inside
-from .status import beat, read_status, write_status
+from .status import beat, read_status, read_status_record, write_status
 from .threads import apply_thread_policy
 
 # metrics_epoch.csv starts with upstream's legacy columns, in upstream's order (lr_* = mean LR
@@ -162,15 +162,20 @@ def default_run_name(config: TrainConfig) -> str:
 
 
 def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
-    """Where the run goes, and its last.pt when resuming. A finished run is never overwritten."""
+    """Where the run goes, and its last.pt when resuming. A finished run is never overwritten.
+    A resumed run without last.pt (it ended in its first epoch, e.g. out of memory under DDP,
+    which records the halved micro-batch in config.yaml) starts again from its beginning: with
+    the CLI's --resume, at the settings of its config.yaml."""
     run_dir = Path(config.output_root) / str(config.run_name)
     last = run_dir / "checkpoints" / "last.pt"
     if config.resume:
         if not run_dir.is_dir():
             fail(f"{run_dir}: nothing to resume (no such run folder); check --output_root/--run_name")
         if not last.is_file():
-            fail(f"{run_dir}: nothing to resume (no checkpoints/last.pt: it ended before its first "
-                 f"epoch); start it again with --overwrite instead of --resume")
+            if read_status(run_dir) == "finished":
+                fail(f"{run_dir} is a finished run without checkpoints/last.pt; it is never "
+                     f"overwritten: choose another --run_name")
+            return run_dir, None
         saved = checkpoints.load(last)
         missing = sorted(RESUME_KEYS - saved.keys())
         if missing:
@@ -180,7 +185,8 @@ def check_run_dir(config: TrainConfig) -> tuple[Path, dict[str, Any] | None]:
     if any((run_dir / name).exists() for name in RUN_ARTIFACTS):
         if not config.overwrite:
             hint = ("--resume to continue it" if last.is_file() else
-                    "--overwrite to start it again (it ended before its first epoch)")
+                    "--resume to start it again with its config.yaml, or --overwrite with these settings "
+                    "(it ended before its first epoch)")
             state = read_status(run_dir)
             state = f" ({'its process died' if state == 'dead' else state})" if state else ""
             fail(f"{run_dir} already exists{state}; pass {hint} or choose another --run_name")
@@ -511,7 +517,7 @@ def _train_rank(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | No
         if main:
             artifacts.remove_stale_temps(prep.run_dir, prep.run_dir / "checkpoints")
             heartbeat.start()
-        return _run(prep, on_epoch, log if main else _silent)
+        return _run(prep, on_epoch, log if main else _silent, rank_log=log)
     except OSError as exc:  # disk full, quota, a vanished folder: status.json says failed
         resume = (f"; once that is fixed, --resume --run_name {prep.config.run_name} continues from "
                   f"its last completed epoch" if (prep.run_dir / "checkpoints" / "last.pt").is_file() else "")
@@ -525,7 +531,9 @@ def _train_rank(config: TrainConfig, on_epoch: Callable[[EpochReport], bool | No
 
 
 def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
-         log: Callable[[str], None]) -> TrainResult:
+         log: Callable[[str], None], rank_log: Callable[[str], None] = print) -> TrainResult:
+    """The run's epochs. `log`: rank 0's lines (silent on the other ranks); `rank_log`: a line
+    any rank says (a DDP rank that ran out of memory)."""
     config, model, device, run_dir = prep.config, prep.model, prep.device, prep.run_dir
     amp_dtype = resolve_amp(config.amp, device)
     ranks = distributed.current()
@@ -536,8 +544,9 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             write_status(run_dir, state, epochs_done, error=error, world_size=ranks.world)
 
     # From here on files are written.
-    if main and not config.resume:
-        _remove_run_artifacts(run_dir)  # only finds something with --overwrite of an unfinished run
+    if main and prep.resume_state is None:
+        # only finds something with --overwrite, or --resume, of a run without a completed epoch
+        _remove_run_artifacts(run_dir)
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         artifacts.write_yaml(run_dir / "config.yaml", config.to_dict())
@@ -587,6 +596,9 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                          ema)
         _drop_stale_best(run_dir, state.best_epoch)
         log(f"resuming {run_dir} after epoch {state.epoch}")
+    elif config.resume:
+        log(f"resuming {run_dir}: no epoch was completed, so it starts again from epoch 1 at batch "
+            f"{config.batch_size} x {config.grad_accum} accumulation")
 
     plots = RunPlots(run_dir / "plots") if config.plots and main else None
     writer = None
@@ -608,6 +620,9 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
     finished = False   # "finished" recorded: every artifact of the last epoch is written
     try:
         while state.epoch < config.epochs:
+            # Under DDP: rank 0 has recorded the last epoch, so a rank's out-of-memory record
+            # (`_halve_for_restart`) cannot come before it and be overwritten.
+            distributed.barrier()
             epoch = state.epoch + 1
             train_sampler.set_epoch(epoch)
             shares = distributed.batch_shares(len(train_sampler), config.batch_size, ranks)
@@ -625,7 +640,8 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
                 prob, labels, val_loss = predict(eval_net, val_loader, config, device, amp_dtype,
                                                  val_criterion, shares=val_shares)
             except torch.OutOfMemoryError:
-                if ranks.active:   # a halving is not agreed between ranks yet: the run ends
+                if ranks.active:   # the other ranks wait in an all-reduce: agreed by a restart
+                    _halve_for_restart(prep, config, state.epoch, ranks, rank_log)
                     raise
                 train_stats = None   # handled outside: the traceback holds the step's tensors
             if train_stats is None:
@@ -686,8 +702,10 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         elif isinstance(exc, SystemExit) and exc.code in (0, None):
             record("stopped", state.epoch)  # e.g. Ray Tune's scheduler ended it
         else:
-            record("failed" if isinstance(exc, Exception) else "interrupted",
-                   state.epoch, error=f"{type(exc).__name__}: {exc}")
+            # A peer's out-of-memory reaches rank 0 as a vanished peer or torchrun's SIGTERM.
+            reason = _ranks_out_of_memory(run_dir, config) if ranks.active and main else None
+            record("failed" if reason or isinstance(exc, Exception) else "interrupted",
+                   state.epoch, error=reason or f"{type(exc).__name__}: {exc}")
         if plots is not None:   # after the status: a second Ctrl-C here loses only the plots
             plots.draw_if_possible(state, log)
         raise
@@ -756,6 +774,53 @@ def _retry_smaller(prep: Prepared, config: TrainConfig, epoch: int, features: Fr
     state = _restore(payload, model, optimizer, scheduler, scaler, smaller,
                      _steps_per_epoch(loaders[1], smaller), ema)
     return smaller, state, loaders
+
+
+def _halve_for_restart(prep: Prepared, config: TrainConfig, epochs_done: int, ranks: distributed.Ranks,
+                       log: Callable[[str], None]) -> None:
+    """Under DDP, on a rank that hit `torch.OutOfMemoryError` in epoch `epochs_done + 1`: the
+    epoch cannot be retried in-process, since the other ranks wait for this one in DDP's
+    gradient all-reduce, so the ranks agree through a restart. This rank writes the halved
+    config to config.yaml (atomically; every rank that ran out writes the same, and it is the
+    one file a rank other than 0 writes) and says so; the caller re-raises, the launcher ends
+    the group, and the restart (--resume, a search trial's retry) reads config.yaml on every
+    rank. When the halved global batch would not divide by the ranks, `OutOfMemoryEnd` is
+    raised instead and recorded in status.json as one process records it (also by a rank
+    other than 0: rank 0 keeps that record, `_ranks_out_of_memory`)."""
+    peak = peak_gib(prep.device, prep.device_ids)
+    try:
+        smaller = halved_batch(config, peak, ranks.world)
+    except OutOfMemoryEnd as end:
+        if not ranks.main:   # rank 0 records its own end (and a CLI prints rank 0's error only)
+            write_status(prep.run_dir, "failed", epochs_done, error=f"{type(end).__name__}: {end}",
+                         world_size=ranks.world)
+        log(f"{end} in epoch {epochs_done + 1} on DDP rank {ranks.rank}: nothing smaller is left to try, "
+            f"the run ends")
+        raise
+    artifacts.write_yaml(prep.run_dir / "config.yaml", smaller.to_dict())
+    log(f"out of memory in epoch {epochs_done + 1} at batch {config.batch_size} (peak {peak:.1f} GiB) on "
+        f"DDP rank {ranks.rank}: config.yaml now holds batch {smaller.batch_size} x {smaller.grad_accum} "
+        f"accumulation; the run ends here, and resuming it (--resume; a search trial's retry) "
+        f"continues at that batch on every rank")
+
+
+def _ranks_out_of_memory(run_dir: Path, config: TrainConfig) -> str | None:
+    """At the end of a DDP run on rank 0: the error to record when a rank ran out of memory
+    (rank 0 itself, or a peer whose end rank 0 sees only as a vanished peer or torchrun's
+    SIGTERM): the `OutOfMemoryEnd` that rank recorded in status.json, or the halving it wrote
+    to config.yaml. None when neither is there."""
+    error = str(read_status_record(run_dir).get("error", ""))
+    if error.startswith(f"{OutOfMemoryEnd.__name__}:"):
+        return error
+    try:
+        saved = load_yaml_mapping(run_dir / "config.yaml")
+    except (HeaderNetError, OSError):
+        return None
+    if saved.get("batch_size") == config.batch_size or not same_effective_batch(saved, config):
+        return None
+    return (f"OutOfMemoryError: a DDP rank ran out of memory at batch {config.batch_size}: config.yaml "
+            f"now holds batch {saved['batch_size']} x {saved['grad_accum']} accumulation; resuming the "
+            f"run (--resume; a search trial's retry) continues at that batch")
 
 
 def _eval_net(ema_model: HeaderClassifier, on_features: bool, device_ids: list[int]) -> nn.Module:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from headernet_core.distributed import Ranks, batch_shares, rank_part
 from headernet_core.errors import HeaderNetError
@@ -224,6 +225,61 @@ def test_torchrun_augmented_csn_and_feature_cache_runs_match_one_process(tiny_co
         assert_same_epochs(run, run.with_name(f"{config.run_name}-one"))
         assert_written_once(run, world=2)
     assert set(RUN_ARTIFACTS) >= {p.name for p in run.iterdir()} - {".lock"}
+
+
+@pytest.mark.slow
+def test_torchrun_out_of_memory_on_rank_1_halves_the_batch_through_a_resume(tiny_config, torchrun, monkeypatch):
+    """Rank 1 alone runs out of memory in epoch 2 at the initial global batch 4: the run ends
+    (the ranks cannot agree in-process), config.yaml holds batch 2 x 2 accumulation and rank 0
+    records why; `--resume` continues at that batch on both ranks and equals one process that
+    backed off in-process (tests/test_oom.py)."""
+    from headernet_core.memory import OOM_TEST_ENV
+
+    config = tiny_config(augment=False, head_dropout=0.0, epochs=3, run_name="ddp")
+    monkeypatch.setenv(OOM_TEST_ENV, "2:2")       # one process: its epoch 2 above batch 2
+    reference = train(config.replace(run_name="one"), log=lambda _: None)
+    assert (reference.config.batch_size, reference.config.grad_accum) == (2, 2)
+
+    monkeypatch.setenv(OOM_TEST_ENV, "2:2:1")     # torchrun: rank 1 only
+    proc = torchrun("-m", "headernet_core.train", *cli_args(config))
+    out, err = proc.communicate(timeout=300)
+    run = Path(config.output_root) / "ddp"
+    assert proc.returncode != 0, err[-3000:]
+    assert out.count("out of memory in epoch 2 at batch 4") == 1 and "on DDP rank 1" in out, (out, err[-3000:])
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["batch_size"], saved["grad_accum"]) == (2, 2)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and status["epochs_done"] == 1, status
+    assert "config.yaml now holds batch 2 x 2" in status["error"], status
+
+    monkeypatch.delenv(OOM_TEST_ENV)
+    proc = torchrun("-m", "headernet_core.train", "--resume", "--run_name", "ddp", "--output_root",
+                    config.output_root, "--no-progress")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming" in out and out.count("finished: best epoch") == 1
+    assert_same_epochs(run, reference.run_dir)
+    assert_written_once(run, world=2)
+
+
+@pytest.mark.slow
+def test_torchrun_out_of_memory_with_no_halving_left_ends_as_one_process_ends(tiny_config, torchrun, monkeypatch):
+    """Global batch 2 on 2 ranks has no half that divides by them: rank 1 running out of memory
+    records `OutOfMemoryEnd` in status.json, which rank 0 keeps (a search tells Optuna PRUNED,
+    infeasible, as for one process); config.yaml is unchanged."""
+    from headernet_core.memory import OOM_TEST_ENV
+
+    config = tiny_config(augment=False, head_dropout=0.0, batch_size=2, epochs=1, run_name="end")
+    monkeypatch.setenv(OOM_TEST_ENV, "1:0:1")
+    proc = torchrun("-m", "headernet_core.train", *cli_args(config))
+    out, err = proc.communicate(timeout=300)
+    run = Path(config.output_root) / "end"
+    assert proc.returncode != 0
+    assert out.count("out of memory at global batch 2 of 2 DDP processes") == 1, (out, err[-3000:])
+    assert "in epoch 1 on DDP rank 1: nothing smaller is left to try" in out
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].startswith("OutOfMemoryEnd: out of memory at global batch 2"), status
+    assert yaml.safe_load((run / "config.yaml").read_text())["batch_size"] == 2
 
 
 # --- a search whose trials are 2 DDP workers (Ray Train) -------------------------------------------

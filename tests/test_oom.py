@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pandas as pd
@@ -11,9 +12,11 @@ import pytest
 import torch
 import yaml
 
+from headernet_core import artifacts
+from headernet_core.memory import OOM_TEST_ENV, OutOfMemoryEnd, halved_batch, inject_oom, peak_gib, reset_peak
 from headernet_core.metrics import MEASURED_METRICS
-from headernet_core.memory import OOM_TEST_ENV, OutOfMemoryEnd, peak_gib, reset_peak
-from headernet_core.trainer import train
+from headernet_core.status import write_status
+from headernet_core.trainer import _ranks_out_of_memory, config_for_cli, train
 
 UNTIMED = list(MEASURED_METRICS)
 
@@ -69,6 +72,95 @@ def test_resume_refuses_another_effective_batch(tiny_config):
     train(tiny_config(epochs=1), log=lambda _: None)
     with pytest.raises(HeaderNetError, match="batch_size"):
         train(tiny_config(epochs=2, batch_size=2, resume=True), log=lambda _: None)
+
+
+# --- under DDP: a halving agreed through a restart (the torchrun run: tests/test_distributed.py) ----
+def test_the_seam_raises_on_its_rank_only(tiny_config, monkeypatch):
+    """"EPOCH:ABOVE:RANK" raises on DDP rank RANK alone (the rank read from the launcher's
+    environment here, no process group); without RANK on every rank."""
+    config = tiny_config(batch_size=4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for spec, rank, raises in (("2:2:1", "1", True), ("2:2:1", "0", False), ("2:2", "0", True),
+                               ("2:2", "1", True), ("2:4:1", "1", False)):
+        monkeypatch.setenv(OOM_TEST_ENV, spec)
+        monkeypatch.setenv("RANK", rank)
+        inject_oom(config, 2, 0)     # only the second micro-batch
+        inject_oom(config, 1, 1)     # only epoch 2
+        if raises:
+            with pytest.raises(torch.OutOfMemoryError, match=spec):
+                inject_oom(config, 2, 1)
+        else:
+            inject_oom(config, 2, 1)
+
+
+def test_a_ddp_halving_stops_where_the_global_batch_no_longer_divides(tiny_config):
+    smaller = halved_batch(tiny_config(batch_size=8), 1.0, world=2)
+    assert (smaller.batch_size, smaller.grad_accum) == (4, 2)
+    assert halved_batch(tiny_config(batch_size=4, grad_accum=3), 1.0, world=2).grad_accum == 6
+    with pytest.raises(OutOfMemoryEnd, match=r"^out of memory at global batch 2 of 2 DDP processes "
+                                             r"\(its half would not divide by them\) \(peak 1\.5 GiB\)$"):
+        halved_batch(tiny_config(batch_size=2), 1.5, world=2)
+    with pytest.raises(OutOfMemoryEnd, match="global batch 12 of 4"):
+        halved_batch(tiny_config(batch_size=12), 1.5, world=4)   # 6 clips do not split over 4 ranks
+    end = pickle.loads(pickle.dumps(OutOfMemoryEnd(2.5, 2, 2)))   # a Ray Train worker's error
+    assert (end.peak, end.batch, end.world, str(end)) == (2.5, 2, 2, str(OutOfMemoryEnd(2.5, 2, 2)))
+
+
+def test_rank_0_records_why_a_rank_ran_out_of_memory(tiny_config, tmp_path):
+    """Rank 0 sees a peer's out-of-memory only as a vanished peer or torchrun's SIGTERM: it
+    records the peer's `OutOfMemoryEnd` (status.json) or the halving it wrote (config.yaml)."""
+    config = tiny_config(batch_size=4)
+    artifacts.write_yaml(tmp_path / "config.yaml", config.to_dict())
+    write_status(tmp_path, "running", 1, world_size=2)
+    assert _ranks_out_of_memory(tmp_path, config) is None
+    artifacts.write_yaml(tmp_path / "config.yaml", config.replace(batch_size=2, grad_accum=2).to_dict())
+    assert "config.yaml now holds batch 2 x 2 accumulation" in _ranks_out_of_memory(tmp_path, config)
+    write_status(tmp_path, "failed", 1, error=f"OutOfMemoryEnd: {OutOfMemoryEnd(0.5, 2, 2)}", world_size=2)
+    assert _ranks_out_of_memory(tmp_path, config) == f"OutOfMemoryEnd: {OutOfMemoryEnd(0.5, 2, 2)}"
+
+
+def test_resume_without_last_pt_starts_the_run_again_at_its_recorded_micro_batch(tiny_config):
+    """Out of memory in epoch 1 under DDP leaves config.yaml with the halved batch and no
+    last.pt: `--resume` (each rank reads config.yaml) starts the run again from its beginning at
+    that batch, clearing what the failed start left, and equals a run started at it."""
+    plain = train(tiny_config(batch_size=2, grad_accum=2, run_name="plain"), log=lambda _: None)
+    halved = tiny_config(batch_size=2, grad_accum=2, run_name="oom")
+    run_dir = Path(halved.output_root) / "oom"
+    artifacts.write_yaml(run_dir / "config.yaml", halved.to_dict())   # as the rank that ran out wrote it
+    write_status(run_dir, "failed", 0, error="OutOfMemoryError: a DDP rank ran out of memory", world_size=2)
+    (run_dir / "tb").mkdir()
+    lines: list[str] = []
+    resumed = train(config_for_cli(["--resume", "--run_name", "oom", "--output_root", halved.output_root]),
+                    log=lines.append)
+    assert resumed.status == "finished" and (resumed.config.batch_size, resumed.config.grad_accum) == (2, 2)
+    assert any("no epoch was completed, so it starts again from epoch 1 at batch 2 x 2" in line for line in lines)
+    assert not (run_dir / "tb").exists()
+    a = pd.read_csv(plain.run_dir / "metrics_epoch.csv").drop(columns=UNTIMED)
+    b = pd.read_csv(resumed.run_dir / "metrics_epoch.csv").drop(columns=UNTIMED)
+    pd.testing.assert_frame_equal(a, b, atol=1e-5)
+
+
+def test_a_retried_trial_starts_at_the_recorded_micro_batch_with_or_without_last_pt(tiny_config, tmp_path):
+    """tuning.trial.starting_point: a halving recorded in config.yaml applies to the retry also
+    without last.pt (N workers that ran out in epoch 1); another effective batch there is not
+    taken. An N-worker trial's `OutOfMemoryEnd` is read back from status.json."""
+    from tuning.trial import OOM_ENDED, recorded_out_of_memory_end, starting_point
+
+    space = tiny_config(batch_size=8)
+    assert starting_point(space, tmp_path) == (space, False)
+    artifacts.write_yaml(tmp_path / "config.yaml", space.replace(batch_size=4, grad_accum=2).to_dict())
+    config, resume = starting_point(space, tmp_path)
+    assert (config.batch_size, config.grad_accum, resume) == (4, 2, False)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    assert starting_point(space, tmp_path)[1] is True
+    artifacts.write_yaml(tmp_path / "config.yaml", space.replace(batch_size=4).to_dict())
+    assert starting_point(space, tmp_path)[0].batch_size == 8
+
+    write_status(tmp_path, "failed", 1, error="RuntimeError: boom", world_size=2)
+    assert recorded_out_of_memory_end(tmp_path) is None
+    write_status(tmp_path, "failed", 1, error=f"OutOfMemoryEnd: {OutOfMemoryEnd(0.5, 2, 2)}", world_size=2)
+    assert recorded_out_of_memory_end(tmp_path) == {"epoch": 1, "peak_mem_gib": 0.5, OOM_ENDED: 1}
 
 
 def test_peak_memory_is_per_epoch_on_the_cpu():

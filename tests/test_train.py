@@ -121,18 +121,27 @@ def test_existing_run_is_protected(tiny_config):
         train(tiny_config(epochs=1, overwrite=True), log=lambda _: None)
 
 
-def test_a_run_that_ended_before_its_first_epoch_points_to_overwrite(tiny_config):
+def test_a_run_that_ended_before_its_first_epoch_starts_again_on_resume_or_overwrite(tiny_config):
+    """No last.pt: a plain start points to --resume (its config.yaml, e.g. a micro-batch halved
+    under DDP) and --overwrite (these settings); either starts it from its beginning. A finished
+    run that lost its last.pt is not started again."""
     config = tiny_config(epochs=1)
-    run_dir = Path(config.output_root) / config.run_name
-    run_dir.mkdir(parents=True)
-    (run_dir / "status.json").write_text('{"state": "failed", "epochs_done": 0}')
-    with pytest.raises(HeaderNetError, match="--overwrite to start it again"):
-        train(config, log=lambda _: None)
-    with pytest.raises(HeaderNetError, match="--overwrite instead of --resume"):
-        train(config.replace(resume=True), log=lambda _: None)
+    for name in ("again", "over"):
+        run_dir = Path(config.output_root) / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "status.json").write_text('{"state": "failed", "epochs_done": 0}')
+    with pytest.raises(HeaderNetError, match="--resume to start it again with its config.yaml, or --overwrite"):
+        train(config.replace(run_name="again"), log=lambda _: None)
     with pytest.raises(HeaderNetError, match="no such run folder"):
         train(config.replace(resume=True, run_name="never_ran"), log=lambda _: None)
-    assert train(config.replace(overwrite=True), log=lambda _: None).status == "finished"
+    lines: list[str] = []
+    resumed = train(config.replace(run_name="again", resume=True), log=lines.append)
+    assert resumed.status == "finished" and resumed.epochs_done == 1
+    assert any("no epoch was completed, so it starts again from epoch 1" in line for line in lines), lines
+    assert train(config.replace(run_name="over", overwrite=True), log=lambda _: None).status == "finished"
+    (resumed.run_dir / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(HeaderNetError, match="finished run without checkpoints/last.pt"):
+        train(config.replace(run_name="again", resume=True), log=lambda _: None)
 
 
 def test_overwrite_replaces_an_unfinished_run(tiny_config):

@@ -12,7 +12,11 @@ concurrency at the groups the cluster can place (`placeable_trials`), and a grou
 be placed fails after `GROUP_START_TIMEOUT_S` with no controller retry (Ray's default retries
 forever). Every worker runs `headernet_core.trainer.train` in Ray's process group; rank 0
 writes the trial's run folder, as under torchrun. A failed or killed worker fails the trial;
-Tune retries it (max_failures) and the retry resumes from the run folder's last.pt.
+Tune retries it (max_failures) and the retry resumes from the run folder's last.pt. A worker
+that runs out of GPU memory writes the halved micro-batch to config.yaml before the trial fails
+(the workers cannot agree on it in-process), and the retry starts every worker at it, with or
+without last.pt (`tuning.trial.starting_point`); with no halving left (`OutOfMemoryEnd` in
+status.json) the trial ends, not fails, as a one-process trial does (`recorded_out_of_memory_end`).
 
 Tune ends a trial (ASHA's stop, or `max_t` reached) by ending its actor, which takes Ray
 Train's controller with it before the controller removes the workers' placement group (whose

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -24,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from headernet_core.artifacts import read_json_dict, write_json
-from headernet_core.config import fields_with_role, format_value
+from headernet_core.config import TrainConfig, fields_with_role, format_value
 
 from .space import SearchSpace
 
@@ -84,7 +85,7 @@ def search_warnings(space: SearchSpace, search_dir: str | Path) -> list[str]:
     """Every warning the search's trials would give about their settings, once: the settings
     trials replace, then `ignored_settings` over each combination of choices (the trials log
     their own copy into their folders)."""
-    from headernet_core.config import TrainConfig, ignored_settings
+    from headernet_core.config import ignored_settings
 
     lines = replaced_settings(space, search_dir)
     where: dict[str, list[str]] = {}
@@ -212,6 +213,16 @@ def register_trial_thread() -> None:
     _trial_threads[:] = [t for t in _trial_threads if t.is_alive()] + [threading.current_thread()]
 
 
+def starting_point(config: TrainConfig, run_dir: Path) -> tuple[TrainConfig, bool]:
+    """Where a (retried) trial starts: `config` with an out-of-memory halving's
+    micro-batch and accumulation, which config.yaml records at once (memory.recorded_micro_batch),
+    and whether it resumes (its last.pt is there). The halving applies without last.pt too: the
+    N workers of a trial that ran out of memory in epoch 1 agree on it through Tune's retry."""
+    from headernet_core.memory import recorded_micro_batch
+
+    return recorded_micro_batch(config, run_dir), (run_dir / "checkpoints" / "last.pt").is_file()
+
+
 def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
               checked: dict | None = None, quiet: bool = False) -> None:
     """The Tune function trainable (wrapped with `tune.with_parameters`). `checked`: the split
@@ -235,7 +246,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     register_trial_thread()
 
     from headernet_core.features import cache_dir
-    from headernet_core.memory import OutOfMemoryEnd, recorded_micro_batch
+    from headernet_core.memory import OutOfMemoryEnd
     from headernet_core.trainer import train
 
     if quiet:
@@ -252,10 +263,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         # A 0-GPU Ray trial still sees every GPU (Ray >= 2.4x): hide them so it cannot touch one.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-    config = space.trial_config(sampled)
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
-    if resume:   # an out-of-memory backoff's micro-batch, not the space's
-        config = recorded_micro_batch(config, run_dir)
+    config, resume = starting_point(space.trial_config(sampled), run_dir)
     num_workers = min(config.num_workers, cpus - 1)
     config = config.replace(
         output_root=search_dir, run_name=run_name, progress=False,
@@ -304,8 +312,14 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
 
         if read_json_dict(run_dir / "status.json").get("state") == "finished":
             report_recorded(run_dir, report)   # restored after its last epoch: tell Tune once
-        else:
+            return
+        try:
             run_workers(config, space.resources, run_dir, space.objective_metrics, checked, quiet)
+        except Exception:
+            ended = recorded_out_of_memory_end(run_dir)
+            if ended is None:
+                raise   # a halving (config.yaml) is picked up by Tune's retry (max_failures)
+            report(ended, None, None)   # ended, not failed: as one process
         return
     with warnings.catch_warnings(), trial_output(run_dir, quiet):  # a fresh warning registry
         try:
@@ -329,6 +343,20 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     if not reported and result.best_metrics:
         # Restored after its last epoch had finished: tell Tune the final state once.
         report_recorded(run_dir, report)
+
+
+def recorded_out_of_memory_end(run_dir: Path) -> dict[str, Any] | None:
+    """What an N-worker trial reports when its run ended out of memory with nothing smaller to
+    try (`OutOfMemoryEnd` in status.json, recorded by the rank that ran out; the exception
+    reaches the trial only inside Ray Train's error): what a one-process trial reports (the
+    study's PRUNED, infeasible), the peak read from the message. None for any other end."""
+    status = read_json_dict(run_dir / "status.json")
+    error = str(status.get("error", ""))
+    if not error.startswith("OutOfMemoryEnd:"):   # headernet_core.memory.OutOfMemoryEnd
+        return None
+    peak = re.search(r"\(peak ([0-9.]+|nan) GiB\)", error)
+    return {"epoch": int(status.get("epochs_done") or 0),
+            "peak_mem_gib": float(peak.group(1)) if peak else math.nan, OOM_ENDED: 1}
 
 
 def report_recorded(run_dir: Path, report) -> None:
