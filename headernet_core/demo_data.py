@@ -519,7 +519,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def generate(out_dir: Path, *, seed: int = 0, matches: int = 8, clips_per_match: int = 150,
+def generate(out_dir: Path, *, seed: int = 0, matches: int = 8, clips_per_match: int = 100,
              size: int = 64, frames: int = 12, overwrite: bool = False) -> Path:
     """Write the demo dataset into `out_dir`; return the path of `all_clips.csv`.
 
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     parser.add_argument("--matches", type=int, default=8,
                         help="number of matches (video_id values)")
-    parser.add_argument("--clips_per_match", type=int, default=150, help="clips per match")
+    parser.add_argument("--clips_per_match", type=int, default=100, help="clips per match")
     parser.add_argument("--size", type=int, default=64, help="frame side S in pixels")
     parser.add_argument("--frames", type=int, default=12,
                         help="frames T per clip (a few get fewer)")
