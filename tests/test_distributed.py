@@ -279,6 +279,7 @@ def test_torchrun_out_of_memory_with_no_halving_left_ends_as_one_process_ends(ti
     assert "in epoch 1 on DDP rank 1: nothing smaller is left to try" in out
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and status["error"].startswith("OutOfMemoryEnd: out of memory at global batch 2"), status
+    assert (status["out_of_memory"]["batch"], status["out_of_memory"]["world"]) == (2, 2), status
     assert yaml.safe_load((run / "config.yaml").read_text())["batch_size"] == 2
 
 

@@ -31,6 +31,7 @@ from headernet_core.config import TrainConfig, fields_with_role, format_value
 from headernet_core.errors import CliParser, HeaderNetError, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
+from headernet_core.status import recorded_end
 
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray, stop_ray
 from .ddp_trial import TRIAL_TOKEN, placeable_trials, worker_group_cleanup, workers_of
@@ -533,8 +534,8 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
         error = None
         if result.error is not None:
             state, error = "failed", one_line_error(result.error)
-        elif str(status_record.get("error", "")).startswith("OutOfMemoryEnd:"):   # headernet_core.memory
-            state, error = "out_of_memory", str(status_record["error"]).split(": ", 1)[-1]
+        elif (end := recorded_end(status_record)) is not None:
+            state, error = "out_of_memory", str(end)
         elif status == "finished":
             state = "finished"
         elif (folder / SCHEDULER_STOP).is_file():

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -26,8 +25,11 @@ import numpy as np
 
 from headernet_core.artifacts import read_json_dict, write_json
 from headernet_core.config import TrainConfig, fields_with_role, format_value
+from headernet_core.errors import OutOfMemoryEnd
+from headernet_core.status import recorded_end
 
 from .space import SearchSpace
+
 
 OBJECTIVE = "objective"
 OOM_ENDED = "oom_ended"                  # in a trial's last result: it ran out of memory at batch 1
@@ -246,7 +248,6 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     register_trial_thread()
 
     from headernet_core.features import cache_dir
-    from headernet_core.memory import OutOfMemoryEnd
     from headernet_core.trainer import train
 
     if quiet:
@@ -332,8 +333,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     if out_of_memory:
         # Ended, not failed: the study records it (PRUNED, infeasible) instead of ignoring it.
         status = read_json_dict(run_dir / "status.json")
-        report({"epoch": int(status.get("epochs_done") or 0), "peak_mem_gib": out_of_memory[0].peak,
-                OOM_ENDED: 1}, None, None)
+        report(out_of_memory_result(int(status.get("epochs_done") or 0), out_of_memory[0]), None, None)
         return
     if stopped:
         # Re-raised without the trainer's frames: its model and tensors are freed here, at once,
@@ -347,16 +347,16 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
 
 def recorded_out_of_memory_end(run_dir: Path) -> dict[str, Any] | None:
     """What an N-worker trial reports when its run ended out of memory with nothing smaller to
-    try (`OutOfMemoryEnd` in status.json, recorded by the rank that ran out; the exception
-    reaches the trial only inside Ray Train's error): what a one-process trial reports (the
-    study's PRUNED, infeasible), the peak read from the message. None for any other end."""
+    try (recorded in status.json by the rank that ran out; the exception reaches the trial
+    only inside Ray Train's error): what a one-process trial reports (the study's PRUNED,
+    infeasible). None for any other end."""
     status = read_json_dict(run_dir / "status.json")
-    error = str(status.get("error", ""))
-    if not error.startswith("OutOfMemoryEnd:"):   # headernet_core.memory.OutOfMemoryEnd
-        return None
-    peak = re.search(r"\(peak ([0-9.]+|nan) GiB\)", error)
-    return {"epoch": int(status.get("epochs_done") or 0),
-            "peak_mem_gib": float(peak.group(1)) if peak else math.nan, OOM_ENDED: 1}
+    end = recorded_end(status)
+    return None if end is None else out_of_memory_result(int(status.get("epochs_done") or 0), end)
+
+
+def out_of_memory_result(epochs_done: int, end: OutOfMemoryEnd) -> dict[str, Any]:
+    return {"epoch": epochs_done, "peak_mem_gib": end.peak, OOM_ENDED: 1}
 
 
 def report_recorded(run_dir: Path, report) -> None:
