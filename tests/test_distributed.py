@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from headernet_core import distributed
 from headernet_core.distributed import Ranks, batch_shares, rank_part
 from headernet_core.errors import HeaderNetError
 from headernet_core.trainer import RUN_ARTIFACTS, prepare, train
@@ -102,9 +104,10 @@ def test_bad_ddp_inputs_fail_before_anything_is_written(tiny_config, monkeypatch
 # --- BatchNorm over the global batch on the CPU (torch's SyncBatchNorm refuses CPU tensors) ---------
 def test_global_batchnorm_in_two_gloo_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
     """Two spawned gloo ranks take parts of 3 and 2 clips of each batch through a converted
-    BatchNorm3d (training mode, two steps, momentum 0.1 and None): the parts' outputs and input
-    gradients, the weight/bias gradients summed over the ranks, and every rank's running_mean,
-    running_var and num_batches_tracked equal nn.BatchNorm3d's on the whole batch to 1e-5."""
+    BatchNorm1d, 2d and 3d (training mode, two steps, momentum 0.1 and None): the parts'
+    outputs and input gradients, the weight/bias gradients summed over the ranks, and every
+    rank's running_mean, running_var and num_batches_tracked equal the torch BatchNorm's on the
+    whole batch to 1e-5."""
     import torch
     import torch.multiprocessing as mp
 
@@ -113,27 +116,45 @@ def test_global_batchnorm_in_two_gloo_ranks_equals_batchnorm_on_the_whole_batch(
 
     mp.spawn(global_batchnorm_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for momentum, first in ranks[0].items():
-        reference = torch.nn.BatchNorm3d(3, momentum=momentum)
+    assert sorted(dims for dims, _ in ranks[0]) == [1, 1, 2, 2, 3, 3]
+    for (dims, momentum), first in ranks[0].items():
+        reference = getattr(torch.nn, f"BatchNorm{dims}d")(3, momentum=momentum)
         reference.load_state_dict(first["start"])
         for step, (x, mix) in enumerate(first["steps"]):
             whole = x.clone().requires_grad_(True)
             reference.zero_grad()
             out = reference(whole)
             (out * mix).sum().backward()
-            saved = [rank[momentum]["saved"][step] for rank in ranks]
+            saved = [rank[dims, momentum]["saved"][step] for rank in ranks]
             got = {"out": torch.cat([s["out"] for s in saved]), "grad": torch.cat([s["grad"] for s in saved]),
                    "weight": saved[0]["weight"] + saved[1]["weight"], "bias": saved[0]["bias"] + saved[1]["bias"]}
             want = {"out": out.detach(), "grad": whole.grad, "weight": reference.weight.grad,
                     "bias": reference.bias.grad}
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 want[name] = getattr(reference, name)
-                assert torch.equal(saved[0][name], saved[1][name]), (momentum, step, name)
+                assert torch.equal(saved[0][name], saved[1][name]), (dims, momentum, step, name)
                 got[name] = saved[0][name]
             for name, value in want.items():
                 assert torch.allclose(got[name].double(), value.double(), rtol=0, atol=1e-5), \
-                    (momentum, step, name, got[name], value)
+                    (dims, momentum, step, name, got[name], value)
         assert int(reference.num_batches_tracked) == 2
+
+
+def test_a_rank_removes_the_interrupt_markers_of_launchers_that_have_exited(tmp_path, monkeypatch):
+    """`LauncherInterrupts` marks, per launcher, that a rank told it of a Ctrl-C; the next run
+    under torchrun removes the marks of launchers that are gone and keeps a running one's."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    prefix = distributed.LauncherInterrupts.MARKER_PREFIX
+    gone, running = tmp_path / f"{prefix}{exited.pid}-x.interrupted", tmp_path / f"{prefix}{os.getpid()}-x.interrupted"
+    other = tmp_path / f"{prefix}notapid.interrupted"
+    for marker in (gone, running, other):
+        marker.touch()
+    with distributed.LauncherInterrupts():
+        assert signal.getsignal(signal.SIGTERM).__func__ is distributed.LauncherInterrupts._handle
+    assert not gone.exists() and running.exists() and other.exists()
 
 
 def test_global_batchnorm_keeps_frozen_batchnorm_frozen_and_is_batchnorm_without_a_group():
