@@ -24,6 +24,11 @@ warnings.filterwarnings("ignore", message=".*random weights.*")
 warnings.filterwarnings("ignore", message=".*small random model.*")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end runs (`slow`) first, in file order: spread over pytest-xdist's workers
+    (the README's `-n`), they start together instead of trailing at the end of the run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 def write_clips(folder: Path, n: int, *, seed: int, frames: int = 6, size: int = 32,
                 prefix: str = "clip") -> pd.DataFrame:

@@ -467,13 +467,10 @@ def test_a_user_environment_cannot_turn_usage_stats_on(monkeypatch):
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
     monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
     monkeypatch.delenv("TUNE_WARN_THRESHOLD_S", raising=False)
-    monkeypatch.delenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", raising=False)
     prepare_environment(local=False)
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     assert os.environ["RAY_DEDUP_LOGS"] == "1"  # a default: the user's choice stands
     assert os.environ["TUNE_WARN_THRESHOLD_S"] == "5"  # no "may be a performance bottleneck" at 0.5 s
-    # a stopped trial's thread may still be drawing its plots: the actor is reused, not replaced
-    assert os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] == "10"
 
 
 def test_local_ray_defaults_apply_to_the_local_ray_only(monkeypatch):

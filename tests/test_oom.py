@@ -172,12 +172,17 @@ def test_a_retried_trial_starts_at_the_recorded_micro_batch_with_or_without_last
 
 
 def test_peak_memory_is_per_epoch_on_the_cpu():
+    import mmap
+
     cpu = torch.device("cpu")
     reset_peak(cpu)
     before = peak_gib(cpu)
-    block = torch.ones(64 * 2**20 // 4)          # 64 MiB, touched
+    # 64 MiB of new pages, touched (a malloc'd block could reuse pages a process that ran other
+    # tests already holds: then nothing grows, as seen under pytest-xdist)
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\1" * len(block))
     grown = peak_gib(cpu)
-    del block
+    block.close()
     reset_peak(cpu)
     after = peak_gib(cpu)
     if math.isnan(before):

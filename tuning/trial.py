@@ -208,8 +208,19 @@ def _wait_for_trial_threads() -> None:
             thread.join(timeout=EXIT_WAIT_S)
 
 
+# Before Tune reuses an actor for the next trial it waits this long (2 s by default) for the
+# previous trial's thread, and fails the next trial if that thread is still alive. A trial that
+# ASHA stopped frees its model and draws its plots as it ends: more than 2 s on a busy machine
+# (a demo trial failed so on a loaded 2-core machine). Set in the actor process itself, since
+# the actors of a `ray start` cluster do not inherit the driver's environment; a value in the
+# actor's environment stands.
+TRIAL_THREAD_WAIT = ("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+
+
 def register_trial_thread() -> None:
-    """Called on the thread that runs a trial: the process waits for it at exit."""
+    """Called on the thread that runs a trial: the process waits for it at exit, and Tune waits
+    for it before giving the actor the next trial (`TRIAL_THREAD_WAIT`)."""
+    os.environ.setdefault(*TRIAL_THREAD_WAIT)
     if not _trial_threads:
         atexit.register(_wait_for_trial_threads)
     _trial_threads[:] = [t for t in _trial_threads if t.is_alive()] + [threading.current_thread()]
