@@ -321,7 +321,7 @@ def test_a_search_of_two_worker_trials_matches_one_process(tiny_data, tmp_path, 
     space = write_space(tmp_path, tiny_data, search={"lr_head": {"loguniform": [3e-4, 3e-3]}},
                         trainer={"epochs": 3, "batch_size": 4, "augment": False, "head_dropout": 0.0,
                                  "plots": True, "backbone": "vmae"},
-                        budget={"num_samples": 4, "max_concurrent": 1, "seed": 0},
+                        budget={"num_samples": 3, "max_concurrent": 1, "seed": 0},
                         objective={"metric": "val_loss"},   # distinct values: ASHA stops some
                         resources={"cpu": 1, "gpu": 0, "workers": 2})
     with pytest.raises(SystemExit) as exc:
@@ -333,7 +333,7 @@ def test_a_search_of_two_worker_trials_matches_one_process(tiny_data, tmp_path, 
     search_dir = tmp_path / "out" / "s"
     summary = json.loads((search_dir / "search_summary.json").read_text())
     states = {t["name"]: json.loads((search_dir / t["name"] / "status.json").read_text()) for t in summary["trials"]}
-    assert len(states) == 4 and all(s["world_size"] == 2 for s in states.values()), states
+    assert len(states) == 3 and all(s["world_size"] == 2 for s in states.values()), states
     stopped = [name for name, s in states.items() if s["state"] == "stopped"]
     assert stopped and all((search_dir / n / "plots" / "loss.png").is_file() for n in stopped), states
     assert all(s["state"] in ("stopped", "finished") for s in states.values()), states
@@ -348,12 +348,13 @@ def test_a_search_of_two_worker_trials_matches_one_process(tiny_data, tmp_path, 
 
 @pytest.mark.slow
 def test_a_killed_worker_resumes_its_trial_from_the_last_epoch(tmp_path):
-    """SIGKILL to rank 0 of a 2-worker trial after its first epoch: with max_failures 1 Tune
-    retries the trial, whose new workers continue after that epoch (its row is kept as written)."""
+    """SIGKILL to rank 0 of a 2-worker trial after its first of 2 epochs: with max_failures 1
+    Tune retries the trial, whose new workers continue after that epoch (its row is kept as
+    written)."""
     sys.path.insert(0, str(REPO / "tests"))
     from test_search import kill_after_first_epoch
 
-    search_dir, trial = kill_after_first_epoch(tmp_path, trainer={"backbone": "vmae"},
+    search_dir, trial = kill_after_first_epoch(tmp_path, epochs=2, trainer={"backbone": "vmae"},
                                                resources={"cpu": 1, "gpu": 0, "workers": 2})
     assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
 
@@ -366,7 +367,7 @@ def test_an_interrupted_search_of_two_worker_trials_resumes(tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from test_search import assert_study_states, kill_after_first_epoch
 
-    search_dir, trial = kill_after_first_epoch(tmp_path, driver=True, trainer={"backbone": "vmae"},
+    search_dir, trial = kill_after_first_epoch(tmp_path, driver=True, epochs=2, trainer={"backbone": "vmae"},
                                                resources={"cpu": 1, "gpu": 0, "workers": 2})
     assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
     assert_study_states(search_dir, json.loads((search_dir / "search_summary.json").read_text()))
