@@ -22,6 +22,7 @@ rank. The EMA is updated on every rank from identical weights, so it stays ident
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
@@ -313,21 +314,40 @@ class LauncherInterrupts:
         self.launcher = 0
         raise KeyboardInterrupt
 
+    MARKER_PREFIX = "headernet-torchrun-"
+
     def _first_to_tell(self) -> bool:
         """Whether this rank is the first of its launcher's to tell it (a marker file per
-        launcher and run in the temp folder, created exclusively)."""
+        launcher and run in the temp folder, created exclusively; `_remove_stale_markers`
+        removes it once the launcher is gone)."""
         marker = Path(tempfile.gettempdir()) / \
-            f"headernet-torchrun-{self.launcher}-{os.environ.get('TORCHELASTIC_RUN_ID', '')}.interrupted"
+            f"{self.MARKER_PREFIX}{self.launcher}-{os.environ.get('TORCHELASTIC_RUN_ID', '')}.interrupted"
         try:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except OSError:
             return False
         return True
 
+    @classmethod
+    def _remove_stale_markers(cls) -> None:
+        """The markers of launchers that have exited (no rank can remove its own: a peer may
+        still be signalled after it exits)."""
+        for marker in Path(tempfile.gettempdir()).glob(f"{cls.MARKER_PREFIX}*.interrupted"):
+            try:
+                os.kill(int(marker.name[len(cls.MARKER_PREFIX):].split("-", 1)[0]), 0)
+                continue   # its launcher runs
+            except ProcessLookupError:
+                pass
+            except (ValueError, OSError):   # not ours, or a launcher of another user
+                continue
+            with contextlib.suppress(OSError):
+                marker.unlink()
+
     def __enter__(self) -> LauncherInterrupts:
         import threading
 
         if "TORCHELASTIC_RUN_ID" in os.environ and threading.current_thread() is threading.main_thread():
+            self._remove_stale_markers()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self

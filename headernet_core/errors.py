@@ -25,6 +25,25 @@ class HeaderNetError(Exception):
     """A problem with the user's input or environment, reported as one line (exit code 2)."""
 
 
+class OutOfMemoryEnd(HeaderNetError):
+    """A run ran out of memory at micro-batch 1 (under DDP: at a global batch whose half would
+    not divide by the `world` processes): nothing smaller is left to try. `peak`: the GiB in
+    use then."""
+
+    def __init__(self, peak: float, batch: int = 1, world: int = 1) -> None:
+        where = f"batch {batch}" if world == 1 else \
+            f"global batch {batch} of {world} DDP processes (its half would not divide by them)"
+        super().__init__(f"out of memory at {where} (peak {peak:.1f} GiB)")
+        self.peak, self.batch, self.world = peak, batch, world
+
+    def __reduce__(self):   # rebuilt from its fields when pickled (a Ray Train worker's error)
+        return type(self), (self.peak, self.batch, self.world)
+
+    def record(self) -> dict[str, float | int]:
+        """Its fields as status.json's `out_of_memory` holds them (`recorded_end` reads them)."""
+        return {"peak_gib": self.peak, "batch": self.batch, "world": self.world}
+
+
 def fail(message: str) -> NoReturn:
     """Raise a `HeaderNetError`; a terse helper for validation code."""
     raise HeaderNetError(message)

@@ -27,7 +27,7 @@ import yaml
 
 from . import distributed
 from .config import TrainConfig
-from .errors import HeaderNetError
+from .errors import OutOfMemoryEnd
 
 GIB = 2**30
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -36,21 +36,6 @@ _STATUS = Path("/proc/self/status")
 # EPOCH while the (global) batch is larger than ABOVE (a CPU test cannot exhaust a GPU);
 # "EPOCH:ABOVE:RANK" raises on DDP rank RANK only (every rank without it).
 OOM_TEST_ENV = "HEADERNET_TEST_OOM"
-
-
-class OutOfMemoryEnd(HeaderNetError):
-    """A run ran out of memory at micro-batch 1 (under DDP: at a global batch whose half would
-    not divide by the `world` processes): nothing smaller is left to try. `peak`: the GiB in
-    use then."""
-
-    def __init__(self, peak: float, batch: int = 1, world: int = 1) -> None:
-        where = f"batch {batch}" if world == 1 else \
-            f"global batch {batch} of {world} DDP processes (its half would not divide by them)"
-        super().__init__(f"out of memory at {where} (peak {peak:.1f} GiB)")
-        self.peak, self.batch, self.world = peak, batch, world
-
-    def __reduce__(self):   # rebuilt from its fields when pickled (a Ray Train worker's error)
-        return type(self), (self.peak, self.batch, self.world)
 
 
 def reset_peak(device: torch.device, device_ids: Sequence[int] = ()) -> None:

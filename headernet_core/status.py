@@ -5,8 +5,9 @@
      "heartbeat": "2026-05-01T10:04:30+00:00", "world_size": 1}
 
 `state` is running / stopped / finished / failed / interrupted (`error` says why for the last
-two). While a run is `running` the heartbeat is refreshed every `HEARTBEAT_S` seconds, so a run
-whose process was killed (`kill -9`, the OOM killer, a reboot) still says `running` on disk but
+two; a run that ran out of memory with nothing smaller to try also has `out_of_memory`: its
+peak, batch and processes). While a run is `running` the heartbeat is refreshed every
+`HEARTBEAT_S` seconds, so a run whose process was killed (`kill -9`, the OOM killer, a reboot) still says `running` on disk but
 `read_status` reports it `dead`: its pid is gone on its host, or (seen from another host) its
 heartbeat is older than `STALE_S`.
 
@@ -22,9 +23,11 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from .artifacts import read_json_dict, write_json
+from .errors import OutOfMemoryEnd
 from .locks import owner_alive, owner_record
 
 STATUS_NAME = "status.json"
@@ -40,13 +43,16 @@ _MUTEX = threading.Lock()
 
 
 def write_status(run_dir: str | Path, state: str, epochs_done: int, error: str | None = None,
-                 world_size: int = 1) -> None:
-    """`world_size`: how many DDP processes train the run (rank 0 writes; 1 without DDP)."""
+                 world_size: int = 1, out_of_memory: dict[str, Any] | None = None) -> None:
+    """`world_size`: how many DDP processes train the run (rank 0 writes; 1 without DDP);
+    `out_of_memory`: the fields of an `OutOfMemoryEnd` (`recorded_end`)."""
     payload = {"state": state, "epochs_done": epochs_done,
                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **owner_record(), "heartbeat": _now(),
                "world_size": world_size}
     if error:
         payload["error"] = error
+    if out_of_memory:
+        payload["out_of_memory"] = out_of_memory
     with _MUTEX:
         _store(Path(run_dir) / STATUS_NAME, payload)
 
@@ -95,3 +101,13 @@ def effective_state(record: dict[str, Any]) -> str | None:
 def read_status(run_dir: str | Path) -> str | None:
     """running / dead / stopped / finished / failed / interrupted, or None without a status."""
     return effective_state(read_status_record(run_dir))
+
+
+def recorded_end(status: Mapping[str, Any]) -> OutOfMemoryEnd | None:
+    """The `OutOfMemoryEnd` a run's status.json record holds (written by whichever rank ran
+    out), or None: how a search, a trial and DDP rank 0 tell such an end from a failure."""
+    fields = status.get("out_of_memory")
+    try:
+        return OutOfMemoryEnd(float(fields["peak_gib"]), int(fields["batch"]), int(fields["world"]))
+    except (TypeError, KeyError, ValueError):
+        return None

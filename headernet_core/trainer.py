@@ -46,7 +46,7 @@ from .metrics import classification_metrics, is_improvement
 from .mixup import ClipMix
 from .model import CompiledWithFallback, HeaderClassifier, build_classifier, build_optimizer, nominal_lr
 from .paths import check_name, check_writable_dir, is_inside
-from .status import beat, read_status, read_status_record, write_status
+from .status import beat, read_status, read_status_record, recorded_end, write_status
 from .threads import apply_thread_policy
 
 # metrics_epoch.csv starts with upstream's legacy columns, in upstream's order (lr_* = mean LR
@@ -539,9 +539,10 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
     ranks = distributed.current()
     main = ranks.main  # the one rank that writes
 
-    def record(state: str, epochs_done: int, error: str | None = None) -> None:
+    def record(state: str, epochs_done: int, error: str | None = None, ended: OutOfMemoryEnd | None = None) -> None:
         if main:
-            write_status(run_dir, state, epochs_done, error=error, world_size=ranks.world)
+            write_status(run_dir, state, epochs_done, error=error, world_size=ranks.world,
+                         out_of_memory=ended.record() if ended else None)
 
     # From here on files are written.
     if main and prep.resume_state is None:
@@ -702,10 +703,15 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         elif isinstance(exc, SystemExit) and exc.code in (0, None):
             record("stopped", state.epoch)  # e.g. Ray Tune's scheduler ended it
         else:
-            # A peer's out-of-memory reaches rank 0 as a vanished peer or torchrun's SIGTERM.
-            reason = _ranks_out_of_memory(run_dir, config) if ranks.active and main else None
-            record("failed" if reason or isinstance(exc, Exception) else "interrupted",
-                   state.epoch, error=reason or f"{type(exc).__name__}: {exc}")
+            # A peer's out-of-memory reaches rank 0 as a vanished peer or torchrun's SIGTERM:
+            # its recorded end, or the halving it wrote.
+            ended = exc if isinstance(exc, OutOfMemoryEnd) else None
+            reason = None
+            if ranks.active and main and ended is None:
+                ended = recorded_end(read_status_record(run_dir))
+                reason = _peer_halving(run_dir, config) if ended is None else None
+            record("failed" if ended or reason or isinstance(exc, Exception) else "interrupted", state.epoch,
+                   error=reason or f"{type(ended or exc).__name__}: {ended or exc}", ended=ended)
         if plots is not None:   # after the status: a second Ctrl-C here loses only the plots
             plots.draw_if_possible(state, log)
         raise
@@ -786,14 +792,14 @@ def _halve_for_restart(prep: Prepared, config: TrainConfig, epochs_done: int, ra
     the group, and the restart (--resume, a search trial's retry) reads config.yaml on every
     rank. When the halved global batch would not divide by the ranks, `OutOfMemoryEnd` is
     raised instead and recorded in status.json as one process records it (also by a rank
-    other than 0: rank 0 keeps that record, `_ranks_out_of_memory`)."""
+    other than 0: rank 0 keeps that record)."""
     peak = peak_gib(prep.device, prep.device_ids)
     try:
         smaller = halved_batch(config, peak, ranks.world)
     except OutOfMemoryEnd as end:
         if not ranks.main:   # rank 0 records its own end (and a CLI prints rank 0's error only)
             write_status(prep.run_dir, "failed", epochs_done, error=f"{type(end).__name__}: {end}",
-                         world_size=ranks.world)
+                         world_size=ranks.world, out_of_memory=end.record())
         log(f"{end} in epoch {epochs_done + 1} on DDP rank {ranks.rank}: nothing smaller is left to try, "
             f"the run ends")
         raise
@@ -804,14 +810,10 @@ def _halve_for_restart(prep: Prepared, config: TrainConfig, epochs_done: int, ra
         f"continues at that batch on every rank")
 
 
-def _ranks_out_of_memory(run_dir: Path, config: TrainConfig) -> str | None:
-    """At the end of a DDP run on rank 0: the error to record when a rank ran out of memory
-    (rank 0 itself, or a peer whose end rank 0 sees only as a vanished peer or torchrun's
-    SIGTERM): the `OutOfMemoryEnd` that rank recorded in status.json, or the halving it wrote
-    to config.yaml. None when neither is there."""
-    error = str(read_status_record(run_dir).get("error", ""))
-    if error.startswith(f"{OutOfMemoryEnd.__name__}:"):
-        return error
+def _peer_halving(run_dir: Path, config: TrainConfig) -> str | None:
+    """At the end of a DDP run on rank 0, which sees a peer's out-of-memory only as a vanished
+    peer or torchrun's SIGTERM: the error to record when that peer wrote a halving to
+    config.yaml (`_halve_for_restart`), else None."""
     try:
         saved = load_yaml_mapping(run_dir / "config.yaml")
     except (HeaderNetError, OSError):

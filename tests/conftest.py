@@ -24,6 +24,27 @@ warnings.filterwarnings("ignore", message=".*random weights.*")
 warnings.filterwarnings("ignore", message=".*small random model.*")
 
 
+# pytest-xdist (the README's `-n auto`): the end-to-end runs wait on Ray, process starts and
+# each other as much as they compute, so even 2 cores keep 3 workers busy.
+XDIST_MIN_WORKERS = 3
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(XDIST_MIN_WORKERS, os.cpu_count() or 1)
+
+
+def pytest_configure(config):
+    """Hand tests to xdist's workers one at a time (its default sends each worker a quarter of
+    its share at once, which put every end-to-end run on one worker)."""
+    if hasattr(config.option, "maxschedchunk") and config.option.maxschedchunk is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end runs (`slow`) first, in file order: spread over pytest-xdist's workers,
+    they start together instead of trailing at the end of the run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 def write_clips(folder: Path, n: int, *, seed: int, frames: int = 6, size: int = 32,
                 prefix: str = "clip") -> pd.DataFrame:

@@ -13,6 +13,7 @@ Every Ray process here runs in a session started by the test and is stopped by s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,10 +141,10 @@ class Node:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@contextlib.contextmanager
+def started_cluster(root: Path) -> Iterator[dict]:
     """A head and a worker on this machine, 1 CPU each, started as docker/README.md says."""
-    homes = tmp_path / "homes"
+    homes = root / "homes"
     head, worker, driver = Node(homes, "head"), Node(homes, "worker"), Node(homes, "driver")
     port = free_port()
     try:
@@ -171,6 +173,20 @@ def cluster(tmp_path):
         assert node.sid is None or not session_processes(node.sid), f"{node.home.name} left processes"
         assert not [p for p in psutil.process_iter(["cmdline"])
                     if str(node.temp_dir) in " ".join(p.info["cmdline"] or [])], "Ray processes left"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A cluster of the test's own (it kills a node)."""
+    with started_cluster(tmp_path) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """One cluster for the tests that leave it as they found it (a start and a stop: ~20 s)."""
+    with started_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
+        yield nodes
 
 
 def start_search(cluster, cwd: Path, *args: str) -> subprocess.Popen:
@@ -213,14 +229,17 @@ def assert_every_trial_complete(search_dir: Path, n: int) -> dict:
 
 # --- a real two-process cluster -------------------------------------------------------------
 @pytest.mark.slow
-def test_demo_search_on_a_head_and_a_worker_started_as_documented(cluster, tmp_path):
+def test_demo_search_on_a_head_and_a_worker_started_as_documented(shared_cluster, tmp_path):
+    cluster = shared_cluster
     storage, cwd = tmp_path / "shared", tmp_path / "driver_cwd"
     cwd.mkdir()
-    proc = start_search(cluster, cwd, "--space", "demo", "--storage_path", str(storage))
+    # 4 of the demo's 8 trials: 2 at a time, one per 1-CPU node (tests/test_search.py runs all 8)
+    proc = start_search(cluster, cwd, "--space", "demo", "--storage_path", str(storage), "--num_samples", "4")
     output = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, output[-4000:]
     search_dir = storage / "demo"
-    summary = assert_every_trial_complete(search_dir, load_space("demo").num_samples)
+    assert load_space("demo").max_concurrent == 2
+    summary = assert_every_trial_complete(search_dir, 4)
     # trials ran on both nodes, and trials.csv says which
     nodes = {cluster["head"].node_id()[:12], cluster["worker"].node_id()[:12]}
     assert set(pd.read_csv(search_dir / "trials.csv")["node"]) == nodes
@@ -233,6 +252,47 @@ def test_demo_search_on_a_head_and_a_worker_started_as_documented(cluster, tmp_p
     assert "--host=127.0.0.1" in dashboard.cmdline()
     ports = [c.laddr for c in dashboard.net_connections("inet") if c.status == psutil.CONN_LISTEN]
     assert all(addr.ip in LOOPBACK for addr in ports), ports
+
+
+# --- an --address that cannot be used: one line, in seconds, nothing written ---------------
+def refused(env: dict[str, str], cwd: Path, address: str) -> str:
+    storage = cwd / "shared"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tuning.search", "--space", "demo", "--address", address,
+                             "--storage_path", str(storage)], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=120)
+    took = time.monotonic() - started
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert took < 30, f"took {took:.0f} s"  # ~3 s here, mostly importing Ray
+    assert not list(cwd.iterdir()), "wrote " + ", ".join(p.name for p in cwd.iterdir())
+    return lines[0]
+
+
+def test_an_address_where_nothing_listens_is_one_line(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    line = refused(clean_env(tmp_path / "home"), cwd, f"127.0.0.1:{free_port()}")
+    assert "no Ray head answers" in line and "ray start --head" in line, line
+
+
+@pytest.mark.slow
+def test_an_address_that_refuses_our_token_is_one_line_naming_it(shared_cluster, tmp_path):
+    cluster = shared_cluster
+    cases = {
+        "no RAY_AUTH_MODE": ({}, "export RAY_AUTH_MODE=token"),
+        "token mode, no token": ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token but no cluster token"),
+        "another token": ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "other")},
+                          "refused this process's token"),
+    }
+    (tmp_path / "other").write_text("0" * 64)
+    for name, (extra, expected) in cases.items():
+        cwd = tmp_path / name.replace(" ", "_").replace(",", "")
+        cwd.mkdir()
+        line = refused(clean_env(tmp_path / "empty_home", **extra), cwd, cluster["address"])
+        assert expected in line, (name, line)
 
 
 @pytest.mark.slow
@@ -271,46 +331,6 @@ def test_a_worker_that_dies_mid_search_loses_nothing(cluster, tmp_path):
     rows_after = pd.read_csv(victim / "metrics_epoch.csv")
     assert list(rows_after["epoch"]) == [1, 2]
     pd.testing.assert_frame_equal(rows_after.iloc[:len(rows_before)], rows_before)
-
-
-# --- an --address that cannot be used: one line, in seconds, nothing written ---------------
-def refused(env: dict[str, str], cwd: Path, address: str) -> str:
-    storage = cwd / "shared"
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "tuning.search", "--space", "demo", "--address", address,
-                             "--storage_path", str(storage)], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=120)
-    took = time.monotonic() - started
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    assert took < 30, f"took {took:.0f} s"  # ~3 s here, mostly importing Ray
-    assert not list(cwd.iterdir()), "wrote " + ", ".join(p.name for p in cwd.iterdir())
-    return lines[0]
-
-
-def test_an_address_where_nothing_listens_is_one_line(tmp_path):
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    line = refused(clean_env(tmp_path / "home"), cwd, f"127.0.0.1:{free_port()}")
-    assert "no Ray head answers" in line and "ray start --head" in line, line
-
-
-@pytest.mark.slow
-def test_an_address_that_refuses_our_token_is_one_line_naming_it(cluster, tmp_path):
-    cases = {
-        "no RAY_AUTH_MODE": ({}, "export RAY_AUTH_MODE=token"),
-        "token mode, no token": ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token but no cluster token"),
-        "another token": ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "other")},
-                          "refused this process's token"),
-    }
-    (tmp_path / "other").write_text("0" * 64)
-    for name, (extra, expected) in cases.items():
-        cwd = tmp_path / name.replace(" ", "_").replace(",", "")
-        cwd.mkdir()
-        line = refused(clean_env(tmp_path / "empty_home", **extra), cwd, cluster["address"])
-        assert expected in line, (name, line)
 
 
 # --- the local search's Ray -----------------------------------------------------------------
@@ -467,13 +487,10 @@ def test_a_user_environment_cannot_turn_usage_stats_on(monkeypatch):
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
     monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
     monkeypatch.delenv("TUNE_WARN_THRESHOLD_S", raising=False)
-    monkeypatch.delenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", raising=False)
     prepare_environment(local=False)
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     assert os.environ["RAY_DEDUP_LOGS"] == "1"  # a default: the user's choice stands
     assert os.environ["TUNE_WARN_THRESHOLD_S"] == "5"  # no "may be a performance bottleneck" at 0.5 s
-    # a stopped trial's thread may still be drawing its plots: the actor is reused, not replaced
-    assert os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] == "10"
 
 
 def test_local_ray_defaults_apply_to_the_local_ray_only(monkeypatch):

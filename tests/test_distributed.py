@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from headernet_core import distributed
 from headernet_core.distributed import Ranks, batch_shares, rank_part
 from headernet_core.errors import HeaderNetError
 from headernet_core.trainer import RUN_ARTIFACTS, prepare, train
@@ -102,9 +104,10 @@ def test_bad_ddp_inputs_fail_before_anything_is_written(tiny_config, monkeypatch
 # --- BatchNorm over the global batch on the CPU (torch's SyncBatchNorm refuses CPU tensors) ---------
 def test_global_batchnorm_in_two_gloo_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
     """Two spawned gloo ranks take parts of 3 and 2 clips of each batch through a converted
-    BatchNorm3d (training mode, two steps, momentum 0.1 and None): the parts' outputs and input
-    gradients, the weight/bias gradients summed over the ranks, and every rank's running_mean,
-    running_var and num_batches_tracked equal nn.BatchNorm3d's on the whole batch to 1e-5."""
+    BatchNorm1d, 2d and 3d (training mode, two steps, momentum 0.1 and None): the parts'
+    outputs and input gradients, the weight/bias gradients summed over the ranks, and every
+    rank's running_mean, running_var and num_batches_tracked equal the torch BatchNorm's on the
+    whole batch to 1e-5."""
     import torch
     import torch.multiprocessing as mp
 
@@ -113,27 +116,45 @@ def test_global_batchnorm_in_two_gloo_ranks_equals_batchnorm_on_the_whole_batch(
 
     mp.spawn(global_batchnorm_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for momentum, first in ranks[0].items():
-        reference = torch.nn.BatchNorm3d(3, momentum=momentum)
+    assert sorted(dims for dims, _ in ranks[0]) == [1, 1, 2, 2, 3, 3]
+    for (dims, momentum), first in ranks[0].items():
+        reference = getattr(torch.nn, f"BatchNorm{dims}d")(3, momentum=momentum)
         reference.load_state_dict(first["start"])
         for step, (x, mix) in enumerate(first["steps"]):
             whole = x.clone().requires_grad_(True)
             reference.zero_grad()
             out = reference(whole)
             (out * mix).sum().backward()
-            saved = [rank[momentum]["saved"][step] for rank in ranks]
+            saved = [rank[dims, momentum]["saved"][step] for rank in ranks]
             got = {"out": torch.cat([s["out"] for s in saved]), "grad": torch.cat([s["grad"] for s in saved]),
                    "weight": saved[0]["weight"] + saved[1]["weight"], "bias": saved[0]["bias"] + saved[1]["bias"]}
             want = {"out": out.detach(), "grad": whole.grad, "weight": reference.weight.grad,
                     "bias": reference.bias.grad}
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 want[name] = getattr(reference, name)
-                assert torch.equal(saved[0][name], saved[1][name]), (momentum, step, name)
+                assert torch.equal(saved[0][name], saved[1][name]), (dims, momentum, step, name)
                 got[name] = saved[0][name]
             for name, value in want.items():
                 assert torch.allclose(got[name].double(), value.double(), rtol=0, atol=1e-5), \
-                    (momentum, step, name, got[name], value)
+                    (dims, momentum, step, name, got[name], value)
         assert int(reference.num_batches_tracked) == 2
+
+
+def test_a_rank_removes_the_interrupt_markers_of_launchers_that_have_exited(tmp_path, monkeypatch):
+    """`LauncherInterrupts` marks, per launcher, that a rank told it of a Ctrl-C; the next run
+    under torchrun removes the marks of launchers that are gone and keeps a running one's."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    prefix = distributed.LauncherInterrupts.MARKER_PREFIX
+    gone, running = tmp_path / f"{prefix}{exited.pid}-x.interrupted", tmp_path / f"{prefix}{os.getpid()}-x.interrupted"
+    other = tmp_path / f"{prefix}notapid.interrupted"
+    for marker in (gone, running, other):
+        marker.touch()
+    with distributed.LauncherInterrupts():
+        assert signal.getsignal(signal.SIGTERM).__func__ is distributed.LauncherInterrupts._handle
+    assert not gone.exists() and running.exists() and other.exists()
 
 
 def test_global_batchnorm_keeps_frozen_batchnorm_frozen_and_is_batchnorm_without_a_group():
@@ -279,6 +300,7 @@ def test_torchrun_out_of_memory_with_no_halving_left_ends_as_one_process_ends(ti
     assert "in epoch 1 on DDP rank 1: nothing smaller is left to try" in out
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and status["error"].startswith("OutOfMemoryEnd: out of memory at global batch 2"), status
+    assert (status["out_of_memory"]["batch"], status["out_of_memory"]["world"]) == (2, 2), status
     assert yaml.safe_load((run / "config.yaml").read_text())["batch_size"] == 2
 
 
@@ -299,7 +321,7 @@ def test_a_search_of_two_worker_trials_matches_one_process(tiny_data, tmp_path, 
     space = write_space(tmp_path, tiny_data, search={"lr_head": {"loguniform": [3e-4, 3e-3]}},
                         trainer={"epochs": 3, "batch_size": 4, "augment": False, "head_dropout": 0.0,
                                  "plots": True, "backbone": "vmae"},
-                        budget={"num_samples": 4, "max_concurrent": 1, "seed": 0},
+                        budget={"num_samples": 3, "max_concurrent": 1, "seed": 0},
                         objective={"metric": "val_loss"},   # distinct values: ASHA stops some
                         resources={"cpu": 1, "gpu": 0, "workers": 2})
     with pytest.raises(SystemExit) as exc:
@@ -311,7 +333,7 @@ def test_a_search_of_two_worker_trials_matches_one_process(tiny_data, tmp_path, 
     search_dir = tmp_path / "out" / "s"
     summary = json.loads((search_dir / "search_summary.json").read_text())
     states = {t["name"]: json.loads((search_dir / t["name"] / "status.json").read_text()) for t in summary["trials"]}
-    assert len(states) == 4 and all(s["world_size"] == 2 for s in states.values()), states
+    assert len(states) == 3 and all(s["world_size"] == 2 for s in states.values()), states
     stopped = [name for name, s in states.items() if s["state"] == "stopped"]
     assert stopped and all((search_dir / n / "plots" / "loss.png").is_file() for n in stopped), states
     assert all(s["state"] in ("stopped", "finished") for s in states.values()), states
@@ -326,12 +348,13 @@ def test_a_search_of_two_worker_trials_matches_one_process(tiny_data, tmp_path, 
 
 @pytest.mark.slow
 def test_a_killed_worker_resumes_its_trial_from_the_last_epoch(tmp_path):
-    """SIGKILL to rank 0 of a 2-worker trial after its first epoch: with max_failures 1 Tune
-    retries the trial, whose new workers continue after that epoch (its row is kept as written)."""
+    """SIGKILL to rank 0 of a 2-worker trial after its first of 2 epochs: with max_failures 1
+    Tune retries the trial, whose new workers continue after that epoch (its row is kept as
+    written)."""
     sys.path.insert(0, str(REPO / "tests"))
     from test_search import kill_after_first_epoch
 
-    search_dir, trial = kill_after_first_epoch(tmp_path, trainer={"backbone": "vmae"},
+    search_dir, trial = kill_after_first_epoch(tmp_path, epochs=2, trainer={"backbone": "vmae"},
                                                resources={"cpu": 1, "gpu": 0, "workers": 2})
     assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
 
@@ -344,7 +367,7 @@ def test_an_interrupted_search_of_two_worker_trials_resumes(tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from test_search import assert_study_states, kill_after_first_epoch
 
-    search_dir, trial = kill_after_first_epoch(tmp_path, driver=True, trainer={"backbone": "vmae"},
+    search_dir, trial = kill_after_first_epoch(tmp_path, driver=True, epochs=2, trainer={"backbone": "vmae"},
                                                resources={"cpu": 1, "gpu": 0, "workers": 2})
     assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
     assert_study_states(search_dir, json.loads((search_dir / "search_summary.json").read_text()))

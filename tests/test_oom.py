@@ -15,8 +15,8 @@ import yaml
 from headernet_core import artifacts
 from headernet_core.memory import OOM_TEST_ENV, OutOfMemoryEnd, halved_batch, inject_oom, peak_gib, reset_peak
 from headernet_core.metrics import MEASURED_METRICS
-from headernet_core.status import write_status
-from headernet_core.trainer import _ranks_out_of_memory, config_for_cli, train
+from headernet_core.status import read_status_record, recorded_end, write_status
+from headernet_core.trainer import _peer_halving, config_for_cli, train
 
 UNTIMED = list(MEASURED_METRICS)
 
@@ -64,6 +64,7 @@ def test_oom_at_batch_1_ends_the_run(tiny_config, monkeypatch):
         train(tiny_config(batch_size=2), log=lambda _: None)
     status = json.loads((Path(tiny_config().output_root) / "run" / "status.json").read_text())
     assert status["state"] == "failed" and "out of memory at batch 1" in status["error"]
+    assert status["out_of_memory"]["batch"] == 1 and status["out_of_memory"]["world"] == 1
 
 
 def test_resume_refuses_another_effective_batch(tiny_config):
@@ -108,15 +109,21 @@ def test_a_ddp_halving_stops_where_the_global_batch_no_longer_divides(tiny_confi
 
 def test_rank_0_records_why_a_rank_ran_out_of_memory(tiny_config, tmp_path):
     """Rank 0 sees a peer's out-of-memory only as a vanished peer or torchrun's SIGTERM: it
-    records the peer's `OutOfMemoryEnd` (status.json) or the halving it wrote (config.yaml)."""
+    keeps the peer's `OutOfMemoryEnd` (status.json's `out_of_memory`) or records the halving
+    the peer wrote (config.yaml)."""
     config = tiny_config(batch_size=4)
     artifacts.write_yaml(tmp_path / "config.yaml", config.to_dict())
     write_status(tmp_path, "running", 1, world_size=2)
-    assert _ranks_out_of_memory(tmp_path, config) is None
+    assert _peer_halving(tmp_path, config) is None and recorded_end(read_status_record(tmp_path)) is None
     artifacts.write_yaml(tmp_path / "config.yaml", config.replace(batch_size=2, grad_accum=2).to_dict())
-    assert "config.yaml now holds batch 2 x 2 accumulation" in _ranks_out_of_memory(tmp_path, config)
-    write_status(tmp_path, "failed", 1, error=f"OutOfMemoryEnd: {OutOfMemoryEnd(0.5, 2, 2)}", world_size=2)
-    assert _ranks_out_of_memory(tmp_path, config) == f"OutOfMemoryEnd: {OutOfMemoryEnd(0.5, 2, 2)}"
+    assert "config.yaml now holds batch 2 x 2 accumulation" in _peer_halving(tmp_path, config)
+    end = OutOfMemoryEnd(0.5, 2, 2)
+    write_status(tmp_path, "failed", 1, error=f"OutOfMemoryEnd: {end}", world_size=2, out_of_memory=end.record())
+    recorded = recorded_end(read_status_record(tmp_path))
+    assert (recorded.peak, recorded.batch, recorded.world, str(recorded)) == (0.5, 2, 2, str(end))
+    write_status(tmp_path, "failed", 1, error=f"OutOfMemoryEnd: {end}", world_size=2,
+                 out_of_memory={"peak_gib": 0.5, "batch": "two"})   # damaged: not an end
+    assert recorded_end(read_status_record(tmp_path)) is None
 
 
 def test_resume_without_last_pt_starts_the_run_again_at_its_recorded_micro_batch(tiny_config):
@@ -159,17 +166,23 @@ def test_a_retried_trial_starts_at_the_recorded_micro_batch_with_or_without_last
 
     write_status(tmp_path, "failed", 1, error="RuntimeError: boom", world_size=2)
     assert recorded_out_of_memory_end(tmp_path) is None
-    write_status(tmp_path, "failed", 1, error=f"OutOfMemoryEnd: {OutOfMemoryEnd(0.5, 2, 2)}", world_size=2)
+    write_status(tmp_path, "failed", 1, error="OutOfMemoryEnd: out of memory", world_size=2,
+                 out_of_memory=OutOfMemoryEnd(0.5, 2, 2).record())
     assert recorded_out_of_memory_end(tmp_path) == {"epoch": 1, "peak_mem_gib": 0.5, OOM_ENDED: 1}
 
 
 def test_peak_memory_is_per_epoch_on_the_cpu():
+    import mmap
+
     cpu = torch.device("cpu")
     reset_peak(cpu)
     before = peak_gib(cpu)
-    block = torch.ones(64 * 2**20 // 4)          # 64 MiB, touched
+    # 64 MiB of new pages, touched (a malloc'd block could reuse pages a process that ran other
+    # tests already holds: then nothing grows, as seen under pytest-xdist)
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\1" * len(block))
     grown = peak_gib(cpu)
-    del block
+    block.close()
     reset_peak(cpu)
     after = peak_gib(cpu)
     if math.isnan(before):

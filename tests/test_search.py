@@ -398,18 +398,20 @@ def test_killed_trial_is_retried_from_its_last_epoch(tmp_path):
     kill_after_first_epoch(tmp_path)
 
 
-def kill_after_first_epoch(tmp_path: Path, *, driver: bool = False, **sections) -> tuple[Path, dict]:
-    """A one-trial search of 4 epochs (max_failures 1) whose training process (status.json's
-    pid: the trial's actor, or rank 0 of its workers) is SIGKILLed once its first epoch is
-    written; `driver`: the search itself is interrupted then (SIGINT, exit 130) and continued
-    with --resume. The search must finish all 4 epochs with epoch 1's row as written before the
-    kill (not trained again). Returns the search folder and the trial's summary record."""
+def kill_after_first_epoch(tmp_path: Path, *, driver: bool = False, epochs: int = 4,
+                           **sections) -> tuple[Path, dict]:
+    """A one-trial search of `epochs` epochs (max_failures 1) whose training process
+    (status.json's pid: the trial's actor, or rank 0 of its workers) is SIGKILLed once its first
+    epoch is written; `driver`: the search itself is interrupted then (SIGINT, exit 130) and
+    continued with --resume. The search must finish all its epochs with epoch 1's row as
+    written before the kill (not trained again). Returns the search folder and the trial's
+    summary record."""
     from conftest import write_clips
 
     data = tmp_path / "data"
     write_clips(data / "clips", 90, seed=5, prefix="tr").to_csv(data / "train.csv", index=False)
     write_clips(data / "clips", 30, seed=6, prefix="va").to_csv(data / "val.csv", index=False)
-    sections["trainer"] = {"epochs": 4, "batch_size": 4, **sections.get("trainer", {})}
+    sections["trainer"] = {"epochs": epochs, "batch_size": 4, **sections.get("trainer", {})}
     space = write_space(tmp_path, {"train_csv": data / "train.csv", "val_csv": data / "val.csv"},
                         search={"lr_head": {"loguniform": [1e-3, 2e-3]}}, max_failures=1,
                         budget={"num_samples": 1, "max_concurrent": 1, "seed": 0},
@@ -441,9 +443,9 @@ def kill_after_first_epoch(tmp_path: Path, *, driver: bool = False, **sections) 
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-3000:]
     [trial] = json.loads((search_dir / "search_summary.json").read_text())["trials"]
-    assert trial["status"] == "finished" and trial["epochs_run"] == 4, trial
+    assert trial["status"] == "finished" and trial["epochs_run"] == epochs, trial
     metrics = pd.read_csv(search_dir / trial["name"] / "metrics_epoch.csv")
-    assert list(metrics["epoch"]) == [1, 2, 3, 4]
+    assert list(metrics["epoch"]) == list(range(1, epochs + 1))
     # epoch 1 was not trained again: its row (timings included) is the one written before the kill
     pd.testing.assert_series_equal(metrics.iloc[0], first_row, check_names=False)
     return search_dir, trial

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,6 +43,17 @@ def test_states(tmp_path, interrupted):
     assert records[4].error == "CUDA out of memory"
     assert [r.epochs_run for r in records] == [4, 1, 2, 0, 1]
     assert records[0].checkpoint is None  # the weights file does not exist: no dangling path
+
+
+def test_a_trials_params_are_its_own_record_not_tunes_last_report(tmp_path):
+    """Tune's result.config is the config of the trial's last report: for a trial that failed
+    before it reported on a reused actor, that was another trial's. The params the trial wrote
+    to its trial.json win; Tune's are the fallback for a trial that never started."""
+    started = trial(tmp_path, "t001_a", "finished", 1)
+    (tmp_path / "t001_a" / "trial.json").write_text(json.dumps({"params": {"lr_head": 2e-3}}))
+    never = trial(tmp_path, "t002_b", None, 0, error=RuntimeError("reset failed"))
+    records = collect_records(load_space("demo"), tmp_path, [started, never], interrupted=False)
+    assert [r.params for r in records] == [{"lr_head": 2e-3}, {"lr_head": 1e-3}]
 
 
 def test_asha_records_the_trials_it_stops_before_max_t(tmp_path):
@@ -117,6 +129,25 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_trial_actor_lets_tune_wait_for_the_previous_trials_thread(monkeypatch):
+    """Tune fails the next trial of a reused actor whose previous trial's thread is still
+    ending after TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default; seen under load in a cluster
+    test): every trial sets a longer wait in its own actor process (a cluster's actors do not
+    inherit the driver's environment), and a value already there stands."""
+    import ray.tune.trainable.function_trainable as function_trainable
+
+    from tuning.trial import TRIAL_THREAD_WAIT, register_trial_thread
+
+    name, value = TRIAL_THREAD_WAIT
+    assert name in Path(function_trainable.__file__).read_text(), "Ray no longer reads " + name
+    monkeypatch.delenv(name, raising=False)
+    register_trial_thread()
+    assert os.environ[name] == value and float(value) >= 30
+    monkeypatch.setenv(name, "7")
+    register_trial_thread()
+    assert os.environ[name] == "7"
 
 
 def test_a_trial_actor_waits_for_its_trial_thread_at_exit(tmp_path):

@@ -35,10 +35,6 @@ DEFAULT_ENV = {
     # (0.5 s by default) comes on a busy machine, about Tune's internals; 5 s still names a
     # callback that really stalls the search.
     "TUNE_WARN_THRESHOLD_S": "5",
-    # A trial stopped by ASHA draws its plots as it ends (its first drawing imports matplotlib:
-    # ~1 s on a busy 2-core machine). Tune waits 2 s by default for that thread before reusing
-    # the actor, then throws the actor away: the next trial would pay a cold start (~6 s).
-    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "10",
 }
 # Defaults for the local Ray only (the user may override them).
 LOCAL_DEFAULT_ENV = {

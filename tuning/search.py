@@ -31,6 +31,7 @@ from headernet_core.config import TrainConfig, fields_with_role, format_value
 from headernet_core.errors import CliParser, HeaderNetError, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
 from headernet_core.paths import check_name, check_writable_dir, folder_bytes, same_file
+from headernet_core.status import recorded_end
 
 from .cluster import check_address, join_cluster, prepare_environment, start_local_ray, stop_ray
 from .ddp_trial import TRIAL_TOKEN, placeable_trials, worker_group_cleanup, workers_of
@@ -533,8 +534,8 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
         error = None
         if result.error is not None:
             state, error = "failed", one_line_error(result.error)
-        elif str(status_record.get("error", "")).startswith("OutOfMemoryEnd:"):   # headernet_core.memory
-            state, error = "out_of_memory", str(status_record["error"]).split(": ", 1)[-1]
+        elif (end := recorded_end(status_record)) is not None:
+            state, error = "out_of_memory", str(end)
         elif status == "finished":
             state = "finished"
         elif (folder / SCHEDULER_STOP).is_file():
@@ -545,8 +546,11 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
             state = "pending" if status is None else "stopped_early"
         checkpoint = best.get("checkpoint")
         checkpoint = f"{folder.name}/{checkpoint}" if checkpoint and (folder / checkpoint).is_file() else None
+        # The params the trial itself recorded: Tune's result.config is its last report's, which
+        # for a trial that failed before reporting can be another trial's (a reused actor's).
+        own = read_json_dict(folder / "trial.json").get("params")
         records.append(TrialRecord(
-            name=folder.name, status=state, params=dict(result.config or {}),
+            name=folder.name, status=state, params=dict(own if isinstance(own, dict) else result.config or {}),
             objective=best.get(space.metric), best_epoch=best.get("epoch"),
             epochs_run=int(read_json_dict(folder / "status.json").get("epochs_done", 0)),
             best_metrics={k: v for k, v in best.items() if isinstance(v, (int, float))},

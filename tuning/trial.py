@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -26,8 +25,11 @@ import numpy as np
 
 from headernet_core.artifacts import read_json_dict, write_json
 from headernet_core.config import TrainConfig, fields_with_role, format_value
+from headernet_core.errors import OutOfMemoryEnd
+from headernet_core.status import recorded_end
 
 from .space import SearchSpace
+
 
 OBJECTIVE = "objective"
 OOM_ENDED = "oom_ended"                  # in a trial's last result: it ran out of memory at batch 1
@@ -206,8 +208,19 @@ def _wait_for_trial_threads() -> None:
             thread.join(timeout=EXIT_WAIT_S)
 
 
+# Before Tune reuses an actor for the next trial it waits this long (2 s by default) for the
+# previous trial's thread, and fails the next trial if that thread is still alive. A trial that
+# ASHA stopped frees its model and draws its plots as it ends: more than 2 s on a busy machine
+# (a demo trial failed so on a loaded 2-core machine). Set in the actor process itself, since
+# the actors of a `ray start` cluster do not inherit the driver's environment; a value in the
+# actor's environment stands.
+TRIAL_THREAD_WAIT = ("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+
+
 def register_trial_thread() -> None:
-    """Called on the thread that runs a trial: the process waits for it at exit."""
+    """Called on the thread that runs a trial: the process waits for it at exit, and Tune waits
+    for it before giving the actor the next trial (`TRIAL_THREAD_WAIT`)."""
+    os.environ.setdefault(*TRIAL_THREAD_WAIT)
     if not _trial_threads:
         atexit.register(_wait_for_trial_threads)
     _trial_threads[:] = [t for t in _trial_threads if t.is_alive()] + [threading.current_thread()]
@@ -246,7 +259,6 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     register_trial_thread()
 
     from headernet_core.features import cache_dir
-    from headernet_core.memory import OutOfMemoryEnd
     from headernet_core.trainer import train
 
     if quiet:
@@ -332,8 +344,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     if out_of_memory:
         # Ended, not failed: the study records it (PRUNED, infeasible) instead of ignoring it.
         status = read_json_dict(run_dir / "status.json")
-        report({"epoch": int(status.get("epochs_done") or 0), "peak_mem_gib": out_of_memory[0].peak,
-                OOM_ENDED: 1}, None, None)
+        report(out_of_memory_result(int(status.get("epochs_done") or 0), out_of_memory[0]), None, None)
         return
     if stopped:
         # Re-raised without the trainer's frames: its model and tensors are freed here, at once,
@@ -347,16 +358,16 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
 
 def recorded_out_of_memory_end(run_dir: Path) -> dict[str, Any] | None:
     """What an N-worker trial reports when its run ended out of memory with nothing smaller to
-    try (`OutOfMemoryEnd` in status.json, recorded by the rank that ran out; the exception
-    reaches the trial only inside Ray Train's error): what a one-process trial reports (the
-    study's PRUNED, infeasible), the peak read from the message. None for any other end."""
+    try (recorded in status.json by the rank that ran out; the exception reaches the trial
+    only inside Ray Train's error): what a one-process trial reports (the study's PRUNED,
+    infeasible). None for any other end."""
     status = read_json_dict(run_dir / "status.json")
-    error = str(status.get("error", ""))
-    if not error.startswith("OutOfMemoryEnd:"):   # headernet_core.memory.OutOfMemoryEnd
-        return None
-    peak = re.search(r"\(peak ([0-9.]+|nan) GiB\)", error)
-    return {"epoch": int(status.get("epochs_done") or 0),
-            "peak_mem_gib": float(peak.group(1)) if peak else math.nan, OOM_ENDED: 1}
+    end = recorded_end(status)
+    return None if end is None else out_of_memory_result(int(status.get("epochs_done") or 0), end)
+
+
+def out_of_memory_result(epochs_done: int, end: OutOfMemoryEnd) -> dict[str, Any]:
+    return {"epoch": epochs_done, "peak_mem_gib": end.peak, OOM_ENDED: 1}
 
 
 def report_recorded(run_dir: Path, report) -> None:
