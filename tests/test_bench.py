@@ -128,3 +128,22 @@ def test_search_quality_records_a_space_and_replays_every_arm(tiny_data, tmp_pat
     assert line["seeds"] == 2 and line["budgets"] == [8, 16] and len(line["diff_se"]) == 2
     assert set(line["regret"]) == {"random_asha", "random_fifo", "ray_default", "tpe_fifo", "headernet"}
     assert all(len(r) == 2 and min(r) >= 0 for r in line["regret"].values())
+
+
+def test_test_timeline_records_each_test_and_sums_them_per_file(tmp_path):
+    """bench/pytest_timeline.py as docs/performance.md runs it: the plugin in a pytest run
+    (here without workers), then the summary of its records."""
+    tests = tmp_path / "test_two.py"
+    tests.write_text("import time\n\ndef test_quick():\n    pass\n\ndef test_slower():\n    time.sleep(1.2)\n")
+    records = tmp_path / "timeline"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_timeline", "-p", "no:cacheprovider",
+                          str(tests)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**ENV, "PYTHONPATH": str(REPO / "bench"), "TIMELINE_DIR": str(records)})
+    assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+    done = subprocess.run([sys.executable, "bench/pytest_timeline.py", str(records)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].endswith(", 2 tests") and lines[1].startswith("  main: 2 tests, busy ")
+    slowest = lines[lines.index("slowest tests:") + 1]
+    assert slowest.endswith("test_two.py::test_slower") and float(slowest.split()[0]) >= 1
