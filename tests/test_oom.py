@@ -188,3 +188,48 @@ def test_peak_memory_is_per_epoch_on_the_cpu():
     if math.isnan(before):
         pytest.skip("no /proc/self/status here")
     assert grown >= before + 0.05 and after < grown - 0.03
+
+
+def test_an_n_worker_trial_that_ran_out_of_memory_reports_an_end_not_a_failure(tiny_data, tmp_path, monkeypatch):
+    """`tuning.trial.run_trial` with 2 workers: when Ray Train raises and the rank that ran out
+    recorded an `OutOfMemoryEnd` in status.json, the trial reports what a one-process trial
+    reports (ended out of memory: the study's PRUNED, infeasible) instead of failing; any other
+    error is raised, for Tune's retry. Ray's context and Ray Train are stood in for."""
+    from types import SimpleNamespace
+
+    import ray
+    from ray import tune
+
+    import tuning.ddp_trial as ddp_trial
+    from conftest import write_space
+    from tuning.space import load_space
+    from tuning.trial import OOM_ENDED, TRIAL_THREAD_WAIT, run_trial
+
+    for name, value in ((TRIAL_THREAD_WAIT[0], TRIAL_THREAD_WAIT[1]), ("CUDA_VISIBLE_DEVICES", "")):
+        monkeypatch.setenv(name, value)   # what run_trial sets in its actor stays in this test
+    space = load_space(write_space(tmp_path, tiny_data, search={"lr_head": {"loguniform": [1e-3, 2e-3]}},
+                                   resources={"cpu": 1, "gpu": 0, "workers": 2}))
+    search_dir = tmp_path / "out" / "s"
+    (search_dir / "t001_x").mkdir(parents=True)
+    reports: list[dict] = []
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(
+        get_trial_dir=lambda: str(tmp_path / "ray" / "t001_x"), get_trial_id=lambda: "id1"))
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node1"))
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+
+    def workers_end(error: str, end: OutOfMemoryEnd | None):
+        def run_workers(config, resources, run_dir, *args):
+            assert config.run_name == "t001_x" and resources["workers"] == 2
+            write_status(run_dir, "failed", 1, error=error, world_size=2, out_of_memory=end and end.record())
+            raise RuntimeError("a Ray Train worker failed")
+        return run_workers
+
+    monkeypatch.setattr(ddp_trial, "run_workers", workers_end("OutOfMemoryEnd: ...", OutOfMemoryEnd(0.5, 2, 2)))
+    run_trial({"lr_head": 1.5e-3}, space=space, search_dir=str(search_dir))
+    assert len(reports) == 1 and reports[0]["epoch"] == 1, reports
+    assert reports[0][OOM_ENDED] == 1 and reports[0]["peak_mem_gib"] == 0.5
+
+    monkeypatch.setattr(ddp_trial, "run_workers", workers_end("RuntimeError: boom", None))
+    with pytest.raises(RuntimeError, match="a Ray Train worker failed"):
+        run_trial({"lr_head": 1.5e-3}, space=space, search_dir=str(search_dir))
+    assert len(reports) == 1
