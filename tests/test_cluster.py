@@ -13,7 +13,6 @@ Every Ray process here runs in a session started by the test and is stopped by s
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -25,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -141,10 +139,10 @@ class Node:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def started_cluster(root: Path) -> Iterator[dict]:
+@pytest.fixture
+def cluster(tmp_path):
     """A head and a worker on this machine, 1 CPU each, started as docker/README.md says."""
-    homes = root / "homes"
+    homes = tmp_path / "homes"
     head, worker, driver = Node(homes, "head"), Node(homes, "worker"), Node(homes, "driver")
     port = free_port()
     try:
@@ -173,20 +171,6 @@ def started_cluster(root: Path) -> Iterator[dict]:
         assert node.sid is None or not session_processes(node.sid), f"{node.home.name} left processes"
         assert not [p for p in psutil.process_iter(["cmdline"])
                     if str(node.temp_dir) in " ".join(p.info["cmdline"] or [])], "Ray processes left"
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    """A cluster of the test's own (it kills a node)."""
-    with started_cluster(tmp_path) as nodes:
-        yield nodes
-
-
-@pytest.fixture(scope="module")
-def shared_cluster(tmp_path_factory):
-    """One cluster for the tests that leave it as they found it (a start and a stop: ~20 s)."""
-    with started_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
-        yield nodes
 
 
 def start_search(cluster, cwd: Path, *args: str) -> subprocess.Popen:
@@ -229,8 +213,10 @@ def assert_every_trial_complete(search_dir: Path, n: int) -> dict:
 
 # --- a real two-process cluster -------------------------------------------------------------
 @pytest.mark.slow
-def test_demo_search_on_a_head_and_a_worker_started_as_documented(shared_cluster, tmp_path):
-    cluster = shared_cluster
+def test_a_cluster_started_as_documented_runs_the_demo_and_refuses_other_tokens(cluster, tmp_path):
+    """The demo search over --address on a head and a worker started as docker/README.md says;
+    then a driver without the cluster's token is refused in one line naming the fix (one
+    cluster for both: its start and stop take ~20 s)."""
     storage, cwd = tmp_path / "shared", tmp_path / "driver_cwd"
     cwd.mkdir()
     # 4 of the demo's 8 trials: 2 at a time, one per 1-CPU node (tests/test_search.py runs all 8)
@@ -252,6 +238,20 @@ def test_demo_search_on_a_head_and_a_worker_started_as_documented(shared_cluster
     assert "--host=127.0.0.1" in dashboard.cmdline()
     ports = [c.laddr for c in dashboard.net_connections("inet") if c.status == psutil.CONN_LISTEN]
     assert all(addr.ip in LOOPBACK for addr in ports), ports
+
+    # a driver that does not hold the cluster's token: one line naming what to do
+    cases = {
+        "no RAY_AUTH_MODE": ({}, "export RAY_AUTH_MODE=token"),
+        "token mode, no token": ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token but no cluster token"),
+        "another token": ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "other")},
+                          "refused this process's token"),
+    }
+    (tmp_path / "other").write_text("0" * 64)
+    for name, (extra, expected) in cases.items():
+        other_cwd = tmp_path / name.replace(" ", "_").replace(",", "")
+        other_cwd.mkdir()
+        line = refused(clean_env(tmp_path / "empty_home", **extra), other_cwd, cluster["address"])
+        assert expected in line, (name, line)
 
 
 # --- an --address that cannot be used: one line, in seconds, nothing written ---------------
@@ -276,23 +276,6 @@ def test_an_address_where_nothing_listens_is_one_line(tmp_path):
     cwd.mkdir()
     line = refused(clean_env(tmp_path / "home"), cwd, f"127.0.0.1:{free_port()}")
     assert "no Ray head answers" in line and "ray start --head" in line, line
-
-
-@pytest.mark.slow
-def test_an_address_that_refuses_our_token_is_one_line_naming_it(shared_cluster, tmp_path):
-    cluster = shared_cluster
-    cases = {
-        "no RAY_AUTH_MODE": ({}, "export RAY_AUTH_MODE=token"),
-        "token mode, no token": ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token but no cluster token"),
-        "another token": ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "other")},
-                          "refused this process's token"),
-    }
-    (tmp_path / "other").write_text("0" * 64)
-    for name, (extra, expected) in cases.items():
-        cwd = tmp_path / name.replace(" ", "_").replace(",", "")
-        cwd.mkdir()
-        line = refused(clean_env(tmp_path / "empty_home", **extra), cwd, cluster["address"])
-        assert expected in line, (name, line)
 
 
 @pytest.mark.slow

@@ -347,28 +347,17 @@ def test_a_search_of_two_worker_trials_matches_one_process(tiny_data, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_killed_worker_resumes_its_trial_from_the_last_epoch(tmp_path):
-    """SIGKILL to rank 0 of a 2-worker trial after its first of 2 epochs: with max_failures 1
-    Tune retries the trial, whose new workers continue after that epoch (its row is kept as
-    written)."""
+def test_a_two_worker_trial_survives_a_killed_worker_and_an_interrupted_search(tmp_path):
+    """A 3-epoch trial on 2 workers (max_failures 1). SIGKILL to rank 0 after epoch 1: Tune
+    retries the trial, whose new workers continue after that epoch. Ctrl-C (SIGINT) to the
+    search after epoch 2: exit 130, and --resume finishes epoch 3 on 2 workers again. The rows
+    of epochs 1 and 2 stay as written, and the study holds the trial once, COMPLETE (one search
+    for both recoveries: each 2-worker search start costs ~20 s of CPU here)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from test_search import kill_after_first_epoch
+    from test_search import assert_study_states, interrupt_trial
 
-    search_dir, trial = kill_after_first_epoch(tmp_path, epochs=2, trainer={"backbone": "vmae"},
-                                               resources={"cpu": 1, "gpu": 0, "workers": 2})
-    assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
-
-
-@pytest.mark.slow
-def test_an_interrupted_search_of_two_worker_trials_resumes(tmp_path):
-    """Ctrl-C (SIGINT) to the search while a 2-worker trial is past its first epoch: exit 130,
-    then --resume finishes the trial after the epochs it had (epoch 1's row kept as written),
-    on 2 workers again, and the study holds it once, COMPLETE."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_search import assert_study_states, kill_after_first_epoch
-
-    search_dir, trial = kill_after_first_epoch(tmp_path, driver=True, epochs=2, trainer={"backbone": "vmae"},
-                                               resources={"cpu": 1, "gpu": 0, "workers": 2})
+    search_dir, trial = interrupt_trial(tmp_path, kills=("worker", "driver"), epochs=3,
+                                        trainer={"backbone": "vmae"}, resources={"cpu": 1, "gpu": 0, "workers": 2})
     assert json.loads((search_dir / trial["name"] / "status.json").read_text())["world_size"] == 2
     assert_study_states(search_dir, json.loads((search_dir / "search_summary.json").read_text()))
 

@@ -395,17 +395,17 @@ def test_frozen_search_computes_each_feature_once_and_reuses_trial_actors(tiny_d
 def test_killed_trial_is_retried_from_its_last_epoch(tmp_path):
     """The trial's worker is SIGKILLed (what the OOM killer does) after its first epoch: with
     max_failures 1 Tune restarts it, and it continues after that epoch instead of starting over."""
-    kill_after_first_epoch(tmp_path)
+    interrupt_trial(tmp_path)
 
 
-def kill_after_first_epoch(tmp_path: Path, *, driver: bool = False, epochs: int = 4,
-                           **sections) -> tuple[Path, dict]:
-    """A one-trial search of `epochs` epochs (max_failures 1) whose training process
-    (status.json's pid: the trial's actor, or rank 0 of its workers) is SIGKILLed once its first
-    epoch is written; `driver`: the search itself is interrupted then (SIGINT, exit 130) and
-    continued with --resume. The search must finish all its epochs with epoch 1's row as
-    written before the kill (not trained again). Returns the search folder and the trial's
-    summary record."""
+def interrupt_trial(tmp_path: Path, *, kills: tuple[str, ...] = ("worker",), epochs: int = 4,
+                    **sections) -> tuple[Path, dict]:
+    """A one-trial search of `epochs` epochs (max_failures 1), stopped once per entry of
+    `kills`, the n-th once the trial has written n epochs: "worker" SIGKILLs its training
+    process (status.json's pid: the trial's actor, or rank 0 of its workers; Tune retries the
+    trial), "driver" interrupts the search itself (SIGINT, exit 130), which is then continued
+    with --resume. The search must finish all its epochs with every row written before a kill
+    as written (not trained again). Returns the search folder and the trial's summary record."""
     from conftest import write_clips
 
     data = tmp_path / "data"
@@ -421,23 +421,27 @@ def kill_after_first_epoch(tmp_path: Path, *, driver: bool = False, epochs: int 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    snapshots = []   # the rows written before each kill
     try:
-        deadline, first_row = time.time() + 300, None
-        while time.time() < deadline and proc.poll() is None and first_row is None:
-            for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
-                status = folder / "status.json"
-                record = json.loads(status.read_text()) if status.is_file() else {}
-                if record.get("epochs_done", 0) >= 1 and record.get("state") == "running":
-                    first_row = pd.read_csv(folder / "metrics_epoch.csv").iloc[0]
-                    os.kill(proc.pid if driver else record["pid"], signal.SIGINT if driver else signal.SIGKILL)
-            time.sleep(0.05)
-        assert first_row is not None, "the trial never finished an epoch"
+        for done, kill in enumerate(kills, 1):
+            deadline, written = time.time() + 300, None
+            while time.time() < deadline and proc.poll() is None and written is None:
+                for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
+                    status = folder / "status.json"
+                    record = json.loads(status.read_text()) if status.is_file() else {}
+                    if record.get("epochs_done", 0) >= done and record.get("state") == "running":
+                        written = pd.read_csv(folder / "metrics_epoch.csv").iloc[:done]
+                        os.kill(proc.pid if kill == "driver" else record["pid"],
+                                signal.SIGINT if kill == "driver" else signal.SIGKILL)
+                time.sleep(0.05)
+            assert written is not None, f"the trial never finished epoch {done}"
+            snapshots.append(written)
+            if kill == "driver":
+                output = proc.communicate(timeout=400)[0]
+                assert proc.returncode == 130 and "--resume" in output, output[-3000:]
+                proc = subprocess.Popen([*command, "--resume"], cwd=tmp_path, env=env, start_new_session=True,
+                                        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         output = proc.communicate(timeout=400)[0]
-        if driver:
-            assert proc.returncode == 130 and "--resume" in output, output[-3000:]
-            proc = subprocess.Popen([*command, "--resume"], cwd=tmp_path, env=env, start_new_session=True,
-                                    text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            output = proc.communicate(timeout=400)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -446,8 +450,10 @@ def kill_after_first_epoch(tmp_path: Path, *, driver: bool = False, epochs: int 
     assert trial["status"] == "finished" and trial["epochs_run"] == epochs, trial
     metrics = pd.read_csv(search_dir / trial["name"] / "metrics_epoch.csv")
     assert list(metrics["epoch"]) == list(range(1, epochs + 1))
-    # epoch 1 was not trained again: its row (timings included) is the one written before the kill
-    pd.testing.assert_series_equal(metrics.iloc[0], first_row, check_names=False)
+    # the epochs written before each kill were not trained again: their rows (timings
+    # included) are the ones written then
+    for written in snapshots:
+        pd.testing.assert_frame_equal(metrics.iloc[:len(written)], written)
     return search_dir, trial
 
 
