@@ -20,16 +20,20 @@ from pathlib import Path
 _records = None
 
 
-def pytest_runtest_logstart(nodeid, location):
+def pytest_configure(config):
+    """One file per process: `gw0.tsv`... for xdist's workers, `main.tsv` for the controller
+    or a run without workers (a pytest run inside a test is `main` too)."""
     global _records
     folder = os.environ.get("TIMELINE_DIR")
-    if not folder:
-        return
-    if _records is None:
+    if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        worker = getattr(config, "workerinput", {}).get("workerid", "main")
         _records = open(Path(folder) / f"{worker}.tsv", "a", buffering=1)
-    _records.write(f"start\t{time.time():.2f}\t{nodeid}\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _records is not None:
+        _records.write(f"start\t{time.time():.2f}\t{nodeid}\n")
 
 
 def pytest_runtest_logfinish(nodeid, location):
