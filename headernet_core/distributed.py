@@ -301,6 +301,8 @@ class LauncherInterrupts:
     rank 0, signalled by the launcher) would cut short the launcher's wait for the ranks, and
     it would exit while rank 0 still records the interruption."""
 
+    MARKER_PREFIX = "headernet-torchrun-"   # + launcher pid, run id: `_first_to_tell`
+
     def __init__(self) -> None:
         self.launcher = os.getppid()
         self.previous: dict[int, object] = {}
@@ -313,8 +315,6 @@ class LauncherInterrupts:
                 pass
         self.launcher = 0
         raise KeyboardInterrupt
-
-    MARKER_PREFIX = "headernet-torchrun-"
 
     def _first_to_tell(self) -> bool:
         """Whether this rank is the first of its launcher's to tell it (a marker file per

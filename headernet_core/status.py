@@ -7,9 +7,9 @@
 `state` is running / stopped / finished / failed / interrupted (`error` says why for the last
 two; a run that ran out of memory with nothing smaller to try also has `out_of_memory`: its
 peak, batch and processes). While a run is `running` the heartbeat is refreshed every
-`HEARTBEAT_S` seconds, so a run whose process was killed (`kill -9`, the OOM killer, a reboot) still says `running` on disk but
-`read_status` reports it `dead`: its pid is gone on its host, or (seen from another host) its
-heartbeat is older than `STALE_S`.
+`HEARTBEAT_S` seconds, so a run whose process was killed (`kill -9`, the OOM killer, a reboot)
+still says `running` on disk but `read_status` reports it `dead`: its pid is gone on its host,
+or (seen from another host) its heartbeat is older than `STALE_S`.
 
 If the disk is full the atomic rewrite (a new temp file) can fail while an in-place rewrite of
 the existing, smaller-than-a-block file still succeeds: `write_status` falls back to that,
@@ -21,9 +21,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 from .artifacts import read_json_dict, write_json

@@ -548,14 +548,15 @@ def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: 
         checkpoint = f"{folder.name}/{checkpoint}" if checkpoint and (folder / checkpoint).is_file() else None
         # The params the trial itself recorded: Tune's result.config is its last report's, which
         # for a trial that failed before reporting can be another trial's (a reused actor's).
-        own = read_json_dict(folder / "trial.json").get("params")
+        trial_record = read_json_dict(folder / "trial.json")
+        own = trial_record.get("params")
         records.append(TrialRecord(
             name=folder.name, status=state, params=dict(own if isinstance(own, dict) else result.config or {}),
             objective=best.get(space.metric), best_epoch=best.get("epoch"),
-            epochs_run=int(read_json_dict(folder / "status.json").get("epochs_done", 0)),
+            epochs_run=int(status_record.get("epochs_done", 0)),
             best_metrics={k: v for k, v in best.items() if isinstance(v, (int, float))},
             checkpoint=checkpoint, error=error,
-            node=(read_json_dict(folder / "trial.json").get("node_id") or "")[:12] or None,
+            node=(trial_record.get("node_id") or "")[:12] or None,
             **trial_cost(space, folder, state),
             order=_order(folder.name)))
     return sorted(records, key=lambda r: (r.order, r.name))

@@ -30,7 +30,6 @@ from headernet_core.status import recorded_end
 
 from .space import SearchSpace
 
-
 OBJECTIVE = "objective"
 OOM_ENDED = "oom_ended"                  # in a trial's last result: it ran out of memory at batch 1
 # Reported each epoch beside the objective: the epochs the trial was to run, so the searcher
@@ -343,8 +342,7 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
             out_of_memory.append(end)
     if out_of_memory:
         # Ended, not failed: the study records it (PRUNED, infeasible) instead of ignoring it.
-        status = read_json_dict(run_dir / "status.json")
-        report(out_of_memory_result(int(status.get("epochs_done") or 0), out_of_memory[0]), None, None)
+        report(recorded_out_of_memory_end(run_dir, out_of_memory[0]), None, None)
         return
     if stopped:
         # Re-raised without the trainer's frames: its model and tensors are freed here, at once,
@@ -356,18 +354,17 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         report_recorded(run_dir, report)
 
 
-def recorded_out_of_memory_end(run_dir: Path) -> dict[str, Any] | None:
-    """What an N-worker trial reports when its run ended out of memory with nothing smaller to
-    try (recorded in status.json by the rank that ran out; the exception reaches the trial
-    only inside Ray Train's error): what a one-process trial reports (the study's PRUNED,
-    infeasible). None for any other end."""
+def recorded_out_of_memory_end(run_dir: Path, end: OutOfMemoryEnd | None = None) -> dict[str, Any] | None:
+    """What a trial reports when its run ended out of memory with nothing smaller to try: its
+    epochs, the peak and OOM_ENDED (the study's PRUNED, infeasible). `end`: the exception a
+    one-process trial caught; without it the end recorded in status.json by the rank that ran
+    out (an N-worker trial sees the exception only inside Ray Train's error). None when there
+    is no such end."""
     status = read_json_dict(run_dir / "status.json")
-    end = recorded_end(status)
-    return None if end is None else out_of_memory_result(int(status.get("epochs_done") or 0), end)
-
-
-def out_of_memory_result(epochs_done: int, end: OutOfMemoryEnd) -> dict[str, Any]:
-    return {"epoch": epochs_done, "peak_mem_gib": end.peak, OOM_ENDED: 1}
+    end = end or recorded_end(status)
+    if end is None:
+        return None
+    return {"epoch": int(status.get("epochs_done") or 0), "peak_mem_gib": end.peak, OOM_ENDED: 1}
 
 
 def report_recorded(run_dir: Path, report) -> None:
