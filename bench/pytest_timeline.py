@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("folder", type=Path, help="the TIMELINE_DIR of a test run")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
+    if not args.folder.is_dir():
+        parser.error(f"{args.folder}: no such folder (the TIMELINE_DIR a test run wrote)")
     print(summary(read(args.folder), args.top))
 
 

@@ -147,3 +147,30 @@ def test_test_timeline_records_each_test_and_sums_them_per_file(tmp_path):
     assert lines[0].endswith(", 2 tests") and lines[1].startswith("  main: 2 tests, busy ")
     slowest = lines[lines.index("slowest tests:") + 1]
     assert slowest.endswith("test_two.py::test_slower") and float(slowest.split()[0]) >= 1
+    missing = subprocess.run([sys.executable, "bench/pytest_timeline.py", str(tmp_path / "nowhere")], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "nowhere: no such folder" in missing.stderr.splitlines()[-1]
+
+
+def test_the_suite_hands_xdist_the_end_to_end_tests_first_and_one_at_a_time():
+    """tests/conftest.py's hooks behind the README's `-n auto`: at least 3 workers, tests
+    handed out one at a time unless --maxschedchunk says otherwise, `slow` tests first in file
+    order (xdist's default put every end-to-end test on one worker)."""
+    from types import SimpleNamespace
+
+    import conftest
+
+    assert conftest.pytest_xdist_auto_num_workers(None) >= conftest.XDIST_MIN_WORKERS == 3
+    for given, expected in ((None, 1), (5, 5)):
+        config = SimpleNamespace(option=SimpleNamespace(maxschedchunk=given))
+        conftest.pytest_configure(config)
+        assert config.option.maxschedchunk == expected
+    conftest.pytest_configure(SimpleNamespace(option=SimpleNamespace()))   # without xdist: nothing to set
+
+    def item(name: str, slow: bool):
+        return SimpleNamespace(name=name, get_closest_marker=lambda marker: object() if slow and marker == "slow"
+                               else None)
+
+    items = [item("a", False), item("b", True), item("c", False), item("d", True)]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [i.name for i in items] == ["b", "d", "a", "c"]

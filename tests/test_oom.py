@@ -179,8 +179,9 @@ def test_peak_memory_is_per_epoch_on_the_cpu():
     before = peak_gib(cpu)
     # 64 MiB of new pages, touched (a malloc'd block could reuse pages a process that ran other
     # tests already holds: then nothing grows, as seen under pytest-xdist)
-    block = mmap.mmap(-1, 64 * 2**20)
-    block.write(b"\1" * len(block))
+    block, page = mmap.mmap(-1, 64 * 2**20), b"\1" * 2**20
+    for _ in range(64):
+        block.write(page)
     grown = peak_gib(cpu)
     block.close()
     reset_peak(cpu)
