@@ -29,6 +29,7 @@ warnings.filterwarnings("ignore", message=".*small random model.*")
 XDIST_MIN_WORKERS = 3
 
 
+@pytest.hookimpl(optionalhook=True)   # plain `pytest -p no:xdist` still runs
 def pytest_xdist_auto_num_workers(config):
     return max(XDIST_MIN_WORKERS, os.cpu_count() or 1)
 

@@ -86,9 +86,9 @@ def test_gpu_check_dry_run_prints_the_whole_table(tmp_path):
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert not [r for r in rows if "failed" in r or "skipped" in r], rows
-    assert len(table) == 1 + len(rows) and len(rows) >= 12
+    assert len(table) == 1 + len(rows) and len(rows) >= 10
     assert {r["mode"] for r in rows} == {"bare", "trainer"}
-    assert sum(1 for r in rows if r.get("largest_fit")) == 2
+    assert sum(1 for r in rows if r.get("largest_fit")) == 1   # giant's line is the GPU's only
     assert any(r.get("compile") for r in rows) and any(r["backbone"] == "csn-tiny" for r in rows)
     assert "trainer / bare step" in done.stdout
 

@@ -341,7 +341,7 @@ def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp
     127.0.0.1; the token Ray needs is created 0600 and used without Ray's warning line; usage
     stats stay off although the user's environment turns them on; the raylet's disk monitor and
     worker prestart are off; Ray's settings are in place before ray is first imported."""
-    space = conftest.write_space(tmp_path, tiny_data, name="local", budget={"num_samples": 2},
+    space = conftest.write_space(tmp_path, tiny_data, name="local", budget={"num_samples": 2, "max_concurrent": 1},
                                  search={"lr_head": {"loguniform": [3e-4, 3e-3]}})
     home = tmp_path / "home"
     env = clean_env(home, RAY_USAGE_STATS_ENABLED="1")
