@@ -215,7 +215,7 @@ def assert_every_trial_complete(search_dir: Path, n: int) -> dict:
 
 
 # --- a real two-process cluster -------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.slow(seconds=125)
 def test_a_cluster_started_as_documented_runs_the_demo_and_refuses_other_tokens(cluster, tmp_path):
     """The demo search over --address on a head and a worker started as docker/README.md says,
     keeping only the best trial's weights; the worker's raylet is SIGKILLed while one of its

@@ -224,6 +224,7 @@ def trial_states(search_dir: Path) -> dict[str, str]:
     return states
 
 
+@pytest.mark.slow(seconds=110)
 def test_a_killed_then_interrupted_search_resumes_to_the_same_result(tiny_data, tmp_path, capsys):
     """One search, one trial at a time, ASHA on, started with --verbose:
     1. the driver and every Ray process it started die at once (kill -9: a reboot) as soon as
@@ -445,6 +446,7 @@ def interrupt_trial(tmp_path: Path, *, kills: tuple[str, ...] = ("worker",), epo
     return search_dir, trial
 
 
+@pytest.mark.slow(seconds=90)
 def test_readme_demo_search(tmp_path):
     """The README's "run it" command, from a folder without the demo data: it generates the
     data, samples with Optuna (TPE after its random start-up trials), lets ASHA stop trials
