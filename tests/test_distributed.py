@@ -324,14 +324,14 @@ def running_trial(proc: subprocess.Popen, search_dir: Path, epochs: int, *, not_
     raise AssertionError(f"no trial ran past epoch {epochs}: {output[-3000:]}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=180)
 def test_a_search_of_two_worker_trials_survives_kills_stops_early_and_matches_one_process(tmp_path, capsys):
     """resources.workers 2 with 1 CPU each on the 2-core test machine; 2 trials of 12 epochs, one
     at a time, ASHA (rungs at epochs 1, 2, 4, 8), max_failures 1. In phases:
     1. `--set resources.workers=4`: a group that does not fit the cluster fails with one line.
     2. Trial 1 (sampler seed 6: lr_head 4.8e-3): SIGKILL to its rank 0 after epoch 1, and Tune
        retries it, whose new workers continue after that epoch; Ctrl-C (SIGINT) to the search
-       in epoch 3: exit 130 with a --resume hint.
+       from epoch 3: exit 130 with a --resume hint.
     3. --resume: trial 1 finishes on 2 workers; trial 2 (lr_head 9.9e-5) learns slower, and ASHA
        stops it at its first rung, epoch 1 (val_loss 0.071 against trial 1's best by its epoch
        5, 0.041: a resumed search's ASHA starts empty, and trial 1's epochs after the resume
@@ -385,13 +385,15 @@ def test_a_search_of_two_worker_trials_survives_kills_stops_early_and_matches_on
     try:
         _, killed, before_kill = running_trial(proc, search_dir, epochs=1)
         os.kill(killed["pid"], signal.SIGKILL)
-        trial, held, before_ctrl_c = running_trial(proc, search_dir, epochs=2, not_pid=killed["pid"])
+        trial, held, _ = running_trial(proc, search_dir, epochs=2, not_pid=killed["pid"])
         # An epoch takes ~0.35 s here, and a trial's workers run on after Tune stops the trial
         # until the search has stopped Ray (seconds): trial 1 could finish before the search
-        # does. Rank 0 is held (SIGSTOP) in epoch 3, as long as a real epoch would take.
+        # does. Rank 0 is held (SIGSTOP) from here, as long as a real epoch would take; what it
+        # wrote by then (epoch 2, or a little later on a loaded machine) is the record to keep.
         os.kill(held["pid"], signal.SIGSTOP)
         record = json.loads((trial / "status.json").read_text())
-        assert (record["state"], record["epochs_done"]) == ("running", 2), f"epoch 3 ended before the hold: {record}"
+        assert record["state"] == "running" and record["epochs_done"] < epochs - 1, f"trial 1 ran on: {record}"
+        before_ctrl_c = pd.read_csv(trial / "metrics_epoch.csv").iloc[:record["epochs_done"]]
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=400)[0]
         assert proc.returncode == 130 and "--resume" in output, output[-3000:]
