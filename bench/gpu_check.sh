@@ -9,7 +9,8 @@
 #   - with >= 2 GPUs, the same trainer run under torchrun (DDP) with 1 and 2 processes
 #
 #   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU
-#   bash bench/gpu_check.sh --dry           # the same steps on the CPU with tiny models (a test)
+#   bash bench/gpu_check.sh --dry           # the same steps on the CPU with tiny models (a test;
+#                                           # giant and ir-CSN-152 would repeat tiny: left out)
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh   # an interpreter with the project installed
 #
 # Raw JSON lines and stderr go to $OUT (or a temp folder): gpu_check.jsonl, gpu_check.log.
@@ -30,7 +31,7 @@ BUDGET_S=${BUDGET_S:-450}   # stop starting new measurements after this (the tab
 
 if (( DRY )); then
     COMMON=(--cpu --amp off --num_frames 4 --size 32 --steps 1 --warmup 1 --threads 1 --compile_backend eager)
-    BASE=tiny; LARGE=tiny; GIANT=tiny; CSN_A=tiny; CSN_B=tiny; LIMIT=120
+    BASE=tiny; LARGE=tiny; CSN_A=tiny; LIMIT=120
     BATCHES=(2 4); LARGEST=(4 2); TRAINER=(--batch_size 2 --workers 1 --trainer_clips 8 --source_size 40)
 else
     if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -62,9 +63,10 @@ measure --backbone vmae --variant "$BASE" --batch_size "${BATCHES[@]}" --compile
 measure --backbone vmae --variant "$BASE" --batch_size "${BATCHES[0]}" "${COMMON[@]}" --amp off
 measure --backbone vmae --variant "$BASE" --mode both "${TRAINER[@]}" "${COMMON[@]}"
 measure --backbone vmae --variant "$LARGE" --largest --batch_size "${LARGEST[@]}" "${COMMON[@]}"
-measure --backbone vmae --variant "$GIANT" --largest --batch_size "${LARGEST[@]}" "${COMMON[@]}"
+# --dry: giant and ir-CSN-152 are the tiny models of the lines above, not run twice
+(( DRY )) || measure --backbone vmae --variant "$GIANT" --largest --batch_size "${LARGEST[@]}" "${COMMON[@]}"
 measure --backbone csn --variant "$CSN_A" --batch_size "${BATCHES[@]:0:2}" "${COMMON[@]}"
-measure --backbone csn --variant "$CSN_B" --batch_size "${BATCHES[0]}" "${COMMON[@]}"
+(( DRY )) || measure --backbone csn --variant "$CSN_B" --batch_size "${BATCHES[0]}" "${COMMON[@]}"
 
 measure_ddp() {  # the real trainer under torchrun with $1 processes (DDP), same global batch
     if (( SECONDS - START > BUDGET_S )); then

@@ -29,6 +29,7 @@ warnings.filterwarnings("ignore", message=".*small random model.*")
 XDIST_MIN_WORKERS = 3
 
 
+@pytest.hookimpl(optionalhook=True)   # plain `pytest -p no:xdist` still runs
 def pytest_xdist_auto_num_workers(config):
     return max(XDIST_MIN_WORKERS, os.cpu_count() or 1)
 
@@ -41,9 +42,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The end-to-end runs (`slow`) first, in file order: spread over pytest-xdist's workers,
-    they start together instead of trailing at the end of the run."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The end-to-end runs (`slow`) first, the longest first (`@pytest.mark.slow(seconds=N)`: N
+    is its wall time alone), then in file order: spread over pytest-xdist's workers, they start
+    together instead of trailing at the end of the run, and the longest does not start last."""
+    def order(item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -(slow.kwargs.get("seconds", 0) if slow else 0)
+    items.sort(key=order)
 
 
 def write_clips(folder: Path, n: int, *, seed: int, frames: int = 6, size: int = 32,

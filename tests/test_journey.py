@@ -1,14 +1,9 @@
 """The user's whole journey, end to end on tiny CPU data: split in one folder -> train from
-another -> search (console, study file, TPE) -> retrain the best -> test; and a resumed search
-continues the same Optuna study."""
+another -> search (console, study file, TPE) -> retrain the best -> test (a resumed search's
+study: tests/test_search.py)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import wsgiref.util
 from pathlib import Path
 
@@ -159,57 +154,3 @@ def test_the_study_file_opens_in_optuna_dashboard(tmp_path):
     assert status[0].startswith("200")
     studies = json.loads(body)["study_summaries"]
     assert [(s["study_name"]) for s in studies] == ["s"]
-
-
-def test_a_resumed_search_continues_the_same_study(tiny_data, tmp_path, capsys):
-    """Ctrl-C after the first trial, then --resume: the study file holds every trial once.
-    (Started with --verbose: Ray's own console, which the resumed search keeps.)"""
-    space = write_space(tmp_path / "space.yaml", trainer={
-        **TINY, "epochs": 2, "cpu": True, "progress": False, "output_root": str(tmp_path / "out"),
-        "train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"])},
-        budget={"num_samples": 3, "max_concurrent": 1, "seed": 0, "startup_trials": 2})
-    search_dir = tmp_path / "out" / "journey"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "tuning.search", "--space", str(space)]
-    proc = subprocess.Popen([*cmd, "--verbose"], cwd=tmp_path, env=env, start_new_session=True,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            done = [p for p in search_dir.glob("t0*/status.json") if json.loads(p.read_text())["state"] == "finished"] \
-                if search_dir.is_dir() else []
-            if done:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=180)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, output[-3000:]
-    assert "Trial status:" in output and "run_trial pid" in output   # Ray's console, trial output
-    assert "t001 started" in output                                  # and the event lines
-    before = load_study(search_dir)
-    assert 1 <= len(before.trials) <= 3
-    # the best trial so far retrained while the search is interrupted: said, and kept on record
-    # when the resumed search rewrites its summary
-    retrain_main([str(search_dir), "--epochs", "1"])
-    assert "note: journey has not finished: t00" in capsys.readouterr().out
-    final = json.loads((search_dir / "search_summary.json").read_text())["final"]
-    # the resumed search retrains too: into final_2, beside the model retrained by hand
-    resumed = subprocess.run([*cmd, "--resume", "--retrain_best", "1"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "keeps the console it started with (--verbose)" in resumed.stdout
-    study = load_study(search_dir)
-    summary = json.loads((search_dir / "search_summary.json").read_text())
-    assert study.study_name == before.study_name == "journey"
-    assert [t.number for t in study.trials] == [0, 1, 2]
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
-    assert sorted(json.dumps(t.params, sort_keys=True) for t in study.trials) == \
-        sorted(json.dumps(t["params"], sort_keys=True) for t in summary["trials"])
-    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(t["objective"] for t in summary["trials"]))
-    assert summary["state"] == "finished" and summary["final"]["run_dir"] == str(search_dir / "final_2")
-    assert final["run_dir"] == str(search_dir / "final") and (search_dir / "final" / "config.yaml").is_file()
-    assert (search_dir / "summary.md").read_text().count(FINAL_HEADING) == 1

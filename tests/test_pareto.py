@@ -43,7 +43,7 @@ def test_two_objective_search_writes_the_front(tiny_data, tmp_path, monkeypatch)
         "search": {"lr_head": {"loguniform": [3e-4, 3e-3]}, "lr_backbone": {"loguniform": [1e-4, 1e-3]}},
         "objective": {"metrics": list(OBJECTIVES), "modes": list(OBJECTIVES.values())},
         "constraints": {"peak_mem_gib": {"max": 1000}},
-        "budget": {"num_samples": 4, "max_concurrent": 2, "seed": 0, "startup_trials": 2},
+        "budget": {"num_samples": 4, "max_concurrent": 1, "seed": 0, "startup_trials": 2},   # one trial actor
         "resources": {"cpu": 1, "gpu": 0},
     }
     path = tmp_path / "space.yaml"

@@ -1,7 +1,9 @@
 """The search service end to end on tiny CPU trials: bad input before Ray, a real search with a
-failing trial, resume after the driver is killed, and a 2-node local Ray cluster."""
+failing trial, a full disk, resume after a hard kill and after SIGTERM, a frozen search, a
+killed trial retried, and the README's demo search (two nodes: tests/test_cluster.py)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import pytest
 import yaml
 
 from tuning.console import STOP_LINE
+from tuning.summary import FINAL_HEADING
 from tuning.search import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,90 +214,42 @@ def test_a_filling_disk_stops_the_search_cleanly_and_resume_finishes_it(tiny_dat
     assert pd.read_csv(cut / "metrics_epoch.csv")["epoch"].tolist() == [1, 2]
 
 
-# --- resume after the driver is killed, then after Ctrl-C -----------------------------------
-def finished_trials(search_dir: Path) -> list[Path]:
-    if not search_dir.is_dir():
-        return []
-    return [d for d in trial_dirs(search_dir) if (d / "status.json").is_file()
-            and json.loads((d / "status.json").read_text())["state"] == "finished"]
+# --- a hard kill, then SIGTERM, then --resume: ASHA's stops, the study and finished work kept --
+def trial_states(search_dir: Path) -> dict[str, str]:
+    """Each trial folder's status.json state (folders without one yet left out)."""
+    states = {}
+    for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            states[folder.name] = json.loads((folder / "status.json").read_text())["state"]
+    return states
 
 
-def start_and_wait(cmd: list[str], cwd: Path, env: dict, search_dir: Path, more_than: int):
-    """Start the search and return (process, finished trials) once more than `more_than` of
-    its trials have finished."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        done = finished_trials(search_dir)
-        if len(done) > more_than:
-            return proc, done
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"no new trial finished: {proc.communicate()[0][-3000:]}")
-
-
-def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tiny_data, tmp_path):
-    space = write_space(tmp_path, tiny_data, budget={"num_samples": 4, "max_concurrent": 1, "seed": 1},
-                        scheduler={"type": "none"})
+@pytest.mark.slow(seconds=110)
+def test_a_killed_then_interrupted_search_resumes_to_the_same_result(tiny_data, tmp_path, capsys):
+    """One search, one trial at a time, ASHA on, started with --verbose:
+    1. the driver and every Ray process it started die at once (kill -9: a reboot) as soon as
+       ASHA has stopped a trial, before Tune's saved state may know it; Tune's live files are
+       then damaged or planted by someone who can write the folder;
+    2. --resume (the signed copies are used, the planted files set aside, never loaded), then
+       SIGTERM (kill, docker stop) once a new trial runs: exit 130 like Ctrl-C, this command's
+       stop line and resume hint, the console it started with; the best trial so far is
+       retrained while the search is interrupted;
+    3. --resume to the end: each trial once, ASHA's stops still stops with the epochs they had,
+       nothing finished rewritten, the study holds what trials.csv says, and the search's own
+       retrain goes beside the one made by hand."""
+    space = write_space(tmp_path, tiny_data, budget={"num_samples": 8, "max_concurrent": 1, "seed": 0})
     search_dir = tmp_path / "out" / "s"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "tuning.search", "--space", str(space)]
 
-    # 1. the driver and every Ray process it started die at once (a kill, a reboot)
-    proc, done = start_and_wait(cmd, tmp_path, env, search_dir, more_than=0)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    kept = {p: p.stat().st_mtime_ns for d in done for p in (d / "checkpoints").glob("best_epoch_*.pt")}
-    # Tune's live files, damaged by the kill or planted by someone who can write the folder:
-    # the resume uses the signed copies and never loads these
-    marker = tmp_path / "PLANTED_PICKLE_RAN"
-    for live in [*search_dir.glob("experiment_state-*.json"), *search_dir.glob("searcher-state-*.pkl")]:
-        live.write_bytes(live.read_bytes()[: live.stat().st_size // 2])
-    (search_dir / "tuner.pkl").write_bytes(planted_pickle(marker))
-    (search_dir / "searcher-state-2099-12-31_23-59-59.pkl").write_bytes(planted_pickle(marker))
-    (search_dir / "callback-states-2099-12-31_23-59-59.pkl").write_bytes(planted_pickle(marker))
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([*cmd, *args], cwd=tmp_path, env=env, start_new_session=True, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-    # 2. resumed, then Ctrl-C: what finished is summarised and the command says how to go on
-    proc, done = start_and_wait([*cmd, "--resume"], tmp_path, env, search_dir, more_than=len(done))
-    proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, output[-3000:]
-    assert "--resume" in output and "moved to" in output  # the planted files were set aside
-    # this command's stop line and resume hint, not Tune's (Tuner.restore skips the signed state)
-    assert STOP_LINE in output and "Tuner.restore" not in output and "Stop signal" not in output, output[-3000:]
-    assert not marker.exists()
-    summary = json.loads((search_dir / "search_summary.json").read_text())
-    assert summary["state"] == "interrupted"
-    assert summary["counts"]["finished"] >= len(done) >= 2
-    # no scheduler: a trial that did not finish was cut by Ctrl-C, never "stopped early"
-    assert summary["counts"]["stopped_early"] == 0, summary["counts"]
-
-    # 3. resumed to the end: every trial finished once, nothing finished was rewritten
-    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    summary = json.loads((search_dir / "search_summary.json").read_text())
-    assert summary["state"] == "finished"
-    assert [t["status"] for t in summary["trials"]] == ["finished"] * 4, summary["counts"]
-    indices = [d.name.split("_", 1)[0] for d in trial_dirs(search_dir)]
-    assert len(indices) == len(set(indices)) == 4, indices
-    for path, mtime in kept.items():
-        assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
-    assert not marker.exists()
-
-
-# --- ASHA's decisions survive a kill; SIGTERM ends a search like Ctrl-C ---------------------
-def test_asha_stops_survive_a_kill_and_sigterm_ends_a_search_like_ctrl_c(tiny_data, tmp_path):
-    space = write_space(tmp_path, tiny_data, budget={"num_samples": 10, "max_concurrent": 2, "seed": 0})
-    search_dir = tmp_path / "out" / "s"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "tuning.search", "--space", str(space)]
-
-    def wait_for(proc, condition, what: str):
+    def wait_for(proc, condition, what: str) -> None:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if search_dir.is_dir() and condition():
+            if condition():
                 return
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -303,31 +258,53 @@ def test_asha_stops_survive_a_kill_and_sigterm_ends_a_search_like_ctrl_c(tiny_da
     def asha_stopped() -> list[str]:
         return [d.name for d in trial_dirs(search_dir) if (d / "scheduler_stop.json").is_file()]
 
-    # 1. killed as soon as ASHA has stopped a trial: Tune's saved state may not know it yet
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    wait_for(proc, asha_stopped, "an ASHA stop")
+    # 1. killed as soon as ASHA has stopped a trial
+    proc = start("--verbose")
+    wait_for(proc, lambda: search_dir.is_dir() and asha_stopped(), "an ASHA stop")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     stopped, started = asha_stopped(), len(trial_dirs(search_dir))
+    finished = [name for name, state in trial_states(search_dir).items() if state == "finished"]
+    assert finished, "ASHA stops a trial only after one has finished its rung"
+    kept = {p: p.stat().st_mtime_ns for name in finished for p in (search_dir / name / "checkpoints").glob("*.pt")}
+    marker = tmp_path / "PLANTED_PICKLE_RAN"
+    for live in [*search_dir.glob("experiment_state-*.json"), *search_dir.glob("searcher-state-*.pkl")]:
+        live.write_bytes(live.read_bytes()[: live.stat().st_size // 2])
+    (search_dir / "tuner.pkl").write_bytes(planted_pickle(marker))
+    (search_dir / "searcher-state-2099-12-31_23-59-59.pkl").write_bytes(planted_pickle(marker))
+    (search_dir / "callback-states-2099-12-31_23-59-59.pkl").write_bytes(planted_pickle(marker))
 
-    # 2. resumed, then SIGTERM (kill, docker stop) once a new trial runs: exit 130 with an
-    # interim summary that says how to go on
-    proc = subprocess.Popen([*cmd, "--resume"], cwd=tmp_path, env=env, start_new_session=True,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # 2. resumed, then SIGTERM once a new trial runs
+    proc = start("--resume")
     wait_for(proc, lambda: len(trial_dirs(search_dir)) > started, "a new trial")
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output[-3000:]
-    assert "--resume" in output
-    assert json.loads((search_dir / "search_summary.json").read_text())["state"] == "interrupted"
+    assert "--resume" in output and "moved to" in output  # the planted files were set aside
+    # this command's stop line and resume hint, not Tune's (Tuner.restore skips the signed state)
+    assert STOP_LINE in output and "Tuner.restore" not in output and "Stop signal" not in output, output[-3000:]
+    assert "keeps the console it started with (--verbose)" in output
+    assert "Trial status:" in output and "run_trial pid" in output   # Ray's console, trial output
+    assert re.search(r"\bt\d{3} started", output), output[-3000:]      # and the event lines
+    assert not marker.exists()
+    summary = json.loads((search_dir / "search_summary.json").read_text())
+    assert summary["state"] == "interrupted"
+    # a trial cut by the signal is not "stopped early": only ASHA's own stops are
+    assert summary["counts"].get("stopped_early", 0) == len(asha_stopped()), summary["counts"]
+    from tuning.retrain import main as retrain_main
+    capsys.readouterr()
+    retrain_main([str(search_dir), "--epochs", "1"])
+    assert "note: s has not finished: t00" in capsys.readouterr().out
+    by_hand = json.loads((search_dir / "search_summary.json").read_text())["final"]
 
-    # 3. to the end: every trial ASHA stopped is still stopped early, with the epochs it had
-    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=500)
+    # 3. resumed to the end, retraining the best itself
+    resumed = subprocess.run([*cmd, "--resume", "--retrain_best", "1"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=500)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = json.loads((search_dir / "search_summary.json").read_text())
-    assert summary["state"] == "finished" and len(summary["trials"]) == 10
+    assert summary["state"] == "finished" and len(summary["trials"]) == 8
+    indices = [d.name.split("_", 1)[0] for d in trial_dirs(search_dir)]
+    assert len(indices) == len(set(indices)) == 8, indices
     by_name = {t["name"]: t for t in summary["trials"]}
     for name in stopped:
         trial = by_name[name]
@@ -336,7 +313,13 @@ def test_asha_stops_survive_a_kill_and_sigterm_ends_a_search_like_ctrl_c(tiny_da
         assert len(rows) == trial["epochs_run"], (name, len(rows))
     for trial in summary["trials"]:
         assert (trial["status"] == "stopped_early") == (search_dir / trial["name"] / "scheduler_stop.json").is_file()
+    for path, mtime in kept.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
+    assert not marker.exists()
     assert_study_states(search_dir, summary)
+    assert summary["final"]["run_dir"] == str(search_dir / "final_2")
+    assert by_hand["run_dir"] == str(search_dir / "final") and (search_dir / "final" / "config.yaml").is_file()
+    assert (search_dir / "summary.md").read_text().count(FINAL_HEADING) == 1
 
 
 def assert_study_states(search_dir, summary) -> None:
@@ -354,6 +337,12 @@ def assert_study_states(search_dir, summary) -> None:
     searched = sorted(trials[0].params)
     assert sorted([t.params[k] for k in searched] for t in trials) == \
         sorted([t["params"][k] for k in searched] for t in summary["trials"])
+    numbers = [t.number for t in trials]   # a resume continues the study: no gap, no repeat
+    assert numbers == list(range(numbers[0], numbers[0] + len(trials))), numbers
+    objectives = {tuple(t["params"][k] for k in searched): t["objective"] for t in summary["trials"]}
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            assert t.value == pytest.approx(objectives[tuple(t.params[k] for k in searched)]), t.number
     states = [t.state for t in trials]
     counts = summary["counts"]
     assert states.count(TrialState.PRUNED) == counts.get("stopped_early", 0), (states, counts)
@@ -457,36 +446,7 @@ def interrupt_trial(tmp_path: Path, *, kills: tuple[str, ...] = ("worker",), epo
     return search_dir, trial
 
 
-# --- two nodes ------------------------------------------------------------------------------
-def test_two_node_cluster_runs_trials_on_both_nodes(tiny_data, tmp_path):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    try:
-        storage = tmp_path / "shared"
-        space = write_space(tmp_path, tiny_data, budget={"num_samples": 4, "max_concurrent": 2, "seed": 0},
-                            scheduler={"type": "none"})
-        main(["--space", str(space), "--address", cluster.address, "--storage_path", str(storage),
-              "--keep_checkpoints", "best_trial"])
-    finally:
-        cluster.shutdown()
-    search_dir = storage / "s"
-    nodes = {json.loads((d / "trial.json").read_text())["node_id"] for d in trial_dirs(search_dir)}
-    assert len(nodes) == 2, nodes
-    for folder in trial_dirs(search_dir):
-        assert (folder / "best_metrics.json").is_file() and (folder / "metrics_epoch.csv").is_file()
-    summary = json.loads((search_dir / "search_summary.json").read_text())
-    assert summary["state"] == "finished" and len(summary["trials"]) == 4
-    # --keep_checkpoints best_trial: only the best trial still holds weights, and it says so
-    best = summary["best_trial"]
-    holding = {d.name for d in trial_dirs(search_dir) if any((d / "checkpoints").glob("*.pt"))}
-    assert holding == {best["name"]} and (search_dir / best["checkpoint"]).is_file()
-    weights = sum(p.stat().st_size for p in search_dir.rglob("*.pt"))
-    assert weights < summary["disk_bytes"] < weights + 10 * 2**20  # counted after the pruning
-
-
+@pytest.mark.slow(seconds=90)
 def test_readme_demo_search(tmp_path):
     """The README's "run it" command, from a folder without the demo data: it generates the
     data, samples with Optuna (TPE after its random start-up trials), lets ASHA stop trials
