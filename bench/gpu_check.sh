@@ -10,7 +10,7 @@
 #
 #   bash bench/gpu_check.sh                 # on a machine with a CUDA GPU
 #   bash bench/gpu_check.sh --dry           # the same steps on the CPU with tiny models (a test;
-#                                           # giant and ir-CSN-152 would repeat tiny: left out)
+#                                           # fp32, giant and ir-CSN-152 would repeat rows: left out)
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh   # an interpreter with the project installed
 #
 # Raw JSON lines and stderr go to $OUT (or a temp folder): gpu_check.jsonl, gpu_check.log.
@@ -60,7 +60,8 @@ measure() {  # one bench/throughput.py process; a crash or timeout becomes a row
 
 measure --backbone vmae --variant "$BASE" --batch_size "${BATCHES[@]}" "${COMMON[@]}"
 measure --backbone vmae --variant "$BASE" --batch_size "${BATCHES[@]}" --compile on "${COMMON[@]}"
-measure --backbone vmae --variant "$BASE" --batch_size "${BATCHES[0]}" "${COMMON[@]}" --amp off
+# --dry: COMMON is fp32 already, so the fp32 line would repeat the first row
+(( DRY )) || measure --backbone vmae --variant "$BASE" --batch_size "${BATCHES[0]}" "${COMMON[@]}" --amp off
 measure --backbone vmae --variant "$BASE" --mode both "${TRAINER[@]}" "${COMMON[@]}"
 measure --backbone vmae --variant "$LARGE" --largest --batch_size "${LARGEST[@]}" "${COMMON[@]}"
 # --dry: giant and ir-CSN-152 are the tiny models of the lines above, not run twice
