@@ -56,6 +56,31 @@ def trial_dirs(search_dir: Path) -> list[Path]:
     return sorted(p for p in search_dir.iterdir() if p.is_dir() and p.name.startswith("t0"))
 
 
+def start_search(space: Path, cwd: Path, *args: str) -> subprocess.Popen:
+    """`python -m tuning.search --space <space> <args>` in its own session (a test can signal
+    or kill its whole process group), stdout and stderr together."""
+    return subprocess.Popen([sys.executable, "-m", "tuning.search", "--space", str(space), *args], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def running_trial(proc: subprocess.Popen, search_dir: Path, epochs: int, *, not_pid: int | None = None
+                  ) -> tuple[Path, dict, pd.DataFrame]:
+    """Once a trial of the search `proc` runs has written `epochs` epochs and still runs (in a
+    process other than `not_pid`): its folder, its status.json record and those epochs' rows."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
+            status = folder / "status.json"
+            record = json.loads(status.read_text()) if status.is_file() else {}
+            if record.get("epochs_done", 0) >= epochs and record.get("state") == "running" \
+                    and record.get("pid") != not_pid:
+                return folder, record, pd.read_csv(folder / "metrics_epoch.csv").iloc[:epochs]
+        time.sleep(0.05)
+    output = proc.communicate(timeout=60)[0] if proc.poll() is not None else ""
+    raise AssertionError(f"no trial ran past epoch {epochs}: {output[-3000:]}")
+
+
 # --- bad input: one line, exit 2, Ray never started -----------------------------------------
 def test_bad_inputs_fail_before_ray(tiny_data, tmp_path, capsys):
     import ray
@@ -239,12 +264,6 @@ def test_a_killed_then_interrupted_search_resumes_to_the_same_result(tiny_data, 
        retrain goes beside the one made by hand."""
     space = write_space(tmp_path, tiny_data, budget={"num_samples": 8, "max_concurrent": 1, "seed": 0})
     search_dir = tmp_path / "out" / "s"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "tuning.search", "--space", str(space)]
-
-    def start(*args: str) -> subprocess.Popen:
-        return subprocess.Popen([*cmd, *args], cwd=tmp_path, env=env, start_new_session=True, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def wait_for(proc, condition, what: str) -> None:
         deadline = time.time() + 300
@@ -259,7 +278,7 @@ def test_a_killed_then_interrupted_search_resumes_to_the_same_result(tiny_data, 
         return [d.name for d in trial_dirs(search_dir) if (d / "scheduler_stop.json").is_file()]
 
     # 1. killed as soon as ASHA has stopped a trial
-    proc = start("--verbose")
+    proc = start_search(space, tmp_path, "--verbose")
     wait_for(proc, lambda: search_dir.is_dir() and asha_stopped(), "an ASHA stop")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
@@ -275,7 +294,7 @@ def test_a_killed_then_interrupted_search_resumes_to_the_same_result(tiny_data, 
     (search_dir / "callback-states-2099-12-31_23-59-59.pkl").write_bytes(planted_pickle(marker))
 
     # 2. resumed, then SIGTERM once a new trial runs
-    proc = start("--resume")
+    proc = start_search(space, tmp_path, "--resume")
     wait_for(proc, lambda: len(trial_dirs(search_dir)) > started, "a new trial")
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
@@ -298,9 +317,9 @@ def test_a_killed_then_interrupted_search_resumes_to_the_same_result(tiny_data, 
     by_hand = json.loads((search_dir / "search_summary.json").read_text())["final"]
 
     # 3. resumed to the end, retraining the best itself
-    resumed = subprocess.run([*cmd, "--resume", "--retrain_best", "1"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=500)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    resumed = start_search(space, tmp_path, "--resume", "--retrain_best", "1")
+    output = resumed.communicate(timeout=500)[0]
+    assert resumed.returncode == 0, output[-3000:]
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "finished" and len(summary["trials"]) == 8
     indices = [d.name.split("_", 1)[0] for d in trial_dirs(search_dir)]
@@ -348,9 +367,17 @@ def assert_study_states(search_dir, summary) -> None:
     assert states.count(TrialState.PRUNED) == counts.get("stopped_early", 0), (states, counts)
     assert states.count(TrialState.COMPLETE) == counts.get("finished", 0), (states, counts)
     assert states.count(TrialState.FAIL) == counts.get("failed", 0), (states, counts)
-    stopped = sorted(t["epochs_run"] for t in summary["trials"] if t["status"] == "stopped_early")
+    stopped = sorted(stop_epoch(search_dir, t) for t in summary["trials"] if t["status"] == "stopped_early")
     deepest = sorted(max(t.intermediate_values) for t in trials if t.state == TrialState.PRUNED)
     assert deepest == stopped, (deepest, stopped)
+
+
+def stop_epoch(search_dir: Path, trial: dict) -> int:
+    """The epoch a stopped trial last told the study of: ASHA's (scheduler_stop.json; a trial of
+    N workers may write an epoch or more after it, since Ray Train hands reports to Tune late),
+    else its last epoch."""
+    record = search_dir / trial["name"] / "scheduler_stop.json"
+    return json.loads(record.read_text())["epoch"] if record.is_file() else trial["epochs_run"]
 
 
 # --- a frozen search: features computed once for all trials, actors reused ------------------
@@ -382,54 +409,23 @@ def test_frozen_search_computes_each_feature_once_and_reuses_trial_actors(tiny_d
 
 # --- a trial whose process dies is retried from its last epoch (max_failures) --------------
 def test_killed_trial_is_retried_from_its_last_epoch(tmp_path):
-    """The trial's worker is SIGKILLed (what the OOM killer does) after its first epoch: with
-    max_failures 1 Tune restarts it, and it continues after that epoch instead of starting over."""
-    interrupt_trial(tmp_path)
-
-
-def interrupt_trial(tmp_path: Path, *, kills: tuple[str, ...] = ("worker",), epochs: int = 4,
-                    **sections) -> tuple[Path, dict]:
-    """A one-trial search of `epochs` epochs (max_failures 1), stopped once per entry of
-    `kills`, the n-th once the trial has written n epochs: "worker" SIGKILLs its training
-    process (status.json's pid: the trial's actor, or rank 0 of its workers; Tune retries the
-    trial), "driver" interrupts the search itself (SIGINT, exit 130), which is then continued
-    with --resume. The search must finish all its epochs with every row written before a kill
-    as written (not trained again). Returns the search folder and the trial's summary record."""
+    """A one-trial search of 4 epochs (max_failures 1) whose training process (status.json's
+    pid) is SIGKILLed, what the OOM killer does, once the trial has written its first epoch:
+    Tune restarts it, and it continues after that epoch instead of starting over."""
     from conftest import write_clips
 
-    data = tmp_path / "data"
+    epochs, data = 4, tmp_path / "data"
     write_clips(data / "clips", 90, seed=5, prefix="tr").to_csv(data / "train.csv", index=False)
     write_clips(data / "clips", 30, seed=6, prefix="va").to_csv(data / "val.csv", index=False)
-    sections["trainer"] = {"epochs": epochs, "batch_size": 4, **sections.get("trainer", {})}
     space = write_space(tmp_path, {"train_csv": data / "train.csv", "val_csv": data / "val.csv"},
                         search={"lr_head": {"loguniform": [1e-3, 2e-3]}}, max_failures=1,
-                        budget={"num_samples": 1, "max_concurrent": 1, "seed": 0},
-                        scheduler={"type": "none"}, **sections)
+                        trainer={"epochs": epochs, "batch_size": 4},
+                        budget={"num_samples": 1, "max_concurrent": 1, "seed": 0}, scheduler={"type": "none"})
     search_dir = tmp_path / "out" / "s"
-    command = [sys.executable, "-m", "tuning.search", "--space", str(space)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    snapshots = []   # the rows written before each kill
+    proc = start_search(space, tmp_path)
     try:
-        for done, kill in enumerate(kills, 1):
-            deadline, written = time.time() + 300, None
-            while time.time() < deadline and proc.poll() is None and written is None:
-                for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
-                    status = folder / "status.json"
-                    record = json.loads(status.read_text()) if status.is_file() else {}
-                    if record.get("epochs_done", 0) >= done and record.get("state") == "running":
-                        written = pd.read_csv(folder / "metrics_epoch.csv").iloc[:done]
-                        os.kill(proc.pid if kill == "driver" else record["pid"],
-                                signal.SIGINT if kill == "driver" else signal.SIGKILL)
-                time.sleep(0.05)
-            assert written is not None, f"the trial never finished epoch {done}"
-            snapshots.append(written)
-            if kill == "driver":
-                output = proc.communicate(timeout=400)[0]
-                assert proc.returncode == 130 and "--resume" in output, output[-3000:]
-                proc = subprocess.Popen([*command, "--resume"], cwd=tmp_path, env=env, start_new_session=True,
-                                        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        _, record, written = running_trial(proc, search_dir, epochs=1)
+        os.kill(record["pid"], signal.SIGKILL)
         output = proc.communicate(timeout=400)[0]
     finally:
         if proc.poll() is None:
@@ -439,11 +435,9 @@ def interrupt_trial(tmp_path: Path, *, kills: tuple[str, ...] = ("worker",), epo
     assert trial["status"] == "finished" and trial["epochs_run"] == epochs, trial
     metrics = pd.read_csv(search_dir / trial["name"] / "metrics_epoch.csv")
     assert list(metrics["epoch"]) == list(range(1, epochs + 1))
-    # the epochs written before each kill were not trained again: their rows (timings
-    # included) are the ones written then
-    for written in snapshots:
-        pd.testing.assert_frame_equal(metrics.iloc[:len(written)], written)
-    return search_dir, trial
+    # the epoch written before the kill was not trained again: its row (timings included) is
+    # the one written then
+    pd.testing.assert_frame_equal(metrics.iloc[:len(written)], written)
 
 
 @pytest.mark.slow(seconds=90)
