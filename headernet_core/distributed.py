@@ -299,7 +299,12 @@ class LauncherInterrupts:
     `interrupted` instead of failing on a vanished peer. Then it raises KeyboardInterrupt.
     Only the first rank of a launcher to be signalled tells it: a second SIGTERM (e.g. from
     rank 0, signalled by the launcher) would cut short the launcher's wait for the ranks, and
-    it would exit while rank 0 still records the interruption."""
+    it would exit while rank 0 still records the interruption.
+
+    A rank acts on its first signal only: when a peer fails, the launcher signals the other
+    ranks, and signals them again on the SIGTERM it is told; a second KeyboardInterrupt would
+    land in rank 0's recording of the end and leave status.json `running`. The launcher's
+    SIGKILL, after its own wait, still ends a rank that does not exit."""
 
     MARKER_PREFIX = "headernet-torchrun-"   # + launcher pid, run id: `_first_to_tell`
 
@@ -314,6 +319,8 @@ class LauncherInterrupts:
             except OSError:
                 pass
         self.launcher = 0
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     def _first_to_tell(self) -> bool:

@@ -157,6 +157,34 @@ def test_a_rank_removes_the_interrupt_markers_of_launchers_that_have_exited(tmp_
     assert not gone.exists() and running.exists() and other.exists()
 
 
+def test_a_rank_acts_on_its_first_signal_only(tmp_path, monkeypatch):
+    """A peer's failure makes torchrun signal rank 0, and signal it again once rank 0 tells it:
+    the second signal must not interrupt rank 0 while it records the end (status.json stayed
+    `running` under load). Rank 0 here tells a stand-in launcher (`sleep`), not pytest."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    launcher = subprocess.Popen(["sleep", "60"])
+    recorded = []
+    try:
+        interrupts = distributed.LauncherInterrupts()
+        interrupts.launcher = launcher.pid
+        monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
+        with pytest.raises(KeyboardInterrupt), interrupts:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)   # the handler raises here
+            except KeyboardInterrupt:
+                os.kill(os.getpid(), signal.SIGTERM)   # the launcher's second SIGTERM
+                time.sleep(0.2)
+                recorded.append("interrupted")
+                raise
+        assert launcher.wait(timeout=10) == -signal.SIGTERM   # told once
+    finally:
+        launcher.kill()
+    assert recorded == ["interrupted"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # restored on exit
+
+
 def test_global_batchnorm_keeps_frozen_batchnorm_frozen_and_is_batchnorm_without_a_group():
     """The converter swaps every BatchNorm3d of ir-CSN, keeping its tensors (so requires_grad)
     and training flag; `--bn_frozen`'s BatchNorm stays in eval mode under the model's train(),
