@@ -233,7 +233,8 @@ def test_a_cluster_started_as_documented_runs_the_demo_and_refuses_other_tokens(
     # mid-run on the worker (between its epochs) and is never stopped by ASHA at the moment its
     # node dies (then it would not be retried); the single-node remainder stays short.
     proc = start_search(cluster, cwd, "--space", "demo", "--storage_path", str(storage), "--num_samples", "4",
-                        "--set", "scheduler.type=none", "--set", "epochs=2", "--keep_checkpoints", "best_trial")
+                        "--set", "scheduler.type=none", "--set", "epochs=2", "--keep_checkpoints", "best_trial",
+                        "--retrain_best", "0")   # the retrain runs on the driver: tests/test_search.py
     search_dir = storage / "demo"
     victim, rows_before = None, None
     deadline = time.time() + 600

@@ -473,7 +473,8 @@ def test_readme_demo_search(tmp_path):
     assert_study_states(search_dir, summary)
     # a second search warm-started from it: the study starts with the first one's ended trials
     second = subprocess.run([sys.executable, "-m", "tuning.search", "--space", "demo", "--name", "demo2",
-                             "--warm_start", str(search_dir), "--num_samples", "1", "--retrain_best", "0"],
+                             "--warm_start", str(search_dir), "--num_samples", "1", "--retrain_best", "0",
+                             "--set", "epochs=1", "--set", "scheduler.type=none"],   # its one trial: short
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                             capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
