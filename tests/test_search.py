@@ -479,7 +479,7 @@ def test_readme_demo_search(tmp_path):
                             capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     warm = json.loads((search_dir.parent / "demo2" / "search_summary.json").read_text())["warm_start"]
-    assert warm == {"from": str(search_dir), "trials": 8}
+    assert warm == {"from": str(search_dir), "trials": budget["num_samples"]}
     assert (search_dir / summary["best_trial"]["checkpoint"]).is_file()
     assert "best trial" in result.stdout and summary["best_trial"]["checkpoint_abs"] in result.stdout
     # the best checkpoint, evaluated on its own, reproduces the reported objective

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import os
 import shlex
 import sys
 import tempfile
@@ -301,9 +302,14 @@ def check_checkpoints(space: SearchSpace) -> None:
                  f"(download OpenGVLab/{folder.name} or set checkpoint_root/backbone_ckpt)")
 
 
-def check_local_gpus(space: SearchSpace, address: str | None) -> None:
-    gpu = space.resources.get("gpu", 0)
-    if gpu > 0 and address is None:
+def check_local_machine(space: SearchSpace, address: str | None) -> None:
+    """A local search: a trial's GPUs and its worker group must fit this machine, checked
+    before anything is written or started (the local Ray never counts more CPUs or GPUs than
+    the machine has; `concurrent_trials` checks again against what it counted)."""
+    if address is not None:
+        return
+    gpu, count = space.resources.get("gpu", 0), 0
+    if gpu > 0:
         import torch
         count = torch.cuda.device_count()
         if count == 0:
@@ -311,6 +317,7 @@ def check_local_gpus(space: SearchSpace, address: str | None) -> None:
                  f"use resources.gpu=0 with trainer cpu: true, or --address a cluster with GPUs")
         if gpu > count:
             fail(f"{space.path}: resources.gpu {gpu:g} per trial but this machine has {count} GPU(s)")
+    concurrent_trials(space, {"CPU": float(os.cpu_count() or 1), "GPU": float(count)})
 
 
 def check_cluster_gpus(space: SearchSpace, nodes: list[dict[str, Any]] | None = None) -> None:
@@ -700,7 +707,7 @@ def run_search(args: SearchArgs) -> int:
         print(f"note: a resumed search keeps the console it started with "
               f"({'--verbose' if plan.start.verbose else 'compact'})")
     check_checkpoints(space)
-    check_local_gpus(space, plan.address)
+    check_local_machine(space, plan.address)
     if not plan.resume:
         resume_guard.load_key(create=True)  # a search that could not be resumed is not started
     prepare_demo_data(space)
