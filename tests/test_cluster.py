@@ -364,11 +364,17 @@ def test_the_local_search_ray_is_reachable_only_from_this_machine(tiny_data, tmp
                 try:
                     listening |= {(child.name(), c.laddr.ip, c.laddr.port) for c in child.net_connections("inet")
                                   if c.status == psutil.CONN_LISTEN}
-                    if child.pid != driver.pid:  # the driver's /proc environ is the one it started with
-                        usage_stats.add((child.name(), child.environ().get("RAY_USAGE_STATS_ENABLED")))
-                        if child.name() == "raylet":
-                            disk_monitor.add(child.environ().get("RAY_local_fs_capacity_threshold"))
-                            prestart.add(child.environ().get("RAY_prestart_worker_first_driver"))
+                    if child.pid == driver.pid:  # its /proc environ is the one it started with
+                        continue
+                    environ = child.environ()
+                    # Unreadable: a process that is exiting shows no environment, and one forked
+                    # and not yet exec'd shows the driver's starting one (the user's "1").
+                    if not environ or child.cmdline() == driver.cmdline():
+                        continue
+                    usage_stats.add((child.name(), environ.get("RAY_USAGE_STATS_ENABLED")))
+                    if child.name() == "raylet":
+                        disk_monitor.add(environ.get("RAY_local_fs_capacity_threshold"))
+                        prestart.add(environ.get("RAY_prestart_worker_first_driver"))
                 except psutil.Error:
                     continue
             time.sleep(0.3)
