@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -79,6 +84,16 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "train_csv": root / "train.csv", "val_csv": root / "val.csv"}
 
 
+@pytest.fixture(scope="session")
+def epoch_data(tmp_path_factory) -> dict[str, Path]:
+    """90 train / 30 val clips: a tiny trial's epoch lasts long enough (~0.35 s) for a test to
+    act between two epochs (kill, signal, hold a process)."""
+    root = tmp_path_factory.mktemp("epoch_data")
+    write_clips(root / "clips", 90, seed=5, prefix="tr").to_csv(root / "train.csv", index=False)
+    write_clips(root / "clips", 30, seed=6, prefix="va").to_csv(root / "val.csv", index=False)
+    return {"root": root, "train_csv": root / "train.csv", "val_csv": root / "val.csv"}
+
+
 @pytest.fixture
 def tiny_config(tiny_data, tmp_path):
     """A fast CPU run config over `tiny_data`; pass overrides as keyword arguments."""
@@ -123,3 +138,35 @@ def write_space(where: Path, data: dict | None = None, *, search: dict | None = 
         space["trainer"].pop(key, None)
     path.write_text(yaml.safe_dump(space))
     return path
+
+
+# --- a running search, watched from a test --------------------------------------------------
+def trial_dirs(search_dir: Path) -> list[Path]:
+    """A search folder's trial folders (t001_..., in launch order); none before it exists."""
+    if not search_dir.is_dir():
+        return []
+    return sorted(p for p in search_dir.iterdir() if p.is_dir() and p.name.startswith("t0"))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON record a running search may be writing: {} while it is missing or incomplete."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_for(proc: subprocess.Popen, condition: Callable[[], Any], what: str, timeout: float = 300) -> Any:
+    """The first truthy value of `condition`, polled while `proc` (started in its own session,
+    stdout piped) runs; else its process group is killed and the test fails with `what` and
+    the end of its output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate(timeout=60)[0] or ""
+    raise AssertionError(f"{what} never happened: {output[-3000:]}")

@@ -34,6 +34,7 @@ import pandas as pd
 import psutil
 import conftest
 import pytest
+from conftest import read_json, trial_dirs, wait_for
 
 from tuning.space import load_space
 
@@ -188,17 +189,6 @@ def start_search(cluster, cwd: Path, *args: str) -> subprocess.Popen:
     return proc
 
 
-def trial_dirs(search_dir: Path) -> list[Path]:
-    return sorted(p for p in search_dir.iterdir() if p.is_dir() and p.name.startswith("t0"))
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def assert_every_trial_complete(search_dir: Path, n: int) -> dict:
     summary = json.loads((search_dir / "search_summary.json").read_text())
     assert summary["state"] == "finished" and len(summary["trials"]) == n, summary["counts"]
@@ -236,20 +226,17 @@ def test_a_cluster_started_as_documented_runs_the_demo_and_refuses_other_tokens(
                         "--set", "scheduler.type=none", "--set", "epochs=2", "--keep_checkpoints", "best_trial",
                         "--retrain_best", "0")   # the retrain runs on the driver: tests/test_search.py
     search_dir = storage / "demo"
-    victim, rows_before = None, None
-    deadline = time.time() + 600
-    while victim is None and time.time() < deadline and proc.poll() is None:
-        for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
+
+    def between_epochs_on_the_worker():
+        for folder in trial_dirs(search_dir):
             status = read_json(folder / "status.json")
             if (read_json(folder / "trial.json").get("node_id") == worker_id
                     and status.get("state") == "running" and status.get("epochs_done", 0) >= 1):
-                rows_before = pd.read_csv(folder / "metrics_epoch.csv")
-                cluster["worker"].raylet().kill()
-                victim = folder
-                break
-        time.sleep(0.1)
-    assert victim is not None, "no trial ran an epoch on the worker: " + (
-        proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "timeout")
+                return folder, pd.read_csv(folder / "metrics_epoch.csv")
+        return None
+    victim, rows_before = wait_for(proc, between_epochs_on_the_worker, "a trial between epochs on the worker",
+                                   timeout=600)
+    cluster["worker"].raylet().kill()
     output = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, output[-4000:]
     summary = assert_every_trial_complete(search_dir, 4)

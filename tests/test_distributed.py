@@ -178,7 +178,7 @@ def test_a_rank_acts_on_its_first_signal_only(tmp_path, monkeypatch):
                 time.sleep(0.2)
                 recorded.append("interrupted")
                 raise
-        assert launcher.wait(timeout=10) == -signal.SIGTERM   # told once
+        assert launcher.wait(timeout=10) == -signal.SIGTERM   # told
     finally:
         launcher.kill()
     assert recorded == ["interrupted"]
@@ -333,8 +333,8 @@ def test_torchrun_out_of_memory_with_no_halving_left_ends_as_one_process_ends(ti
 
 
 # --- a search whose trials are 2 DDP workers (Ray Train) -------------------------------------------
-@pytest.mark.slow(seconds=180)
-def test_a_search_of_two_worker_trials_survives_kills_stops_early_and_matches_one_process(tmp_path):
+@pytest.mark.slow(seconds=150)
+def test_a_search_of_two_worker_trials_survives_kills_stops_early_and_matches_one_process(epoch_data, tmp_path):
     """resources.workers 2 with 1 CPU each on the 2-core test machine; 2 trials of 12 epochs, one
     at a time, ASHA (rungs at epochs 1, 2, 4, 8), max_failures 1. In phases:
     (A group this machine cannot place is refused before Ray starts: tests/test_bad_inputs.py.)
@@ -358,13 +358,10 @@ def test_a_search_of_two_worker_trials_survives_kills_stops_early_and_matches_on
     from headernet_core.config import TrainConfig
     from headernet_core.locks import owner_alive
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import write_clips
     from test_search import assert_study_states, running_trial, start_search, write_space
 
-    epochs, data = 12, tmp_path / "data"
-    write_clips(data / "clips", 90, seed=5, prefix="tr").to_csv(data / "train.csv", index=False)
-    write_clips(data / "clips", 30, seed=6, prefix="va").to_csv(data / "val.csv", index=False)
-    space = write_space(tmp_path, {"train_csv": data / "train.csv", "val_csv": data / "val.csv"},
+    epochs = 12
+    space = write_space(tmp_path, epoch_data,
                         search={"lr_head": {"loguniform": [1e-5, 1e-2]}},
                         trainer={"epochs": epochs, "batch_size": 4, "augment": False, "head_dropout": 0.0,
                                  "plots": True, "backbone": "vmae"},

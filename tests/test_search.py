@@ -3,7 +3,6 @@ failing trial, a full disk, resume after a hard kill and after SIGTERM, a frozen
 killed trial retried, and the README's demo search (two nodes: tests/test_cluster.py)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -11,13 +10,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pandas as pd
 import conftest
+import pandas as pd
 import pytest
 import yaml
+from conftest import read_json, trial_dirs, wait_for
 
 from tuning.console import STOP_LINE
 from tuning.summary import FINAL_HEADING
@@ -52,10 +51,6 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     return exc.value.code, capsys.readouterr().err
 
 
-def trial_dirs(search_dir: Path) -> list[Path]:
-    return sorted(p for p in search_dir.iterdir() if p.is_dir() and p.name.startswith("t0"))
-
-
 def start_search(space: Path, cwd: Path, *args: str) -> subprocess.Popen:
     """`python -m tuning.search --space <space> <args>` in its own session (a test can signal
     or kill its whole process group), stdout and stderr together."""
@@ -68,17 +63,14 @@ def running_trial(proc: subprocess.Popen, search_dir: Path, epochs: int, *, not_
                   ) -> tuple[Path, dict, pd.DataFrame]:
     """Once a trial of the search `proc` runs has written `epochs` epochs and still runs (in a
     process other than `not_pid`): its folder, its status.json record and those epochs' rows."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
-            status = folder / "status.json"
-            record = json.loads(status.read_text()) if status.is_file() else {}
+    def found():
+        for folder in trial_dirs(search_dir):
+            record = read_json(folder / "status.json")
             if record.get("epochs_done", 0) >= epochs and record.get("state") == "running" \
                     and record.get("pid") != not_pid:
                 return folder, record, pd.read_csv(folder / "metrics_epoch.csv").iloc[:epochs]
-        time.sleep(0.05)
-    output = proc.communicate(timeout=60)[0] if proc.poll() is not None else ""
-    raise AssertionError(f"no trial ran past epoch {epochs}: {output[-3000:]}")
+        return None
+    return wait_for(proc, found, f"a trial running past epoch {epochs}")
 
 
 # --- bad input: one line, exit 2, Ray never started -----------------------------------------
@@ -240,15 +232,6 @@ def test_a_filling_disk_stops_the_search_cleanly_and_resume_finishes_it(tiny_dat
 
 
 # --- a hard kill, then SIGTERM, then --resume: ASHA's stops, the study and finished work kept --
-def trial_states(search_dir: Path) -> dict[str, str]:
-    """Each trial folder's status.json state (folders without one yet left out)."""
-    states = {}
-    for folder in trial_dirs(search_dir) if search_dir.is_dir() else []:
-        with contextlib.suppress(OSError, ValueError):
-            states[folder.name] = json.loads((folder / "status.json").read_text())["state"]
-    return states
-
-
 @pytest.mark.slow(seconds=110)
 def test_a_killed_then_interrupted_search_resumes_to_the_same_result(tiny_data, tmp_path, capsys):
     """One search, one trial at a time, ASHA on, started with --verbose:
@@ -265,25 +248,16 @@ def test_a_killed_then_interrupted_search_resumes_to_the_same_result(tiny_data, 
     space = write_space(tmp_path, tiny_data, budget={"num_samples": 8, "max_concurrent": 1, "seed": 0})
     search_dir = tmp_path / "out" / "s"
 
-    def wait_for(proc, condition, what: str) -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if condition():
-                return
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"{what} never happened: {proc.communicate()[0][-3000:]}")
-
     def asha_stopped() -> list[str]:
         return [d.name for d in trial_dirs(search_dir) if (d / "scheduler_stop.json").is_file()]
 
     # 1. killed as soon as ASHA has stopped a trial
     proc = start_search(space, tmp_path, "--verbose")
-    wait_for(proc, lambda: search_dir.is_dir() and asha_stopped(), "an ASHA stop")
+    wait_for(proc, asha_stopped, "an ASHA stop")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     stopped, started = asha_stopped(), len(trial_dirs(search_dir))
-    finished = [name for name, state in trial_states(search_dir).items() if state == "finished"]
+    finished = [d.name for d in trial_dirs(search_dir) if read_json(d / "status.json").get("state") == "finished"]
     assert finished, "ASHA stops a trial only after one has finished its rung"
     kept = {p: p.stat().st_mtime_ns for name in finished for p in (search_dir / name / "checkpoints").glob("*.pt")}
     marker = tmp_path / "PLANTED_PICKLE_RAN"
@@ -408,16 +382,12 @@ def test_frozen_search_computes_each_feature_once_and_reuses_trial_actors(tiny_d
 
 
 # --- a trial whose process dies is retried from its last epoch (max_failures) --------------
-def test_killed_trial_is_retried_from_its_last_epoch(tmp_path):
+def test_killed_trial_is_retried_from_its_last_epoch(epoch_data, tmp_path):
     """A one-trial search of 4 epochs (max_failures 1) whose training process (status.json's
     pid) is SIGKILLed, what the OOM killer does, once the trial has written its first epoch:
     Tune restarts it, and it continues after that epoch instead of starting over."""
-    from conftest import write_clips
-
-    epochs, data = 4, tmp_path / "data"
-    write_clips(data / "clips", 90, seed=5, prefix="tr").to_csv(data / "train.csv", index=False)
-    write_clips(data / "clips", 30, seed=6, prefix="va").to_csv(data / "val.csv", index=False)
-    space = write_space(tmp_path, {"train_csv": data / "train.csv", "val_csv": data / "val.csv"},
+    epochs = 4
+    space = write_space(tmp_path, epoch_data,
                         search={"lr_head": {"loguniform": [1e-3, 2e-3]}}, max_failures=1,
                         trainer={"epochs": epochs, "batch_size": 4},
                         budget={"num_samples": 1, "max_concurrent": 1, "seed": 0}, scheduler={"type": "none"})
