@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from headernet_core.augment import normalize
-from headernet_core.backbones import CSN_MEAN_STD, CSN_NATIVE_SIZE, VMAE_MEAN_STD, csn, videomae
+from headernet_core.backbones import CSN_MEAN_STD, CSN_NATIVE_SIZE, VMAE_MEAN_STD, configs, csn, videomae
 from headernet_core.config import TrainConfig
 from headernet_core import model as model_module
 from headernet_core.model import build_classifier, build_optimizer
@@ -46,9 +46,9 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH
 def random_backbone(family: str, variant: str) -> tuple[torch.nn.Module, int, tuple, tuple, object]:
     """(module, native size, mean, std, architecture config) with random weights."""
     if family == "vmae":
-        arch = videomae.VARIANTS[variant]
+        arch = configs.VMAE_VARIANTS[variant]
         return videomae.VideoMAEv2(arch), arch.img_size, *VMAE_MEAN_STD, arch
-    arch = csn.VARIANTS[variant]
+    arch = configs.CSN_VARIANTS[variant]
     return csn.IrCSN(arch), CSN_NATIVE_SIZE.get(variant, 224), *CSN_MEAN_STD, arch
 
 
@@ -196,7 +196,7 @@ def trainer_row(args: argparse.Namespace, batch_size: int, compiled: bool, devic
         train_csv, val_csv = write_synthetic_split(tmp / "data", args.trainer_clips,
                                                    args.source_frames or args.num_frames, args.source_size or size)
         extra = {}
-        if args.backbone == "vmae" and args.variant in videomae.FOLDERS:
+        if args.backbone == "vmae" and args.variant in configs.FOLDERS:
             extra["backbone_ckpt"] = str(random_checkpoint_folder(tmp / "ckpt", arch))
         config = TrainConfig(
             train_csv=str(train_csv), val_csv=str(val_csv), backbone=args.backbone,

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 REQUIRED_COLUMNS = ("path", "label")
 SCHEMA_HINT = "path,label[,video_id,half,frame,...]"
 MAX_EXAMPLES = 5  # missing clips listed in the error message
+# --num_frames beyond this many times the longest clip is refused (short clips repeat frames).
+MAX_FRAME_REPEAT = 8
 
 
 # --- CSV reading and validation -----------------------------------------------------------
@@ -312,6 +314,15 @@ def check_splits(csvs: dict[str, str | Path]) -> CheckedSplits:
         if key is not None:
             checked[key] = frame
     return checked
+
+
+def check_frames(config: TrainConfig, clip_frames: Sequence[int]) -> None:
+    """Short clips repeat frames, within reason: --num_frames far beyond every clip is a typo."""
+    longest = max(clip_frames)
+    if config.num_frames > MAX_FRAME_REPEAT * longest:
+        fail(f"--num_frames {config.num_frames} is more than {MAX_FRAME_REPEAT}x the longest clip "
+             f"({longest} frames in {config.train_csv} / {config.val_csv}); use at most "
+             f"{MAX_FRAME_REPEAT * longest}")
 
 
 def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:

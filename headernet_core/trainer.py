@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 
 from . import artifacts, checkpoints, distributed
 from .augment import ClipLoader, DeviceTransform
-from .backbones import BackboneInfo, Geometry, backbone_geometry, create_backbone, peek_vmae_config
+from .backbones import BackboneInfo, Geometry, check_geometry, create_backbone, peek_vmae_config
 from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, canonical_keys, cli_values,
                      fields_with_role, ignored_settings, load_yaml_mapping, parse_neg_pos_ratio)
-from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, load_split,
-                   split_warnings)
+from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, check_frames,
+                   load_split, split_warnings)
 from .ema import WeightEma
 from .errors import HeaderNetError, describe_os_error, fail, run_cli
 from .features import FrozenFeatures
@@ -56,8 +56,6 @@ LEADING_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_precision"
 # What a run writes into its folder; other files there (e.g. Ray Tune's) are left alone.
 RUN_ARTIFACTS = ("config.yaml", "status.json", "metrics_epoch.csv", "best_metrics.json",
                  "val_predictions.csv", "checkpoints", "plots", "tb")
-# --num_frames beyond this many times the longest clip is refused (short clips repeat frames).
-MAX_FRAME_REPEAT = 8
 # Settings that may change when a stopped run is resumed; anything else must match.
 RESUMABLE_CHANGES = frozenset(fields_with_role("resumable"))
 # Training steps between reads of the running loss from the device (the only host syncs).
@@ -204,37 +202,6 @@ def check_resume_compatible(saved: dict[str, Any], config: TrainConfig, run_dir:
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed[:4])
         fail(f"{run_dir}: --resume cannot change {detail}; only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
-
-
-def check_geometry(config: TrainConfig, geometry: Geometry | None = None) -> None:
-    """Clip shape against the backbone: VideoMAE needs whole tubelets and whole patches, the
-    CSN a frame its strides do not shrink below one pixel. `geometry` defaults to the one the
-    config's backbone would have (no model built, no weights read): the same check a search
-    runs for every trial before Ray starts. Silent when only the weights can tell."""
-    if geometry is None:
-        geometry = backbone_geometry(config.backbone, config.variant, config.backbone_ckpt,
-                                     config.checkpoint_root)
-        if geometry is None:
-            return
-    frame_multiple, size_multiple, native, min_size = geometry
-    if (config.input_size or native) < min_size:
-        fail(f"--input_size {config.input_size} is too small for --backbone {config.backbone}: "
-             f"its strides need at least {min_size} pixels (native size {native})")
-    if config.num_frames % frame_multiple:
-        fail(f"--num_frames {config.num_frames} must be a multiple of the VideoMAE tubelet size "
-             f"{frame_multiple}")
-    if (config.input_size or native) % size_multiple:
-        fail(f"--input_size {config.input_size} must be a multiple of the VideoMAE patch size "
-             f"{size_multiple} (native size {native})")
-
-
-def check_frames(config: TrainConfig, clip_frames: Sequence[int]) -> None:
-    """Short clips repeat frames, within reason: --num_frames far beyond every clip is a typo."""
-    longest = max(clip_frames)
-    if config.num_frames > MAX_FRAME_REPEAT * longest:
-        fail(f"--num_frames {config.num_frames} is more than {MAX_FRAME_REPEAT}x the longest clip "
-             f"({longest} frames in {config.train_csv} / {config.val_csv}); use at most "
-             f"{MAX_FRAME_REPEAT * longest}")
 
 
 def check_inputs_outside(config: TrainConfig, run_dir: Path, clip_paths: Sequence[str]) -> None:

@@ -18,8 +18,10 @@ from safetensors.torch import load_file, save_file
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from headernet_core.backbones import (VARIANTS, BackboneInfo, IrCSN, VideoMAEConfig, VideoMAEv2,
-                                      create_backbone, csn, load_backbone, videomae)
+from headernet_core.backbones import (VARIANTS, BackboneInfo, VideoMAEConfig, configs, create_backbone,
+                                      csn, load_backbone, videomae)
+from headernet_core.backbones.csn import IrCSN
+from headernet_core.backbones.videomae import VideoMAEv2
 from headernet_core.backbones.base import check_state_dict
 from headernet_core.errors import HeaderNetError
 
@@ -109,7 +111,7 @@ def test_vmae_other_sizes_work():
 def test_vmae_published_configs_match_real_keys(name):
     real = _real_keys("vmae_real_keys.json")[name]
     config = VideoMAEConfig.from_model_config(real["model_config"], f"{name} config")
-    assert config == videomae.VARIANTS[name]  # the variant table holds the published values
+    assert config == configs.VMAE_VARIANTS[name]  # the variant table holds the published values
     expected = _meta_state(real["keys"], "model.")
     with torch.device("meta"):
         model = VideoMAEv2(config)
@@ -243,7 +245,7 @@ def test_csn_flat_prefixed_file_without_counters(tmp_path):
     torch.save(state, tmp_path / "csn.pth")
     with pytest.warns(UserWarning, match="--csn_variant 152 ignored"):
         loaded, info = create_backbone("csn", "152", ckpt=tmp_path / "csn.pth")
-    assert loaded.config == csn.VARIANTS["tiny"] and info.source == str(tmp_path / "csn.pth")
+    assert loaded.config == configs.CSN_VARIANTS["tiny"] and info.source == str(tmp_path / "csn.pth")
     x = _clip(1, 4)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)

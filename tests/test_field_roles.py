@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from headernet_core.backbones.videomae import published_folder
+from headernet_core.backbones.configs import published_folder
 from headernet_core.config import ROLES, TrainConfig, fields_with_role
 from headernet_core.features import cache_dir
 from headernet_core.trainer import RESUMABLE_CHANGES

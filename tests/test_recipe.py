@@ -16,7 +16,7 @@ import yaml
 import headernet_core.trainer as trainer_mod
 from headernet_core.metrics import MEASURED_METRICS
 from headernet_core.backbones import create_backbone
-from headernet_core.backbones.csn import VARIANTS as CSN_VARIANTS
+from headernet_core.backbones.configs import CSN_VARIANTS
 from headernet_core.backbones.csn import IrCSN
 from headernet_core.config import TrainConfig, ignored_settings
 from headernet_core.data import (

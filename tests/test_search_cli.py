@@ -411,3 +411,22 @@ def test_a_warm_started_searchs_first_proposal_is_tpe_given_the_imported_trials(
     cold = optuna.create_study(sampler=tpe_sampler(plan.space.seed, plan.space.startup_trials)).ask()
     plan.space.define_by_run(cold)
     assert proposal != cold.params        # the imported trials, not the start-up draws, decided
+
+
+def test_the_checks_before_ray_starts_import_no_torch(tiny_data, tmp_path):
+    """The driver's checks (space, shapes of every choice, data, checkpoints, machine) use the
+    torch-free backbone configs: torch, timm and scikit-learn cost a search ~4 s at its start
+    and ~1.5 s at its exit (docs/performance.md)."""
+    import subprocess
+    import sys
+
+    space = write_space(tmp_path, tiny_data, {"backbone": {"choice": ["vmae", "csn"]},
+                                              "num_frames": {"choice": [2, 4]}})
+    probe = ("import sys, tuning.search as s\n"
+             "s.search_owned = lambda plan, checked: print('checked; imported:', *sorted(\n"
+             "    m for m in ('torch', 'timm', 'sklearn') if m in sys.modules)) or 0\n"
+             "s.main(sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", probe, "--space", str(space), "--storage_path", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "checked; imported:", done.stdout

@@ -255,8 +255,7 @@ def check_data(space: SearchSpace) -> CheckedSplits:
     result goes to every trial (`run_trial(checked=...)`), which then skips those checks."""
     import warnings
 
-    from headernet_core.data import check_splits, load_split, split_warnings
-    from headernet_core.trainer import check_frames
+    from headernet_core.data import check_frames, check_splits, load_split, split_warnings
 
     for key in ("train_csv", "val_csv"):
         if not space.trainer.get(key):
@@ -292,8 +291,7 @@ def check_checkpoints(space: SearchSpace) -> None:
         variant = values.get("vmae_variant")
         if values.get("backbone") != "vmae" or variant == "tiny":  # the random test model has no files
             continue
-        # imports torch: only when needed
-        from headernet_core.backbones.videomae import FOLDER_FILES, published_folder
+        from headernet_core.backbones.configs import FOLDER_FILES, published_folder
 
         folder = published_folder(variant, values["checkpoint_root"])
         missing = [f for f in FOLDER_FILES if not (folder / f).is_file()] if folder else []

@@ -25,6 +25,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StringConstraints,
                       ValidationError, ValidationInfo, field_validator, model_validator)
 
+from headernet_core.backbones import check_geometry
 from headernet_core.config import (MAX_SEED, SELECTABLE_METRICS, TrainConfig, coerce, fields_with_role,
                                    format_value,
                                    load_yaml_mapping)
@@ -864,8 +865,6 @@ class _Loader:
         """One combination as a whole TrainConfig and through the trainer's own backbone-shape
         check (tubelet, patch, CSN minimum size), with each SHAPE_KEYS range also at low + step
         and high."""
-        from headernet_core.trainer import check_geometry  # imports torch: only for a sound file
-
         trials = [sampled]
         for param in space.params:
             if param.name in sampled and param.name in SHAPE_KEYS and param.kind == "int":

@@ -6,13 +6,12 @@ semantics are mmaction2's too (BN eps 1e-3, no pool2, temporal and spatial strid
 2-4), not upstream header_net's trimmed copy (BN named `norm`, eps 1e-5). Depth and width are
 read from a checkpoint's shapes, so any ir-CSN depth/width loads.
 
-Order: config, blocks, model class, checkpoint conversion/loading, variant table, factories.
+Order: blocks, model class, checkpoint conversion/loading, factories (the config and the
+variant table are in `configs.py`, without torch).
 """
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -22,29 +21,9 @@ from torch import nn
 from ..errors import fail
 from .base import (Backbone, load_into, require_path, strip_prefixes, torch_load_dict,
                    unwrap_state_dict)
+from .configs import CSN_VARIANTS, EXPANSION, STAGE_STRIDES, CSNConfig
 
 logger = logging.getLogger(__name__)
-
-EXPANSION = 4
-STAGE_STRIDES = (1, 2, 2, 2)  # temporal and spatial, applied by the first block of a stage
-# The stem (conv stride 2, max-pool stride 2) and the stages shrink H and W 32x: a smaller frame
-# leaves the last stage less than one pixel of picture (the rest is padding).
-MIN_INPUT_SIZE = 2 * 2 * math.prod(STAGE_STRIDES)
-
-
-# --- config -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CSNConfig:
-    """Blocks per stage and stem width; stage i has base_channels * 2**i planes, expansion 4."""
-
-    stage_blocks: tuple[int, int, int, int] = (3, 4, 6, 3)
-    base_channels: int = 64
-    in_chans: int = 3
-    bn_eps: float = 1e-3  # mmaction2's CSN value, which the public weights were trained with
-
-    @property
-    def num_features(self) -> int:
-        return self.base_channels * 2 ** (len(self.stage_blocks) - 1) * EXPANSION
 
 
 # --- blocks -----------------------------------------------------------------------------------
@@ -192,27 +171,17 @@ def load_ircsn(source: str | Path) -> tuple[IrCSN, CSNConfig]:
     return model, config
 
 
-# --- variants ---------------------------------------------------------------------------------
-VARIANTS: dict[str, CSNConfig] = {
-    "50": CSNConfig(stage_blocks=(3, 4, 6, 3)),
-    "101": CSNConfig(stage_blocks=(3, 4, 23, 3)),
-    "152": CSNConfig(stage_blocks=(3, 8, 36, 3)),
-    # Random-init model for tests and the CPU demo; 512 features.
-    "tiny": CSNConfig(stage_blocks=(1, 1, 1, 1), base_channels=16),
-}
-
-
 def ircsn_tiny() -> IrCSN:
-    return IrCSN(VARIANTS["tiny"])
+    return IrCSN(CSN_VARIANTS["tiny"])
 
 
 def ircsn_50() -> IrCSN:
-    return IrCSN(VARIANTS["50"])
+    return IrCSN(CSN_VARIANTS["50"])
 
 
 def ircsn_101() -> IrCSN:
-    return IrCSN(VARIANTS["101"])
+    return IrCSN(CSN_VARIANTS["101"])
 
 
 def ircsn_152() -> IrCSN:
-    return IrCSN(VARIANTS["152"])
+    return IrCSN(CSN_VARIANTS["152"])
