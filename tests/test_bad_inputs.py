@@ -221,7 +221,7 @@ CASES: dict[str, Case] = {
     "demo out over data": Case("demo", ["--out", "data"], "folder exists and is not empty"),
     "search demo space, mistyped val csv": Case("search", ["--space", "demo", "--set", "train_csv=data/train.csv", "--set", "val_csv=data/my_vall.csv"], "my_vall.csv: val CSV not found"),
     "search demo space, user csvs missing": Case("search", ["--space", "demo", "--set", "train_csv=mine/train.csv", "--set", "val_csv=mine/val.csv"], "mine/train.csv: train CSV not found"),
-    "search worker group larger than this machine": Case("search", [*SEARCH, "--set", "resources.workers=2", "--set", f"resources.cpu={os.cpu_count()}"], "per trial does not fit the Ray cluster"),
+    "search worker group larger than this machine": Case("search", [*SEARCH, "--set", "resources.workers=2", "--set", f"resources.cpu={os.cpu_count()}"], "per trial does not fit this machine ("),
     "search into a data folder": Case("search", [*SEARCH, "--storage_path", ".", "--name", "data"], "already holds files that are not a search's"),
     "train overwrite would delete an input": Case("train", [*TRAIN, "--run_name", "mine", "--overwrite", "--backbone", "csn", "--backbone_ckpt", "runs/mine/checkpoints/backbone.pth"], "lies inside the run folder"),
     "train run folder is the clip folder": Case("train", [*TRAIN, "--output_root", "data", "--run_name", "clips"], "lies inside the run folder"),

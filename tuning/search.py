@@ -315,7 +315,7 @@ def check_local_machine(space: SearchSpace, address: str | None) -> None:
                  f"use resources.gpu=0 with trainer cpu: true, or --address a cluster with GPUs")
         if gpu > count:
             fail(f"{space.path}: resources.gpu {gpu:g} per trial but this machine has {count} GPU(s)")
-    concurrent_trials(space, {"CPU": float(os.cpu_count() or 1), "GPU": float(count)})
+    concurrent_trials(space, {"CPU": float(os.cpu_count() or 1), "GPU": float(count)}, "this machine")
 
 
 def check_cluster_gpus(space: SearchSpace, nodes: list[dict[str, Any]] | None = None) -> None:
@@ -334,9 +334,11 @@ def check_cluster_gpus(space: SearchSpace, nodes: list[dict[str, Any]] | None = 
              f"{largest:g} GPU(s) ({sum(per_node):g} in all; a trial runs on one node)")
 
 
-def concurrent_trials(space: SearchSpace, cluster: dict[str, float] | None = None) -> int:
+def concurrent_trials(space: SearchSpace, cluster: dict[str, float] | None = None,
+                      where: str = "the Ray cluster") -> int:
     """`max_concurrent`, capped for N-worker trials at the worker groups the cluster can place
-    (each group reserves its own resources beside its trial's token): one line when none fits."""
+    (each group reserves its own resources beside its trial's token): one line, naming `where`
+    the resources were counted, when none fits."""
     if workers_of(space.resources) == 1:
         return space.max_concurrent
     if cluster is None:
@@ -346,7 +348,7 @@ def concurrent_trials(space: SearchSpace, cluster: dict[str, float] | None = Non
     if fits < 1:
         r = space.resources
         fail(f"{space.path}: resources.workers {workers_of(r)} x (cpu {r.get('cpu', 1):g}, gpu "
-             f"{r.get('gpu', 0):g}) per trial does not fit the Ray cluster ({cluster.get('CPU', 0):g} CPU, "
+             f"{r.get('gpu', 0):g}) per trial does not fit {where} ({cluster.get('CPU', 0):g} CPU, "
              f"{cluster.get('GPU', 0):g} GPU in all)")
     return min(space.max_concurrent, fits)
 
