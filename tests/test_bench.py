@@ -175,3 +175,12 @@ def test_the_suite_hands_xdist_the_end_to_end_tests_first_and_one_at_a_time():
              item("f", {"seconds": 120})]
     conftest.pytest_collection_modifyitems(None, items)
     assert [i.name for i in items] == ["f", "e", "b", "d", "a", "c"]
+
+
+def test_code_lines_count_code_without_docstrings_comments_or_blanks():
+    sys.path.insert(0, str(REPO / "bench"))
+    from code_lines import code_lines
+
+    source = ('"""Module doc,\nover two lines."""\nimport os  # a comment\n\n# a comment line\n'
+              'def f(x):\n    """Doc."""\n    return (x +\n            1)\n')
+    assert code_lines(source) == 4   # import, def, and the two lines of the return
