@@ -81,7 +81,8 @@ def test_loader_bench_prints_one_json_line():
 @pytest.mark.slow(seconds=65)
 def test_gpu_check_dry_run_prints_the_whole_table(tmp_path):
     done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry"], cwd=REPO, capture_output=True,
-                          text=True, timeout=900, env={**ENV, "OUT": str(tmp_path), "PYTHON": sys.executable})
+                          text=True, timeout=900, env={**ENV, "OUT": str(tmp_path), "PYTHON": sys.executable,
+                               "TMPDIR": str(tmp_path)})   # torchrun leaves torchelastic_* there
     assert done.returncode == 0, done.stderr[-2000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]

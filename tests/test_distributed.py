@@ -29,13 +29,15 @@ COMPARED = ("train_loss", "train_acc", "val_loss", "val_auc", "val_ap", "val_f1"
 
 
 @pytest.fixture
-def torchrun():
+def torchrun(tmp_path_factory):
     """Starts `torchrun --standalone --nproc_per_node 2 ...` (a free port each); whatever is
-    left of a launch when the test ends is killed (its own process group)."""
+    left of a launch when the test ends is killed (its own process group). Its temp folder is
+    pytest's: torchrun leaves a `torchelastic_*` log folder behind at every launch."""
     started: list[subprocess.Popen] = []
+    tmp = tmp_path_factory.mktemp("torchrun_tmp")
 
     def launch(*args: str) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  "--nproc_per_node", "2", *args], cwd=REPO, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
