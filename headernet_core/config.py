@@ -639,3 +639,25 @@ def cli_values(argv: Sequence[str] | None, prog: str, description: str) -> tuple
     """The `--config` path (or None) and only the flags typed on the command line."""
     args = vars(build_parser(prog, description).parse_args(argv))
     return args.pop("config", None), args
+
+
+TRAIN_DESCRIPTION = "Train a soccer-header clip classifier (VideoMAE v2 or ir-CSN) and write its run folder."
+
+
+def config_for_cli(argv: Sequence[str] | None) -> TrainConfig:
+    """Defaults < `--config` YAML (with `--resume`: the run's own config.yaml) < typed flags."""
+    prog = "python -m headernet_core.train"
+    config_path, typed = cli_values(argv, prog, TRAIN_DESCRIPTION)
+    if typed.get("resume"):
+        if config_path:
+            fail("--resume reads the run's own config.yaml; drop --config")
+        if not typed.get("run_name"):
+            fail("--resume needs --run_name (the run folder to continue)")
+        check_name(typed["run_name"], "--run_name", extra="=")  # before it becomes a path
+        output_root = typed.get("output_root", TrainConfig().output_root)
+        config_path = str(Path(output_root) / typed["run_name"] / "config.yaml")
+        if not Path(config_path).is_file():
+            fail(f"{Path(config_path).parent}: nothing to resume (no config.yaml)")
+    # Alias keys (clip_grad) renamed first, so a typed flag overrides the file's spelling too.
+    values = canonical_keys(load_yaml_mapping(config_path), str(config_path)) if config_path else {}
+    return TrainConfig.from_dict({**values, **typed}, source=str(config_path or "command line"))

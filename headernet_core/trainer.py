@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from . import artifacts, checkpoints, distributed
 from .augment import ClipLoader, DeviceTransform
 from .backbones import BackboneInfo, Geometry, check_geometry, create_backbone, peek_vmae_config
-from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, canonical_keys, cli_values,
-                     fields_with_role, ignored_settings, load_yaml_mapping, parse_neg_pos_ratio)
+from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, config_for_cli, fields_with_role,
+                     ignored_settings, load_yaml_mapping, parse_neg_pos_ratio)
 from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, check_frames,
                    load_split, split_warnings)
 from .ema import WeightEma
@@ -45,7 +45,7 @@ from .memory import OutOfMemoryEnd, halved_batch, inject_oom, peak_gib, reset_pe
 from .metrics import classification_metrics, is_improvement
 from .mixup import ClipMix
 from .model import CompiledWithFallback, HeaderClassifier, build_classifier, build_optimizer, nominal_lr
-from .paths import check_name, check_writable_dir, is_inside
+from .paths import check_writable_dir, is_inside
 from .status import beat, read_status, read_status_record, recorded_end, write_status
 from .threads import apply_thread_policy
 
@@ -918,28 +918,6 @@ def _restore(payload: dict[str, Any], model, optimizer, scheduler, scaler, confi
 
 
 # --- CLI ------------------------------------------------------------------------------------
-DESCRIPTION = "Train a soccer-header clip classifier (VideoMAE v2 or ir-CSN) and write its run folder."
-
-
-def config_for_cli(argv: Sequence[str] | None) -> TrainConfig:
-    """Defaults < `--config` YAML (with `--resume`: the run's own config.yaml) < typed flags."""
-    prog = "python -m headernet_core.train"
-    config_path, typed = cli_values(argv, prog, DESCRIPTION)
-    if typed.get("resume"):
-        if config_path:
-            fail("--resume reads the run's own config.yaml; drop --config")
-        if not typed.get("run_name"):
-            fail("--resume needs --run_name (the run folder to continue)")
-        check_name(typed["run_name"], "--run_name", extra="=")  # before it becomes a path
-        output_root = typed.get("output_root", TrainConfig().output_root)
-        config_path = str(Path(output_root) / typed["run_name"] / "config.yaml")
-        if not Path(config_path).is_file():
-            fail(f"{Path(config_path).parent}: nothing to resume (no config.yaml)")
-    # Alias keys (clip_grad) renamed first, so a typed flag overrides the file's spelling too.
-    values = canonical_keys(load_yaml_mapping(config_path), str(config_path)) if config_path else {}
-    return TrainConfig.from_dict({**values, **typed}, source=str(config_path or "command line"))
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     run_cli(lambda: train(config_for_cli(argv)))
 
