@@ -178,10 +178,11 @@ def test_the_suite_hands_xdist_the_end_to_end_tests_first_and_one_at_a_time():
     assert [i.name for i in items] == ["f", "e", "b", "d", "a", "c"]
 
 
-def test_code_lines_count_code_without_docstrings_comments_or_blanks():
-    sys.path.insert(0, str(REPO / "bench"))
-    from code_lines import code_lines
-
-    source = ('"""Module doc,\nover two lines."""\nimport os  # a comment\n\n# a comment line\n'
-              'def f(x):\n    """Doc."""\n    return (x +\n            1)\n')
-    assert code_lines(source) == 4   # import, def, and the two lines of the return
+def test_code_lines_count_code_without_docstrings_comments_or_blanks(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(
+        '"""Module doc,\nover two lines."""\nimport os  # a comment\n\n# a comment line\n'
+        'def f(x):\n    """Doc."""\n    return (x +\n            1)\n')
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "code_lines.py"), "pkg"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines() == ["pkg: 4", "total: 4"], done.stderr  # import, def, the return's 2 lines

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import yaml
 
 from headernet_core.artifacts import read_json_dict, remove_stale_temps, write_json, write_text
+from headernet_core.backbones.configs import FOLDER_FILES, published_folder
 from headernet_core.config import TrainConfig, fields_with_role, format_value
 from headernet_core.errors import CliParser, HeaderNetError, fail, first_paragraph, run_cli, sigterm_as_sigint
 from headernet_core.locks import LOCK_NAME, FolderLock
@@ -289,13 +290,10 @@ def check_checkpoints(space: SearchSpace) -> None:
                 fail(f"{space.path}: backbone_ckpt {ckpt} not found")
             continue
         variant = values.get("vmae_variant")
-        if values.get("backbone") != "vmae" or variant == "tiny":  # the random test model has no files
-            continue
-        from headernet_core.backbones.configs import FOLDER_FILES, published_folder
-
-        folder = published_folder(variant, values["checkpoint_root"])
+        # A variant without published weights (tiny: random) has no folder.
+        folder = published_folder(variant, values["checkpoint_root"]) if values.get("backbone") == "vmae" else None
         missing = [f for f in FOLDER_FILES if not (folder / f).is_file()] if folder else []
-        if folder and missing:
+        if missing:
             fail(f"{space.path}: vmae_variant {variant} needs {folder / missing[0]} "
                  f"(download OpenGVLab/{folder.name} or set checkpoint_root/backbone_ckpt)")
 
