@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from headernet_core.plots import write_plots
+from headernet_core.plots import write_plots, write_run_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAN = float("nan")
@@ -200,6 +200,17 @@ def test_the_summary_waits_for_a_trial_process_still_drawing(tiny_config, monkey
         stuck.wait()
     assert problems == [f"warning: plots of {run.name} not checked: its process {stuck.pid} still runs"]
     assert [p.name for p in (run / "plots").iterdir()] == [temp.name]   # left to its owner
+
+    # current plots: a process still running is neither waited for nor warned about
+    write_run_plots(run)
+    monkeypatch.setattr(tuning.summary, "EXIT_WAIT_S", 5)
+    alive = owned_by(60.0)
+    try:
+        assert complete_trial_plots(run.parent, records) == []
+        assert alive.poll() is None
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def read_pid(run: Path) -> int:

@@ -170,7 +170,9 @@ def complete_trial_plots(search_dir: Path, records: Sequence[TrialRecord]) -> li
     trial's thread), or that is still drawing while Ray shuts down: usually the last one or
     two. A trial's process still running on this machine is waited for first (EXIT_WAIT_S in
     all), so nothing draws beside it and the temp files of a drawing it could not finish are
-    removed. Returns a warning line per trial that could not be drawn (the summary goes on)."""
+    removed; one whose plots are already current is left to end with Ray (a reused actor ran
+    most of the search's trials: under load it can outlive the wait). Returns a warning line
+    per trial that could not be drawn (the summary goes on)."""
     import os
     import time
 
@@ -190,6 +192,8 @@ def complete_trial_plots(search_dir: Path, records: Sequence[TrialRecord]) -> li
             owner = read_status_record(run_dir)   # the trial's process (another host's: not waited for)
             if owner.get("pid") == os.getpid():
                 owner = {}   # trained in this process (not through Ray): it has ended
+            if owner_alive(owner, None) and not plots_outdated(run_dir):
+                continue
             while owner_alive(owner, None) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if owner_alive(owner, None):
