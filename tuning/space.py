@@ -19,15 +19,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, NoReturn, Sequence
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Mapping, NoReturn, Sequence
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StringConstraints,
                       ValidationError, ValidationInfo, field_validator, model_validator)
 
 from headernet_core.backbones import check_geometry
-from headernet_core.config import (MAX_SEED, SELECTABLE_METRICS, TrainConfig, coerce, fields_with_role,
-                                   format_value,
+from headernet_core.config import (MAX_SEED, SELECTABLE_METRICS, TrainConfig, coerce, fields_with_role, format_value,
                                    load_yaml_mapping)
 from headernet_core.errors import HeaderNetError, fail
 from headernet_core.metrics import reported_metrics
@@ -36,20 +35,13 @@ from headernet_core.paths import MAX_NAME_LEN
 SPACES_DIRNAME = "search_spaces"
 REPO_SPACES_DIR = Path(__file__).resolve().parents[1] / SPACES_DIRNAME
 
-SECTIONS = ("name", "trainer", "search", "objective", "constraints", "budget", "scheduler",
-            "resources", "max_failures", "retrain", "demo_data")
-MAPPING_SECTIONS = ("trainer", "search", "objective", "constraints", "budget", "scheduler",
-                    "resources", "retrain")
+MAPPING_SECTIONS = ("trainer", "search", "objective", "constraints", "budget", "scheduler", "resources", "retrain")
 DEFAULT_STARTUP_TRIALS = 10
 
-KINDS = ("loguniform", "uniform", "int", "choice")
-# Keys a param spec may hold besides its distribution.
-PARAM_OPTIONS: dict[str, tuple[str, ...]] = {
-    "loguniform": ("when",),
-    "uniform": ("step", "when"),
-    "int": ("step", "log", "when"),
-    "choice": ("overrides", "when"),
-}
+# The distributions, and the keys a param spec may hold besides its distribution.
+PARAM_OPTIONS: dict[str, tuple[str, ...]] = {"loguniform": ("when",), "uniform": ("step", "when"),
+                                             "int": ("step", "log", "when"), "choice": ("overrides", "when")}
+KINDS = tuple(PARAM_OPTIONS)
 # Set per trial by the trial function; fixing them in a space would make trials collide. The
 # runs' root is a path a space may choose (the search's storage), not its trial's to own.
 TRIAL_OWNED = tuple(key for key in fields_with_role("run") if key not in fields_with_role("path"))
@@ -68,12 +60,10 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Validators raise ValueError with the text after "file: field: " of the one-line error.
 def _number_of(value: Any, integer: bool = False, label: str = "") -> Any:
     """A YAML number (or text like '1e-4', which YAML 1.1 reads as text)."""
-    number = value
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
     if (isinstance(number, bool) or not isinstance(number, (int, float))
             or not math.isfinite(number) or (integer and not float(number).is_integer())):
         raise ValueError(f"{label}expected {'a whole number' if integer else 'a number'}, "
@@ -113,8 +103,7 @@ def _metric(value: Any) -> str:
     epoch's value)."""
     if value not in SELECTABLE_METRICS:
         choices = list(SELECTABLE_METRICS)
-        known = value in reported_metrics()
-        problem = ("is reported but cannot pick a trial's best epoch" if known
+        problem = ("is reported but cannot pick a trial's best epoch" if value in reported_metrics()
                    else f"is not a metric the trainer reports{_did_you_mean(value, choices)}")
         raise ValueError(f"{value} {problem}; choose one of {', '.join(choices)}")
     return value
@@ -318,10 +307,9 @@ class _File(_Section):
     demo_data: _Path | None = None
 
 
-_SECTION_MODELS: dict[str, type[BaseModel]] = {
-    "objective": _Objectives, "budget": _Budget, "scheduler": _Scheduler,
-    "resources": _Resources, "retrain": _Retrain,
-    "constraints": _Bound}   # (the model of each metric's entry: the section is a mapping of them)
+# The model of each section (of constraints: of each metric's entry, the section being a mapping of them).
+_SECTION_MODELS: dict[str, type[BaseModel]] = {"objective": _Objectives, "budget": _Budget, "scheduler": _Scheduler,
+                                               "resources": _Resources, "retrain": _Retrain, "constraints": _Bound}
 
 
 # --- the space ------------------------------------------------------------------------------
@@ -347,8 +335,7 @@ class Param:
         if self.kind == "choice":
             return trial.suggest_categorical(self.name, list(self.values))
         if self.kind == "int":
-            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1,
-                                     log=self.log)
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
         if self.kind == "loguniform":
             return trial.suggest_float(self.name, self.low, self.high, log=True)
         return trial.suggest_float(self.name, self.low, self.high, step=self.step)
@@ -357,8 +344,7 @@ class Param:
         if self.kind == "choice":
             text = f"{self.name}: choice {' | '.join(_fmt(v) for v in self.values)}"
             if self.overrides:
-                text += "  (" + "; ".join(f"{_fmt(v)}: {_fmt_dict(o)}"
-                                          for v, o in self.overrides.items()) + ")"
+                text += "  (" + "; ".join(f"{_fmt(v)}: {_fmt_dict(o)}" for v, o in self.overrides.items()) + ")"
         else:
             text = f"{self.name}: {self.kind} {_fmt(self.low)} .. {_fmt(self.high)}"
             if self.step is not None:
@@ -409,12 +395,10 @@ class SearchSpace:
         fails. Pass the bound method (`space.define_by_run`) to OptunaSearch(space=...)."""
         current = self._fixed_values()
         for param in self.params:
-            if not param.active(current):
-                continue
-            value = param.suggest(trial)
-            current.update(param.overrides.get(value, {}))
-            current[param.name] = value
-        return None
+            if param.active(current):
+                value = param.suggest(trial)
+                current.update(param.overrides.get(value, {}))
+                current[param.name] = value
 
     def combinations(self, on_param: Callable[[Param, dict[str, Any]], None] | None = None
                      ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
@@ -459,13 +443,16 @@ class SearchSpace:
 
     def trial_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
         """The trial's TrainConfig (data files not checked: the trainer does that)."""
-        values = self.trainer_values(sampled)
-        where = f"{_show(self.path)}: trial {_fmt_dict(dict(sampled))}"
-        return _validated(values, where)
+        return _validated(self.trainer_values(sampled), f"{_show(self.path)}: trial {_fmt_dict(dict(sampled))}")
 
     def max_epochs(self) -> int:
         """The most epochs any trial can run (ASHA's max_t)."""
-        return _max_epochs(self.trainer, self.params)
+        candidates = [self._fixed_values()["epochs"]]
+        for param in self.params:
+            candidates += [o["epochs"] for o in param.overrides.values() if "epochs" in o]
+            if param.name == "epochs":
+                candidates += list(param.values) if param.kind == "choice" else [param.high]
+        return int(max(candidates))
 
     def describe(self) -> str:
         """A few readable lines for the CLI banner."""
@@ -481,11 +468,9 @@ class SearchSpace:
                                                  in zip(self.objective_metrics, self.objective_modes))
                      + (" (Pareto front)" if self.objectives else ""))
         if self.constraints:
-            lines.append("  feasible:  " + ", ".join(f"{metric} {'<=' if side == 'max' else '>='} "
-                                                     f"{_fmt(bound)}" for metric, side, bound
-                                                     in self.constraints))
-        retries = (f", a failed trial is retried up to {self.max_failures}x"
-                   if self.max_failures else "")
+            lines.append("  feasible:  " + ", ".join(f"{metric} {'<=' if side == 'max' else '>='} {_fmt(bound)}"
+                                                     for metric, side, bound in self.constraints))
+        retries = f", a failed trial is retried up to {self.max_failures}x" if self.max_failures else ""
         lines.append(f"  budget:    {self.num_samples} trials, {self.max_concurrent} at a time, "
                      f"sampler seed {self.seed}, TPE after {self.startup_trials} random "
                      f"trials{retries}")
@@ -496,8 +481,7 @@ class SearchSpace:
         else:
             lines.append(f"  scheduler: none (every trial runs all {self.max_epochs()} epochs)")
         workers = int(self.resources.get("workers", 1))
-        lines.append(f"  resources: {_fmt(self.resources['cpu'])} CPU + "
-                     f"{_fmt(self.resources['gpu'])} GPU per "
+        lines.append(f"  resources: {_fmt(self.resources['cpu'])} CPU + {_fmt(self.resources['gpu'])} GPU per "
                      f"{f'worker, {workers} DDP workers per trial' if workers > 1 else 'trial'}")
         if self.retrain:
             test = self.retrain.get("test_csv")
@@ -507,7 +491,8 @@ class SearchSpace:
         return "\n".join(lines)
 
     def _fixed_values(self) -> dict[str, Any]:
-        return {**_trainer_defaults(), **self.trainer}
+        """Every trainer key: TrainConfig's defaults under the fixed keys (fresh lists each call)."""
+        return {**TrainConfig().to_dict(), **self.trainer}
 
 
 # --- finding and loading --------------------------------------------------------------------
@@ -517,15 +502,13 @@ def find_space_file(name_or_path: str, spaces_dir: Path | None = None) -> Path:
     given = Path(name_or_path).expanduser()
     if given.is_file():
         return given
-    dirs = [Path(spaces_dir)] if spaces_dir is not None else _default_dirs()
+    dirs = _space_dirs(spaces_dir)
     if len(given.parts) == 1:
         for folder in dirs:
-            for candidate in (folder / given.name, folder / f"{given.name}.yaml",
-                              folder / f"{given.name}.yml"):
+            for candidate in (folder / given.name, folder / f"{given.name}.yaml", folder / f"{given.name}.yml"):
                 if candidate.is_file():
                     return candidate
-    available = available_spaces(spaces_dir)
-    listed = ", ".join(available) if available else "none"
+    listed = ", ".join(available_spaces(spaces_dir)) or "none"
     where = " or ".join(_show(d) + "/" for d in dirs) or f"{SPACES_DIRNAME}/"
     fail(f"search space {name_or_path!r} not found: not a file, and no such name in {where} "
          f"(available: {listed})")
@@ -533,19 +516,15 @@ def find_space_file(name_or_path: str, spaces_dir: Path | None = None) -> Path:
 
 def available_spaces(spaces_dir: Path | None = None) -> list[str]:
     """Names of the space files that `find_space_file` can find by name."""
-    dirs = [Path(spaces_dir)] if spaces_dir is not None else _default_dirs()
-    names = {p.stem for d in dirs if d.is_dir() for p in d.iterdir()
-             if p.suffix in (".yaml", ".yml") and p.is_file()}
-    return sorted(names)
+    return sorted({p.stem for d in _space_dirs(spaces_dir) if d.is_dir() for p in d.iterdir()
+                   if p.suffix in (".yaml", ".yml") and p.is_file()})
 
 
 def load_space(name_or_path: str, *, sets: Sequence[str] = (), num_samples: int | None = None,
                max_concurrent: int | None = None, spaces_dir: Path | None = None) -> SearchSpace:
     """Read, apply `--set` strings and CLI budget overrides, check everything, return the space."""
     path = find_space_file(name_or_path, spaces_dir)
-    data = load_yaml_mapping(path)
-    return _Loader(path).load(data, sets, num_samples, max_concurrent)
-
+    return _Loader(path).load(load_yaml_mapping(path), sets, num_samples, max_concurrent)
 
 
 # --- the loader -----------------------------------------------------------------------------
@@ -591,21 +570,19 @@ class _Loader:
             self._explain(exc)
 
         trainer = self._trainer(raw.trainer)
-        params = self._params(raw.search, trainer)
-        self._check_scheduler(raw.scheduler, _max_epochs(trainer, params))
-        self._check_resources(raw.resources, trainer, params)
         retrain = raw.retrain.model_dump() if raw.retrain and raw.retrain.epochs else {}
         space = SearchSpace(
-            name=raw.name, path=self.path, trainer=trainer, params=params,
+            name=raw.name, path=self.path, trainer=trainer, params=self._params(raw.search, trainer),
             metric=raw.objective.metric, mode=raw.objective.mode,
-            scheduler=(raw.scheduler.model_dump() if raw.scheduler.type == "asha"
-                       else {"type": "none"}),
+            scheduler=raw.scheduler.model_dump() if raw.scheduler.type == "asha" else {"type": "none"},
             resources=raw.resources.as_dict(), max_failures=raw.max_failures,
             demo_data=raw.demo_data, retrain=retrain, **raw.budget.model_dump(),
             objectives=tuple(zip(raw.objective.metrics, raw.objective.modes)) if raw.objective.metrics else (),
             constraints=tuple((metric, side, getattr(bound, side)) for metric, bound
                               in raw.constraints.items() for side in ("max", "min")
                               if getattr(bound, side) is not None))
+        self._check_scheduler(raw.scheduler, space.max_epochs())
+        self._check_resources(raw.resources, space)
         if space.objectives and space.scheduler["type"] == "asha":
             fail(f"{self.where('scheduler.type')}: a multi-objective search runs without a scheduler "
                  f"(ASHA would rank trials by {space.metric} alone and stop the ones the front needs "
@@ -618,13 +595,12 @@ class _Loader:
         first = min(error.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
         loc, kind, ctx = [str(part) for part in first["loc"]], first["type"], first.get("ctx", {})
         where, got = self.where(".".join(loc)), f", got {_fmt(first.get('input'))}"
+        model = _SECTION_MODELS.get(loc[0]) if len(loc) > 1 else _File     # the model the field is in
         if kind == "extra_forbidden":
-            section = _SECTION_MODELS[loc[0]] if len(loc) > 1 else None
-            keys = tuple(section.model_fields) if section else SECTIONS
-            fail(f"{where}: unknown {'key' if section else 'section'}"
+            keys = tuple(model.model_fields)
+            fail(f"{where}: unknown {'section' if model is _File else 'key'}"
                  f"{_did_you_mean(loc[-1], keys)}; expected {', '.join(keys)}")
         if kind in ("greater_than_equal", "less_than_equal"):
-            model = _SECTION_MODELS[loc[0]] if len(loc) > 1 else _File
             bounds = [getattr(m, k) for m in model.model_fields[loc[-1]].metadata
                       for k in ("ge", "le") if getattr(m, k, None) is not None]
             fail(f"{where}: must be " + (f">= {bounds[0]}" if len(bounds) == 1
@@ -651,7 +627,7 @@ class _Loader:
             except yaml.YAMLError as exc:
                 fail(f"{label}: the value is not valid YAML ({str(exc).splitlines()[0]})")
         keys = {key for key, _, _ in parsed}
-        fixed: dict[str, Any] = {}                      # trainer keys, applied last
+        fixed: dict[str, tuple[Any, str]] = {}          # trainer keys: (value, origin), applied last
         carried: dict[str, tuple[Any, str]] = {}        # overrides of choices fixed by --set
         for key, value, label in parsed:
             section, dot, sub = key.partition(".")
@@ -668,8 +644,8 @@ class _Loader:
                 if isinstance(spec, dict) and isinstance(spec.get("overrides"), dict):
                     for choice, extra in spec["overrides"].items():
                         if isinstance(extra, dict) and _same_value(name, choice, value):
-                            carried.update({k: (v, label) for k, v in extra.items()})
-                fixed[name] = value
+                            carried.update({k: (v, f"{label}, an override of that choice") for k, v in extra.items()})
+                fixed[name] = (value, "--set")
             elif section in MAPPING_SECTIONS:
                 if not sub or "." in sub:
                     fail(f"{label}: expected {section}.<key>=value with one dot")
@@ -683,12 +659,9 @@ class _Loader:
                 fail(f"{label}: unknown section {section}"
                      f"{_did_you_mean(section, MAPPING_SECTIONS)}; expected one of "
                      f"{', '.join(MAPPING_SECTIONS)}")
-        for key, (value, label) in carried.items():
+        for key, (value, origin) in {**carried, **fixed}.items():
             data["trainer"][key] = value
-            self.origins[f"trainer.{key}"] = f"{label}, an override of that choice"
-        for key, value in fixed.items():
-            data["trainer"][key] = value
-            self.origins[f"trainer.{key}"] = "--set"
+            self.origins[f"trainer.{key}"] = origin
 
     # -- what needs TrainConfig or several sections --
     def _trainer(self, raw: dict[str, Any]) -> dict[str, Any]:
@@ -725,8 +698,7 @@ class _Loader:
                 param_kw: dict[str, Any] = {"values": values, "overrides": overrides}
             else:
                 param_kw = {"low": spec.low, "high": spec.high, "step": spec.step, "log": spec.log}
-            when = self._when(name, spec.when, params, names)
-            params.append(Param(name=name, kind=spec.kind, when=when, **param_kw))
+            params.append(Param(name=name, kind=spec.kind, when=self._when(name, spec.when, params, names), **param_kw))
         return tuple(params)
 
     def _check_kind_fits(self, where: str, name: str, kind: str) -> None:
@@ -736,8 +708,7 @@ class _Loader:
                  f"single values); fix it under trainer:")
         if kind == "choice":
             return
-        numeric_text = ftype is str and name in NUMERIC_TEXT
-        if ftype is bool or (ftype is str and not numeric_text):
+        if ftype is bool or (ftype is str and name not in NUMERIC_TEXT):
             fail(f"{where}: {name} is not a number; search it with choice: [...]")
         if ftype is int and kind != "int":
             fail(f"{where}: {name} takes whole numbers; use int: [low, high] instead of {kind}")
@@ -805,7 +776,7 @@ class _Loader:
                 if param is not None and value not in param.values:
                     fail(f"{at}: {_fmt(item)} is not one of {key}'s choices "
                          f"{', '.join(_fmt(v) for v in param.values)}")
-                possible = _field_choices(key)
+                possible = _fields()[key].metadata.get("choices") or ()
                 if param is None and possible and value not in possible:
                     fail(f"{at}: {_fmt(item)} is not a possible {key}; expected one of "
                          f"{', '.join(map(str, possible))}")
@@ -819,21 +790,18 @@ class _Loader:
                  f"the trials' epochs ({max_epochs}), else ASHA never stops a trial; lower it or "
                  f"use type: none")
 
-    def _check_resources(self, resources: _Resources, trainer: dict[str, Any],
-                         params: tuple[Param, ...]) -> None:
+    def _check_resources(self, resources: _Resources, space: SearchSpace) -> None:
         """A 0-GPU Ray trial still sees every GPU; a reserved GPU the trainer ignores is wasted.
         N workers split each global batch: every batch_size must divide by N."""
-        searched = {p.name: p for p in params}
-        sizes = searched["batch_size"].values if "batch_size" in searched else \
-            (trainer.get("batch_size", _trainer_defaults()["batch_size"]),)
+        searched, fixed = {p.name: p for p in space.params}, space._fixed_values()
+        sizes = searched["batch_size"].values if "batch_size" in searched else (fixed["batch_size"],)
         uneven = [size for size in sizes if isinstance(size, int) and size % resources.workers]
         if uneven:
             fail(f"{self.where('resources.workers')}: {resources.workers} DDP workers split the global "
                  f"batch_size, which must divide by {resources.workers} (got {uneven[0]})")
         if "cpu" in searched:
             return
-        where, gpu = self.where("resources.gpu"), resources.gpu
-        on_cpu = trainer.get("cpu", _trainer_defaults()["cpu"])
+        where, gpu, on_cpu = self.where("resources.gpu"), resources.gpu, fixed["cpu"]
         if gpu == 0 and not on_cpu:
             fail(f"{where}: 0 GPUs but trainer cpu is false: the trial would still use a "
                  f"visible GPU without reserving it; set trainer cpu: true or give gpu > 0")
@@ -848,16 +816,12 @@ class _Loader:
             TrainConfig.from_dict(space.trainer, source=self.show).validate(need_data=False)
         except HeaderNetError as exc:
             fail(f"{self._blame(space, {}, str(exc), 'trainer')}: {exc}")
-        checked: set[str] = set()
-
-        def check_values(param: Param, sampled: dict[str, Any]) -> None:
-            checked.add(param.name)
-            self._check_values(space, param, sampled)
-
-        for sampled, _ in space.combinations(on_param=check_values):
+        sampled_any = False
+        for sampled, _ in space.combinations(on_param=functools.partial(self._check_values, space)):
             if sampled:
+                sampled_any = True
                 self._check_shapes(space, sampled)
-        if not checked:
+        if not sampled_any:
             fail(f"{self.where('search')}: no key is ever sampled (every when is false for the "
                  f"fixed keys)")
 
@@ -878,8 +842,7 @@ class _Loader:
             except HeaderNetError as exc:
                 fail(f"{self._blame(space, trial, str(exc))}: {exc}; in a trial with {shown}")
 
-    def _blame(self, space: SearchSpace, trial: dict[str, Any], message: str,
-               otherwise: str = "search") -> str:
+    def _blame(self, space: SearchSpace, trial: dict[str, Any], message: str, otherwise: str = "search") -> str:
         """The field that set the key a trainer message starts with (`--input_size ...`)."""
         named = re.search(r"--(\w+)", message)
         key = named.group(1) if named else ""
@@ -893,8 +856,7 @@ class _Loader:
     def _check_values(self, space: SearchSpace, param: Param, sampled: dict[str, Any]) -> None:
         """Each choice value (with its overrides) or both bounds, in a trial that samples it."""
         where = self.where(f"search.{param.name}")
-        values = param.values if param.kind == "choice" else (param.low, param.high)
-        for value in values:
+        for value in param.values if param.kind == "choice" else (param.low, param.high):
             try:
                 _validated(space.trainer_values({**sampled, param.name: value}), where)
             except HeaderNetError as exc:
@@ -906,9 +868,10 @@ class _Loader:
                     f"search.{param.name}.overrides.{_fmt(value)}"), 1))
 
 
-
-
-def _default_dirs() -> list[Path]:
+def _space_dirs(spaces_dir: Path | None) -> list[Path]:
+    """`spaces_dir` if given, else the cwd's search_spaces/ and then the repository's."""
+    if spaces_dir is not None:
+        return [Path(spaces_dir)]
     dirs: list[Path] = []
     for folder in (Path.cwd() / SPACES_DIRNAME, REPO_SPACES_DIR):
         if folder.is_dir() and all(folder.resolve() != d.resolve() for d in dirs):
@@ -919,11 +882,9 @@ def _default_dirs() -> list[Path]:
 def _show(path: Path) -> str:
     """A path for messages: relative to the cwd where it lies below it (absolute from the
     filesystem's root, where `tmp/x` would read like a typo)."""
-    if path.is_absolute() and Path.cwd().parent != Path.cwd():
-        try:
-            return str(path.relative_to(Path.cwd()))
-        except ValueError:
-            return str(path)
+    cwd = Path.cwd()
+    if path.is_absolute() and cwd.parent != cwd and path.is_relative_to(cwd):
+        return str(path.relative_to(cwd))
     return str(path)
 
 
@@ -933,17 +894,9 @@ def _hints() -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=1)
-def _fields() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(TrainConfig))
-
-
-@functools.lru_cache(maxsize=1)
-def _defaults_cached() -> tuple[tuple[str, Any], ...]:
-    return tuple(TrainConfig().to_dict().items())
-
-
-def _trainer_defaults() -> dict[str, Any]:
-    return {key: (list(v) if isinstance(v, list) else v) for key, v in _defaults_cached()}
+def _fields() -> dict[str, dataclasses.Field]:
+    """TrainConfig's fields by name (in declaration order)."""
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _field_type(name: str) -> Any:
@@ -954,13 +907,6 @@ def _field_type(name: str) -> Any:
     return list if typing.get_origin(tp) is list else tp
 
 
-def _field_choices(name: str) -> tuple[Any, ...]:
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == name:
-            return tuple(f.metadata.get("choices") or ())
-    return ()
-
-
 _MARK = "\x1f"
 
 
@@ -969,9 +915,7 @@ def _coerce_field(where: str, name: str, value: Any) -> Any:
     try:
         return coerce(name, value, _hints()[name], _MARK)
     except HeaderNetError as exc:
-        message = str(exc).replace(f"{_MARK}: ", "", 1)
-        if message.startswith(f"{name} "):
-            message = message[len(name) + 1:]
+        message = str(exc).replace(f"{_MARK}: ", "", 1).removeprefix(f"{name} ")
         fail(f"{where}: {message}")
 
 
@@ -983,8 +927,6 @@ def _quiet_coerce(name: str, value: Any) -> Any:
 
 
 def _same_value(name: str, a: Any, b: Any) -> bool:
-    if name not in _hints():
-        return a == b
     return _quiet_coerce(name, a) == _quiet_coerce(name, b)
 
 
@@ -997,25 +939,14 @@ def _validated(values: Mapping[str, Any], where: str) -> TrainConfig:
         fail(message if message.startswith(where) else f"{where}: {message}")
 
 
-def _max_epochs(trainer: Mapping[str, Any], params: Sequence[Param]) -> int:
-    candidates = [trainer.get("epochs", _trainer_defaults()["epochs"])]
-    for param in params:
-        candidates += [o["epochs"] for o in param.overrides.values() if "epochs" in o]
-        if param.name == "epochs":
-            candidates += list(param.values) if param.kind == "choice" else [param.high]
-    return int(max(candidates))
-
-
 def _statically_off(param: Param, space: SearchSpace) -> bool:
     """A `when` on keys that nothing samples or overrides, and that fails for the fixed keys."""
     moving = {p.name for p in space.params}
     moving |= {k for p in space.params for o in p.overrides.values() for k in o}
-    if any(key in moving for key in param.when):
-        return False
-    return not param.active(space._fixed_values())
+    return not any(key in moving for key in param.when) and not param.active(space._fixed_values())
 
 
-def _did_you_mean(word: str, options: Sequence[str]) -> str:
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
     options = [str(o) for o in options]
     close = [o for o in options if word and o.startswith(word)] or \
         difflib.get_close_matches(word, options, n=1)
