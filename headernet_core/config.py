@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -41,6 +41,27 @@ MAX_INPUT_SIZE = 1024
 MAX_NUM_WORKERS = 128
 MAX_YAML_BYTES = 10 * 2**20     # a config or space file is a few KB
 MAX_YAML_DEPTH = 32
+
+# What each number setting must be, checked in this order by `TrainConfig.validate`:
+# (fields, test, the rule as the error states it). An unset optional field (None) passes.
+_RANGES: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
+    (("num_frames", "epochs", "batch_size", "grad_accum", "unfreeze_blocks", "feature_cache_views"),
+     lambda v: v >= 1, "a positive integer"),
+    (("seed",), lambda v: 0 <= v <= MAX_SEED, f"in 0..{MAX_SEED}"),
+    (("num_workers",), lambda v: 0 <= v <= MAX_NUM_WORKERS, f"in 0..{MAX_NUM_WORKERS}"),
+    (("num_frames",), lambda v: v <= MAX_NUM_FRAMES, f"at most {MAX_NUM_FRAMES}"),
+    (("input_size",), lambda v: 1 <= v <= MAX_INPUT_SIZE, f"in 1..{MAX_INPUT_SIZE} pixels"),
+    (("threads",), lambda v: v >= 1, "a positive integer"),
+    (("lr_backbone", "lr_head"), lambda v: v > 0, "> 0"),
+    (("weight_decay", "focal_gamma", "warmup_epochs", "momentum"), lambda v: v >= 0, ">= 0"),
+    (("head_dropout", "aug_flip", "aug_jitter", "focal_alpha"), lambda v: 0 <= v <= 1, "between 0 and 1"),
+    (("aug_crop_scale", "layer_decay"), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("max_grad_norm",), lambda v: v > 0, "> 0"),
+    (("drop_path", "label_smoothing"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("mixup", "cutmix"), lambda v: v >= 0, ">= 0 (0 turns it off)"),
+    (("mixup_prob", "mixup_switch_prob"), lambda v: 0 <= v <= 1, "between 0 and 1"),
+    (("model_ema_decay",), lambda v: 0 < v < 1, "in (0, 1)"),
+]
 
 # Metrics the trainer reports each epoch that make sense to select the best epoch on,
 # with the direction that is better.
@@ -69,11 +90,10 @@ ROLES = ("run", "device", "path", "resumable")
 
 
 def _opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,
-         aliases: Sequence[str] = (), cli: bool = True, roles: Sequence[str] = ()) -> Any:
+         aliases: Sequence[str] = (), roles: Sequence[str] = ()) -> Any:
     """A dataclass field carrying what the CLI needs (help, choices, upstream aliases) and its
     `roles` (of ROLES)."""
-    metadata = {"help": help, "choices": choices, "aliases": tuple(aliases), "cli": cli,
-                "roles": frozenset(roles)}
+    metadata = {"help": help, "choices": choices, "aliases": tuple(aliases), "roles": frozenset(roles)}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -179,7 +199,7 @@ class TrainConfig:
     output_root: str = _opt("report/header_experiments", "where run folders go",
                             roles=("run", "path", "resumable"))
     resume: bool = _opt(False, "continue the run in <output_root>/<run_name> from checkpoints/last.pt",
-                        cli=True, roles=("run", "resumable"))
+                        roles=("run", "resumable"))
     overwrite: bool = _opt(False, "replace an unfinished run of the same name (finished runs are kept)",
                            roles=("run", "resumable"))
     tensorboard: bool = _opt(True, "write TensorBoard scalars to <run>/tb", roles=("resumable",))
@@ -235,45 +255,16 @@ class TrainConfig:
                 if not getattr(self, key):
                     fail(f"--{key} is required (a CSV with columns path,label)")
         self._check_finite()
-        positive_ints = ("num_frames", "epochs", "batch_size", "grad_accum", "unfreeze_blocks",
-                         "feature_cache_views")
-        for key in positive_ints:
-            value = getattr(self, key)
-            if value < 1:
-                fail(f"--{key} must be a positive integer, got {value}")
-        if not 0 <= self.seed <= MAX_SEED:
-            fail(f"--seed must be in 0..{MAX_SEED}, got {self.seed}")
-        if not 0 <= self.num_workers <= MAX_NUM_WORKERS:
-            fail(f"--num_workers must be in 0..{MAX_NUM_WORKERS}, got {self.num_workers}")
-        if self.num_frames > MAX_NUM_FRAMES:
-            fail(f"--num_frames must be at most {MAX_NUM_FRAMES}, got {self.num_frames}")
-        if self.input_size is not None and not 1 <= self.input_size <= MAX_INPUT_SIZE:
-            fail(f"--input_size must be in 1..{MAX_INPUT_SIZE} pixels, got {self.input_size}")
-        if self.threads is not None and self.threads < 1:
-            fail(f"--threads must be a positive integer, got {self.threads}")
-        for key in ("lr_backbone", "lr_head"):
-            value = getattr(self, key)
-            if value is not None and not value > 0:
-                fail(f"--{key} must be > 0, got {value}")
-        for key in ("weight_decay", "focal_gamma", "warmup_epochs", "momentum"):
-            if getattr(self, key) < 0:
-                fail(f"--{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("head_dropout", "aug_flip", "aug_jitter", "focal_alpha"):
-            if not 0 <= getattr(self, key) <= 1:
-                fail(f"--{key} must be between 0 and 1, got {getattr(self, key)}")
-        if not 0 < self.aug_crop_scale <= 1:
-            fail(f"--aug_crop_scale must be in (0, 1], got {self.aug_crop_scale}")
-        if self.layer_decay is not None:
-            if not 0 < self.layer_decay <= 1:
-                fail(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
-            if self.backbone != "vmae":
-                fail("--layer_decay applies to --backbone vmae only")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            fail(f"--max_grad_norm must be > 0, got {self.max_grad_norm}")
-        for key in ("drop_path", "label_smoothing"):
-            if not 0 <= getattr(self, key) < 1:
-                fail(f"--{key} must be in [0, 1), got {getattr(self, key)}")
-        self._check_recipe()
+        for keys, ok, rule in _RANGES:
+            for key in keys:
+                value = getattr(self, key)
+                if value is not None and not ok(value):
+                    fail(f"--{key} must be {rule}, got {value}")
+        if self.layer_decay is not None and self.backbone != "vmae":
+            fail("--layer_decay applies to --backbone vmae only")
+        if self.mixes and self.uses_feature_cache:  # mixing needs clips, not cached features
+            fail("--mixup/--cutmix mix clips, but a frozen backbone with --feature_cache trains on "
+                 "cached features; pass --no-feature_cache or drop --mixup/--cutmix")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             fail(f"--betas must be two numbers in [0, 1), got {self.betas}")
         for key in ("mean", "std"):
@@ -291,24 +282,11 @@ class TrainConfig:
             fail("--resume and --overwrite contradict each other; pass one")
         if self.run_name is not None:  # '=' too: a search names its trial runs key=value
             check_name(self.run_name, "--run_name", extra="=")
-        for key, choices in _choices().items():
-            if getattr(self, key) not in choices:
-                fail(f"--{key} must be one of {', '.join(map(str, choices))}, got {getattr(self, key)!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                fail(f"--{f.name} must be one of {', '.join(map(str, choices))}, got {getattr(self, f.name)!r}")
         return self
-
-    def _check_recipe(self) -> None:
-        """Mixup/cutmix and EMA ranges; mixing needs clips, not a frozen backbone's cached features."""
-        for key in ("mixup", "cutmix"):
-            if getattr(self, key) < 0:
-                fail(f"--{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
-        for key in ("mixup_prob", "mixup_switch_prob"):
-            if not 0 <= getattr(self, key) <= 1:
-                fail(f"--{key} must be between 0 and 1, got {getattr(self, key)}")
-        if not 0 < self.model_ema_decay < 1:
-            fail(f"--model_ema_decay must be in (0, 1), got {self.model_ema_decay}")
-        if self.mixes and self.uses_feature_cache:
-            fail("--mixup/--cutmix mix clips, but a frozen backbone with --feature_cache trains on "
-                 "cached features; pass --no-feature_cache or drop --mixup/--cutmix")
 
     def _check_finite(self) -> None:
         """NaN and infinity pass every `<`/`>` check, so they are refused first, by type."""
@@ -326,12 +304,7 @@ class TrainConfig:
         """Fill the defaults that depend on the backbone (LR table, input size, normalisation)."""
         lr_bb, lr_head = LR_TABLE[(self.backbone, self.finetune_mode)]
         lr_backbone = self.lr_backbone if self.lr_backbone is not None else lr_bb
-        if self.lr_head is not None:
-            head = self.lr_head
-        elif lr_head is not None:
-            head = lr_head
-        else:
-            head = lr_backbone
+        head = next((lr for lr in (self.lr_head, lr_head) if lr is not None), lr_backbone)
         return self.replace(
             lr_backbone=lr_backbone if self.trains_backbone else None,
             lr_head=head,
@@ -342,17 +315,13 @@ class TrainConfig:
         )
 
 
-def key_aliases() -> dict[str, str]:
-    """Alias key -> field name, from the fields' CLI aliases (`--clip_grad` -> max_grad_norm):
-    the same names work as YAML keys and Tune dict keys."""
-    return {alias.removeprefix("--"): f.name for f in dataclasses.fields(TrainConfig)
-            for alias in f.metadata["aliases"]}
-
-
 def canonical_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     """`values` with alias keys renamed to their field (config.yaml is then written with the
-    field name); an alias given together with its field is an error naming both."""
-    aliases = key_aliases()
+    field name); an alias given together with its field is an error naming both. The aliases
+    are the fields' CLI aliases (`--clip_grad` -> max_grad_norm), so the same names work as
+    YAML keys and Tune dict keys."""
+    aliases = {alias.removeprefix("--"): f.name for f in dataclasses.fields(TrainConfig)
+               for alias in f.metadata["aliases"]}
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = aliases.get(key, key)
@@ -477,15 +446,10 @@ def parse_neg_pos_ratio(value: Any) -> float | None:
     try:
         ratio = float(text)
     except ValueError:
-        fail(f"--neg_pos_ratio must be 'all' or a positive number, got {value!r}")
+        ratio = math.nan
     if not 0 < ratio < math.inf:
         fail(f"--neg_pos_ratio must be 'all' or a positive number, got {value!r}")
     return int(ratio) if ratio.is_integer() else ratio
-
-
-def _choices() -> dict[str, tuple[Any, ...]]:
-    return {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)
-            if f.metadata.get("choices")}
 
 
 # --- type coercion shared by YAML, Tune dicts and argparse --------------------------------
@@ -525,19 +489,17 @@ def _scalar(where: str, value: Any, tp: Any) -> Any:
             return False
         fail(f"{where} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            fail(f"{where} must be an integer, got {value!r}")
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
         try:
-            return int(str(value).strip())  # exact, also beyond a float's 2**53
+            return int(str(value).strip())  # exact, also beyond a float's 2**53 ("True" fails here)
         except ValueError:
             pass
         try:
             number = float(value)
         except (TypeError, ValueError):
-            fail(f"{where} must be an integer, got {value!r}")
-        if not number.is_integer():
+            number = math.nan
+        if isinstance(value, bool) or not number.is_integer():
             fail(f"{where} must be an integer, got {value!r}")
         return int(number)
     if tp is float:
@@ -560,25 +522,19 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     user typed override `--config`; the dataclass stays the single source of defaults."""
     parser = CliParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of config keys (e.g. a run's config.yaml); flags override it")
-    hints = typing.get_type_hints(TrainConfig)
+    hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        if not f.metadata.get("cli", True):
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
-        flags = [f"--{f.name}", *f.metadata["aliases"]]
         inner, _ = _unwrap_optional(hints[f.name])
-        kwargs: dict[str, Any] = {"help": help_text, "dest": f.name}
+        kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {getattr(defaults, f.name)})",
+                                  "dest": f.name}
         if inner is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(inner) is list:
-            kwargs["nargs"] = "+"
-            kwargs["type"] = _cli_type(f.name, typing.get_args(inner)[0])
+            kwargs.update(nargs="+", type=_cli_type(f.name, typing.get_args(inner)[0]))
         else:
-            kwargs["type"] = _cli_type(f.name, inner) if f.name != "neg_pos_ratio" else str
-            if f.metadata["choices"]:
-                kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(*flags, **kwargs)
+            kwargs.update(type=_cli_type(f.name, inner) if f.name != "neg_pos_ratio" else str,
+                          choices=f.metadata["choices"])
+        parser.add_argument(f"--{f.name}", *f.metadata["aliases"], **kwargs)
     return parser
 
 
@@ -635,19 +591,13 @@ def _depth(data: Any) -> int:
     return deepest
 
 
-def cli_values(argv: Sequence[str] | None, prog: str, description: str) -> tuple[str | None, dict[str, Any]]:
-    """The `--config` path (or None) and only the flags typed on the command line."""
-    args = vars(build_parser(prog, description).parse_args(argv))
-    return args.pop("config", None), args
-
-
 TRAIN_DESCRIPTION = "Train a soccer-header clip classifier (VideoMAE v2 or ir-CSN) and write its run folder."
 
 
 def config_for_cli(argv: Sequence[str] | None) -> TrainConfig:
     """Defaults < `--config` YAML (with `--resume`: the run's own config.yaml) < typed flags."""
-    prog = "python -m headernet_core.train"
-    config_path, typed = cli_values(argv, prog, TRAIN_DESCRIPTION)
+    typed = vars(build_parser("python -m headernet_core.train", TRAIN_DESCRIPTION).parse_args(argv))
+    config_path = typed.pop("config", None)  # the rest: only the flags typed on the command line
     if typed.get("resume"):
         if config_path:
             fail("--resume reads the run's own config.yaml; drop --config")

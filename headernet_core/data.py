@@ -118,43 +118,28 @@ def path_basename(path_text: str) -> str:
     return re.split(r"[\\/]", path_text.rstrip("\\/"))[-1]
 
 
-def _with_suffixes(base: Path) -> list[Path]:
-    """`x.npy` as is; otherwise upstream's `<x>_s.npy`, then `<x>.npy`."""
-    if base.name.endswith(".npy"):
-        return [base]
-    return [base.with_name(base.name + "_s.npy"), base.with_name(base.name + ".npy")]
-
-
-def clip_bases(path_text: str, csv_dir: Path) -> list[Path]:
-    """Where a CSV path may point, in the order tried: as written (absolute or relative to the
-    working directory), relative to the CSV's folder, then `<CSV folder>/<basename>`."""
-    written = Path(path_text)
-    bases = [written]
-    if not written.is_absolute():
-        bases.append(csv_dir / written)
-    bases.append(csv_dir / path_basename(path_text))
-    return list(dict.fromkeys(bases))
-
-
 def find_clip(path_text: str, csv_dir: Path) -> tuple[Path, Path] | None:
-    """(base that matched, clip file) of the first existing candidate, or None."""
-    for base in clip_bases(path_text, csv_dir):
-        for candidate in _with_suffixes(base):
+    """(base that matched, clip file) of the first existing candidate, or None.
+
+    Bases, in the order tried: the path as written (absolute or relative to the working
+    directory), relative to the CSV's folder (the same path when absolute), then
+    `<CSV folder>/<basename>`. Files of a base: `x.npy` as is; otherwise upstream's
+    `<x>_s.npy`, then `<x>.npy`."""
+    written = Path(path_text)
+    for base in dict.fromkeys([written, csv_dir / written, csv_dir / path_basename(path_text)]):
+        suffixes = [""] if base.name.endswith(".npy") else ["_s.npy", ".npy"]
+        for candidate in (base.with_name(base.name + suffix) for suffix in suffixes):
             if candidate.is_file():
                 return base, candidate
     return None
 
 
-def resolve_clip(path_text: str, csv_dir: Path) -> str | None:
-    """Absolute path of the clip a CSV path points at, or None."""
-    hit = find_clip(path_text, csv_dir)
-    return os.path.abspath(hit[1]) if hit else None
-
-
 def resolve_clips(paths: Sequence[str], csv_path: str | Path) -> list[str]:
-    """Resolve every path; all missing ones are reported together in one line."""
+    """Absolute path of the clip each CSV path points at (`find_clip`); all missing ones are
+    reported together in one line."""
     csv_dir = Path(csv_path).parent
-    resolved = [resolve_clip(p, csv_dir) for p in paths]
+    hits = [find_clip(p, csv_dir) for p in paths]
+    resolved = [os.path.abspath(hit[1]) if hit else None for hit in hits]
     missing = [p for p, r in zip(paths, resolved) if r is None]
     if missing:
         examples = ", ".join(missing[:MAX_EXAMPLES])
@@ -176,11 +161,9 @@ def read_split(csv_path: str | Path, split: str) -> pd.DataFrame:
 
 def check_has_both_classes(df: pd.DataFrame, csv_path: str | Path) -> None:
     """Training needs positives and negatives (the focal loss and neg:pos sampling assume it)."""
-    positives = int((df["label"] == 1).sum())
-    if positives == 0:
-        fail(f"{csv_path}: no positive clips (label 1) among {len(df)} rows; training needs both classes")
-    if positives == len(df):
-        fail(f"{csv_path}: no negative clips (label 0) among {len(df)} rows; training needs both classes")
+    for label, name in ((1, "positive"), (0, "negative")):
+        if not (df["label"] == label).any():
+            fail(f"{csv_path}: no {name} clips (label {label}) among {len(df)} rows; training needs both classes")
 
 
 # --- clip files ---------------------------------------------------------------------------
@@ -202,19 +185,11 @@ class NpyLayout:
 def read_npy_layout(path: str | Path) -> NpyLayout:
     """The header alone (ValueError if the file is not a `.npy`)."""
     with open(path, "rb") as fp:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(fp)
-        else:  # 2.0 and 3.0 share one layout
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(fp)
+        fmt = np.lib.format
+        # 2.0 and 3.0 share one layout
+        read_header = fmt.read_array_header_1_0 if fmt.read_magic(fp) == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(fp)
         return NpyLayout(tuple(shape), dtype, bool(fortran_order), fp.tell())
-
-
-def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, bytes of data the header promises) from the header alone; ValueError if
-    the file is not a `.npy`."""
-    layout = read_npy_layout(path)
-    return layout.shape, layout.dtype, layout.end
 
 
 def clip_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
@@ -238,16 +213,16 @@ def check_clips(df: pd.DataFrame, csv_path: str | Path) -> list[tuple[int, ...]]
     for position, clip_path in enumerate(df["clip_path"]):
         where = f"{csv_path}: row {row_number(position)}: clip {clip_path}"
         try:
-            shape, dtype, needed = read_npy_header(clip_path)
+            layout = read_npy_layout(clip_path)
         except (ValueError, OSError, EOFError) as exc:
             fail(f"{where} is not a valid .npy file ({' '.join(str(exc).split())})")
-        problem = clip_problem(shape, dtype)
+        problem = clip_problem(layout.shape, layout.dtype)
         if problem:
             fail(f"{where} {problem}")
         size = os.path.getsize(clip_path)
-        if size < needed:
-            fail(f"{where} is truncated ({size} bytes; its header needs {needed})")
-        shapes.append(tuple(shape))
+        if size < layout.end:
+            fail(f"{where} is truncated ({size} bytes; its header needs {layout.end})")
+        shapes.append(layout.shape)
     return shapes
 
 
@@ -369,7 +344,10 @@ def jittered_frame_indices(num_available: int, num_frames: int, u: np.ndarray) -
 
 def load_clip_frames(path: str, num_frames: int) -> np.ndarray:
     """The sampled frames `(n, H, W, 3)` uint8, reading only those frames through a memmap."""
-    clip = open_clip(path)
+    clip = np.load(path, mmap_mode="r")
+    problem = clip_problem(clip.shape, clip.dtype)
+    if problem:
+        fail(f"clip {path} {problem}")
     indices = sample_frame_indices(clip.shape[0], num_frames)
     return np.ascontiguousarray(clip[indices])
 
@@ -415,8 +393,7 @@ class EpochSampler:
             self.indices = np.arange(len(self.labels), dtype=np.int64)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return iter([(int(i), epoch) for i in self.indices])
+        return iter([(int(i), self.epoch) for i in self.indices])
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -583,8 +560,7 @@ class ClipDataset:
 
     def aug_params(self, key: tuple[int, int] | int) -> tuple[int, AugParams | None]:
         """(clip index, the draw to apply) of a key."""
-        index, second = (key if isinstance(key, tuple) else (key, 0))
-        index, second = int(index), int(second)
+        index, second = map(int, key if isinstance(key, tuple) else (key, 0))
         if not 0 <= index < len(self):
             raise IndexError(f"clip index {index} out of range for {len(self)} clips")
         if self.views:
@@ -660,15 +636,6 @@ class ClipDataset:
                           order="F" if layout.fortran_order else "C")
 
 
-def open_clip(path: str) -> np.ndarray:
-    """A clip file memory-mapped (nothing read yet); a malformed one fails naming it."""
-    clip = np.load(path, mmap_mode="r")
-    problem = clip_problem(clip.shape, clip.dtype)
-    if problem:
-        fail(f"clip {path} {problem}")
-    return clip
-
-
 class BatchLoader:
     """The batches of a sampler's keys (`batch_size` at a time, in order), read ahead by
     `threads` threads (0: in the caller's thread, when asked for).
@@ -682,7 +649,7 @@ class BatchLoader:
                  pin: bool = False, shard: Callable[[list], list] | None = None) -> None:
         self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
         self.threads, self.pin = threads, pin
-        self.shard = shard   # DDP: this rank's part of each global batch (distributed.RankShard)
+        self.shard = shard   # DDP: this rank's part of each global batch (distributed.shard_for)
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)

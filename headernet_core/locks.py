@@ -36,13 +36,9 @@ def hostname() -> str:
 
 def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
     try:  # the command name (field 2) may hold spaces and parentheses: split after its ')'
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (IndexError, ValueError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
         return None
 
 
@@ -55,10 +51,8 @@ def owner_record() -> dict[str, Any]:
 def owner_alive(record: dict[str, Any], heartbeat_age: float | None) -> bool:
     """Whether the process a lock or status record names still runs. On this host that is
     known; elsewhere only the heartbeat tells (older than STALE_S: dead)."""
-    pid, host = record.get("pid"), record.get("host")
-    if not isinstance(pid, int) or not isinstance(host, str):
-        return heartbeat_age is not None and heartbeat_age < STALE_S
-    if host == hostname():
+    pid = record.get("pid")
+    if isinstance(pid, int) and record.get("host") == hostname():
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

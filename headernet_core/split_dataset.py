@@ -67,15 +67,15 @@ def split_parts(df: pd.DataFrame, val_split: float, test_split: float | None, se
     """{"train", "val"[, "test"]} frames. With `test_split`, that fraction of the rows is held
     out first as test; val is then `val_split` of ALL rows, taken from the rest (so each
     fraction means the same with or without a test split)."""
-    parts: dict[str, pd.DataFrame] = {}
+    test: dict[str, pd.DataFrame] = {}
     if test_split is not None:
         if not 0 < test_split < 1 or not val_split + test_split < 1:
             fail(f"--test_split must be in (0, 1) with --val_split + --test_split < 1, got "
                  f"{test_split} and {val_split}")
-        df, parts["test"] = split_frame(df, test_split, seed, group, source=source, part="test")
+        df, test["test"] = split_frame(df, test_split, seed, group, source=source, part="test")
         val_split = val_split / (1 - test_split)
-    parts["train"], parts["val"] = split_frame(df, val_split, seed, group, source=source)
-    return {name: parts[name] for name in ("train", "val", "test") if name in parts}
+    train, val = split_frame(df, val_split, seed, group, source=source)
+    return {"train": train, "val": val, **test}
 
 
 def stratified_split(labels: np.ndarray, val_split: float, seed: int, source: str,
@@ -138,8 +138,7 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, val_split: float, seed
                  f"{val_split}: {exc}")
     best = min((_rotation(folds, start, m) for start in range(k)),
                key=lambda rows: _score(labels, rows, target))
-    val_mask = np.zeros(len(labels), dtype=bool)
-    val_mask[best] = True
+    val_mask = np.isin(np.arange(len(labels)), best)
     if not labels[val_mask].any() or not labels[~val_mask].any():
         fail(f"{source}: cannot give both splits positives with {positive_groups} positive "
              f"{GROUP_COLUMN} groups; lower/raise --{part}_split or use --no_group")
@@ -153,8 +152,7 @@ def _rotation(folds: list[np.ndarray], start: int, m: int) -> np.ndarray:
 
 def _score(labels: np.ndarray, val_rows: np.ndarray, target: float) -> tuple[int, float]:
     """(classes missing from either split, distance of the val size from the target)."""
-    in_val = np.zeros(len(labels), dtype=bool)
-    in_val[val_rows] = True
+    in_val = np.isin(np.arange(len(labels)), val_rows)
     present = set(np.unique(labels).tolist())
     missing = sum(len(present - set(np.unique(labels[part]).tolist())) for part in (in_val, ~in_val))
     return missing, abs(len(val_rows) - target * len(labels))
@@ -180,18 +178,10 @@ def carry_paths(paths: Sequence[str], input_csv: str | Path, output_dir: str | P
     kept; any other is rewritten relative to `output_dir`, keeping its suffix style (`x` for
     `x_s.npy`). So the split works from any working directory and moves with its clips. Paths
     that find no clip are kept as written."""
-    in_dir = Path(input_csv).parent
-    carried, unresolved = [], 0
-    for text in paths:
-        hit = find_clip(text, in_dir)
-        if hit is None:
-            unresolved += 1
-            carried.append(text)
-        elif Path(text).is_absolute() and hit[0] == Path(text):
-            carried.append(text)
-        else:
-            carried.append(relative_to(hit[0], output_dir))
-    return carried, unresolved
+    hits = [find_clip(text, Path(input_csv).parent) for text in paths]
+    carried = [text if hit is None or (Path(text).is_absolute() and hit[0] == Path(text))
+               else relative_to(hit[0], output_dir) for text, hit in zip(paths, hits)]
+    return carried, hits.count(None)
 
 
 def describe(name: str, part: pd.DataFrame, grouped_by: str | None) -> str:

@@ -38,10 +38,7 @@ __all__ = ["BackboneInfo", "CSNConfig", "Geometry", "VARIANTS", "VideoMAEConfig"
 logger = logging.getLogger(__name__)
 
 # Family -> variants, in the order the CLI lists them.
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "vmae": tuple(VMAE_VARIANTS),
-    "csn": tuple(CSN_VARIANTS),
-}
+VARIANTS: dict[str, tuple[str, ...]] = {"vmae": tuple(VMAE_VARIANTS), "csn": tuple(CSN_VARIANTS)}
 # VideoMAE: the 0.5/0.5 that upstream trained and ran inference with. CSN: ImageNet statistics.
 VMAE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 CSN_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -78,9 +75,8 @@ def create_backbone(family: str, variant: str, *, ckpt: str | os.PathLike[str] |
         fail(f"unknown backbone family {family!r}; expected one of {', '.join(VARIANTS)} (--backbone)")
     variant = str(variant)
     if variant not in VARIANTS[family]:
-        flag = "--vmae_variant" if family == "vmae" else "--csn_variant"
         fail(f"unknown {family} variant {variant!r}; expected one of "
-             f"{', '.join(VARIANTS[family])} ({flag})")
+             f"{', '.join(VARIANTS[family])} (--{family}_variant)")
     if family == "vmae":
         return _create_vmae(variant, ckpt, Path(checkpoint_root))
     return _create_csn(variant, ckpt)
