@@ -115,9 +115,7 @@ def describe_os_error(exc: OSError) -> str:
     """`<path>: <reason> [ERRNO]` for an I/O error, on one line."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     code = f" [{errno.errorcode[exc.errno]}]" if exc.errno in errno.errorcode else ""
-    if exc.filename is not None:
-        return f"{exc.filename}: {reason}{code}"
-    return f"{reason}{code}"
+    return f"{reason}{code}" if exc.filename is None else f"{exc.filename}: {reason}{code}"
 
 
 def first_paragraph(doc: str | None) -> str:

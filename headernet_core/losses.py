@@ -51,30 +51,17 @@ class FocalLoss(nn.Module):
         if target.shape not in (logits.shape[:1], logits.shape):
             raise ValueError(f"target shape {tuple(target.shape)} does not match batch size "
                              f"{logits.shape[0]}")
-        if target.ndim == 2 or self.label_smoothing:
-            return self._soft(logits, target)
-        # Low-precision exp/log lose the small (1 - p_t) of confident clips: compute in fp32.
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            target = target.long()
-            log_p = F.log_softmax(logits.float(), dim=1)
-            log_p_t = log_p.gather(1, target.unsqueeze(1)).squeeze(1)
-            loss = -log_p_t
-            if self.gamma != 0.0:
-                # 1 - p_t via expm1 keeps precision when p_t is close to 1. The clamp keeps the
-                # gradient of x^gamma (gamma < 1) finite at x = 0, where the loss is 0 anyway.
-                one_minus_p_t = (-torch.expm1(log_p_t)).clamp_min(torch.finfo(torch.float32).tiny)
-                loss = one_minus_p_t.pow(self.gamma) * loss
-            alpha_t = torch.where(target == 1, self.alpha, 1.0 - self.alpha).to(loss.dtype)
-            return (alpha_t * loss).mean()
-
-    def _soft(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The loss for soft targets `(B, 2)` (or labels, then smoothed): see the module text."""
+        # Labels are their one-hot rows (then smoothed): one formula serves labels and soft
+        # targets (see the module text). Low-precision exp/log lose the small (1 - p) of
+        # confident clips: compute in fp32.
         with torch.autocast(device_type=logits.device.type, enabled=False):
             log_p = F.log_softmax(logits.float(), dim=1)
             q = target.float() if target.ndim == 2 else F.one_hot(target.long(), 2).float()
             q = q * (1.0 - self.label_smoothing) + self.label_smoothing / 2
             loss = -log_p
             if self.gamma != 0.0:
+                # 1 - p via expm1 keeps precision when p is close to 1. The clamp keeps the
+                # gradient of x^gamma (gamma < 1) finite at x = 0, where the loss is 0 anyway.
                 one_minus_p = (-torch.expm1(log_p)).clamp_min(torch.finfo(torch.float32).tiny)
                 loss = one_minus_p.pow(self.gamma) * loss
             alpha = torch.tensor([1.0 - self.alpha, self.alpha], device=logits.device)

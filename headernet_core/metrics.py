@@ -69,7 +69,7 @@ def _sweep(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float, float]:
     Ties: higher recall, then the threshold closest to 0.5 (then the higher threshold, so the
     choice is deterministic). Assumes both classes are present.
     """
-    from sklearn.metrics import precision_recall_curve, precision_recall_fscore_support
+    from sklearn.metrics import precision_recall_curve
 
     precision, recall, thresholds = precision_recall_curve(y, p)
     # The last (precision=1, recall=0) point has no threshold.
@@ -82,9 +82,7 @@ def _sweep(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float, float]:
     candidates = candidates[distance <= distance.min() + _TIE_TOL]
     threshold = float(thresholds[candidates].max())
     # Report sklearn's own P/R/F1 at that threshold rather than the curve's arithmetic.
-    prec, rec, f, _ = precision_recall_fscore_support(
-        y, (p >= threshold).astype(np.int64), average="binary", pos_label=1, zero_division=0)
-    return threshold, float(prec), float(rec), float(f)
+    return (threshold, *_binary_prf(y, (p >= threshold).astype(np.int64), "binary"))
 
 
 def best_threshold(labels: np.ndarray, prob_header: np.ndarray) -> tuple[float, float, float, float]:
@@ -153,13 +151,12 @@ def metrics_at_threshold(labels: np.ndarray, prob_header: np.ndarray,
     """Positive-class precision/recall/F1, accuracy and the confusion counts when a clip is a
     header iff prob_header >= `threshold` (a threshold fixed beforehand, e.g. on validation:
     the honest numbers for a test set, unlike the swept `val_f1`)."""
-    from sklearn.metrics import accuracy_score
+    from sklearn.metrics import accuracy_score, confusion_matrix
 
     y, p = _check_inputs(labels, prob_header)
     pred = (p >= threshold).astype(np.int64)
     prec, rec, f1 = _binary_prf(y, pred, "binary")
-    tp, fp = int(((pred == 1) & (y == 1)).sum()), int(((pred == 1) & (y == 0)).sum())
-    fn, tn = int(((pred == 0) & (y == 1)).sum()), int(((pred == 0) & (y == 0)).sum())
+    tn, fp, fn, tp = (int(n) for n in confusion_matrix(y, pred, labels=[0, 1]).ravel())
     return {"threshold": float(threshold), "precision": prec, "recall": rec, "f1": f1,
             "accuracy": float(accuracy_score(y, pred)), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 

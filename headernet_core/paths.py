@@ -37,9 +37,7 @@ def check_writable_dir(folder: str | Path, what: str) -> None:
     a folder and the deepest existing one is writable."""
     folder = Path(folder).expanduser().absolute()
     probe = folder
-    while not probe.exists() and not probe.is_symlink():
-        if probe.parent == probe:
-            break
+    while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         detail = "" if probe == folder else f" (so {folder} cannot be created)"

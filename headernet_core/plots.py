@@ -22,7 +22,8 @@ _FIGSIZE = (7.0, 4.5)
 _DPI = 100
 _MARGINS = {"left": 0.115, "right": 0.97, "bottom": 0.12, "top": 0.92}
 
-# (column, legend label) of the per-epoch metric plot.
+# (column, legend label) of the per-epoch plots.
+_LOSS_COLUMNS = (("train_loss", "train loss"), ("val_loss", "val loss"))
 _EPOCH_METRICS: tuple[tuple[str, str], ...] = (
     ("val_f1", "F1 (best threshold)"),
     ("val_auc", "ROC AUC"),
@@ -54,45 +55,29 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _mark_best(ax, best_epoch: int | None) -> None:
-    if best_epoch is not None:
-        ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
-
-
-def _legend(ax, **kwargs) -> None:
-    """A legend only when something is labelled (matplotlib warns on an empty one)."""
+def _finish(fig: Figure, ax, path: Path, **legend) -> Path:
+    """Grid, a legend only when something is labelled (matplotlib warns on an empty one), save."""
+    ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(**kwargs)
+        ax.legend(**legend)
+    return save_figure(fig, path)
 
 
-def _plot_columns(ax, epochs: pd.DataFrame, columns: Sequence[tuple[str, str]]) -> None:
-    """One line per present column; markers so a single epoch still shows a point."""
+def _epoch_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None,
+                columns: Sequence[tuple[str, str]], legend_size: str | None = None, **axes) -> Path:
+    """One line per present column (markers, so a single epoch still shows a point) and the
+    best epoch as a dashed line."""
+    fig, ax = new_figure()
     x = pd.to_numeric(epochs["epoch"], errors="coerce").to_numpy(dtype=float)
     for column, label in columns:
         if column in epochs:
             y = pd.to_numeric(epochs[column], errors="coerce").to_numpy(dtype=float)
             ax.plot(x, y, marker="o", markersize=3, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.25
-
-
-def _loss_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None) -> Path:
-    fig, ax = new_figure()
-    _plot_columns(ax, epochs, (("train_loss", "train loss"), ("val_loss", "val loss")))
-    _mark_best(ax, best_epoch)
-    ax.set(xlabel="epoch", ylabel="loss", title="Loss per epoch")
-    ax.grid(alpha=0.3)
-    _legend(ax, loc="best")
-    return save_figure(fig, path)
-
-
-def _metrics_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None) -> Path:
-    fig, ax = new_figure()
-    _plot_columns(ax, epochs, _EPOCH_METRICS)
-    _mark_best(ax, best_epoch)
-    ax.set(xlabel="epoch", ylabel="value", title="Validation metrics per epoch", ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    _legend(ax, loc="best", fontsize="small")
-    return save_figure(fig, path)
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
+    ax.set(xlabel="epoch", **axes)
+    return _finish(fig, ax, path, loc="best", fontsize=legend_size)
 
 
 def _roc_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
@@ -104,9 +89,7 @@ def _roc_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title,
            xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    return save_figure(fig, path)
+    return _finish(fig, ax, path, loc="lower right")
 
 
 def _pr_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
@@ -122,9 +105,7 @@ def _pr_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
     ax.scatter([best_r], [best_p], color="red", zorder=3,
                label=f"best F1 {best_f1:.3f} at threshold {threshold:.3f}")
     ax.set(xlabel="recall", ylabel="precision", title=title, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
-    return save_figure(fig, path)
+    return _finish(fig, ax, path, loc="lower left", fontsize="small")
 
 
 def write_plots(plot_dir: Path, epochs: pd.DataFrame, labels: np.ndarray | None,
@@ -136,8 +117,10 @@ def write_plots(plot_dir: Path, epochs: pd.DataFrame, labels: np.ndarray | None,
     metrics already warned). Returns the paths written.
     """
     plot_dir = Path(plot_dir)
-    written = [_loss_plot(plot_dir / "loss.png", epochs, best_epoch),
-               _metrics_plot(plot_dir / "metrics.png", epochs, best_epoch)]
+    written = [_epoch_plot(plot_dir / "loss.png", epochs, best_epoch, _LOSS_COLUMNS,
+                           ylabel="loss", title="Loss per epoch"),
+               _epoch_plot(plot_dir / "metrics.png", epochs, best_epoch, _EPOCH_METRICS, "small",
+                           ylabel="value", title="Validation metrics per epoch", ylim=(-0.02, 1.02))]
     if labels is None or prob_header is None:
         return written
     y = np.asarray(labels).astype(np.int64).ravel()

@@ -117,8 +117,9 @@ def test_smoothed_focal_is_the_target_weighted_sum_of_class_terms():
     torch.manual_seed(1)
     logits, labels = torch.randn(32, 2) * 4, torch.randint(0, 2, (32,))
     plain = FocalLoss(alpha=0.75, gamma=2.0)
-    soft = plain._soft(logits, labels)                    # one-hot targets on the soft path
-    torch.testing.assert_close(soft, plain(logits, labels))
+    p_t = logits.softmax(1).gather(1, labels[:, None]).squeeze(1)   # the textbook hard-label focal loss
+    alpha_t = torch.where(labels == 1, 0.75, 0.25)
+    torch.testing.assert_close(plain(logits, labels), -(alpha_t * (1 - p_t) ** 2 * p_t.log()).mean())
     eps, q = 0.2, F.one_hot(labels, 2).float() * 0.8 + 0.1
     p = logits.softmax(1)
     expected = -(torch.tensor([0.25, 0.75]) * q * (1 - p) ** 2 * p.log()).sum(1).mean()

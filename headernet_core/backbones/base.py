@@ -117,12 +117,8 @@ def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...])
     repeatedly, so `module.backbone.x` becomes `x`."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
+        while prefix := next((p for p in prefixes if key.startswith(p)), None):
+            key = key[len(prefix):]
         out[key] = value
     return out
 
@@ -144,13 +140,8 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} (model expects {expected[k]})"
              for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_first(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} mis-shaped tensor(s): {_first(wrong)}")
+    problems = [f"{len(keys)} {what}: {_first(keys)}" for what, keys in (
+        ("missing key(s)", missing), ("unexpected key(s)", unexpected), ("mis-shaped tensor(s)", wrong)) if keys]
     if problems:
         fail(f"{source}: checkpoint does not fit the model: {'; '.join(problems)}"
              + (f". {hint}" if hint else ""))

@@ -70,12 +70,10 @@ class VideoMAEConfig:
         if unknown:
             fail(f"{source}: unknown model_config key(s) {', '.join(unknown)}; "
                  f"expected the VideoMAE v2 keys {', '.join(fields)}")
-        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
-        missing = [n for n in required if n not in values]
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values]
         if missing:
             fail(f"{source}: model_config is missing key(s) {', '.join(missing)}")
-        kwargs = {name: _check_value(source, name, values[name]) for name in values}
-        return cls(**kwargs)._validated(source)
+        return cls(**{name: _check_value(source, name, values[name]) for name in values})._validated(source)
 
     def to_model_config(self) -> dict[str, Any]:
         """The `model_config` dict of a checkpoint folder's `config.json`."""
@@ -102,15 +100,11 @@ class VideoMAEConfig:
         if self.norm_layer not in LAYER_NORM_NAMES:
             fail(f"{source}: model_config norm_layer {self.norm_layer!r} is not supported; "
                  f"expected \"nn.LayerNorm\"")
-        if self.init_values:
-            fail(f"{source}: model_config init_values {self.init_values} (layer scale) is not "
-                 f"supported; the released models use 0")
-        if self.use_learnable_pos_emb:
-            fail(f"{source}: model_config use_learnable_pos_emb true is not supported; the "
-                 f"released models use the fixed sin-cos table")
-        if self.cos_attn:
-            fail(f"{source}: model_config cos_attn true is not supported; the released "
-                 f"models use plain softmax attention")
+        for name, what, instead in (("init_values", f"init_values {self.init_values} (layer scale)", "use 0"),
+                                    ("use_learnable_pos_emb", "use_learnable_pos_emb true", "use the fixed sin-cos table"),
+                                    ("cos_attn", "cos_attn true", "use plain softmax attention")):
+            if getattr(self, name):
+                fail(f"{source}: model_config {what} is not supported; the released models {instead}")
         return self
 
 

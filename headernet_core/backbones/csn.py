@@ -6,12 +6,11 @@ semantics are mmaction2's too (BN eps 1e-3, no pool2, temporal and spatial strid
 2-4), not upstream header_net's trimmed copy (BN named `norm`, eps 1e-5). Depth and width are
 read from a checkpoint's shapes, so any ir-CSN depth/width loads.
 
-Order: blocks, model class, checkpoint conversion/loading, factories (the config and the
-variant table are in `configs.py`, without torch).
+Order: blocks, model class, checkpoint conversion/loading (the config and the variant
+table are in `configs.py`, without torch).
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Mapping
 
@@ -21,9 +20,7 @@ from torch import nn
 from ..errors import fail
 from .base import (Backbone, load_into, require_path, strip_prefixes, torch_load_dict,
                    unwrap_state_dict)
-from .configs import CSN_VARIANTS, EXPANSION, STAGE_STRIDES, CSNConfig
-
-logger = logging.getLogger(__name__)
+from .configs import EXPANSION, STAGE_STRIDES, CSNConfig
 
 
 # --- blocks -----------------------------------------------------------------------------------
@@ -95,9 +92,6 @@ class IrCSN(Backbone):
         self.pool = nn.AdaptiveAvgPool3d(1)
         self.apply(_init_weights)
 
-    def stages(self) -> list[nn.Sequential]:
-        return [getattr(self, f"layer{i + 1}") for i in range(len(self.config.stage_blocks))]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != self.config.in_chans:
             fail(f"ir-CSN expects clips shaped (B, {self.config.in_chans}, T, H, W), got {tuple(x.shape)}")
@@ -107,16 +101,14 @@ class IrCSN(Backbone):
         return self.pool(x).flatten(1)
 
     def block_list(self) -> list[nn.Module]:
-        return [block for stage in self.stages() for block in stage]
+        return [block for i in range(len(self.config.stage_blocks)) for block in getattr(self, f"layer{i + 1}")]
 
 
 def _init_weights(module: nn.Module) -> None:
-    """mmaction2's init_weights for training from scratch: Kaiming (fan_out) convs, BN 1/0."""
+    """mmaction2's init_weights for training from scratch: Kaiming (fan_out) convs (BatchNorm
+    starts at 1 and 0 already)."""
     if isinstance(module, nn.Conv3d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    elif isinstance(module, nn.BatchNorm3d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 # --- checkpoint conversion and loading ----------------------------------------------------------
@@ -170,18 +162,3 @@ def load_ircsn(source: str | Path) -> tuple[IrCSN, CSNConfig]:
     model = load_into(lambda: IrCSN(config), state, str(path), hint=hint)
     return model, config
 
-
-def ircsn_tiny() -> IrCSN:
-    return IrCSN(CSN_VARIANTS["tiny"])
-
-
-def ircsn_50() -> IrCSN:
-    return IrCSN(CSN_VARIANTS["50"])
-
-
-def ircsn_101() -> IrCSN:
-    return IrCSN(CSN_VARIANTS["101"])
-
-
-def ircsn_152() -> IrCSN:
-    return IrCSN(CSN_VARIANTS["152"])

@@ -7,8 +7,8 @@ pre-norm blocks with a k-bias-free qkv, exact GELU, and either mean pooling + `f
 `norm` of the first patch token (Giant). The table is built for the token count actually seen,
 so any T that is a multiple of the tubelet and any H, W that are multiples of the patch work.
 
-Order: blocks, model class, checkpoint conversion/loading, factories (the config and the
-variant table are in `configs.py`, without torch).
+Order: blocks, model class, checkpoint conversion/loading (the config and the variant
+table are in `configs.py`, without torch).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import fail
 from .base import (Backbone, load_into, require_path, strip_prefixes, torch_load_dict,
                    unwrap_state_dict)
-from .configs import VMAE_VARIANTS, VideoMAEConfig, read_config_json
+from .configs import VideoMAEConfig, read_config_json
 
 logger = logging.getLogger(__name__)
 
@@ -187,14 +187,12 @@ class VideoMAEv2(Backbone):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """Reference init for random models: truncated-normal linears, zero biases."""
+    """Reference init for random models: truncated-normal linears, zero biases (LayerNorms
+    start at 1 and 0 already)."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 # --- checkpoint conversion and loading ----------------------------------------------------------
@@ -230,11 +228,7 @@ def infer_config(state: Mapping[str, torch.Tensor], source: str) -> VideoMAEConf
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     if fc1 is None:
         fail(f"{source}: no blocks.0.mlp.fc1.weight to read the MLP width from")
-    if "fc_norm.weight" in state:
-        mean_pooling = True
-    elif "norm.weight" in state:
-        mean_pooling = False
-    else:
+    if "fc_norm.weight" not in state and "norm.weight" not in state:
         fail(f"{source}: neither fc_norm.weight (mean pooling) nor norm.weight (first-token "
              f"pooling) found; cannot tell how the encoder pools")
     heads = HEADS_BY_WIDTH.get(embed_dim)
@@ -246,14 +240,17 @@ def infer_config(state: Mapping[str, torch.Tensor], source: str) -> VideoMAEConf
     return VideoMAEConfig(
         img_size=224, patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=heads,
         mlp_ratio=fc1.shape[0] / embed_dim, qkv_bias="blocks.0.attn.q_bias" in state,
-        layer_norm_eps=1e-6, tubelet_size=tubelet, use_mean_pooling=mean_pooling,
+        layer_norm_eps=1e-6, tubelet_size=tubelet, use_mean_pooling="fc_norm.weight" in state,
         in_chans=in_chans)._validated(source)
 
 
-def _fit_hint(config: VideoMAEConfig, where: str) -> str:
-    return (f"Built from {where}: embed_dim {config.embed_dim}, depth {config.depth}, "
+def _load(config: VideoMAEConfig, state: Mapping[str, torch.Tensor], source: str,
+          where: str) -> tuple[VideoMAEv2, VideoMAEConfig]:
+    """The strict copy into a model built from `config` (read from `where`)."""
+    hint = (f"Built from {where}: embed_dim {config.embed_dim}, depth {config.depth}, "
             f"patch {config.patch_size}, tubelet {config.tubelet_size}, mlp hidden "
             f"{config.mlp_hidden}, mean pooling {config.use_mean_pooling}")
+    return load_into(lambda: VideoMAEv2(config), state, source, hint=hint), config
 
 
 def load_folder(folder: Path) -> tuple[VideoMAEv2, VideoMAEConfig]:
@@ -269,10 +266,7 @@ def load_folder(folder: Path) -> tuple[VideoMAEv2, VideoMAEConfig]:
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         fail(f"{weights_path}: cannot read safetensors file ({' '.join(str(exc).split())[:200]}); "
              f"is the download complete?")
-    state = convert_state_dict(raw, ("model.",))
-    model = load_into(lambda: VideoMAEv2(config), state, str(weights_path),
-                      hint=_fit_hint(config, str(config_path)))
-    return model, config
+    return _load(config, convert_state_dict(raw, ("model.",)), str(weights_path), str(config_path))
 
 
 def load_pth(path: Path) -> tuple[VideoMAEv2, VideoMAEConfig]:
@@ -286,8 +280,7 @@ def load_pth(path: Path) -> tuple[VideoMAEv2, VideoMAEConfig]:
         config, where = read_config_json(beside), str(beside)
     else:
         config, where = infer_config(state, str(path)), "the tensor shapes"
-    model = load_into(lambda: VideoMAEv2(config), state, str(path), hint=_fit_hint(config, where))
-    return model, config
+    return _load(config, state, str(path), where)
 
 
 def load_videomae(source: str | Path) -> tuple[VideoMAEv2, VideoMAEConfig]:
@@ -298,18 +291,3 @@ def load_videomae(source: str | Path) -> tuple[VideoMAEv2, VideoMAEConfig]:
         path = path.parent
     return load_folder(path) if path.is_dir() else load_pth(path)
 
-
-def vmae_tiny() -> VideoMAEv2:
-    return VideoMAEv2(VMAE_VARIANTS["tiny"])
-
-
-def vmae_base() -> VideoMAEv2:
-    return VideoMAEv2(VMAE_VARIANTS["base"])
-
-
-def vmae_large() -> VideoMAEv2:
-    return VideoMAEv2(VMAE_VARIANTS["large"])
-
-
-def vmae_giant() -> VideoMAEv2:
-    return VideoMAEv2(VMAE_VARIANTS["giant"])
