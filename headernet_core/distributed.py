@@ -23,6 +23,7 @@ rank. The EMA is updated on every rank from identical weights, so it stays ident
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import tempfile
@@ -34,7 +35,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 T = TypeVar("T")
 
@@ -105,8 +105,7 @@ def rank_part(group: Sequence[T], ranks: Ranks) -> list[T]:
     """This rank's part of one global batch; an empty part is padded with the batch's first
     item, of weight 0 (`Share.real` is then 0)."""
     start, stop = split_bounds(len(group), ranks.rank, ranks.world)
-    part = list(group[start:stop])
-    return part if part else list(group[:1])
+    return list(group[start:stop]) or list(group[:1])
 
 
 @dataclass(frozen=True)
@@ -130,17 +129,9 @@ def batch_shares(clips: int, batch_size: int, ranks: Ranks) -> list[Share] | Non
     return shares
 
 
-@dataclass(frozen=True)
-class RankShard:
-    """Given to a loader: it yields this rank's part of each global batch."""
-    ranks: Ranks
-
-    def __call__(self, group: Sequence[T]) -> list[T]:
-        return rank_part(group, self.ranks)
-
-
-def shard_for(ranks: Ranks) -> RankShard | None:
-    return RankShard(ranks) if ranks.active else None
+def shard_for(ranks: Ranks) -> Callable[[Sequence[T]], list[T]] | None:
+    """A loader's `shard`: this rank's part of each global batch (None in one process)."""
+    return functools.partial(rank_part, ranks=ranks) if ranks.active else None
 
 
 def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
@@ -174,12 +165,10 @@ def from_main(value: T) -> T:
 
 def main_first(build: Callable[[], T]) -> T:
     """Rank 0 runs `build` (e.g. fills the feature cache), then the others (which find it done)."""
-    ranks = current()
-    if not ranks.active:
-        return build()
-    result = build() if ranks.main else None
-    barrier()
-    return build() if not ranks.main else result
+    main = current().main
+    result = build() if main else None
+    barrier()   # a no-op in one process
+    return result if main else build()
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -193,11 +182,7 @@ class _AllReduceSum(torch.autograd.Function):
         dist.all_reduce(total)
         return total
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total)
-        return total
+    backward = forward   # the gradients summed over ranks, the same way
 
 
 class _GlobalBatchStats:
@@ -244,15 +229,15 @@ class _GlobalBatchStats:
 
 
 class GlobalBatchNorm1d(_GlobalBatchStats, nn.BatchNorm1d):
-    pass
+    """BatchNorm1d over the global batch (see `_GlobalBatchStats`)."""
 
 
 class GlobalBatchNorm2d(_GlobalBatchStats, nn.BatchNorm2d):
-    pass
+    """BatchNorm2d over the global batch (see `_GlobalBatchStats`)."""
 
 
 class GlobalBatchNorm3d(_GlobalBatchStats, nn.BatchNorm3d):
-    pass
+    """BatchNorm3d over the global batch (see `_GlobalBatchStats`)."""
 
 
 _GLOBAL_KINDS = {nn.BatchNorm1d: GlobalBatchNorm1d, nn.BatchNorm2d: GlobalBatchNorm2d,
@@ -285,8 +270,7 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     tensors). Frozen BatchNorm stays frozen: its parameters keep `requires_grad=False` and the
     model's `train()` keeps it in eval mode, where nothing is synchronised."""
     if device.type == "cuda":
-        if any(isinstance(m, _BatchNorm) for m in model.modules()):
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # leaves a model without BatchNorm as it is
     else:
         model = convert_global_batchnorm(model)
     return nn.parallel.DistributedDataParallel(
@@ -314,10 +298,8 @@ class LauncherInterrupts:
 
     def _handle(self, signum, frame) -> None:
         if os.getppid() == self.launcher and self.launcher > 1 and self._first_to_tell():
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(self.launcher, signal.SIGTERM)
-            except OSError:
-                pass
         self.launcher = 0
         for sig in self.previous:
             signal.signal(sig, signal.SIG_IGN)
@@ -342,13 +324,11 @@ class LauncherInterrupts:
         for marker in Path(tempfile.gettempdir()).glob(f"{cls.MARKER_PREFIX}*.interrupted"):
             try:
                 os.kill(int(marker.name[len(cls.MARKER_PREFIX):].split("-", 1)[0]), 0)
-                continue   # its launcher runs
-            except ProcessLookupError:
-                pass
+            except ProcessLookupError:   # its launcher has exited
+                with contextlib.suppress(OSError):
+                    marker.unlink()
             except (ValueError, OSError):   # not ours, or a launcher of another user
-                continue
-            with contextlib.suppress(OSError):
-                marker.unlink()
+                pass
 
     def __enter__(self) -> LauncherInterrupts:
         import threading

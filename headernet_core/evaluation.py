@@ -26,6 +26,7 @@ mean of its T x S views' probabilities.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -189,10 +190,8 @@ def eval_config(config: TrainConfig, *, batch_size: int | None, num_workers: int
 
 def resolve_threshold(threshold: float | None, payload: dict[str, Any],
                       checkpoint: str | Path) -> tuple[float, str]:
-    """(threshold, where it came from)."""
+    """(threshold, where it came from); a given `threshold` is checked by `check_inference`."""
     if threshold is not None:
-        if not 0 <= threshold <= 1:
-            fail(f"--threshold must be between 0 and 1, got {threshold}")
         return float(threshold), "given"
     stored = checkpoint_threshold(payload)
     if stored is None:
@@ -245,17 +244,13 @@ def per_video_errors(predictions: pd.DataFrame) -> pd.DataFrame:
                              ignore_index=True)
 
 
-def check_threshold(threshold: float | None) -> None:
-    if threshold is not None and not 0 <= threshold <= 1:
-        fail(f"--threshold must be between 0 and 1, got {threshold}")
-
-
 def check_inference(*, views: int, spatial_views: int, threshold: float | None,
                     batch_size: int | None, num_workers: int) -> None:
     """What `evaluate` and `predict` are given, checked before the model loads (the CLIs and
     the Python API alike)."""
     check_views(views, spatial_views)
-    check_threshold(threshold)
+    if threshold is not None and not 0 <= threshold <= 1:
+        fail(f"--threshold must be between 0 and 1, got {threshold}")
     if batch_size is not None and batch_size < 1:
         fail(f"--batch_size must be a positive integer, got {batch_size}")
     if not 0 <= num_workers <= MAX_NUM_WORKERS:
@@ -299,11 +294,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         outputs = [flag for flag in ("predictions", "metrics", "per_video") if getattr(args, flag)]
         for flag in outputs:  # checked before minutes of inference
             check_output_file(getattr(args, flag), f"--{flag}", inputs=(args.checkpoint, args.val_csv))
-        for i, first in enumerate(outputs):
-            for second in outputs[i + 1:]:
-                if same_file(getattr(args, first), getattr(args, second)):
-                    fail(f"--{first} and --{second} are the same file {getattr(args, second)}; "
-                         f"give different paths")
+        for first, second in itertools.combinations(outputs, 2):
+            if same_file(getattr(args, first), getattr(args, second)):
+                fail(f"--{first} and --{second} are the same file {getattr(args, second)}; "
+                     f"give different paths")
         metrics, predictions = evaluate(
             args.checkpoint, args.val_csv, threshold=args.threshold, views=args.views,
             spatial_views=args.spatial_views, batch_size=args.batch_size,

@@ -185,26 +185,24 @@ class ShardStore:
             first += length
         if first != len(keys):
             raise ValueError(f"groups cover {first} keys, got {len(keys)}")
-        found: dict[int, torch.Tensor] = {}
-        computed = 0
-        waiting = []
+        found: list[torch.Tensor | None] = [None] * len(chunks)
+        computed, waiting = 0, []
         for number, positions in enumerate(chunks):
             path = self.shard_path(keys[positions])
-            features = self.read(path, keys[positions])
-            if features is None:
+            found[number] = self.read(path, keys[positions])
+            if found[number] is None:
                 with shard_lock(path.with_suffix(".lock"), blocking=False) as held:
                     if not held:  # another run builds it right now: do the others first
                         waiting.append(number)
                         continue
-                    features, built = self._build(path, keys[positions], positions, compute)
+                    found[number], built = self._build(path, keys[positions], positions, compute)
                     computed += built
-            found[number] = features
         for number in waiting:  # wait for the other builder; build it if that builder died
             path = self.shard_path(keys[chunks[number]])
             with shard_lock(path.with_suffix(".lock"), blocking=True):
                 found[number], built = self._build(path, keys[chunks[number]], chunks[number], compute)
                 computed += built
-        return torch.cat([found[n] for n in range(len(chunks))]) if chunks else torch.empty(0, 0), computed
+        return torch.cat(found) if chunks else torch.empty(0, 0), computed
 
     def _build(self, path: Path, keys: np.ndarray, positions: np.ndarray,
                compute: Callable[[np.ndarray], torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -301,13 +299,12 @@ class FrozenFeatures:
     def loader(self, *, train: bool, batch_size: int | None = None,
                shard: Callable[[Any], Any] | None = None) -> tuple[FeatureLoader, EpochSampler]:
         """`batch_size`: a micro-batch other than the config's (after an out-of-memory halving);
-        `shard`: under DDP, this rank's part of each global batch (distributed.RankShard)."""
+        `shard`: under DDP, this rank's part of each global batch (distributed.shard_for)."""
         labels = self.train_labels if train else self.val_labels
         ratio = parse_neg_pos_ratio(self.config.neg_pos_ratio) if train else None
         sampler = EpochSampler(labels, neg_pos_ratio=ratio, seed=self.config.seed, shuffle=train)
-        loader = FeatureLoader(self, sampler, labels, batch_size or self.config.batch_size, train=train)
-        loader.shard = shard
-        return loader, sampler
+        return FeatureLoader(self, sampler, labels, batch_size or self.config.batch_size, train=train,
+                             shard=shard), sampler
 
 
 class BackboneRunner:
@@ -340,10 +337,10 @@ class FeatureLoader:
     training each clip's view for the epoch is `ClipTransform.epoch_views`."""
 
     def __init__(self, features: FrozenFeatures, sampler: EpochSampler, labels: np.ndarray,
-                 batch_size: int, *, train: bool) -> None:
+                 batch_size: int, *, train: bool, shard: Callable[[Any], Any] | None = None) -> None:
         self.features, self.sampler, self.batch_size, self.train = features, sampler, batch_size, train
         self.labels = torch.tensor(labels, dtype=torch.int64)
-        self.shard: Callable[[Any], Any] | None = None
+        self.shard = shard
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)

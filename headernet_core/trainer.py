@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -247,9 +247,9 @@ def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepar
     check_inputs_outside(config, run_dir, [*train_df["clip_path"], *val_df["clip_path"]])
 
     check_geometry(config)  # before loading the weights: seconds instead of minutes for Giant
-    peeked = None
-    if config.backbone == "vmae":  # (validate() has checked the variant name)
-        peeked = peek_vmae_config(config.variant, config.backbone_ckpt, config.checkpoint_root)
+    # (validate() has checked the variant name)
+    peeked = peek_vmae_config(config.variant, config.backbone_ckpt, config.checkpoint_root) \
+        if config.backbone == "vmae" else None
     for line in ignored_settings(config, peeked):
         warnings.warn(line, IgnoredSettingWarning, stacklevel=2)
 
@@ -271,7 +271,7 @@ def prepare(config: TrainConfig, checked: CheckedSplits | None = None) -> Prepar
 
 # --- the loop ------------------------------------------------------------------------------
 def make_loader(df: pd.DataFrame, config: TrainConfig, *, train: bool, pin: bool,
-                shard: distributed.RankShard | None = None) -> tuple[ClipLoader, EpochSampler]:
+                shard: Callable[[list], list] | None = None) -> tuple[ClipLoader, EpochSampler]:
     """`num_workers` threads read uint8 crops + augmentation draws (data.BatchLoader);
     `loader.to_device` finishes each batch on the training device (augment.DeviceTransform).
     Nothing here touches the global RNG: a resumed run draws the same dropout masks."""
@@ -518,10 +518,8 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         artifacts.write_yaml(run_dir / "config.yaml", config.to_dict())
-    if prep.info.source is None:
-        log(f"backbone {prep.info.name}: random initialisation")
-    else:
-        log(f"backbone {prep.info.name} loaded from {prep.info.source}")
+    log(f"backbone {prep.info.name}: random initialisation" if prep.info.source is None
+        else f"backbone {prep.info.name} loaded from {prep.info.source}")
 
     if device.type == "cpu":
         log(apply_thread_policy(config.threads, config.num_workers, ranks.local_world))
@@ -541,7 +539,6 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
     train_loader, train_sampler, val_loader, val_sampler = _loaders(prep, config, features, shard)
     if ranks.active:
         net = distributed.wrap_ddp(plain, device)
-    val_shares = distributed.batch_shares(len(val_sampler), config.batch_size, ranks)
     if config.compile:
         net = CompiledWithFallback(net, log)
     optimizer = build_optimizer(model, config, fused=device.type == "cuda")
@@ -594,6 +591,7 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             epoch = state.epoch + 1
             train_sampler.set_epoch(epoch)
             shares = distributed.batch_shares(len(train_sampler), config.batch_size, ranks)
+            val_shares = distributed.batch_shares(len(val_sampler), config.batch_size, ranks)
             epoch_start = time.perf_counter()
             reset_peak(device, prep.device_ids)
             backbone_clips = 0
@@ -615,7 +613,6 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             if train_stats is None:
                 config, state, (train_loader, train_sampler, val_loader, val_sampler) = _retry_smaller(
                     prep, config, epoch, features, trained, start_copy, log)
-                val_shares = distributed.batch_shares(len(val_sampler), config.batch_size, ranks)
                 continue
             if features is None:  # every train and val clip went through the backbone
                 backbone_clips = int(train_stats["train_clips"]) + len(labels)
@@ -693,7 +690,7 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
 
 
 def _loaders(prep: Prepared, config: TrainConfig, features: FrozenFeatures | None,
-             shard: distributed.RankShard | None = None) -> tuple:
+             shard: Callable[[list], list] | None = None) -> tuple:
     """(train loader, its sampler, val loader, its sampler) at `config.batch_size`: over clips,
     or over cached features with a frozen backbone; `shard`: this rank's part under DDP."""
     if features is None:
@@ -895,9 +892,7 @@ def _last_payload(model, optimizer, scheduler, scaler, config, info, state: RunS
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(),
             "rng": checkpoints.rng_state(),
-            "epoch": state.epoch, "global_step": state.global_step,
-            "history": state.history, "best_epoch": state.best_epoch,
-            "best_metrics": state.best_metrics}
+            **vars(state)}   # RunState's fields
 
 
 def _restore(payload: dict[str, Any], model, optimizer, scheduler, scaler, config: TrainConfig,
@@ -912,9 +907,9 @@ def _restore(payload: dict[str, Any], model, optimizer, scheduler, scaler, confi
     if payload.get("scaler"):
         scaler.load_state_dict(payload["scaler"])
     checkpoints.set_rng_state(payload["rng"])
-    return RunState(epoch=payload["epoch"], global_step=payload["global_step"],
-                    history=list(payload["history"]), best_epoch=payload["best_epoch"],
-                    best_metrics=payload["best_metrics"])
+    state = RunState(**{f.name: payload[f.name] for f in fields(RunState)})
+    state.history = list(state.history)   # not the payload's own list
+    return state
 
 
 # --- CLI ------------------------------------------------------------------------------------
