@@ -121,7 +121,7 @@ def check_address(address: str) -> None:
                  f"sends no token: export RAY_AUTH_MODE=token, with the cluster's token in "
                  f"~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN ({TOKEN_HELP})")
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            source = "RAY_AUTH_TOKEN" if token_file() is None else token_file()
+            source = token_file() or "RAY_AUTH_TOKEN"
             fail(f"--address {address}: the cluster refused this process's token (from {source}, "
                  f"RAY_AUTH_MODE=token): it is not the head's token ({TOKEN_HELP})")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -14,6 +14,7 @@ per trial holding the standard run artifacts beside Ray Tune's own files.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import dataclasses
@@ -22,6 +23,7 @@ import shlex
 import sys
 import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -58,25 +60,6 @@ SPACE_COPY = "space.yaml"
 PRE_RAY_FILES = {SEARCH_RECORD, SPACE_COPY, LOCK_NAME}
 # The demo dataset the README's commands make: 10 matches (2 held out as test, 2 for val).
 DEMO_MATCHES, DEMO_TEST_SPLIT = 10, 0.2
-
-
-@dataclasses.dataclass
-class SearchArgs:
-    space: str
-    name: str | None
-    train_csv: str | None
-    val_csv: str | None
-    num_samples: int | None
-    max_concurrent: int | None
-    sets: list[str]
-    address: str | None
-    storage_path: str | None
-    resume: bool
-    keep_checkpoints: str | None
-    retrain_best: int | None = None
-    test_csv: str | None = None
-    verbose: bool = False
-    warm_start: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +100,10 @@ class SearchPlan:
     keep_checkpoints: str                 # all | best_trial
     retrain_best: int | None              # the retrain flags, repeated by the resume command
     test_csv: str | None                  # absolute
-    warnings: tuple[str, ...] = ()        # said once when a new search starts
+    warnings: tuple[str, ...] = ()        # said once when a new search starts (none on --resume)
 
 
-def parse_args(argv: Sequence[str] | None) -> SearchArgs:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = CliParser(prog="python -m tuning.search", description=first_paragraph(__doc__))
     parser.add_argument("--space", required=True, help="search space: a YAML path or a name in search_spaces/")
     parser.add_argument("--name", help="search folder name (default: the space's name)")
@@ -147,11 +130,11 @@ def parse_args(argv: Sequence[str] | None) -> SearchArgs:
                              "search folder over the same parameters (ranges may differ)")
     parser.add_argument("--verbose", action="store_true",
                         help="Ray's own console (per-trial result boxes, every trial's output)")
-    return SearchArgs(**vars(parser.parse_args(argv)))
+    return parser.parse_args(argv)
 
 
 # --- checks before anything starts --------------------------------------------------------
-def resolve_space(args: SearchArgs, start: StartRecord | None) -> SearchSpace:
+def resolve_space(args: argparse.Namespace, start: StartRecord | None) -> SearchSpace:
     """The space as the CLI describes it, or exactly as it was when a resumed search started,
     with every path made absolute against the folder the search was started from."""
     if start is not None:
@@ -175,7 +158,7 @@ def recorded_space(start: StartRecord) -> SearchSpace:
     return absolute_paths(space, Path(start.cwd or Path.cwd()))
 
 
-def with_retrain_flags(space: SearchSpace, args: SearchArgs) -> SearchSpace:
+def with_retrain_flags(space: SearchSpace, args: argparse.Namespace) -> SearchSpace:
     """--retrain_best/--test_csv over the space's `retrain` section (not part of what --resume
     must repeat: they act after the search). A test CSV alone keeps the space's epochs."""
     retrain = dict(space.retrain)
@@ -187,16 +170,19 @@ def with_retrain_flags(space: SearchSpace, args: SearchArgs) -> SearchSpace:
         if not retrain.get("epochs"):
             fail("--test_csv scores the retrained best config: add --retrain_best EPOCHS "
                  "(or a retrain section in the space)")
-        retrain["test_csv"] = str(Path(args.test_csv).expanduser().absolute())
+        retrain["test_csv"] = absolute(args.test_csv)
     return dataclasses.replace(space, retrain=retrain if retrain.get("epochs") else {})
+
+
+def absolute(path: str, base: Path | None = None) -> str:
+    """`path`, `~` expanded, made absolute against `base` (default: the working directory)."""
+    return str((base or Path.cwd()).joinpath(Path(path).expanduser()).absolute())
 
 
 def absolute_paths(space: SearchSpace, base: Path) -> SearchSpace:
     """PATH_KEYS in the fixed settings, in path-valued choices and in choices' overrides."""
     def fix(key: str, value: Any) -> Any:
-        if key in PATH_KEYS and isinstance(value, str) and value:
-            return str((base / Path(value).expanduser()).absolute())
-        return value
+        return absolute(value, base) if key in PATH_KEYS and isinstance(value, str) and value else value
 
     def fix_all(values: dict[str, Any]) -> dict[str, Any]:
         return {key: fix(key, value) for key, value in values.items()}
@@ -209,27 +195,21 @@ def absolute_paths(space: SearchSpace, base: Path) -> SearchSpace:
     # The trainer's default checkpoint_root is relative too: pin it to where the search started,
     # not to whatever working directory Ray gives a trial.
     trainer.setdefault("checkpoint_root", fix("checkpoint_root", TrainConfig().checkpoint_root))
-    retrain = dict(space.retrain)
-    if retrain.get("test_csv"):
-        retrain["test_csv"] = str((base / Path(retrain["test_csv"]).expanduser()).absolute())
+    retrain = {key: absolute(value, base) if key == "test_csv" and value else value
+               for key, value in space.retrain.items()}
     return dataclasses.replace(space, trainer=trainer, params=params, retrain=retrain)
-
-
-def demo_csvs(space: SearchSpace) -> tuple[Path, Path]:
-    """Where the demo space's own split CSVs live: `<demo_data>/splits/{train,val}.csv`."""
-    folder = Path(space.demo_data).absolute()
-    return folder / "splits" / "train.csv", folder / "splits" / "val.csv"
 
 
 def prepare_demo_data(space: SearchSpace) -> None:
     """The demo space generates its dataset on first use: only when the CSVs are the demo's own
-    paths and none of its split files exists (a user's CSV, or one of the three, is never
-    generated over; a --test_csv of the user's is read, never written)."""
+    paths (`<demo_data>/splits/{train,val}.csv`) and none of its split files exists (a user's
+    CSV, or one of the three, is never generated over; a --test_csv of the user's is read,
+    never written)."""
     train_csv, val_csv = space.trainer.get("train_csv"), space.trainer.get("val_csv")
     if not space.demo_data or not train_csv or not val_csv:
         return
-    own = demo_csvs(space)
-    if not (same_file(train_csv, own[0]) and same_file(val_csv, own[1])):
+    folder = Path(space.demo_data).absolute()
+    if not (same_file(train_csv, folder / "splits/train.csv") and same_file(val_csv, folder / "splits/val.csv")):
         return  # the user's data: check_data reports what is missing
     own_test = Path(train_csv).with_name("test.csv")  # the demo's own, whatever --test_csv says
     if any(Path(path).exists() for path in (train_csv, val_csv, own_test)):
@@ -238,7 +218,6 @@ def prepare_demo_data(space: SearchSpace) -> None:
     from headernet_core.split_dataset import relative_to, split_parts, write_csv
     import pandas as pd
 
-    folder = Path(space.demo_data).absolute()
     print(f"demo dataset missing: generating it in {folder} (once)")
     csv = folder / "raw" / "all_clips.csv"
     if not csv.is_file():  # the CSV is written last: without it the folder is incomplete
@@ -267,15 +246,15 @@ def check_data(space: SearchSpace) -> CheckedSplits:
     for message in split_warnings(train_df, val_df, csvs["train"], csvs["val"]):
         warnings.warn(message, stacklevel=2)
     frames = [*train_df["clip_frames"], *val_df["clip_frames"]]
-    top = {p.name: p.high for p in space.params if p.kind == "int"}   # an int range's largest draw
+    # num_frames from an int range: checked at its largest draw (combinations give its low bound)
+    top = {p.name: p.high for p in space.params if p.kind == "int" and p.name == "num_frames"}
     for sampled, _ in space.combinations():   # the trainer's own frame check, for every trial
-        values = space.trainer_values({**sampled, **({"num_frames": top["num_frames"]} if "num_frames" in top else {})})
+        values = space.trainer_values({**sampled, **top})
         try:
             check_frames(TrainConfig.from_dict(values, source=str(space.path)), frames)
         except HeaderNetError as exc:
             fail(f"{space.path}: {exc}")
-    test_csv = space.retrain.get("test_csv")
-    if test_csv:  # scored after the search: a missing file must not surface hours from now
+    if test_csv := space.retrain.get("test_csv"):  # scored after the search: a missing file must not surface hours from now
         load_split(test_csv, "test")
     return checked
 
@@ -284,8 +263,7 @@ def check_checkpoints(space: SearchSpace) -> None:
     """Every backbone source any trial could use (through any choice or its overrides) must
     exist before the search starts, not fail trial by trial hours into it."""
     for _, values in space.combinations():
-        ckpt = values.get("backbone_ckpt")
-        if ckpt:
+        if ckpt := values.get("backbone_ckpt"):
             if not Path(ckpt).exists():
                 fail(f"{space.path}: backbone_ckpt {ckpt} not found")
             continue
@@ -386,15 +364,15 @@ def check_search_dir(search_dir: Path, resume: bool) -> StartRecord | None:
     return None
 
 
-def shaping_flags(args: SearchArgs) -> dict[str, Any]:
+def shaping_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The CLI flags that shape a search beyond the space file, as search.json records them
     and --resume compares them (CSV paths absolute, so the folder run from does not matter)."""
-    csvs = {key: str(Path(value).expanduser().absolute()) if value else None
+    csvs = {key: absolute(value) if value else None
             for key, value in (("train_csv", args.train_csv), ("val_csv", args.val_csv))}
     return {"sets": list(args.sets), **csvs, "keep_checkpoints": args.keep_checkpoints}
 
 
-def check_resume_args(args: SearchArgs, start: StartRecord, search_dir: Path) -> None:
+def check_resume_args(args: argparse.Namespace, start: StartRecord, search_dir: Path) -> None:
     """--resume continues the search exactly as it started (Tune restores the same sampler,
     scheduler and trial count): a flag that asks for something else is an error, not ignored.
     (The space file itself was found by load_space before this runs.)"""
@@ -412,7 +390,7 @@ def check_resume_args(args: SearchArgs, start: StartRecord, search_dir: Path) ->
     for key in ("train_csv", "val_csv"):
         if now[key] and key in started and now[key] != started[key]:
             changed.append(f"--{key} {getattr(args, key)} (started with {started[key] or 'the space file'})")
-    if args.warm_start and str(Path(args.warm_start).expanduser().absolute()) != start.warm_start:
+    if args.warm_start and absolute(args.warm_start) != start.warm_start:
         changed.append(f"--warm_start {args.warm_start} (started with {start.warm_start or 'none'})")
     if changed:
         fail(f"{search_dir}: --resume continues the search as it was started, but "
@@ -423,14 +401,6 @@ def check_resume_args(args: SearchArgs, start: StartRecord, search_dir: Path) ->
 
 
 # --- Ray --------------------------------------------------------------------------------------
-def check_ray(address: str | None) -> None:
-    """Before anything is written: Ray's environment (read when ray is imported) and, with
-    --address, a head that answers and accepts this process's token (one line within seconds)."""
-    prepare_environment(local=not address)
-    if address:
-        check_address(address)
-
-
 def start_ray(address: str | None, quiet: bool) -> None:
     """Local Ray by default (started and stopped by this command, on 127.0.0.1 only) or join
     `address` (see tuning/cluster.py). `quiet`: the workers log no INFO lines (QUIET_HOOK)."""
@@ -467,12 +437,11 @@ def build_tuner(plan: SearchPlan, checked: CheckedSplits | None = None):
         clear_stale_lock(search_dir)
         return tune.Tuner.restore(str(search_dir), trainable=trainable,
                                   resume_unfinished=True, resume_errored=True)
-    searcher = make_searcher(space, search_dir, plan.start.warm_start)
-    scheduler = make_scheduler(space, search_dir)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=space.mode, search_alg=searcher,
-                                    scheduler=scheduler, num_samples=space.num_samples,
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=space.mode,
+                                    search_alg=make_searcher(space, search_dir, plan.start.warm_start),
+                                    scheduler=make_scheduler(space, search_dir), num_samples=space.num_samples,
                                     max_concurrent_trials=concurrent_trials(space),
                                     # one actor per slot for the whole search: torch and the
                                     # trainer are imported once, not once per trial (N-worker
@@ -622,7 +591,7 @@ def prune_checkpoints(search_dir: Path, records: list[TrialRecord], best: TrialR
         record.checkpoint = None
 
 
-def plan_search(args: SearchArgs) -> SearchPlan:
+def plan_search(args: argparse.Namespace) -> SearchPlan:
     """Check the flags, the space and the search folder and decide what the search does,
     writing nothing: a new search's StartRecord comes from the flags, a resumed one's from its
     search.json (a flag that would change the search is refused)."""
@@ -644,9 +613,8 @@ def plan_search(args: SearchArgs) -> SearchPlan:
     space = with_retrain_flags(resolve_space(args, start), args)
     warnings: list[str] = []
     if start is None:
-        warm_start = None
-        if args.warm_start:
-            warm_start = str(Path(args.warm_start).expanduser().absolute())
+        warm_start = absolute(args.warm_start) if args.warm_start else None
+        if warm_start:
             warnings = check_warm_start(warm_start, space)
         space_file = find_space_file(args.space).absolute()   # --resume may run from another folder
         start = StartRecord(
@@ -658,7 +626,7 @@ def plan_search(args: SearchArgs) -> SearchPlan:
         search_dir=search_dir, space=space, start=start, resume=args.resume, address=args.address,
         keep_checkpoints=args.keep_checkpoints or (start.args or {}).get("keep_checkpoints") or "all",
         retrain_best=args.retrain_best,
-        test_csv=str(Path(args.test_csv).expanduser().absolute()) if args.test_csv else None,
+        test_csv=absolute(args.test_csv) if args.test_csv else None,
         warnings=tuple(warnings))
 
 
@@ -695,12 +663,16 @@ def check_warm_start(other: str, space: SearchSpace) -> list[str]:
         f"{format_value(space.trainer.get(k), 4, None)} here" for k in differ)]
 
 
-def run_search(args: SearchArgs) -> int:
+def run_search(args: argparse.Namespace) -> int:
     plan = plan_search(args)
     search_dir, space = plan.search_dir, plan.space
     # Resume only from state this project signed, checked before anything is written.
     verified = resume_guard.verify(search_dir) if plan.resume else None
-    check_ray(plan.address)
+    # Ray's environment (read when ray is imported) and, with --address, a head that answers
+    # and accepts this process's token (one line within seconds).
+    prepare_environment(local=not plan.address)
+    if plan.address:
+        check_address(plan.address)
     if plan.resume and args.verbose != plan.start.verbose:
         print(f"note: a resumed search keeps the console it started with "
               f"({'--verbose' if plan.start.verbose else 'compact'})")
@@ -716,11 +688,9 @@ def run_search(args: SearchArgs) -> int:
         with FolderLock(search_dir, "a search"):
             check_search_dir(search_dir, plan.resume)  # again: no other search can start from here on
             remove_stale_temps(search_dir, search_dir / resume_guard.SNAPSHOT_DIR)
-            if verified is not None:
-                replaced = resume_guard.install(search_dir, verified)
-                if replaced:
-                    print(f"note: resuming from the signed state; unsigned or stale Ray Tune files "
-                          f"{', '.join(replaced)} moved to {search_dir / resume_guard.SNAPSHOT_DIR / resume_guard.DISPLACED}")
+            if verified is not None and (replaced := resume_guard.install(search_dir, verified)):
+                print(f"note: resuming from the signed state; unsigned or stale Ray Tune files "
+                      f"{', '.join(replaced)} moved to {search_dir / resume_guard.SNAPSHOT_DIR / resume_guard.DISPLACED}")
             return search_owned(plan, checked)
     finally:
         if created and search_dir.is_dir() and not any(search_dir.iterdir()):
@@ -735,7 +705,7 @@ def search_owned(plan: SearchPlan, checked: CheckedSplits) -> int:
         write_json(search_dir / SEARCH_RECORD, dataclasses.asdict(plan.start))
         write_text(search_dir / SPACE_COPY, plan.start.space_yaml)
     print(space.describe())
-    for line in [*search_warnings(space, search_dir), *([] if plan.resume else plan.warnings)]:
+    for line in [*search_warnings(space, search_dir), *plan.warnings]:
         print(f"warning: {line}")
     from .study import STUDY_FILE
     print(f"search folder: {search_dir}  (live study: optuna-dashboard {search_dir / STUDY_FILE})")
@@ -745,8 +715,7 @@ def search_owned(plan: SearchPlan, checked: CheckedSplits) -> int:
     except KeyboardInterrupt:
         # A second Ctrl-C (or SIGTERM) while stopping: Tune skips its last save and no summary
         # is written, but the search continues from Tune's last periodic save.
-        print(f"stopped at once, without a summary: continue with "
-              f"{resume_command(plan)}", file=sys.stderr)
+        print(f"stopped at once, without a summary: continue with {resume_command(plan)}", file=sys.stderr)
         raise SystemExit(130) from None
     if interrupted:
         return 130
@@ -768,7 +737,6 @@ def fit_and_summarise(plan: SearchPlan, checked: CheckedSplits
     space, search_dir = plan.space, plan.search_dir
     start_ray(plan.address, quiet=not plan.start.verbose)
     sigterm_as_sigint()  # ray.init installed its own SIGTERM handler (exit 1, no summary)
-    stopping = None
     try:
         if plan.address:
             check_cluster_gpus(space)
@@ -786,14 +754,14 @@ def fit_and_summarise(plan: SearchPlan, checked: CheckedSplits
             from .study import fail_unfinished
             fail_unfinished(search_dir)
         records = collect_records(space, search_dir, results, interrupted)
-        # Stopping Ray (the local one this command started; from a cluster it only disconnects)
-        # is waiting for its processes to exit: done while the summary is written, which needs
-        # only the trial folders.
-        stopping = threading.Thread(target=stop_ray, name="ray-shutdown")
-        stopping.start()
-    finally:
-        if stopping is None:
-            stop_ray()
+    except BaseException:
+        stop_ray()
+        raise
+    # Stopping Ray (the local one this command started; from a cluster it only disconnects) is
+    # waiting for its processes to exit: done while the summary is written, which needs only the
+    # trial folders.
+    stopping = threading.Thread(target=stop_ray, name="ray-shutdown")
+    stopping.start()
     try:
         best = summarise(plan, records, interrupted)
     finally:
@@ -814,31 +782,23 @@ def summarise(plan: SearchPlan, records: list[TrialRecord], interrupted: bool) -
     best = best_record(records, space.mode)
     if plan.keep_checkpoints == "best_trial" and not interrupted:
         prune_checkpoints(search_dir, records, best)
-    notes = []
-    if interrupted:
-        notes.append(f"interrupted: continue with {resume_command(plan)}")
-    cache_note = feature_cache_note(search_dir, records)
-    if cache_note:
+    notes = [f"interrupted: continue with {resume_command(plan)}"] if interrupted else []
+    if cache_note := feature_cache_note(search_dir, records):
         notes.append(cache_note)
     for line in complete_trial_plots(search_dir, records):
         print(line, file=sys.stderr)
     size = folder_bytes(search_dir)
+    # A warm start: the other search and how many of its trials the study imported.
+    from .study import imported_trials
+    warm_start = {"from": plan.start.warm_start, "trials": imported_trials(search_dir)} if plan.start.warm_start else None
     write_summary(search_dir, name=search_dir.name, metric=space.metric, mode=space.mode,
                   space_params=space.params, records=records,
                   state="interrupted" if interrupted else "finished", disk_bytes=size,
-                  notes=notes, val_csv=space.trainer.get("val_csv"), warm_start=warm_start_record(plan),
+                  notes=notes, val_csv=space.trainer.get("val_csv"), warm_start=warm_start,
                   objectives=space.objectives,
                   cost_unit="GPU-hours" if space.resources.get("gpu", 0) else "CPU-hours")
     print_result(search_dir, space, records, best, size, notes)
     return best
-
-
-def warm_start_record(plan: SearchPlan) -> dict[str, Any] | None:
-    """The summary's record of a warm start: the other search and how many trials it gave."""
-    if not plan.start.warm_start:
-        return None
-    from .study import imported_trials
-    return {"from": plan.start.warm_start, "trials": imported_trials(plan.search_dir)}
 
 
 def resume_command(plan: SearchPlan) -> str:
@@ -847,21 +807,18 @@ def resume_command(plan: SearchPlan) -> str:
     cluster, and this command's retrain flags (--resume does not keep those: they act after
     the search)."""
     start = plan.start
-    space = Path(start.cwd or Path.cwd()) / Path(start.space_file).expanduser()
-    command = ["python", "-m", "tuning.search", "--space", str(space), "--name", plan.search_dir.name,
+    space = absolute(start.space_file, Path(start.cwd or Path.cwd()))
+    command = ["python", "-m", "tuning.search", "--space", space, "--name", plan.search_dir.name,
                "--storage_path", str(plan.search_dir.parent)]
-    for flag, value in (("address", plan.address), ("retrain_best", plan.retrain_best),
-                        ("test_csv", plan.test_csv)):
-        if value is not None:
+    for flag in ("address", "retrain_best", "test_csv"):
+        if (value := getattr(plan, flag)) is not None:
             command += [f"--{flag}", str(value)]
     return shlex.join([*command, "--resume"])
 
 
 def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord],
                  best: TrialRecord | None, size: int, notes: list[str]) -> None:
-    counts: dict[str, int] = {}
-    for record in records:
-        counts[record.status] = counts.get(record.status, 0) + 1
+    counts = Counter(record.status for record in records)
     print("\n" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" of {space.num_samples} trials")
     if best is None:
         print("no best trial: no trial finished an epoch without failing")
@@ -880,15 +837,12 @@ def print_result(search_dir: Path, space: SearchSpace, records: list[TrialRecord
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    code = 0
 
     def body() -> None:
-        nonlocal code
-        code = run_search(args)
+        if code := run_search(args):
+            sys.exit(code)
 
     run_cli(body)
-    if code:
-        sys.exit(code)
 
 
 if __name__ == "__main__":
