@@ -51,6 +51,15 @@ def short_name(trial: Any) -> str:
     return trial_dirname(trial).split("_", 1)[0]
 
 
+def _objective(trial: Any) -> float | None:
+    """The trial's best objective so far (its last report's `objective`), None before its first epoch."""
+    return finite((trial.last_result or {}).get("objective"))
+
+
+def _shown(value: float | None) -> str:
+    return "-" if value is None else format_value(value)
+
+
 def error_text(trial: Any) -> str:
     """The trial's error on one line. Tune writes it to the driver's copy of the trial folder
     (`error_file`) before the callbacks run; the storage copy (`get_error`) comes later."""
@@ -104,9 +113,6 @@ class TrialEvents(_Console, tune.Callback):
     def _line(self, trial: Any, text: str) -> None:
         self.emit(f"[{self.elapsed()}] {short_name(trial)} {text}")
 
-    def _objective(self, trial: Any) -> float | None:
-        return finite((trial.last_result or {}).get("objective"))
-
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
         params = " ".join(f"{k}={format_value(v)}" for k, v in (trial.config or {}).items())
         self._line(trial, f"started   {params}")
@@ -115,8 +121,7 @@ class TrialEvents(_Console, tune.Callback):
         """An epoch; when the scheduler ends the trial with it (`done`), its end too."""
         epoch = int(result.get("epoch", 0))
         value, objective = finite(result.get(self.metric)), finite(result.get("objective"))
-        text = f"epoch {epoch}  {self.metric} {format_value(value) if value is not None else '-'}"
-        text += f"  trial best {format_value(objective) if objective is not None else '-'}"
+        text = f"epoch {epoch}  {self.metric} {_shown(value)}  trial best {_shown(objective)}"
         if self.better(objective, self.best[1] if self.best else None):
             self.best = (short_name(trial), objective)
             text += "  * search best"
@@ -131,7 +136,7 @@ class TrialEvents(_Console, tune.Callback):
         if trial.trial_id in self.ended:     # said with its last epoch
             return
         epoch = int((trial.last_result or {}).get("epoch", 0))
-        objective = self._objective(trial)
+        objective = _objective(trial)
         shown = f"{self.metric} {format_value(objective)}" if objective is not None else "no epoch"
         self._line(trial, f"{self._ending(trial, epoch)}: best {shown}")
 
@@ -188,14 +193,13 @@ class CompactTable(_Console, tune.ProgressReporter):
         started = sorted((t for t in trials if t.status != "PENDING"), key=short_name)
         so_far, best_so_far, best = [], None, None
         for trial in started:          # the search's best objective in launch order
-            value = finite((trial.last_result or {}).get("objective"))
+            value = _objective(trial)
             if self.better(value, best_so_far):
                 best_so_far, best = value, trial
             so_far.append(best_so_far)
         running = [t for t in started if t.status == "RUNNING"]
-        ranked = sorted((t for t in started if t not in running
-                         and finite((t.last_result or {}).get("objective")) is not None),
-                        key=lambda t: finite(t.last_result["objective"]) * (-1 if self.mode == "max" else 1))
+        ranked = sorted((t for t in started if t not in running and _objective(t) is not None),
+                        key=lambda t: _objective(t) * (-1 if self.mode == "max" else 1))
         shown = {t.trial_id for t in running + ranked[:TABLE_TOP]}
         counts = {s: sum(t.status == s for t in trials) for s in ("RUNNING", "TERMINATED", "ERROR", "PENDING")}
         head = (f"[{self.elapsed()}] {counts['RUNNING']} running, {counts['TERMINATED']} done, "
@@ -211,12 +215,10 @@ class CompactTable(_Console, tune.ProgressReporter):
             if trial.trial_id not in shown:
                 continue
             result = trial.last_result or {}
-            objective = finite(result.get("objective"))
             rows.append([short_name(trial), trial.status.lower(),
                          *[format_value(trial.config.get(p, "-")) for p in self.params],
                          str(int(result["epoch"])) if "epoch" in result else "-",
-                         format_value(objective) if objective is not None else "-",
-                         format_value(running_best) if running_best is not None else "-"])
+                         _shown(_objective(trial)), _shown(running_best)])
         widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
         return [head] + ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
                          for row in [header, *rows]]
@@ -226,16 +228,14 @@ def console_run_config(*, metric: str, mode: str, params: Sequence[str], search_
                        max_failures: int, verbose: bool) -> dict[str, Any]:
     """Keyword arguments for `tune.RunConfig` that set up the console, and the environment
     Ray reads for it (legacy output so that `progress_reporter` is honoured)."""
-    events = TrialEvents(metric, mode, params, search_dir, max_failures)
-    if verbose:
-        use_legacy_console(False)
-        os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1"
-        return {"callbacks": [events], "verbose": 1}
-    use_legacy_console(True)
-    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"     # the event line says it; error.txt has it all
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return {"callbacks": [events], "verbose": 1,
-            "progress_reporter": CompactTable(metric, mode, params, search_dir)}
+    use_legacy_console(not verbose)
+    # quiet: a failed trial's event line says it; its error.txt has it all
+    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1" if verbose else "0"
+    config: dict[str, Any] = {"callbacks": [TrialEvents(metric, mode, params, search_dir, max_failures)], "verbose": 1}
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        config["progress_reporter"] = CompactTable(metric, mode, params, search_dir)
+    return config
 
 
 # This command's line in place of Tune's when a search is stopped (Ctrl-C, SIGTERM, the disk watch).

@@ -113,6 +113,14 @@ def _mac(key: bytes, body: dict) -> str:
     return hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()
 
 
+def _read_manifest(path: Path) -> tuple[dict, dict[str, str], str]:
+    """(the manifest without its MAC, its file entries, the MAC); OSError, ValueError, KeyError,
+    TypeError, AttributeError or RecursionError when it is not the JSON this command writes."""
+    manifest = json.loads(_read_regular(path))
+    body = {k: v for k, v in manifest.items() if k != "mac"}
+    return body, dict(body["files"]), str(manifest["mac"])
+
+
 # --- writing the snapshot ---------------------------------------------------------------------
 def sign_tuner(search_dir: Path) -> None:
     """Start the signed snapshot of a new search with its freshly written tuner.pkl."""
@@ -129,16 +137,12 @@ def record(search_dir: Path, files: dict[str, bytes], *, fresh: bool = False) ->
                                 if name == TUNER_PKL}
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        digest = hashlib.sha256(data).hexdigest()
-        blob = folder / digest
-        try:
-            present = _read_regular(blob) == data
-        except OSError:
-            present = False
-        if not present:
-            with atomic_path(blob, durable=True) as tmp:
-                tmp.write_bytes(data)
-        entries[name] = digest
+        digest = entries[name] = hashlib.sha256(data).hexdigest()
+        with contextlib.suppress(OSError):
+            if _read_regular(folder / digest) == data:
+                continue   # this content is signed already
+        with atomic_path(folder / digest, durable=True) as tmp:
+            tmp.write_bytes(data)
     body = {"format": FORMAT, "files": entries, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(folder / MANIFEST, {**body, "mac": _mac(key, body)}, durable=True)
     keep = set(entries.values()) | {MANIFEST, DISPLACED}
@@ -151,10 +155,9 @@ def record(search_dir: Path, files: dict[str, bytes], *, fresh: bool = False) ->
 def _verified_entries(folder: Path, key: bytes) -> dict[str, str]:
     """The manifest's entries if its MAC holds (else {}: a damaged manifest is not extended)."""
     try:
-        manifest = json.loads(_read_regular(folder / MANIFEST))
-        body = {k: v for k, v in manifest.items() if k != "mac"}
-        if hmac.compare_digest(str(manifest.get("mac")), _mac(key, body)):
-            return dict(body["files"])
+        body, entries, mac = _read_manifest(folder / MANIFEST)
+        if hmac.compare_digest(mac, _mac(key, body)):
+            return entries
     except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError):
         pass
     return {}
@@ -177,10 +180,7 @@ def verify(search_dir: Path) -> VerifiedState:
              f"{RECOVER}")
     key = load_key(create=False)
     try:
-        manifest = json.loads(_read_regular(manifest_path))
-        body = {k: v for k, v in manifest.items() if k != "mac"}
-        entries = dict(body["files"])
-        mac = str(manifest["mac"])
+        body, entries, mac = _read_manifest(manifest_path)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         fail(f"{manifest_path} is damaged (not the JSON this command writes); {RECOVER}")
     if body.get("format") != FORMAT or not hmac.compare_digest(mac, _mac(key, body)):

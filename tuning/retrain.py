@@ -126,81 +126,71 @@ def retrain(search_dir: str | Path, *, epochs: int, test_csv: str | Path | None 
     check_name(name, "--name")
     if epochs < 1:
         fail(f"--epochs must be a positive integer, got {epochs}")
-    from headernet_core.evaluation import check_views
+    from headernet_core.data import check_clips, read_split
+    from headernet_core.evaluation import check_views, evaluate, per_video_errors
+    from headernet_core.trainer import train
+
     check_views(views, spatial_views)
     best_trial(search_dir, trial)  # a search folder, before its lock is taken
     with FolderLock(search_dir, "a retrain") if lock else contextlib.nullcontext():
-        return _retrain(search_dir, epochs=epochs, test_csv=test_csv, train_on_val=train_on_val,
-                        name=name, devices=devices, views=views, spatial_views=spatial_views, log=log,
-                        trial=trial)
-
-
-def _retrain(search_dir: Path, *, epochs: int, test_csv: str | Path | None, train_on_val: bool,
-             name: str, devices: Mapping[str, Any] | None, views: int, spatial_views: int,
-             log: Callable[[str], None], trial: str | None = None) -> dict[str, Any]:
-    from headernet_core.data import check_clips, read_split
-    from headernet_core.evaluation import evaluate, per_video_errors
-    from headernet_core.trainer import train
-
-    trial, trial_config, trial_best = best_trial(search_dir, trial)
-    if read_json_dict(search_dir / SUMMARY_JSON).get("state") != "finished":
-        log(f"note: {search_dir.name} has not finished: {trial} is its best trial so far")
-    run_dir = search_dir / name
-    if run_dir.exists():
-        fail(f"{run_dir} already exists (a model retrained earlier is never overwritten); "
-             f"choose another --name")
-    config = final_config(trial_config, search_dir=search_dir, name=name, epochs=epochs,
-                          devices=devices or {})
-    config.validate()
-    if test_csv is not None:   # checked before hours of training, not after
-        test_csv = str(Path(test_csv).absolute())
-        check_clips(read_split(test_csv, "test"), test_csv)
-    combined = search_dir / f"{name}_{COMBINED_CSV}"   # beside the run folder: inputs never live in one
-    if train_on_val:
-        config = config.replace(train_csv=combined_csv(config, combined))
-    log(f"retraining {trial} for {epochs} epochs as {run_dir}")
-    try:
-        result = train(config, log=log)
-    except BaseException:
-        if not (run_dir / "status.json").exists():   # failed before writing the run: leave nothing
-            shutil.rmtree(run_dir, ignore_errors=True)
-            combined.unlink(missing_ok=True)
-        raise
-    record: dict[str, Any] = {
-        "run_dir": str(run_dir), "trial": trial, "epochs": epochs, "train_on_val": train_on_val,
-        "best_epoch": result.best_epoch,
-        "val_metric": config.select_metric,
-        "val_value": result.best_metrics.get(config.select_metric),
-        "test_csv": test_csv}
-    if test_csv is not None:
+        trial, trial_config, trial_best = best_trial(search_dir, trial)
+        if read_json_dict(search_dir / SUMMARY_JSON).get("state") != "finished":
+            log(f"note: {search_dir.name} has not finished: {trial} is its best trial so far")
+        run_dir = search_dir / name
+        if run_dir.exists():
+            fail(f"{run_dir} already exists (a model retrained earlier is never overwritten); "
+                 f"choose another --name")
+        config = final_config(trial_config, search_dir=search_dir, name=name, epochs=epochs,
+                              devices=devices or {})
+        config.validate()
+        if test_csv is not None:   # checked before hours of training, not after
+            test_csv = str(Path(test_csv).absolute())
+            check_clips(read_split(test_csv, "test"), test_csv)
+        combined = search_dir / f"{name}_{COMBINED_CSV}"   # beside the run folder: inputs never live in one
         if train_on_val:
-            checkpoint, threshold = run_dir / "checkpoints" / "last.pt", trial_best.get("val_threshold")
-            if threshold is None or not math.isfinite(threshold):
-                fail(f"{search_dir / trial}/best_metrics.json: no validation threshold to score "
-                     f"the test split at")
-            source = f"validation of trial {trial}"
-        else:
-            checkpoint, threshold, source = result.best_checkpoint, None, None
-        metrics, predictions = evaluate(checkpoint, test_csv, threshold=threshold, views=views,
-                                        spatial_views=spatial_views, cpu=config.cpu)
-        write_csv(predictions, run_dir / TEST_PREDICTIONS)
-        write_csv(per_video_errors(predictions), run_dir / TEST_PER_VIDEO)
-        if source is None:
-            source = metrics["threshold_source"]
-            if source.startswith("validation"):
-                source = f"validation, epoch {result.best_epoch}"
-        record.update({"checkpoint": str(Path(checkpoint).relative_to(search_dir)),
-                       "threshold": metrics["threshold"], "threshold_source": source,
-                       "views": metrics["views"],
-                       **{new: metrics[old] for old, new in TEST_KEYS.items()},
-                       "per_video": str((run_dir / TEST_PER_VIDEO).relative_to(search_dir))})
-        write_json(run_dir / TEST_METRICS, record)
-        log(f"test ({Path(test_csv).name}, {record['test_clips']} clips) at threshold "
-            f"{record['threshold']:.3f} from {record['threshold_source']}: f1 "
-            f"{record['test_f1']:.4f}, precision {record['test_precision']:.4f}, recall "
-            f"{record['test_recall']:.4f}, auc {record['test_auc']:.4f} -> {run_dir / TEST_METRICS}")
-    add_final_model(search_dir, record)
-    return record
+            config = config.replace(train_csv=combined_csv(config, combined))
+        log(f"retraining {trial} for {epochs} epochs as {run_dir}")
+        try:
+            result = train(config, log=log)
+        except BaseException:
+            if not (run_dir / "status.json").exists():   # failed before writing the run: leave nothing
+                shutil.rmtree(run_dir, ignore_errors=True)
+                combined.unlink(missing_ok=True)
+            raise
+        record: dict[str, Any] = {
+            "run_dir": str(run_dir), "trial": trial, "epochs": epochs, "train_on_val": train_on_val,
+            "best_epoch": result.best_epoch, "val_metric": config.select_metric,
+            "val_value": result.best_metrics.get(config.select_metric),
+            "test_csv": test_csv}
+        if test_csv is not None:
+            if train_on_val:
+                checkpoint, threshold = run_dir / "checkpoints" / "last.pt", trial_best.get("val_threshold")
+                if threshold is None or not math.isfinite(threshold):
+                    fail(f"{search_dir / trial}/best_metrics.json: no validation threshold to score "
+                         f"the test split at")
+                source = f"validation of trial {trial}"
+            else:
+                checkpoint, threshold, source = result.best_checkpoint, None, None
+            metrics, predictions = evaluate(checkpoint, test_csv, threshold=threshold, views=views,
+                                            spatial_views=spatial_views, cpu=config.cpu)
+            write_csv(predictions, run_dir / TEST_PREDICTIONS)
+            write_csv(per_video_errors(predictions), run_dir / TEST_PER_VIDEO)
+            if source is None:
+                source = metrics["threshold_source"]
+                if source.startswith("validation"):
+                    source = f"validation, epoch {result.best_epoch}"
+            record.update({"checkpoint": str(Path(checkpoint).relative_to(search_dir)),
+                           "threshold": metrics["threshold"], "threshold_source": source,
+                           "views": metrics["views"],
+                           **{new: metrics[old] for old, new in TEST_KEYS.items()},
+                           "per_video": str((run_dir / TEST_PER_VIDEO).relative_to(search_dir))})
+            write_json(run_dir / TEST_METRICS, record)
+            log(f"test ({Path(test_csv).name}, {record['test_clips']} clips) at threshold "
+                f"{record['threshold']:.3f} from {record['threshold_source']}: f1 "
+                f"{record['test_f1']:.4f}, precision {record['test_precision']:.4f}, recall "
+                f"{record['test_recall']:.4f}, auc {record['test_auc']:.4f} -> {run_dir / TEST_METRICS}")
+        add_final_model(search_dir, record)
+        return record
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 import optuna
 
-from headernet_core.artifacts import write_json, write_text
-from headernet_core.config import format_value
+from headernet_core.artifacts import remove_stale_temps, write_json, write_text
+from headernet_core.config import format_value, load_yaml_mapping
 
 from .trial import finite
 
@@ -176,8 +176,6 @@ def complete_trial_plots(search_dir: Path, records: Sequence[TrialRecord]) -> li
     import os
     import time
 
-    from headernet_core.artifacts import remove_stale_temps
-    from headernet_core.config import load_yaml_mapping
     from headernet_core.locks import owner_alive
     from headernet_core.plots import plots_outdated, write_run_plots
     from headernet_core.status import read_status_record
@@ -251,13 +249,11 @@ def write_summary(search_dir: Path, *, name: str, metric: str, mode: str,
     final = _earlier_final(search_dir)
     if final:   # a model retrained while the search was interrupted stays on record
         summary["final"] = final
-    from .summary_plots import write_plots  # imports this module: only when drawing
+    from .summary_plots import write_pareto_plot, write_plots  # imports this module: only when drawing
 
     plots = write_plots(search_dir / PLOTS_DIRNAME, records, space_params, metric, mode, best)
     summary.update(_cost(records, cost_unit))
     if objectives:
-        from .summary_plots import write_pareto_plot
-
         summary["objectives"] = [{"metric": m, "mode": d} for m, d in objectives]
         summary["pareto_front"] = pareto_front(records, objectives)
         for trial, record in zip(summary["trials"], records):
@@ -321,13 +317,8 @@ def _earlier_final(search_dir: Path) -> dict[str, Any] | None:
     """The `final` record of a summary written before (None when there is none)."""
     try:
         final = json.loads((search_dir / SUMMARY_JSON).read_text()).get("final")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(final, dict):
-        return None
-    try:
-        _final_markdown(final)
-    except (KeyError, TypeError, ValueError):   # not a record tuning.retrain wrote: dropped
+        _final_markdown(final)   # fails on a record tuning.retrain did not write (or a non-dict)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):   # no such record: dropped
         return None
     return final
 
@@ -396,14 +387,9 @@ def _rank_key(objective: Any, epochs_run: int | None, name: str, mode: str) -> t
 
 def _in_launch_order(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Sorted by `order`; a record without one (0) takes its 1-based position."""
-    numbered = [(r.order if r.order and r.order > 0 else i + 1, i, r)
+    numbered = [r if r.order and r.order > 0 else replace(r, order=i + 1)
                 for i, r in enumerate(records)]
-    out = []
-    for order, _, record in sorted(numbered, key=lambda t: (t[0], t[1])):
-        if record.order != order:
-            record = replace(record, order=order)
-        out.append(record)
-    return out
+    return sorted(numbered, key=lambda r: r.order)   # stable: equal orders keep their positions
 
 
 def _trial_dict(record: TrialRecord) -> dict[str, Any]:
@@ -430,13 +416,9 @@ def _best_dict(search_dir: Path, best: TrialRecord | None,
     if checkpoint_abs and val_csv:
         command = (f"python -m headernet_core.evaluate --checkpoint {shlex.quote(checkpoint_abs)} "
                    f"--val_csv {shlex.quote(str(val_csv))}")
+    shared = ("name", "status", "params", "objective", "best_epoch", "epochs_run")
     return {
-        "name": best.name,
-        "status": best.status,
-        "params": _plain(best.params),
-        "objective": finite(best.objective),
-        "best_epoch": _int_or_none(best.best_epoch),
-        "epochs_run": int(best.epochs_run or 0),
+        **{key: value for key, value in _trial_dict(best).items() if key in shared},
         "best_metrics": _plain(best.best_metrics or {}),
         "checkpoint": best.checkpoint,
         "checkpoint_abs": checkpoint_abs,
@@ -451,10 +433,8 @@ def _one_line(text: str | None) -> str | None:
 
 def _param_names(records: Sequence[TrialRecord], space_params: Sequence[Param]) -> list[str]:
     """The space's params in order, then any other key a record holds (a --set leftover)."""
-    names = [p.name for p in space_params]
-    for record in records:
-        names += [k for k in record.params if k not in names]
-    return names
+    names = [p.name for p in space_params] + [k for r in records for k in r.params]
+    return list(dict.fromkeys(names))
 
 
 # --- importances ----------------------------------------------------------------------------
@@ -478,12 +458,11 @@ def optuna_distribution(param: Param) -> optuna.distributions.BaseDistribution:
     if param.kind == "int":
         return optuna.distributions.IntDistribution(int(param.low), int(param.high),
                                                     log=bool(param.log), step=int(param.step or 1))
-    if param.kind == "loguniform":
-        return optuna.distributions.FloatDistribution(float(param.low), float(param.high), log=True)
-    if param.kind == "uniform":
-        step = None if param.step is None else float(param.step)
+    if param.kind in ("loguniform", "uniform"):
+        log = param.kind == "loguniform"
+        step = None if log or param.step is None else float(param.step)
         return optuna.distributions.FloatDistribution(float(param.low), float(param.high),
-                                                      step=step)
+                                                      log=log, step=step)
     raise ValueError(f"param {param.name}: unknown kind {param.kind!r}")
 
 
@@ -519,8 +498,7 @@ def _importances(records: Sequence[TrialRecord], space_params: Sequence[Param],
                     value=value))
             except (ValueError, TypeError):
                 outside += 1
-        left_out = (f"; {outside} trial(s) with a value outside the space left out"
-                    if outside else "")
+        left_out = f"; {outside} trial(s) with a value outside the space left out" if outside else ""
         if len(trials) < MIN_IMPORTANCE_TRIALS:
             return None, (f"not computed: {len(trials)} trial(s) with a finite objective, "
                           f"{MIN_IMPORTANCE_TRIALS} needed{left_out}")
@@ -551,11 +529,6 @@ def _importances(records: Sequence[TrialRecord], space_params: Sequence[Param],
 
 
 # --- trials.csv -----------------------------------------------------------------------------
-def _csv_cell(value: Any) -> Any:
-    value = _plain(value)
-    return "" if value is None else value
-
-
 def _write_csv(path: Path, records: Sequence[TrialRecord], space_params: Sequence[Param],
                objective_metrics: Sequence[str] = ()) -> None:
     """`objective_metrics`: a multi-objective search's metrics, each a column named as itself."""
@@ -576,7 +549,7 @@ def _write_csv(path: Path, records: Sequence[TrialRecord], space_params: Sequenc
         row += [(r.best_metrics or {}).get(m) for m in metrics]
         row += [r.device_hours] if costs else []
         row += [r.checkpoint, _one_line(r.error), r.node]
-        writer.writerow([_csv_cell(v) for v in row])
+        writer.writerow(["" if v is None else v for v in map(_plain, row)])
     write_text(path, buffer.getvalue())
 
 
@@ -672,10 +645,8 @@ def _best_markdown(info: Mapping[str, Any] | None, metric: str, edge: Sequence[s
         shown = ", ".join(f"{'scheduled ' if k.startswith('lr_') else ''}{k} {_fmt_value(v)}"
                           for k, v in info["best_metrics"].items())
         lines += [f"Metrics of that epoch: {shown}", ""]
-    if info["checkpoint_abs"]:
-        lines += [f"Checkpoint: `{info['checkpoint_abs']}`", ""]
-    else:
-        lines += ["Checkpoint: none kept (deleted or never written).", ""]
+    lines += [f"Checkpoint: `{info['checkpoint_abs']}`" if info["checkpoint_abs"]
+              else "Checkpoint: none kept (deleted or never written).", ""]
     if info["evaluate_command"]:
         lines += ["Evaluate it:", "", "```bash", info["evaluate_command"], "```", ""]
     return lines

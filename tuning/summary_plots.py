@@ -4,8 +4,8 @@ objective against each searched param, each point coloured by its trial's status
     plots/objective_per_trial.png   the objective by launch order with the best-so-far line
     plots/param_<name>.png          objective against each searched param (its whole range)
 
-matplotlib is imported by the drawing functions: tuning.summary imports this module only when
-it draws, so nothing delays a search's first trial.
+This module imports matplotlib: tuning.summary imports it only when it draws, so nothing delays
+a search's first trial.
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from headernet_core.plots import new_figure, save_figure
 
 from .summary import TrialRecord, _fmt_value, _present
 from .trial import finite
@@ -37,17 +40,13 @@ _STATUS_STYLE: dict[str, tuple[str, bool]] = {
 }
 
 
-def _plot_filename(param_name: str) -> str:
-    return "param_" + re.sub(r"[^A-Za-z0-9._-]", "_", param_name) + ".png"
-
-
 def write_plots(plot_dir: Path, records: Sequence[TrialRecord], space_params: Sequence[Param],
                 metric: str, mode: str, best: TrialRecord | None) -> list[Path]:
     """Each plot that has a finite point; a plot with nothing to show is removed if an older
     summary left one, so the folder never shows stale results."""
     jobs = [(plot_dir / OBJECTIVE_PLOT,
              lambda path: _objective_plot(path, records, metric, mode, best))]
-    jobs += [(plot_dir / _plot_filename(p.name),
+    jobs += [(plot_dir / ("param_" + re.sub(r"[^A-Za-z0-9._-]", "_", p.name) + ".png"),
               lambda path, p=p: _param_plot(path, p, records, metric, mode, best))
              for p in space_params]
     written = []
@@ -63,16 +62,12 @@ def write_pareto_plot(plot_dir: Path, records: Sequence[TrialRecord],
                       objectives: Sequence[tuple[str, str]], front: Sequence[str]) -> Path:
     """pareto.png: every trial by its first two objective values (best epoch), the front's
     trials joined by a line (its staircase) and named."""
-    from headernet_core.plots import new_figure, save_figure
-
     (mx, _), (my, _) = objectives[0], objectives[1]
-    points = [(finite((r.best_metrics or {}).get(mx)), finite((r.best_metrics or {}).get(my)), r)
-              for r in records]
-    points = [(x, y, r) for x, y, r in points if x is not None and y is not None]
+    points = [(x, y, r) for r in records if (x := finite((r.best_metrics or {}).get(mx))) is not None
+              and (y := finite((r.best_metrics or {}).get(my))) is not None]
     plot_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = new_figure()
-    if points:
-        _scatter_by_status(ax, points)
+    _scatter_by_status(ax, points)
     on_front = sorted((x, y, r.name) for x, y, r in points if r.name in front)
     if on_front:
         ax.plot([p[0] for p in on_front], [p[1] for p in on_front], color="black", linewidth=1,
@@ -81,12 +76,9 @@ def write_pareto_plot(plot_dir: Path, records: Sequence[TrialRecord],
             ax.annotate(name.split("_", 1)[0], (x, y), textcoords="offset points", xytext=(5, 5),
                         fontsize=8)
     more = f" (+{len(objectives) - 2} more objectives)" if len(objectives) > 2 else ""
-    ax.set(xlabel=f"{mx} ({objectives[0][1]})", ylabel=f"{my} ({objectives[1][1]})",
-           title=f"{mx} against {my} at each trial's best epoch{more}")
-    ax.grid(alpha=0.3)
-    if points:
-        _legend(ax)
-    return save_figure(fig, plot_dir / PARETO_PLOT)
+    return _finish(fig, ax, plot_dir / PARETO_PLOT, xlabel=f"{mx} ({objectives[0][1]})",
+                   ylabel=f"{my} ({objectives[1][1]})",
+                   title=f"{mx} against {my} at each trial's best epoch{more}")
 
 
 def _scatter_by_status(ax, points: Sequence[tuple[float, float, TrialRecord]]) -> None:
@@ -110,17 +102,17 @@ def _mark_best(ax, points: Sequence[tuple[float, float, TrialRecord]],
                    linewidths=0.8, label=f"best: {best.name}", zorder=4)
 
 
-def _legend(ax) -> None:
+def _finish(fig, ax, path: Path, grid_axis: str = "both", **labels: str) -> Path:
+    """Label the axes, add the grid and the legend (when something is labelled), save."""
+    ax.set(**labels)
+    ax.grid(alpha=0.3, axis=grid_axis)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize="small")
+    return save_figure(fig, path)
 
 
 def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mode: str,
                     best: TrialRecord | None) -> Path | None:
-    from matplotlib.ticker import MaxNLocator
-
-    from headernet_core.plots import new_figure, save_figure
-
     points = [(float(r.order), finite(r.objective), r) for r in records
               if finite(r.objective) is not None]
     if not points:
@@ -139,17 +131,12 @@ def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mod
                 transform=ax.get_xaxis_transform(), label="failed, no epoch", clip_on=False)
     _mark_best(ax, points, best)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="trial (launch order)", ylabel=f"{metric} (best epoch)",
-           title=f"{metric} per trial ({mode}imize)")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    return save_figure(fig, path)
+    return _finish(fig, ax, path, xlabel="trial (launch order)", ylabel=f"{metric} (best epoch)",
+                   title=f"{metric} per trial ({mode}imize)")
 
 
 def _param_plot(path: Path, param: Param, records: Sequence[TrialRecord], metric: str,
                 mode: str, best: TrialRecord | None) -> Path | None:
-    from headernet_core.plots import new_figure, save_figure
-
     scored = [(r.params[param.name], finite(r.objective), r) for r in records
               if _present(r.params, param.name) and finite(r.objective) is not None]
     if param.kind == "choice":
@@ -163,18 +150,12 @@ def _param_plot(path: Path, param: Param, records: Sequence[TrialRecord], metric
     _scatter_by_status(ax, points)
     _mark_best(ax, points, best)
     _numeric_axis(ax, param, [x for x, _, _ in points], log)
-    scale = " (log scale)" if log else ""
-    ax.set(xlabel=f"{param.name}{scale}", ylabel=f"{metric} (best epoch)",
-           title=f"{metric} against {param.name} ({mode}imize)")
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    return save_figure(fig, path)
+    return _finish(fig, ax, path, xlabel=f"{param.name}{' (log scale)' if log else ''}",
+                   ylabel=f"{metric} (best epoch)", title=f"{metric} against {param.name} ({mode}imize)")
 
 
 def _numeric_axis(ax, param: Param, xs: Sequence[float], log: bool) -> None:
     """The whole searched range (where in it the trials landed is the point of the plot)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-
     low = min([*xs, *([float(param.low)] if param.low is not None else [])])
     high = max([*xs, *([float(param.high)] if param.high is not None else [])])
     if log:
@@ -200,8 +181,6 @@ def _numeric_axis(ax, param: Param, xs: Sequence[float], log: bool) -> None:
 def _categorical_plot(path: Path, param: Param, scored: Sequence[tuple[Any, float, TrialRecord]],
                       metric: str, mode: str, best: TrialRecord | None) -> Path | None:
     """A box per value with the trials as jittered points over it."""
-    from headernet_core.plots import new_figure, save_figure
-
     if not scored:
         return None
     labels = [_fmt_value(v) for v in param.values]
@@ -223,8 +202,5 @@ def _categorical_plot(path: Path, param: Param, scored: Sequence[tuple[Any, floa
     if rotate:  # slanted labels need more room below than the fixed margins give
         fig.subplots_adjust(bottom=0.1 + 0.012 * max(map(len, labels)))
     ax.set_xlim(-0.6, len(labels) - 0.4)
-    ax.set(xlabel=param.name, ylabel=f"{metric} (best epoch)",
-           title=f"{metric} against {param.name} ({mode}imize)")
-    ax.grid(alpha=0.3, axis="y")
-    _legend(ax)
-    return save_figure(fig, path)
+    return _finish(fig, ax, path, "y", xlabel=param.name, ylabel=f"{metric} (best epoch)",
+                   title=f"{metric} against {param.name} ({mode}imize)")
