@@ -118,6 +118,7 @@ def finish_stopped(run_dir: Path, wait_s: float = STOP_WAIT_S) -> bool:
     whether it did."""
     import pandas as pd
 
+    from headernet_core.config import load_yaml_mapping
     from headernet_core.locks import hostname, owner_alive
     from headernet_core.plots import write_plots
     from headernet_core.status import read_status_record, write_status
@@ -136,21 +137,16 @@ def finish_stopped(run_dir: Path, wait_s: float = STOP_WAIT_S) -> bool:
     history = pd.read_csv(run_dir / "metrics_epoch.csv") if (run_dir / "metrics_epoch.csv").is_file() else None
     epochs = 0 if history is None else int(history["epoch"].max())
     write_status(run_dir, "stopped", epochs, world_size=int(record.get("world_size", 1)))
-    best = read_json_dict(run_dir / "best_metrics.json")
-    if history is not None and (run_dir / "config.yaml").is_file() and _plots_on(run_dir):
+    if (history is not None and (run_dir / "config.yaml").is_file()
+            and load_yaml_mapping(run_dir / "config.yaml").get("plots", True)):
         predictions = run_dir / "val_predictions.csv"
         labels = prob = None
         if predictions.is_file():
             frame = pd.read_csv(predictions)
             labels, prob = frame["label"].to_numpy(), frame["prob_header"].to_numpy()
+        best = read_json_dict(run_dir / "best_metrics.json")
         write_plots(run_dir / "plots", history, labels, prob, best.get("epoch"))
     return True
-
-
-def _plots_on(run_dir: Path) -> bool:
-    from headernet_core.config import load_yaml_mapping
-
-    return bool(load_yaml_mapping(run_dir / "config.yaml").get("plots", True))
 
 
 def release_workers(run_dir: Path) -> None:
@@ -181,7 +177,6 @@ def worker_group_cleanup(search_dir: Path):
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             release_workers(search_dir / Path(trial.path).name)
 
-        def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-            release_workers(search_dir / Path(trial.path).name)
+        on_trial_recover = on_trial_error
 
     return WorkerGroupCleanup()

@@ -73,17 +73,13 @@ class DiskWatch(Callback):
         self._stop_if_full(reserve_bytes(self.largest_file, running))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._ended(trials, trial)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._ended(trials, trial)
-
-    def _ended(self, trials: list, trial: Any) -> None:
         for t in trials:   # the ended one, and those that ended before a resume
             if (t is trial or t.status in ENDED) and t.trial_id not in self.sizes:
                 self.sizes[t.trial_id], largest = folder_sizes(Path(t.path))
                 self.largest_file = max(self.largest_file, largest)
         self._check(list(self.sizes.values()))
+
+    on_trial_error = on_trial_complete
 
     def _stop_if_full(self, reserve: int) -> None:
         """Tune's graceful stop (its SIGUSR1 handler: what Ctrl-C does) once the free space is

@@ -31,7 +31,6 @@ class ResumeSnapshot(Callback):
         (`TuneController.save_to_dir`), right before this step's `on_step_end`: the sign that
         there is something new to sign. (No state of its own: None.)"""
         self._saved = True
-        return None
 
     def on_step_end(self, iteration, trials, **info) -> None:
         self._forget_pickled_errors(trials)
@@ -62,12 +61,10 @@ class ResumeSnapshot(Callback):
         staging = Path(trials[0].local_experiment_path)
         if not staging.is_dir():
             return
-        names = sorted(entry.name for entry in staging.iterdir() if entry.is_file())
-        newest = {}
-        for pattern in TUNE_STATE_FILES[1:]:  # tuner.pkl is not in the staging folder
-            matches = fnmatch.filter(names, pattern)
-            if matches:
-                newest[pattern] = max(matches)  # Tune's own choice: the newest session's file
+        names = [entry.name for entry in staging.iterdir() if entry.is_file()]
+        # Tune's own choice: the newest session's file of each (tuner.pkl is not in staging)
+        newest = {pattern: max(matches) for pattern in TUNE_STATE_FILES[1:]
+                  if (matches := fnmatch.filter(names, pattern))}
         state = newest.get(EXPERIMENT_STATE)
         if state is None:
             return

@@ -158,12 +158,6 @@ class StudySearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.constraints = tuple(constraints)
 
-    def _finished_in_study(self, trial_id: str) -> bool:
-        return trial_id in self._finished_before_restore
-
-    def _multi_objective(self) -> bool:
-        return isinstance(self.metric, (list, tuple))
-
     def suggest(self, trial_id: str) -> dict | None:
         """A new Tune trial gets the next study trial asked after the restored snapshot, if
         any (its params stand, its recorded epochs and end are kept), else a new one."""
@@ -184,14 +178,14 @@ class StudySearch(OptunaSearch):
         restarts from its snapshot when a trial is restored, and a restored trial re-reports
         its recorded epoch: as steps, either would put an epoch's value under another epoch or
         make Optuna warn and drop it (what optuna-dashboard shows per epoch)."""
-        if self._finished_in_study(trial_id) or result.get(OOM_ENDED) or self._multi_objective():
+        if (trial_id in self._finished_before_restore or result.get(OOM_ENDED)
+                or isinstance(self.metric, (list, tuple))):   # multi-objective: no intermediate values
             return
         if "epoch" not in result:
             super().on_trial_result(trial_id, result)
             return
         epoch = int(result["epoch"])
-        if self._reported_epochs is None:
-            self._reported_epochs = {}
+        self._reported_epochs = self._reported_epochs or {}
         reported = self._reported_epochs.setdefault(trial_id, set())
         if epoch not in reported:
             reported.add(epoch)
@@ -202,7 +196,7 @@ class StudySearch(OptunaSearch):
         """COMPLETE, PRUNED (stopped before its own epochs) or FAIL; the last epoch's objective
         becomes an intermediate value first (Tune sends a stopped trial's last result only
         here)."""
-        if self._finished_in_study(trial_id):
+        if trial_id in self._finished_before_restore:
             mark_searcher_trial_complete(self, trial_id)
             return
         ot_trial = searcher_trials(self).get(trial_id)

@@ -90,15 +90,14 @@ def search_warnings(space: SearchSpace, search_dir: str | Path) -> list[str]:
 
     lines = replaced_settings(space, search_dir)
     where: dict[str, list[str]] = {}
-    combos = 0
-    for sampled, values in space.combinations():
-        combos += 1
+    combos = list(space.combinations())
+    for sampled, values in combos:
         choices = " ".join(f"{p.name}={sampled[p.name]}" for p in space.params
                            if p.kind == "choice" and p.name in sampled)
         for line in ignored_settings(TrainConfig.from_dict(values, source=str(space.path))):
             where.setdefault(line, []).append(choices)
     for line, places in where.items():
-        lines.append(line if len(places) == combos or not places[0] else
+        lines.append(line if len(places) == len(combos) or not places[0] else
                      f"{line} (trials with {' / '.join(dict.fromkeys(places))})")
     return lines
 
@@ -131,16 +130,13 @@ def finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _finite(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: number for k, v in metrics.items() if (number := finite(v)) is not None}
-
-
 def trial_metrics(row: dict[str, Any], best: dict[str, Any] | None, best_epoch: int | None,
                   metrics: Sequence[str], node: str, epochs: int) -> dict[str, Any]:
     """What a trial reports to Tune after an epoch: its finite metrics, each objective metric's
     value at the best epoch so far (`objective_keys`), the best epoch, the node and the epochs
     it was to run (TRIAL_EPOCHS)."""
-    values = {**_finite(row), "best_epoch": best_epoch or 0, "node_id": node, TRIAL_EPOCHS: epochs}
+    values = {k: number for k, v in row.items() if (number := finite(v)) is not None}
+    values |= {"best_epoch": best_epoch or 0, "node_id": node, TRIAL_EPOCHS: epochs}
     for key, metric in zip(objective_keys(metrics), metrics):
         values[key] = float((best or {}).get(metric, float("nan")))
     return values
@@ -303,9 +299,11 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
                         checkpoint=tune.Checkpoint.from_directory(tmp))
         reported = True
 
-    if (run_dir / SCHEDULER_STOP).is_file():
+    if (run_dir / SCHEDULER_STOP).is_file() or (
+            workers > 1 and read_json_dict(run_dir / "status.json").get("state") == "finished"):
         # ASHA stopped this trial before the search was interrupted (Tune's saved state may
-        # predate that): its decision stands, the trial is not trained further.
+        # predate that): its decision stands, the trial is not trained further. An N-worker
+        # trial restored after its last epoch: tell Tune once.
         report_recorded(run_dir, report)
         return
     # What an earlier trial of this actor left behind: its GPU memory, compiled graphs (a new
@@ -316,14 +314,9 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
     if config.compile:
         torch.compiler.reset()
     # The search owns the folder (its lock); a retried trial takes over its own run folder.
-    stopped: list[Any] = []
-    out_of_memory: list[OutOfMemoryEnd] = []
     if workers > 1:
         from .ddp_trial import run_workers
 
-        if read_json_dict(run_dir / "status.json").get("state") == "finished":
-            report_recorded(run_dir, report)   # restored after its last epoch: tell Tune once
-            return
         try:
             run_workers(config, space.resources, run_dir, space.objective_metrics, checked, quiet)
         except Exception:
@@ -332,6 +325,8 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
                 raise   # a halving (config.yaml) is picked up by Tune's retry (max_failures)
             report(ended, None, None)   # ended, not failed: as one process
         return
+    stopped: list[Any] = []   # the SystemExit's code (None is a code)
+    ended = None
     with warnings.catch_warnings(), trial_output(run_dir, quiet):  # a fresh warning registry
         try:
             result = train(config, on_epoch=lambda r: report(r.metrics, r.best_metrics, r.best_epoch),
@@ -339,10 +334,10 @@ def run_trial(sampled: dict[str, Any], *, space: SearchSpace, search_dir: str,
         except SystemExit as stop:   # Tune ended the trial in a report (ASHA, the search's end)
             stopped.append(stop.code)
         except OutOfMemoryEnd as end:
-            out_of_memory.append(end)
-    if out_of_memory:
+            ended = recorded_out_of_memory_end(run_dir, end)
+    if ended is not None:
         # Ended, not failed: the study records it (PRUNED, infeasible) instead of ignoring it.
-        report(recorded_out_of_memory_end(run_dir, out_of_memory[0]), None, None)
+        report(ended, None, None)
         return
     if stopped:
         # Re-raised without the trainer's frames: its model and tensors are freed here, at once,
