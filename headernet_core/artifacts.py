@@ -24,7 +24,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import yaml
 
@@ -122,12 +122,13 @@ def write_csv(frame: Any, path: str | Path, *, replace: bool = True) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become null so the file stays strict JSON; numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+def json_safe(value: Any) -> Any:
+    """A JSON-ready value: NaN/inf become null so the file stays strict JSON, numpy and torch
+    scalars become Python numbers; containers recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "item") and callable(value.item):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -136,7 +137,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json(path: str | Path, data: Any, *, durable: bool = False) -> None:
-    write_text(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n", durable=durable)
+    write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", durable=durable)
 
 
 def read_json_dict(path: str | Path) -> dict[str, Any]:
@@ -149,4 +150,4 @@ def read_json_dict(path: str | Path) -> dict[str, Any]:
 
 
 def write_yaml(path: str | Path, data: dict[str, Any]) -> None:
-    write_text(path, yaml.safe_dump(_json_safe(data), sort_keys=False))
+    write_text(path, yaml.safe_dump(json_safe(data), sort_keys=False))

@@ -292,7 +292,7 @@ class TrainConfig:
         """NaN and infinity pass every `<`/`>` check, so they are refused first, by type."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            inner, _ = _unwrap_optional(hints[f.name])
+            inner, _ = unwrap_optional(hints[f.name])
             value = getattr(self, f.name)
             if inner is float and value is not None and not math.isfinite(value):
                 fail(f"--{f.name} must be a finite number, got {value}")
@@ -453,7 +453,7 @@ def parse_neg_pos_ratio(value: Any) -> float | None:
 
 
 # --- type coercion shared by YAML, Tune dicts and argparse --------------------------------
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0], len(args) != len(typing.get_args(tp))
@@ -462,7 +462,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def coerce(name: str, value: Any, tp: Any, source: str = "config") -> Any:
     """Convert `value` to the field type `tp` or fail naming `source` and `name`."""
-    inner, optional = _unwrap_optional(tp)
+    inner, optional = unwrap_optional(tp)
     if value is None:
         if optional:
             return None
@@ -524,7 +524,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of config keys (e.g. a run's config.yaml); flags override it")
     hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        inner, _ = _unwrap_optional(hints[f.name])
+        inner, _ = unwrap_optional(hints[f.name])
         kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {getattr(defaults, f.name)})",
                                   "dest": f.name}
         if inner is bool:

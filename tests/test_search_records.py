@@ -36,7 +36,7 @@ def test_states(tmp_path, interrupted):
                trial(tmp_path, "t003_c", "stopped", 2),     # Ctrl-C cut it short
                trial(tmp_path, "t004_d", None, 0),          # never started
                trial(tmp_path, "t005_e", "failed", 1, error=RuntimeError("boom\nCUDA out of memory"))]
-    records = collect_records(space, tmp_path, results, interrupted)
+    records = collect_records(space, results, interrupted)
     states = [r.status for r in records]
     assert states == ["finished", "stopped_early", "interrupted" if interrupted else "stopped_early",
                       "interrupted" if interrupted else "pending", "failed"]
@@ -52,7 +52,7 @@ def test_a_trials_params_are_its_own_record_not_tunes_last_report(tmp_path):
     started = trial(tmp_path, "t001_a", "finished", 1)
     (tmp_path / "t001_a" / "trial.json").write_text(json.dumps({"params": {"lr_head": 2e-3}}))
     never = trial(tmp_path, "t002_b", None, 0, error=RuntimeError("reset failed"))
-    records = collect_records(load_space("demo"), tmp_path, [started, never], interrupted=False)
+    records = collect_records(load_space("demo"), [started, never], interrupted=False)
     assert [r.params for r in records] == [{"lr_head": 2e-3}, {"lr_head": 1e-3}]
 
 

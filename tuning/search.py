@@ -498,7 +498,7 @@ def make_scheduler(space: SearchSpace, search_dir: Path):
 
 
 # --- after the search ---------------------------------------------------------------------
-def collect_records(space: SearchSpace, search_dir: Path, results, interrupted: bool) -> list[TrialRecord]:
+def collect_records(space: SearchSpace, results, interrupted: bool) -> list[TrialRecord]:
     records = []
     for result in results:
         folder = Path(result.path)
@@ -753,7 +753,7 @@ def fit_and_summarise(plan: SearchPlan, checked: CheckedSplits
         if not interrupted:
             from .study import fail_unfinished
             fail_unfinished(search_dir)
-        records = collect_records(space, search_dir, results, interrupted)
+        records = collect_records(space, results, interrupted)
     except BaseException:
         stop_ray()
         raise

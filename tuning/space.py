@@ -15,7 +15,6 @@ import difflib
 import functools
 import math
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidat
 
 from headernet_core.backbones import check_geometry
 from headernet_core.config import (MAX_SEED, SELECTABLE_METRICS, TrainConfig, coerce, fields_with_role, format_value,
-                                   load_yaml_mapping)
+                                   load_yaml_mapping, unwrap_optional)
 from headernet_core.errors import HeaderNetError, fail
 from headernet_core.metrics import reported_metrics
 from headernet_core.paths import MAX_NAME_LEN
@@ -901,9 +900,7 @@ def _fields() -> dict[str, dataclasses.Field]:
 
 def _field_type(name: str) -> Any:
     """bool | int | float | str | list for a TrainConfig field (Optional unwrapped)."""
-    tp = _hints()[name]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    tp, _ = unwrap_optional(_hints()[name])
     return list if typing.get_origin(tp) is list else tp
 
 

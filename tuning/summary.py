@@ -42,10 +42,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-import numpy as np
 import optuna
 
-from headernet_core.artifacts import remove_stale_temps, write_json, write_text
+from headernet_core.artifacts import json_safe, remove_stale_temps, write_json, write_text
 from headernet_core.config import format_value, load_yaml_mapping
 
 from .trial import finite
@@ -328,7 +327,7 @@ def add_final_model(search_dir: Path, final: Mapping[str, Any]) -> None:
     of search_summary.json (replacing an earlier one), then summary.md rendered again from it."""
     search_dir = Path(search_dir)
     summary = json.loads((search_dir / SUMMARY_JSON).read_text())
-    summary["final"] = _plain(dict(final))
+    summary["final"] = json_safe(dict(final))
     _write_md_and_json(search_dir, summary)
 
 
@@ -356,19 +355,6 @@ def _check_choice(what: str, value: Any, allowed: Sequence[str]) -> None:
         raise ValueError(f"{what}: expected one of {', '.join(allowed)}, got {value!r}")
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-ready value: numpy scalars to Python, NaN/inf to None; containers recursively."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _int_or_none(value: Any) -> int | None:
     number = finite(value)
     return None if number is None else int(number)
@@ -376,7 +362,7 @@ def _int_or_none(value: Any) -> int | None:
 
 def _present(params: Mapping[str, Any], key: str) -> bool:
     """A param counts as sampled unless absent, None or NaN (how a dataframe shows absent)."""
-    return key in params and _plain(params[key]) is not None
+    return key in params and json_safe(params[key]) is not None
 
 
 def _rank_key(objective: Any, epochs_run: int | None, name: str, mode: str) -> tuple:
@@ -397,7 +383,7 @@ def _trial_dict(record: TrialRecord) -> dict[str, Any]:
         "order": record.order,
         "name": record.name,
         "status": record.status,
-        "params": _plain(record.params),
+        "params": json_safe(record.params),
         "objective": finite(record.objective),
         "best_epoch": _int_or_none(record.best_epoch),
         "epochs_run": int(record.epochs_run or 0),
@@ -419,7 +405,7 @@ def _best_dict(search_dir: Path, best: TrialRecord | None,
     shared = ("name", "status", "params", "objective", "best_epoch", "epochs_run")
     return {
         **{key: value for key, value in _trial_dict(best).items() if key in shared},
-        "best_metrics": _plain(best.best_metrics or {}),
+        "best_metrics": json_safe(best.best_metrics or {}),
         "checkpoint": best.checkpoint,
         "checkpoint_abs": checkpoint_abs,
         "evaluate_command": command,
@@ -468,7 +454,7 @@ def optuna_distribution(param: Param) -> optuna.distributions.BaseDistribution:
 
 def _optuna_value(param: Param, value: Any) -> Any:
     """The record's value in the type Optuna's distribution takes (ints may arrive as 4.0)."""
-    value = _plain(value)
+    value = json_safe(value)
     if param.kind == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
     if param.kind in ("loguniform", "uniform") and isinstance(value, int) \
@@ -549,7 +535,7 @@ def _write_csv(path: Path, records: Sequence[TrialRecord], space_params: Sequenc
         row += [(r.best_metrics or {}).get(m) for m in metrics]
         row += [r.device_hours] if costs else []
         row += [r.checkpoint, _one_line(r.error), r.node]
-        writer.writerow(["" if v is None else v for v in map(_plain, row)])
+        writer.writerow(["" if v is None else v for v in map(json_safe, row)])
     write_text(path, buffer.getvalue())
 
 
@@ -568,7 +554,7 @@ def _md(value: Any) -> str:
 
 def _fmt_value(value: Any) -> str:
     """A table cell's value: 3 significant digits, '-' when missing."""
-    value = _plain(value)
+    value = json_safe(value)
     return "-" if value is None else format_value(value, 3, None, yaml=True)
 
 
