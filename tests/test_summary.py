@@ -3,6 +3,7 @@ skipped), plots, atomic idempotent rewrites, and an empty search."""
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import warnings
@@ -247,7 +248,9 @@ def test_distributions_match_what_the_space_samples(tmp_path, no_plots):
 def test_evaluator_error_is_a_note(tmp_path, no_plots, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no regimes")
-    monkeypatch.setattr(optuna.importance, "get_param_importances", broken)
+    # The module itself: `optuna.importance` starts as a lazy proxy that the first attribute
+    # lookup replaces, so patching the proxy missed when no earlier test had loaded it.
+    monkeypatch.setattr(importlib.import_module("optuna.importance"), "get_param_importances", broken)
     summary = run(tmp_path)
     assert summary["importances"] is None
     assert "RuntimeError: no regimes" in summary["importances_note"]
