@@ -611,3 +611,33 @@ def config_for_cli(argv: Sequence[str] | None) -> TrainConfig:
     # Alias keys (clip_grad) renamed first, so a typed flag overrides the file's spelling too.
     values = canonical_keys(load_yaml_mapping(config_path), str(config_path)) if config_path else {}
     return TrainConfig.from_dict({**values, **typed}, source=str(config_path or "command line"))
+
+
+def inference_parser(command: str) -> argparse.ArgumentParser:
+    """The flags of `python -m headernet_core.evaluate` or `.predict` (`command`), read before the
+    model code (torch) is imported, so `--help` and a bad flag answer at once."""
+    evaluate = command == "evaluate"
+    parser = CliParser(prog=f"python -m headernet_core.{command}", description=(
+        "Evaluate a trained checkpoint on a labelled CSV: at a threshold fixed beforehand, over "
+        "one or several views of each clip, with the errors per match." if evaluate else
+        "Predict headers on clips without labels: a CSV of paths or a folder of `.npy` clips."))
+    parser.add_argument("--checkpoint", required=True, help="a best_epoch_<N>.pt or last.pt")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="a clip is a header iff its probability >= this (default: the "
+                             "validation threshold stored in the checkpoint)")
+    parser.add_argument("--views", type=int, default=1,
+                        help="temporal views per clip, probabilities averaged (default: 1)")
+    parser.add_argument("--spatial_views", type=int, default=1,
+                        help="1 whole frame, 2 + its flip, 3 + the centre crop (default: 1)")
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU")
+    if evaluate:
+        parser.add_argument("--val_csv", required=True, help="labelled split CSV to evaluate on")
+        parser.add_argument("--predictions", help="write per-clip predictions CSV here")
+        parser.add_argument("--metrics", help="write metrics JSON here")
+        parser.add_argument("--per_video", help="write the per-video_id error table (CSV) here")
+    else:
+        parser.add_argument("--clips", required=True, help="a CSV with a path column, or a folder of .npy clips")
+        parser.add_argument("--output", required=True, help="predictions CSV to write")
+    return parser

@@ -26,6 +26,7 @@ mean of its T x S views' probabilities.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 import warnings
@@ -38,10 +39,10 @@ import pandas as pd
 
 from . import artifacts, checkpoints
 from .backbones import build_backbone
-from .config import MAX_NUM_WORKERS, TrainConfig
+from .config import MAX_NUM_WORKERS, TrainConfig, inference_parser
 from .augment import ClipLoader
 from .data import AugParams, BatchLoader, ClipDataset, check_clips, read_split, sample_frame_indices
-from .errors import CliParser, fail, first_paragraph, run_cli
+from .errors import fail, run_cli
 from .losses import build_loss
 from .metrics import classification_metrics, metrics_at_threshold
 from .model import HeaderClassifier
@@ -266,30 +267,12 @@ def format_table(frame: pd.DataFrame) -> list[str]:
             for row in [list(frame.columns), *cells]]
 
 
-def add_inference_arguments(parser: CliParser) -> None:
-    """The flags `evaluate` and `predict` share."""
-    parser.add_argument("--checkpoint", required=True, help="a best_epoch_<N>.pt or last.pt")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="a clip is a header iff its probability >= this (default: the "
-                             "validation threshold stored in the checkpoint)")
-    parser.add_argument("--views", type=int, default=1,
-                        help="temporal views per clip, probabilities averaged (default: 1)")
-    parser.add_argument("--spatial_views", type=int, default=1,
-                        help="1 whole frame, 2 + its flip, 3 + the centre crop (default: 1)")
-    parser.add_argument("--batch_size", type=int, default=None)
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = CliParser(prog="python -m headernet_core.evaluate", description=first_paragraph(__doc__))
-    add_inference_arguments(parser)
-    parser.add_argument("--val_csv", required=True, help="labelled split CSV to evaluate on")
-    parser.add_argument("--predictions", help="write per-clip predictions CSV here")
-    parser.add_argument("--metrics", help="write metrics JSON here")
-    parser.add_argument("--per_video", help="write the per-video_id error table (CSV) here")
-    args = parser.parse_args(argv)
+    cli(inference_parser("evaluate").parse_args(argv))
 
+
+def cli(args: argparse.Namespace) -> None:
+    """`python -m headernet_core.evaluate` once its flags are read (`config.inference_parser`)."""
     def body() -> None:
         outputs = [flag for flag in ("predictions", "metrics", "per_video") if getattr(args, flag)]
         for flag in outputs:  # checked before minutes of inference

@@ -11,6 +11,7 @@ validation threshold stored in the checkpoint). Views as in `headernet_core.eval
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Sequence
 
@@ -19,8 +20,9 @@ import pandas as pd
 
 from .artifacts import write_csv
 from .data import check_clips, check_paths_present, resolve_clips
-from .errors import CliParser, fail, first_paragraph, run_cli
-from .evaluation import (add_inference_arguments, check_inference, clip_probabilities, eval_config,
+from .config import inference_parser
+from .errors import fail, run_cli
+from .evaluation import (check_inference, clip_probabilities, eval_config,
                          load_classifier, resolve_threshold)
 from .paths import check_output_file
 
@@ -66,12 +68,11 @@ def predict(checkpoint: str | Path, clips: str | Path, *, threshold: float | Non
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = CliParser(prog="python -m headernet_core.predict", description=first_paragraph(__doc__))
-    add_inference_arguments(parser)
-    parser.add_argument("--clips", required=True, help="a CSV with a path column, or a folder of .npy clips")
-    parser.add_argument("--output", required=True, help="predictions CSV to write")
-    args = parser.parse_args(argv)
+    cli(inference_parser("predict").parse_args(argv))
 
+
+def cli(args: argparse.Namespace) -> None:
+    """`python -m headernet_core.predict` once its flags are read (`config.inference_parser`)."""
     def body() -> None:
         check_output_file(args.output, "--output", inputs=(args.checkpoint, args.clips))
         predictions = predict(args.checkpoint, args.clips, threshold=args.threshold,

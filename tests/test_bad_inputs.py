@@ -329,15 +329,19 @@ def test_bad_input_as_a_command(name, workspace):
     assert not (workspace / MARKER).exists()
 
 
-def test_the_train_command_reads_its_flags_before_importing_torch():
-    """`python -m headernet_core.train --help` and a bad flag answer in a fraction of a second,
-    not after the ~5 s of importing the trainer (torch, timm, scikit-learn)."""
+@pytest.mark.parametrize("command, bad_flag", [("train", ["--backbone", "resnet"]),
+                                               ("evaluate", ["--views", "two"]),
+                                               ("predict", ["--checkpoint", "x.pt"])])  # --clips missing
+def test_the_commands_read_their_flags_before_importing_torch(command, bad_flag):
+    """`python -m headernet_core.train --help` (and evaluate's, predict's) and a bad flag answer
+    in a fraction of a second, not after the ~5 s of importing the model code (torch, timm,
+    scikit-learn)."""
     probe = ("import runpy, sys\n"
              "try:\n"
-             "    runpy.run_module('headernet_core.train', run_name='__main__')\n"
+             f"    runpy.run_module('headernet_core.{command}', run_name='__main__')\n"
              "except SystemExit as end:\n"
              "    print('exit', end.code, 'torch' in sys.modules)\n")
-    for flags, code in ((["--help"], 0), (["--backbone", "resnet"], 2)):
+    for flags, code in ((["--help"], 0), (bad_flag, 2)):
         done = subprocess.run([sys.executable, "-c", probe, *flags], capture_output=True, text=True,
                               cwd=REPO, timeout=60)
         assert done.stdout.splitlines()[-1] == f"exit {code} False", (done.stdout[-300:], done.stderr)
