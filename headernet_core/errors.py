@@ -68,6 +68,27 @@ def sigterm_as_sigint() -> None:
 
 
 @contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """SIGINT/SIGTERM that arrive inside the block act when it ends, through whatever handled
+    them before: recording how a run ended is not cut off halfway. Under torchrun a peer's
+    failure reaches rank 0 twice at once, as a broken collective and as the launcher's SIGTERM;
+    a KeyboardInterrupt raised while rank 0 records the first left status.json `running`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
+@contextlib.contextmanager
 def one_line_warnings() -> Iterator[None]:
     """Show Python warnings as `warning: <message>` (one line, no source location) while a CLI
     runs: they are messages to the user, not to the developer of the line that warned."""

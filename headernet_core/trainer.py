@@ -37,7 +37,7 @@ from .config import (SELECTABLE_METRICS, IgnoredSettingWarning, TrainConfig, con
 from .data import (BatchLoader, CheckedSplits, ClipDataset, ClipTransform, EpochSampler, check_frames,
                    load_split, split_warnings)
 from .ema import WeightEma
-from .errors import HeaderNetError, describe_os_error, fail, run_cli
+from .errors import HeaderNetError, describe_os_error, fail, interrupts_held, run_cli
 from .features import FrozenFeatures
 from .locks import FolderLock, Heartbeat
 from .losses import build_loss
@@ -662,20 +662,21 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             plots.draw(state)   # a run stopped early: its last epochs
         record(status, state.epoch)
     except BaseException as exc:
-        if finished:  # e.g. Ray Tune ended the process in the last epoch's callback
-            record("finished", state.epoch)
-        elif isinstance(exc, SystemExit) and exc.code in (0, None):
-            record("stopped", state.epoch)  # e.g. Ray Tune's scheduler ended it
-        else:
-            # A peer's out-of-memory reaches rank 0 as a vanished peer or torchrun's SIGTERM:
-            # its recorded end, or the halving it wrote.
-            ended = exc if isinstance(exc, OutOfMemoryEnd) else None
-            reason = None
-            if ranks.active and main and ended is None:
-                ended = recorded_end(read_status_record(run_dir))
-                reason = _peer_halving(run_dir, config) if ended is None else None
-            record("failed" if ended or reason or isinstance(exc, Exception) else "interrupted", state.epoch,
-                   error=reason or f"{type(ended or exc).__name__}: {ended or exc}", ended=ended)
+        with interrupts_held():   # a signal now acts once the end is recorded
+            if finished:  # e.g. Ray Tune ended the process in the last epoch's callback
+                record("finished", state.epoch)
+            elif isinstance(exc, SystemExit) and exc.code in (0, None):
+                record("stopped", state.epoch)  # e.g. Ray Tune's scheduler ended it
+            else:
+                # A peer's out-of-memory reaches rank 0 as a vanished peer or torchrun's SIGTERM:
+                # its recorded end, or the halving it wrote.
+                ended = exc if isinstance(exc, OutOfMemoryEnd) else None
+                reason = None
+                if ranks.active and main and ended is None:
+                    ended = recorded_end(read_status_record(run_dir))
+                    reason = _peer_halving(run_dir, config) if ended is None else None
+                record("failed" if ended or reason or isinstance(exc, Exception) else "interrupted", state.epoch,
+                       error=reason or f"{type(ended or exc).__name__}: {ended or exc}", ended=ended)
         if plots is not None:   # after the status: a second Ctrl-C here loses only the plots
             plots.draw_if_possible(state, log)
         raise

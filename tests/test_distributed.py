@@ -19,7 +19,7 @@ import yaml
 
 from headernet_core import distributed
 from headernet_core.distributed import Ranks, batch_shares, rank_part
-from headernet_core.errors import HeaderNetError
+from headernet_core.errors import HeaderNetError, interrupts_held
 from headernet_core.trainer import RUN_ARTIFACTS, prepare, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,6 +187,33 @@ def test_a_rank_acts_on_its_first_signal_only(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # restored on exit
 
 
+def test_a_signal_while_rank_0_records_an_error_waits_for_the_record(tmp_path, monkeypatch):
+    """A peer's failure reaches rank 0 as a broken collective and, at about the same time, as
+    the launcher's SIGTERM: the signal, landing while rank 0 records the first, must not cut
+    the record off (status.json stayed `running` under load); it acts right after it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    launcher = subprocess.Popen(["sleep", "60"])
+    recorded = []
+    try:
+        interrupts = distributed.LauncherInterrupts()
+        interrupts.launcher = launcher.pid
+        monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
+        with pytest.raises(KeyboardInterrupt), interrupts:
+            try:
+                raise RuntimeError("Connection closed by peer")   # the broken collective
+            except RuntimeError:
+                with interrupts_held():
+                    os.kill(os.getpid(), signal.SIGTERM)   # the launcher's, mid-record
+                    time.sleep(0.2)
+                    recorded.append("failed")
+                recorded.append("not reached: the held signal acts here")
+        assert launcher.wait(timeout=10) == -signal.SIGTERM   # rank 0 still tells the launcher
+    finally:
+        launcher.kill()
+    assert recorded == ["failed"]
+
+
 def test_global_batchnorm_keeps_frozen_batchnorm_frozen_and_is_batchnorm_without_a_group():
     """The converter swaps every BatchNorm3d of ir-CSN, keeping its tensors (so requires_grad)
     and training flag; `--bn_frozen`'s BatchNorm stays in eval mode under the model's train(),
@@ -300,7 +327,7 @@ def test_torchrun_out_of_memory_on_rank_1_halves_the_batch_through_a_resume(tiny
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert (saved["batch_size"], saved["grad_accum"]) == (2, 2)
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "failed" and status["epochs_done"] == 1, status
+    assert status["state"] == "failed" and status["epochs_done"] == 1, (status, out[-3000:], err[-3000:])
     assert "config.yaml now holds batch 2 x 2" in status["error"], status
 
     monkeypatch.delenv(OOM_TEST_ENV)
