@@ -159,58 +159,56 @@ def test_a_rank_removes_the_interrupt_markers_of_launchers_that_have_exited(tmp_
     assert not gone.exists() and running.exists() and other.exists()
 
 
-def test_a_rank_acts_on_its_first_signal_only(tmp_path, monkeypatch):
-    """A peer's failure makes torchrun signal rank 0, and signal it again once rank 0 tells it:
-    the second signal must not interrupt rank 0 while it records the end (status.json stayed
-    `running` under load). Rank 0 here tells a stand-in launcher (`sleep`), not pytest."""
+@pytest.fixture
+def rank_0_interrupts(tmp_path, monkeypatch):
+    """(rank 0's LauncherInterrupts, its launcher): a stand-in launcher (`sleep`) that rank 0
+    tells, not pytest."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     launcher = subprocess.Popen(["sleep", "60"])
+    monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
+    interrupts = distributed.LauncherInterrupts()
+    interrupts.launcher = launcher.pid
+    yield interrupts, launcher
+    launcher.kill()
+
+
+def test_a_rank_acts_on_its_first_signal_only(rank_0_interrupts):
+    """A peer's failure makes torchrun signal rank 0, and signal it again once rank 0 tells it:
+    the second signal must not interrupt rank 0 while it records the end (status.json stayed
+    `running` under load)."""
+    interrupts, launcher = rank_0_interrupts
     recorded = []
-    try:
-        interrupts = distributed.LauncherInterrupts()
-        interrupts.launcher = launcher.pid
-        monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
-        with pytest.raises(KeyboardInterrupt), interrupts:
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(5)   # the handler raises here
-            except KeyboardInterrupt:
-                os.kill(os.getpid(), signal.SIGTERM)   # the launcher's second SIGTERM
-                time.sleep(0.2)
-                recorded.append("interrupted")
-                raise
-        assert launcher.wait(timeout=10) == -signal.SIGTERM   # told
-    finally:
-        launcher.kill()
+    with pytest.raises(KeyboardInterrupt), interrupts:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)   # the handler raises here
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGTERM)   # the launcher's second SIGTERM
+            time.sleep(0.2)
+            recorded.append("interrupted")
+            raise
+    assert launcher.wait(timeout=10) == -signal.SIGTERM   # told
     assert recorded == ["interrupted"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # restored on exit
 
 
-def test_a_signal_while_rank_0_records_an_error_waits_for_the_record(tmp_path, monkeypatch):
+def test_a_signal_while_rank_0_records_an_error_waits_for_the_record(rank_0_interrupts):
     """A peer's failure reaches rank 0 as a broken collective and, at about the same time, as
     the launcher's SIGTERM: the signal, landing while rank 0 records the first, must not cut
     the record off (status.json stayed `running` under load); it acts right after it."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
-    launcher = subprocess.Popen(["sleep", "60"])
+    interrupts, launcher = rank_0_interrupts
     recorded = []
-    try:
-        interrupts = distributed.LauncherInterrupts()
-        interrupts.launcher = launcher.pid
-        monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
-        with pytest.raises(KeyboardInterrupt), interrupts:
-            try:
-                raise RuntimeError("Connection closed by peer")   # the broken collective
-            except RuntimeError:
-                with interrupts_held():
-                    os.kill(os.getpid(), signal.SIGTERM)   # the launcher's, mid-record
-                    time.sleep(0.2)
-                    recorded.append("failed")
-                recorded.append("not reached: the held signal acts here")
-        assert launcher.wait(timeout=10) == -signal.SIGTERM   # rank 0 still tells the launcher
-    finally:
-        launcher.kill()
+    with pytest.raises(KeyboardInterrupt), interrupts:
+        try:
+            raise RuntimeError("Connection closed by peer")   # the broken collective
+        except RuntimeError:
+            with interrupts_held():
+                os.kill(os.getpid(), signal.SIGTERM)   # the launcher's, mid-record
+                time.sleep(0.2)
+                recorded.append("failed")
+            recorded.append("not reached: the held signal acts here")
+    assert launcher.wait(timeout=10) == -signal.SIGTERM   # rank 0 still tells the launcher
     assert recorded == ["failed"]
 
 
