@@ -255,10 +255,12 @@ class TrainConfig:
                 if not getattr(self, key):
                     fail(f"--{key} is required (a CSV with columns path,label)")
         self._check_finite()
+        hints = typing.get_type_hints(type(self))
         for keys, ok, rule in _RANGES:
             for key in keys:
                 value = getattr(self, key)
-                if value is not None and not ok(value):
+                optional = unwrap_optional(hints[key])[1]   # None is "unset" only where allowed
+                if (not optional) if value is None else not ok(value):
                     fail(f"--{key} must be {rule}, got {value}")
         if self.layer_decay is not None and self.backbone != "vmae":
             fail("--layer_decay applies to --backbone vmae only")

@@ -15,6 +15,7 @@ import yaml
 
 from headernet_core.evaluation import evaluate, load_classifier
 from headernet_core.errors import HeaderNetError
+from headernet_core.config import TrainConfig
 from headernet_core.metrics import MEASURED_METRICS
 from headernet_core.trainer import LEADING_COLUMNS, main, prepare, train
 
@@ -338,3 +339,16 @@ def test_clip_geometry_is_checked_before_the_weights_are_loaded(tiny_config, mon
     for flags, fragment in (({"num_frames": 5}, "tubelet size 2"), ({"input_size": 30}, "patch size")):
         with pytest.raises(HeaderNetError, match=fragment):
             prepare(tiny_config(backbone_ckpt=str(FIXTURE_VMAE), **flags))
+
+
+@pytest.mark.parametrize("key, optional", [("epochs", False), ("focal_alpha", False), ("lr_head", True),
+                                           ("threads", True)])
+def test_none_is_refused_in_a_required_number_setting(key, optional):
+    """From Python, `TrainConfig(epochs=None)` is one clear error at validate(), not a
+    TypeError epochs later; an optional setting's None means unset."""
+    config = TrainConfig(train_csv="t.csv", val_csv="v.csv").replace(**{key: None})
+    if optional:
+        config.validate(need_data=False)
+    else:
+        with pytest.raises(HeaderNetError, match=f"--{key} must be .*, got None"):
+            config.validate(need_data=False)
