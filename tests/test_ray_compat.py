@@ -51,6 +51,18 @@ def test_tunes_state_file_names():
     assert ray_compat.TUNE_STATE_FILES[:2] == (ray_compat.TUNER_PKL, ray_compat.EXPERIMENT_STATE)
 
 
+def test_tunes_result_log(tmp_path):
+    from ray.air.constants import EXPR_RESULT_FILE
+    from ray.tune.logger import JsonLoggerCallback
+
+    assert ray_compat.TUNE_RESULT_FILE == EXPR_RESULT_FILE, moved(f"Tune's result log is now {EXPR_RESULT_FILE}")
+    assert "EXPR_RESULT_FILE" in inspect.getsource(JsonLoggerCallback), moved("JsonLoggerCallback writes another file")
+    (tmp_path / EXPR_RESULT_FILE).write_text('{"epoch": 1, "objective": NaN}\n{"epoch": 2, "objective": 0.5}\n{"epo')
+    assert ray_compat.logged_results(tmp_path)[1] == {"epoch": 2, "objective": 0.5}
+    assert len(ray_compat.logged_results(tmp_path)) == 2   # the line a kill cut short is left out
+    assert ray_compat.logged_results(tmp_path / "none") == []
+
+
 def test_a_trials_pickled_error_record():
     from ray.tune.experiment import Trial
     from ray.tune.trainable.metadata import _TrainingRunMetadata

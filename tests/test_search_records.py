@@ -63,15 +63,14 @@ def test_asha_records_the_trials_it_stops_before_max_t(tmp_path):
 
     asha = RecordingASHA(tmp_path, time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
     asha.set_search_properties("objective", "max")
-    trials = [SimpleNamespace(trial_id=f"id{i}", path=str(tmp_path / f"t00{i}_x"), config={})
-              for i in range(3)]
+    trials = [SimpleNamespace(trial_id=f"id{i}", relative_logdir=f"t00{i}_x", config={}) for i in range(3)]
     for t in trials:
-        Path(t.path).mkdir()
+        (tmp_path / t.relative_logdir).mkdir()
         asha.on_trial_add(None, t)
     actions = [asha.on_trial_result(None, t, {"epoch": 1, "objective": v})
                for t, v in zip(trials, (0.9, 0.8, 0.1))]
-    stopped = [Path(t.path).name for t in trials if (Path(t.path) / SCHEDULER_STOP).is_file()]
-    assert stopped == [Path(t.path).name for t, a in zip(trials, actions) if a == TrialScheduler.STOP]
+    stopped = [t.relative_logdir for t in trials if (tmp_path / t.relative_logdir / SCHEDULER_STOP).is_file()]
+    assert stopped == [t.relative_logdir for t, a in zip(trials, actions) if a == TrialScheduler.STOP]
     assert "t000_x" not in stopped and "t002_x" in stopped  # the best goes on, the worst stops
     assert json.loads((tmp_path / "t002_x" / SCHEDULER_STOP).read_text())["epoch"] == 1
     # reaching max_t is a normal end, not an early stop
@@ -106,6 +105,39 @@ def test_a_trial_asha_stopped_is_not_trained_again_after_a_resume(tmp_path, monk
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     run_trial({"lr_head": 1e-3}, space=load_space("demo"), search_dir=str(tmp_path))
     assert len(reports) == 1 and reports[0]["epoch"] == 1 and reports[0]["objective"] == 0.25
+
+
+def test_a_restored_asha_refills_its_rungs_from_the_restored_trials(tmp_path):
+    """Tune saves no scheduler state: without the refill, the first trial to reach a rung
+    after a resume passes it whatever its score."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from tuning.scheduler import RecordingASHA
+
+    def restored(name: str, objectives: list[float]) -> Trial:
+        trial = Trial("run_trial", stub=True, trial_id=name)
+        trial.relative_logdir = name
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text("".join(
+            json.dumps({"epoch": epoch, "objective": value, "trial_id": name}) + "\n"
+            for epoch, value in enumerate(objectives, 1)))
+        return trial
+
+    asha = RecordingASHA(tmp_path, time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2,
+                         metric="objective", mode="max")
+    for trial in (restored("t001", [0.9, 0.9]), restored("t002", [0.8])):
+        asha.on_trial_add(None, trial)
+    assert not list(tmp_path.glob("*/" + SCHEDULER_STOP))   # the replay records no stop
+    new = Trial("run_trial", stub=True, trial_id="t003")
+    asha.on_trial_add(None, new)                # a new trial has no folder yet
+    new.relative_logdir = "t003"
+    (tmp_path / "t003").mkdir()
+    assert asha.on_trial_result(None, new, {"epoch": 1, "objective": 0.5}) == TrialScheduler.STOP
+    assert json.loads((tmp_path / "t003" / SCHEDULER_STOP).read_text())["epoch"] == 1
+    better = Trial("run_trial", stub=True, trial_id="t004")
+    asha.on_trial_add(None, better)
+    assert asha.on_trial_result(None, better, {"epoch": 1, "objective": 0.95}) == TrialScheduler.CONTINUE
 
 
 def test_a_reused_actor_frees_the_previous_trial_without_scanning_the_imports():

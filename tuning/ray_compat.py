@@ -12,6 +12,7 @@ before the first `import ray`, and the driver's checks before a search start wit
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,22 @@ EXPERIMENT_STATE = "experiment_state-*.json"
 # Every file of the search folder's top level that Tune may read back (and unpickle) on restore.
 TUNE_STATE_FILES = (TUNER_PKL, EXPERIMENT_STATE, "searcher-state-*.pkl", "search_gen_state-*.json",
                     "callback-states-*.pkl", "basic-variant-state-*.json")
+
+
+# Tune's log of every result a trial reported, one JSON object per line, in the trial's folder
+# (`ray.air.constants.EXPR_RESULT_FILE`, written by the search's `JsonLoggerCallback`).
+TUNE_RESULT_FILE = "result.json"
+
+
+def logged_results(trial_dir: Path) -> list[dict[str, Any]]:
+    """The results Tune logged for the trial of `trial_dir` (TUNE_RESULT_FILE), oldest first; a
+    line cut short by a kill is left out."""
+    results = []
+    with contextlib.suppress(FileNotFoundError), open(trial_dir / TUNE_RESULT_FILE) as lines:
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                results.append(json.loads(line))
+    return results
 
 
 def forget_pickled_error(trial: Any) -> None:
