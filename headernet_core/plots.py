@@ -45,22 +45,19 @@ def new_figure() -> tuple[Figure, object]:
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def save_figure(fig: Figure, path: Path) -> Path:
-    """Write atomically (the temp name ends in .tmp, hence the explicit format), then free."""
+def finish_figure(fig: Figure, ax, path: Path, grid_axis: str = "both", **legend) -> Path:
+    """How every run and search plot ends: a grid, a legend (`legend`: its keywords) only when
+    something is labelled (matplotlib warns on an empty one), then written atomically (the temp
+    name ends in .tmp, hence the explicit format) and freed."""
+    ax.grid(alpha=0.3, axis=grid_axis)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**legend)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
     finally:
         fig.clear()
     return path
-
-
-def _finish(fig: Figure, ax, path: Path, **legend) -> Path:
-    """Grid, a legend only when something is labelled (matplotlib warns on an empty one), save."""
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**legend)
-    return save_figure(fig, path)
 
 
 def _epoch_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None,
@@ -77,7 +74,7 @@ def _epoch_plot(path: Path, epochs: pd.DataFrame, best_epoch: int | None,
     if best_epoch is not None:
         ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
     ax.set(xlabel="epoch", **axes)
-    return _finish(fig, ax, path, loc="best", fontsize=legend_size)
+    return finish_figure(fig, ax, path, loc="best", fontsize=legend_size)
 
 
 def _roc_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
@@ -89,7 +86,7 @@ def _roc_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title,
            xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
-    return _finish(fig, ax, path, loc="lower right")
+    return finish_figure(fig, ax, path, loc="lower right")
 
 
 def _pr_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
@@ -105,7 +102,7 @@ def _pr_plot(path: Path, y: np.ndarray, p: np.ndarray, title: str) -> Path:
     ax.scatter([best_r], [best_p], color="red", zorder=3,
                label=f"best F1 {best_f1:.3f} at threshold {threshold:.3f}")
     ax.set(xlabel="recall", ylabel="precision", title=title, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
-    return _finish(fig, ax, path, loc="lower left", fontsize="small")
+    return finish_figure(fig, ax, path, loc="lower left", fontsize="small")
 
 
 def write_plots(plot_dir: Path, epochs: pd.DataFrame, labels: np.ndarray | None,

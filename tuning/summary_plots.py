@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from headernet_core.plots import new_figure, save_figure
+from headernet_core.plots import finish_figure, new_figure
 
 from .summary import TrialRecord, _fmt_value, _present
 from .trial import finite
@@ -103,12 +103,9 @@ def _mark_best(ax, points: Sequence[tuple[float, float, TrialRecord]],
 
 
 def _finish(fig, ax, path: Path, grid_axis: str = "both", **labels: str) -> Path:
-    """Label the axes, add the grid and the legend (when something is labelled), save."""
+    """Label the axes, then `finish_figure` with a small legend."""
     ax.set(**labels)
-    ax.grid(alpha=0.3, axis=grid_axis)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize="small")
-    return save_figure(fig, path)
+    return finish_figure(fig, ax, path, grid_axis, loc="best", fontsize="small")
 
 
 def _objective_plot(path: Path, records: Sequence[TrialRecord], metric: str, mode: str,
