@@ -231,26 +231,38 @@ def arm_objects(arm: str, space: Any, seed: int, folder: Path) -> tuple[Any, Any
 
 
 def replay_one(arm: str, table: Table, space: Any, seed: int, max_epochs: int,
-               tell_stopped: str = "pruned") -> list[tuple[int, tuple, float]]:
+               tell_stopped: str = "pruned", resume_after: int = 0,
+               refill: bool = True) -> list[tuple[int, tuple, float]]:
     """One search, trials one after another, as Tune's controller drives the searcher and the
     scheduler, until `max_epochs` epochs are spent: (epochs spent when it ended, config,
     observed objective) of each trial that ran all its epochs. `tell_stopped="complete"`: the
-    results lack the trial's epochs, so a stopped trial is told COMPLETE (Ray's behaviour)."""
+    results lack the trial's epochs, so a stopped trial is told COMPLETE (Ray's behaviour).
+    `resume_after` N: the search is interrupted after its N-th trial and resumed; Tune restores
+    the scheduler as it was pickled when the search started and adds every trial back to it,
+    whose result log (`result.json`, as Tune's JsonLoggerCallback writes it) is there unless
+    `refill` is off (then ASHA's rungs start empty, as with Ray's own ASHA)."""
     from types import SimpleNamespace
 
     from ray.tune.schedulers import TrialScheduler
 
+    from tuning.ray_compat import TUNE_RESULT_FILE
     from tuning.trial import OBJECTIVE, TRIAL_EPOCHS
 
     rng = np.random.default_rng(seed)
     finished, spent, number = [], 0, 0
     with tempfile.TemporaryDirectory() as folder:
         searcher, scheduler = arm_objects(arm, space, seed, Path(folder))
+        trials = []
         while spent < max_epochs:
+            if number == resume_after > 0:
+                scheduler = arm_objects(arm, space, seed, Path(folder))[1]
+                for trial in trials:
+                    scheduler.on_trial_add(None, trial)
             trial_id = f"t{number:04d}"
             number += 1
-            trial = SimpleNamespace(trial_id=trial_id, path=str(Path(folder) / trial_id))
-            Path(trial.path).mkdir()
+            trial = SimpleNamespace(trial_id=trial_id, relative_logdir=trial_id)
+            trials.append(trial)
+            (Path(folder) / trial_id).mkdir()
             config = searcher.suggest(trial_id)
             key = tuple(config[p] for p in table.params)
             curves = table.curves[key]
@@ -261,6 +273,9 @@ def replay_one(arm: str, table: Table, space: Any, seed: int, max_epochs: int,
                 result = {OBJECTIVE: float(value), "epoch": epoch, "training_iteration": epoch}
                 if tell_stopped == "pruned":
                     result[TRIAL_EPOCHS] = table.epochs
+                if refill:
+                    with open(Path(folder) / trial_id / TUNE_RESULT_FILE, "a") as log:
+                        log.write(json.dumps(result) + "\n")
                 if scheduler.on_trial_result(None, trial, result) != TrialScheduler.STOP:
                     searcher.on_trial_result(trial_id, result)
                     if epoch < table.epochs:
@@ -294,17 +309,19 @@ def _replay_task(task: tuple) -> tuple[str, int, list[float]]:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
-    arm, table, space, seed, budgets, tell_stopped = task
+    arm, table, space, seed, budgets, tell_stopped, resume_after, refill = task
     finished = replay_one(arm, table, space, seed, max(budgets),
-                          tell_stopped if arm == "headernet" else "pruned")
+                          tell_stopped if arm == "headernet" else "pruned", resume_after, refill)
     return arm, seed, regrets(table, finished, budgets)
 
 
 def compare(table: Table, space: Any, seeds: Sequence[int], arms: Sequence[str],
-            budgets: Sequence[int], tell_stopped: str = "pruned", processes: int = 2) -> dict[str, Any]:
+            budgets: Sequence[int], tell_stopped: str = "pruned", processes: int = 2,
+            resume_after: int = 0, refill: bool = True) -> dict[str, Any]:
     """The one-line result: mean regret per arm and budget, and the standard error of the
     per-seed paired difference between `headernet` and the best other arm at each budget."""
-    tasks = [(arm, table, space, seed, budgets, tell_stopped) for arm in arms for seed in seeds]
+    tasks = [(arm, table, space, seed, budgets, tell_stopped, resume_after, refill)
+             for arm in arms for seed in seeds]
     if processes > 1:
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
             done = pool.map(_replay_task, tasks, chunksize=1)
@@ -336,6 +353,10 @@ def replay_main(argv: Sequence[str]) -> None:
                              "(e.g. scheduler.type=none, budget.startup_trials=5)")
     parser.add_argument("--tell_stopped", choices=("pruned", "complete"), default="pruned",
                         help="what the headernet arm tells the sampler of a stopped trial")
+    parser.add_argument("--resume_after", type=int, default=0, metavar="N",
+                        help="interrupt each search after its N-th trial and resume it")
+    parser.add_argument("--no_refill", action="store_true",
+                        help="with --resume_after: no result logs, so a restored ASHA's rungs start empty")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
@@ -348,7 +369,7 @@ def replay_main(argv: Sequence[str]) -> None:
         parser.error(f"unknown arm {unknown[0]} (arms: {', '.join(ARMS)})")
     start = time.perf_counter()
     result = compare(table, space, range(args.first_seed, args.first_seed + args.seeds), arms,
-                     budgets, args.tell_stopped, args.processes)
+                     budgets, args.tell_stopped, args.processes, args.resume_after, not args.no_refill)
     if args.json:
         print(json.dumps(result))
         return

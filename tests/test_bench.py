@@ -131,6 +131,20 @@ def test_search_quality_records_a_space_and_replays_every_arm(tiny_data, tmp_pat
     assert all(len(r) == 2 and min(r) >= 0 for r in line["regret"].values())
 
 
+def test_search_quality_replays_an_interrupted_search(monkeypatch):
+    """--resume_after: the resumed search's restored ASHA refills its rungs from the trials'
+    result logs, so the replay goes exactly as without the interruption; with --no_refill
+    (empty rungs, Ray's own behaviour) it goes otherwise (docs/performance.md has the regret)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import search_quality as quality
+
+    table = quality.load_table(quality.TABLE)
+    space = quality.replay_space(table)
+    uninterrupted = quality.replay_one("headernet", table, space, 10, 96)
+    assert quality.replay_one("headernet", table, space, 10, 96, resume_after=4) == uninterrupted
+    assert quality.replay_one("headernet", table, space, 10, 96, resume_after=4, refill=False) != uninterrupted
+
+
 def test_test_timeline_records_each_test_and_sums_them_per_file(tmp_path):
     """bench/pytest_timeline.py as docs/performance.md runs it: the plugin in a pytest run
     (here without workers), then the summary of its records."""
