@@ -57,9 +57,10 @@ def test_tunes_result_log(tmp_path):
 
     assert ray_compat.TUNE_RESULT_FILE == EXPR_RESULT_FILE, moved(f"Tune's result log is now {EXPR_RESULT_FILE}")
     assert "EXPR_RESULT_FILE" in inspect.getsource(JsonLoggerCallback), moved("JsonLoggerCallback writes another file")
-    (tmp_path / EXPR_RESULT_FILE).write_text('{"epoch": 1, "objective": NaN}\n{"epoch": 2, "objective": 0.5}\n{"epo')
+    (tmp_path / EXPR_RESULT_FILE).write_bytes(
+        b'{"epoch": 1, "objective": NaN}\n\xff[1]\n7\n{"epoch": 2, "objective": 0.5}\n{"epo')
     assert ray_compat.logged_results(tmp_path)[1] == {"epoch": 2, "objective": 0.5}
-    assert len(ray_compat.logged_results(tmp_path)) == 2   # the line a kill cut short is left out
+    assert len(ray_compat.logged_results(tmp_path)) == 2   # no damaged line, no cut-short one
     assert ray_compat.logged_results(tmp_path / "none") == []
 
 

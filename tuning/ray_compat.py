@@ -35,13 +35,13 @@ TUNE_RESULT_FILE = "result.json"
 
 def logged_results(trial_dir: Path) -> list[dict[str, Any]]:
     """The results Tune logged for the trial of `trial_dir` (TUNE_RESULT_FILE), oldest first; a
-    line cut short by a kill is left out."""
+    line cut short by a kill (or otherwise not a JSON object) is left out."""
     results = []
-    with contextlib.suppress(FileNotFoundError), open(trial_dir / TUNE_RESULT_FILE) as lines:
+    with contextlib.suppress(FileNotFoundError), open(trial_dir / TUNE_RESULT_FILE, errors="replace") as lines:
         for line in lines:
             with contextlib.suppress(ValueError):
                 results.append(json.loads(line))
-    return results
+    return [result for result in results if isinstance(result, dict)]
 
 
 def forget_pickled_error(trial: Any) -> None:
