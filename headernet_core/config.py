@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from .errors import CliParser, HeaderNetError, fail
+from .errors import CliParser, HeaderNetError, fail, fail_not_utf8
 from .paths import check_name
 
 # Learning-rate defaults by (backbone, finetune_mode): (lr_backbone, lr_head).
@@ -562,8 +562,7 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        fail(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
-             f"save it as UTF-8")
+        fail_not_utf8(path, exc)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

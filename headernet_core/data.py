@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import fail
+from .errors import fail, fail_not_utf8
 from .paths import same_file
 
 if TYPE_CHECKING:
@@ -69,8 +69,7 @@ def read_index_csv(csv_path: str | Path, split: str, *, as_text: bool = False) -
     except pd.errors.EmptyDataError:
         fail(f"{csv_path}: {split} CSV is empty; expected a header line {SCHEMA_HINT}")
     except UnicodeDecodeError as exc:
-        fail(f"{csv_path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
-             f"save it as UTF-8")
+        fail_not_utf8(csv_path, exc)
     except (pd.errors.ParserError, OSError) as exc:
         fail(f"{csv_path}: not a readable CSV ({' '.join(str(exc).split())})")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]

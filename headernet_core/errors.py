@@ -49,6 +49,11 @@ def fail(message: str) -> NoReturn:
     raise HeaderNetError(message)
 
 
+def fail_not_utf8(path: str | os.PathLike, exc: UnicodeDecodeError) -> NoReturn:
+    """The one line for a text input (CSV, YAML) that is not UTF-8: where, and which byte."""
+    fail(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8")
+
+
 def sigterm_as_sigint() -> None:
     """Treat SIGTERM (`kill`, `docker stop`, a batch scheduler) like Ctrl-C: whatever handles
     SIGINT at that moment runs (Ray Tune's graceful stop during a search, else

@@ -32,13 +32,15 @@ from typing import Any, Iterator, Sequence, TextIO
 import optuna
 from ray import tune
 
+from headernet_core.config import format_value
+
 from .ray_compat import (
     TUNE_LOGGER,
     TUNE_RESUME_HINTS,
     TUNE_STOP_NOTICE,
     use_legacy_console,
 )
-from .trial import SCHEDULER_STOP, finite, format_value, one_line_error, trial_dirname
+from .trial import SCHEDULER_STOP, finite, one_line_error, trial_dirname
 
 TABLE_EVERY_EVENTS = 20     # the table after this many event lines (trial starts and epochs),
 TABLE_MIN_GAP_S = 60.0      # and at most once a minute: a recap of what scrolled by, as often
