@@ -212,12 +212,12 @@ class TrainConfig:
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
         """Build from a mapping (YAML file, Tune trial, tests); unknown keys and wrong types
         are errors naming `source` and the key."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = [f.name for f in dataclasses.fields(cls)]
         values = canonical_keys(values, source)
         unknown = sorted(set(values) - set(known))
         if unknown:
             fail(f"{source}: unknown key(s) {', '.join(unknown)}; expected trainer config keys "
-                 f"such as {', '.join(list(known)[:6])}, ...")
+                 f"such as {', '.join(known[:6])}, ...")
         hints = typing.get_type_hints(cls)
         kwargs = {name: coerce(name, value, hints[name], source) for name, value in values.items()}
         return cls(**kwargs)
@@ -534,8 +534,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         elif typing.get_origin(inner) is list:
             kwargs.update(nargs="+", type=_cli_type(f.name, typing.get_args(inner)[0]))
         else:
-            kwargs.update(type=_cli_type(f.name, inner) if f.name != "neg_pos_ratio" else str,
-                          choices=f.metadata["choices"])
+            kwargs.update(type=_cli_type(f.name, inner), choices=f.metadata["choices"])
         parser.add_argument(f"--{f.name}", *f.metadata["aliases"], **kwargs)
     return parser
 
@@ -610,8 +609,8 @@ def config_for_cli(argv: Sequence[str] | None) -> TrainConfig:
         if not Path(config_path).is_file():
             fail(f"{Path(config_path).parent}: nothing to resume (no config.yaml)")
     # Alias keys (clip_grad) renamed first, so a typed flag overrides the file's spelling too.
-    values = canonical_keys(load_yaml_mapping(config_path), str(config_path)) if config_path else {}
-    return TrainConfig.from_dict({**values, **typed}, source=str(config_path or "command line"))
+    values = canonical_keys(load_yaml_mapping(config_path), config_path) if config_path else {}
+    return TrainConfig.from_dict({**values, **typed}, source=config_path or "command line")
 
 
 def inference_parser(command: str) -> argparse.ArgumentParser:

@@ -136,8 +136,8 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, val_split: float, seed
         except ValueError as exc:
             fail(f"{source}: cannot split {len(names)} {GROUP_COLUMN} groups with --{part}_split "
                  f"{val_split}: {exc}")
-    best = min((_rotation(folds, start, m) for start in range(k)),
-               key=lambda rows: _score(labels, rows, target))
+    rotations = (np.concatenate([folds[(start + j) % k] for j in range(m)]) for start in range(k))
+    best = min(rotations, key=lambda rows: _score(labels, rows, target))
     val_mask = np.isin(np.arange(len(labels)), best)
     if not labels[val_mask].any() or not labels[~val_mask].any():
         fail(f"{source}: cannot give both splits positives with {positive_groups} positive "
@@ -146,15 +146,11 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, val_split: float, seed
     return (val_rows, train_rows) if swap else (train_rows, val_rows)
 
 
-def _rotation(folds: list[np.ndarray], start: int, m: int) -> np.ndarray:
-    return np.concatenate([folds[(start + j) % len(folds)] for j in range(m)])
-
-
 def _score(labels: np.ndarray, val_rows: np.ndarray, target: float) -> tuple[int, float]:
     """(classes missing from either split, distance of the val size from the target)."""
     in_val = np.isin(np.arange(len(labels)), val_rows)
-    present = set(np.unique(labels).tolist())
-    missing = sum(len(present - set(np.unique(labels[part]).tolist())) for part in (in_val, ~in_val))
+    classes = len(np.unique(labels))
+    missing = sum(classes - len(np.unique(labels[part])) for part in (in_val, ~in_val))
     return missing, abs(len(val_rows) - target * len(labels))
 
 

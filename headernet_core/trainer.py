@@ -572,7 +572,7 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
         writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=state.epoch + 1 if state.epoch else None)
     log(f"run {run_dir}: {len(prep.train_df)} train / {len(prep.val_df)} val clips, "
         f"{len(train_sampler)} train clips per epoch, device {device}"
-        f"{' x' + str(len(prep.device_ids)) if len(prep.device_ids) > 1 else ''}"
+        f"{' x' + str(len(prep.device_ids)) if parallel else ''}"
         f"{f', {ranks.world} DDP processes' if ranks.active else ''}, "
         f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}")
 
@@ -653,7 +653,7 @@ def _run(prep: Prepared, on_epoch: Callable[[EpochReport], bool | None] | None,
             log(summary_line(config, row, is_best))
             if on_epoch is not None and distributed.from_main(bool(on_epoch(EpochReport(
                     epoch, row, state.best_epoch, state.best_metrics, is_best, run_dir, last)))):
-                if state.epoch < config.epochs:
+                if not last_epoch:
                     status = "stopped"
                     break
         else:

@@ -168,8 +168,7 @@ class CompactTable(_Console, tune.ProgressReporter):
         self.last_time = time.time()
         self.seen: dict[str, int] = {}      # trial id -> events counted at the last table
 
-    def setup(self, start_time: float | None = None, total_samples: int | None = None,
-              metric: str | None = None, mode: str | None = None, **kwargs) -> None:
+    def setup(self, start_time: float | None = None, total_samples: int | None = None, **kwargs) -> None:
         self.total = total_samples
         self.start = self.last_time = start_time or time.time()
 

@@ -335,9 +335,8 @@ class Param:
             return trial.suggest_categorical(self.name, list(self.values))
         if self.kind == "int":
             return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
-        if self.kind == "loguniform":
-            return trial.suggest_float(self.name, self.low, self.high, log=True)
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step,
+                                   log=self.kind == "loguniform")
 
     def describe(self) -> str:
         if self.kind == "choice":
@@ -508,7 +507,7 @@ def find_space_file(name_or_path: str, spaces_dir: Path | None = None) -> Path:
                 if candidate.is_file():
                     return candidate
     listed = ", ".join(available_spaces(spaces_dir)) or "none"
-    where = " or ".join(_show(d) + "/" for d in dirs) or f"{SPACES_DIRNAME}/"
+    where = " or ".join(_show(d) + "/" for d in dirs)
     fail(f"search space {name_or_path!r} not found: not a file, and no such name in {where} "
          f"(available: {listed})")
 
@@ -940,7 +939,7 @@ def _statically_off(param: Param, space: SearchSpace) -> bool:
     """A `when` on keys that nothing samples or overrides, and that fails for the fixed keys."""
     moving = {p.name for p in space.params}
     moving |= {k for p in space.params for o in p.overrides.values() for k in o}
-    return not any(key in moving for key in param.when) and not param.active(space._fixed_values())
+    return moving.isdisjoint(param.when) and not param.active(space._fixed_values())
 
 
 def _did_you_mean(word: str, options: Iterable[str]) -> str:
