@@ -7,6 +7,7 @@ from pathlib import Path
 
 import conftest
 import pytest
+import yaml
 
 from tuning import resume_guard
 from tuning.search import main
@@ -260,6 +261,31 @@ def test_odd_json_in_a_search_folder_is_one_line(tiny_data, tmp_path, capsys, da
         value = json.loads(record.read_text()) if record.is_file() else {}
         record.write_text(json.dumps({**value, **change} if isinstance(change, dict) else change))
     assert fragment in error_of(["--space", str(space), *flags], capsys)
+
+
+def test_retrain_on_train_plus_val_without_a_trial_threshold_stops_before_training(
+        tiny_data, tmp_path, capsys, monkeypatch):
+    """--train_on_val scores the test split at the trial's validation threshold: a trial
+    without one is refused before the retrain trains, not after."""
+    import headernet_core.trainer
+    from tuning.retrain import main as retrain_main
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("trained before the refusal")
+    monkeypatch.setattr(headernet_core.trainer, "train", must_not_train)
+    trial = tmp_path / "s" / "t001"
+    trial.mkdir(parents=True)
+    trial.joinpath("config.yaml").write_text(yaml.safe_dump(
+        {"train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"]), "epochs": 1}))
+    trial.joinpath("best_metrics.json").write_text('{"epoch": 1, "val_f1": 0.5, "val_threshold": NaN}')
+    (tmp_path / "s" / "search_summary.json").write_text('{"best_trial": {"name": "t001"}, "state": "finished"}')
+    with pytest.raises(SystemExit) as exc:
+        retrain_main([str(tmp_path / "s"), "--epochs", "1", "--train_on_val",
+                      "--test_csv", str(tiny_data["val_csv"])])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert "t001/best_metrics.json: no validation threshold" in err
+    assert not (tmp_path / "s" / "final").exists()
 
 
 def test_retrain_waits_for_no_search_and_picks_a_free_name(tmp_path, capsys):

@@ -143,9 +143,15 @@ def retrain(search_dir: str | Path, *, epochs: int, test_csv: str | Path | None 
         config = final_config(trial_config, search_dir=search_dir, name=name, epochs=epochs,
                               devices=devices or {})
         config.validate()
+        threshold = None   # the test split is scored at the best epoch's stored threshold
         if test_csv is not None:   # checked before hours of training, not after
             test_csv = str(Path(test_csv).absolute())
             check_clips(read_split(test_csv, "test"), test_csv)
+            if train_on_val:   # no validation of its own: the trial's threshold
+                threshold = trial_best.get("val_threshold")
+                if threshold is None or not math.isfinite(threshold):
+                    fail(f"{search_dir / trial}/best_metrics.json: no validation threshold to score "
+                         f"the test split at")
         combined = search_dir / f"{name}_{COMBINED_CSV}"   # beside the run folder: inputs never live in one
         if train_on_val:
             config = config.replace(train_csv=combined_csv(config, combined))
@@ -164,13 +170,9 @@ def retrain(search_dir: str | Path, *, epochs: int, test_csv: str | Path | None 
             "test_csv": test_csv}
         if test_csv is not None:
             if train_on_val:
-                checkpoint, threshold = run_dir / "checkpoints" / "last.pt", trial_best.get("val_threshold")
-                if threshold is None or not math.isfinite(threshold):
-                    fail(f"{search_dir / trial}/best_metrics.json: no validation threshold to score "
-                         f"the test split at")
-                source = f"validation of trial {trial}"
+                checkpoint, source = run_dir / "checkpoints" / "last.pt", f"validation of trial {trial}"
             else:
-                checkpoint, threshold, source = result.best_checkpoint, None, None
+                checkpoint, source = result.best_checkpoint, None
             metrics, predictions = evaluate(checkpoint, test_csv, threshold=threshold, views=views,
                                             spatial_views=spatial_views, cpu=config.cpu)
             write_csv(predictions, run_dir / TEST_PREDICTIONS)
