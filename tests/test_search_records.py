@@ -263,42 +263,33 @@ ray.shutdown()
 
 
 @pytest.mark.slow
-def test_a_ray_actor_ended_by_tune_lets_its_trial_thread_finish(tmp_path):
-    """The same through Ray: Tune ends an actor with `__ray_terminate__` while its trial thread
-    runs torch. Without the wait, Ray printed "*** SIGABRT received ***" and its C++ stack."""
-    done = tmp_path / "thread_finished"
-    console = end_actor_during_trial(tmp_path, "import torch", f"""
+def test_a_ray_actor_ended_by_tune_lets_its_trial_thread_finish_and_draw(tmp_path):
+    """Tune ends an actor with `__ray_terminate__` (the end of a search) while its trial thread
+    runs torch, then draws the stopped trial's plots on its way out (the trainer draws them when
+    a run ends): the actor's exit waits for the thread, so the plots are written and nothing
+    aborts. Without the wait, Ray printed "*** SIGABRT received ***" and its C++ stack, and a
+    first version put a C++ terminate from matplotlib's font code on the console. An actor Tune
+    drops instead gets SIGTERM and exits at once: the summary draws those trials' plots
+    (tuning.summary.complete_trial_plots)."""
+    folder, done = tmp_path / "plots", tmp_path / "thread_finished"
+    console = end_actor_during_trial(tmp_path, """
+        from pathlib import Path
+        import numpy as np
+        import torch
+        from headernet_core.trainer import RunPlots, RunState   # matplotlib: on the thread, as in a trial
+    """, f"""
         x = torch.randn(400, 400)
         end = time.monotonic() + 1.0
         while time.monotonic() < end:
             (x @ x).relu_()
-        open({str(done)!r}, "w").close()
-    """, done)
-    assert done.is_file(), console[-2000:]
-    assert "SIGABRT" not in console, console[-2000:]
-
-
-@pytest.mark.slow
-def test_a_stopped_trial_draws_its_plots_while_tune_ends_its_actor(tmp_path):
-    """A stopped trial draws its plots on its way out (the trainer draws them when a run ends)
-    while Tune ends the actor with `__ray_terminate__` (the end of a search): the actor's exit
-    waits for the thread, so the plots are written and nothing aborts (a first version, before
-    that wait, put a C++ terminate from matplotlib's font code on the console). An actor Tune
-    drops instead gets SIGTERM and exits at once: the summary draws those trials' plots
-    (tuning.summary.complete_trial_plots)."""
-    folder = tmp_path / "plots"
-    console = end_actor_during_trial(tmp_path, """
-        from pathlib import Path
-        import numpy as np
-        from headernet_core.trainer import RunPlots, RunState   # matplotlib: on the thread, as in a trial
-    """, f"""
         history = [{{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_f1": 0.5 + e / 10}}
                    for e in (1, 2)]
         plots = RunPlots(Path({str(folder)!r}))
         plots.best = (2, np.array([0, 1, 0, 1, 1]), np.array([0.2, 0.7, 0.4, 0.9, 0.6]))
-        time.sleep(0.5)   # the report in which Tune stops the trial
         plots.draw(RunState(epoch=2, history=history, best_epoch=2))
-    """, folder / "pr.png")
+        open({str(done)!r}, "w").close()
+    """, done)
+    assert done.is_file(), console[-2000:]
     assert sorted(p.name for p in folder.iterdir()) == ["loss.png", "metrics.png", "pr.png", "roc.png"]
     assert "SIGABRT" not in console and "terminate" not in console, console[-2000:]
 
