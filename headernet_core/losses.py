@@ -22,7 +22,7 @@ class FocalLoss(nn.Module):
     """alpha_t * (1 - p_t)^gamma * CE on a 2-class softmax, mean over the batch.
 
     alpha_t is `alpha` for label 1 (header) and 1 - alpha for label 0. Computed in float32 with
-    autocast off, from log_softmax, so fp16/bf16 logits and extreme values stay finite.
+    autocast off, from log_softmax, so fp16/bf16 logits and large logit gaps stay finite.
 
     Soft targets (float `(B, 2)` rows of class weights, as mixup/cutmix make them) give
     `sum_c y_c * alpha_c * (1 - p_c)^gamma * -log p_c`: the hard-label loss where a row is
@@ -64,8 +64,9 @@ class FocalLoss(nn.Module):
                 # gradient of x^gamma (gamma < 1) finite at x = 0, where the loss is 0 anyway.
                 one_minus_p = (-torch.expm1(log_p)).clamp_min(torch.finfo(torch.float32).tiny)
                 loss = one_minus_p.pow(self.gamma) * loss
-            alpha = torch.tensor([1.0 - self.alpha, self.alpha], device=logits.device)
-            return (alpha * q * loss).sum(dim=1).mean()
+            # alpha_c as Python floats: no tensor copied to the device at every batch
+            weighted = torch.stack((q[:, 0] * (1.0 - self.alpha), q[:, 1] * self.alpha), dim=1)
+            return (weighted * loss).sum(dim=1).mean()
 
 
 def build_loss(name: str, *, focal_alpha: float, focal_gamma: float,

@@ -111,3 +111,15 @@ def test_build_loss():
 def test_loss_names_match_config_choices():
     field = {f.name: f for f in dataclasses.fields(TrainConfig)}["loss"]
     assert tuple(field.metadata["choices"]) == LOSS_NAMES
+
+
+def test_a_batch_builds_no_tensor_from_host_values(monkeypatch):
+    """The class weights are Python floats: on a GPU, a `torch.tensor([...], device=...)` per
+    batch is a host-to-device copy that waits for the stream (each training and validation step)."""
+    loss = FocalLoss(alpha=0.75, gamma=2.0, label_smoothing=0.1)
+    logits, labels = torch.randn(8, 2), torch.randint(0, 2, (8,))
+
+    def no_host_tensor(*args, **kwargs):
+        raise AssertionError("FocalLoss.forward built a tensor from host values")
+    monkeypatch.setattr(torch, "tensor", no_host_tensor)
+    assert torch.isfinite(loss(logits, labels))
