@@ -25,8 +25,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidat
                       ValidationError, ValidationInfo, field_validator, model_validator)
 
 from headernet_core.backbones import check_geometry
-from headernet_core.config import (MAX_SEED, SELECTABLE_METRICS, TrainConfig, coerce, fields_with_role, format_value,
-                                   load_yaml_mapping, unwrap_optional)
+from headernet_core.config import (MAX_SEED, SELECTABLE_METRICS, TrainConfig, coerce, field_types, fields_with_role,
+                                   format_value, load_yaml_mapping, unwrap_optional)
 from headernet_core.errors import HeaderNetError, fail
 from headernet_core.metrics import reported_metrics
 from headernet_core.paths import MAX_NAME_LEN
@@ -887,11 +887,6 @@ def _show(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _hints() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
-
-
-@functools.lru_cache(maxsize=1)
 def _fields() -> dict[str, dataclasses.Field]:
     """TrainConfig's fields by name (in declaration order)."""
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -899,7 +894,7 @@ def _fields() -> dict[str, dataclasses.Field]:
 
 def _field_type(name: str) -> Any:
     """bool | int | float | str | list for a TrainConfig field (Optional unwrapped)."""
-    tp, _ = unwrap_optional(_hints()[name])
+    tp, _ = unwrap_optional(field_types()[name])
     return list if typing.get_origin(tp) is list else tp
 
 
@@ -909,7 +904,7 @@ _MARK = "\x1f"
 def _coerce_field(where: str, name: str, value: Any) -> Any:
     """Convert to the field's type like TrainConfig does; errors start with `where`."""
     try:
-        return coerce(name, value, _hints()[name], _MARK)
+        return coerce(name, value, field_types()[name], _MARK)
     except HeaderNetError as exc:
         message = str(exc).replace(f"{_MARK}: ", "", 1).removeprefix(f"{name} ")
         fail(f"{where}: {message}")
@@ -917,7 +912,7 @@ def _coerce_field(where: str, name: str, value: Any) -> Any:
 
 def _quiet_coerce(name: str, value: Any) -> Any:
     try:
-        return coerce(name, value, _hints()[name], _MARK) if name in _hints() else value
+        return coerce(name, value, field_types()[name], _MARK) if name in field_types() else value
     except HeaderNetError:
         return value
 
