@@ -21,7 +21,7 @@ import pandas as pd
 from .artifacts import write_csv
 from .data import check_clips, check_paths_present, resolve_clips
 from .config import inference_parser
-from .errors import fail, run_cli
+from .errors import fail, fail_not_utf8, run_cli
 from .evaluation import (check_inference, clip_probabilities, eval_config,
                          load_classifier, resolve_threshold)
 from .paths import check_output_file
@@ -40,7 +40,9 @@ def read_clip_list(source: str | Path) -> pd.DataFrame:
     elif source.is_file():
         try:
             frame = pd.read_csv(source, dtype={"path": str})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
+            fail_not_utf8(source, exc)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
             fail(f"{source}: not a readable CSV ({' '.join(str(exc).split())})")
         if "path" not in frame.columns or frame.empty:
             fail(f"{source}: expected a CSV with a path column and at least one row (--clips)")

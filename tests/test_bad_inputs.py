@@ -201,6 +201,8 @@ CASES: dict[str, Case] = {
     "predict num_workers negative": Case("predict", [*PREDICT, "--output", "p.csv", "--num_workers", "-1"], "--num_workers must be in 0..128"),
     "predict output over its clips csv": Case("predict", [*PREDICT, "--output", "data/val.csv"], "is an input of this command"),
     "predict output a folder": Case("predict", [*PREDICT, "--output", "adir"], "--output adir is a folder"),
+    "predict clips csv not utf-8": Case("predict", ["--checkpoint", "ckpt/model.pt", "--clips", "data/latin1.csv",
+                                                     "--cpu", "--output", "p.csv"], "data/latin1.csv: not UTF-8 text"),
     "demo size too small": Case("demo", ["--out", "demo_new", "--size", "8"], "--size must be >= 32", subprocess=True),
     "search trainer nan": Case("search", [*SEARCH, "--set", "warmup_epochs=.nan"], "warmup_epochs"),
     # --- output locations -------------------------------------------------------------------------
