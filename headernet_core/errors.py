@@ -88,7 +88,8 @@ def interrupts_held() -> Iterator[None]:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python, which cannot be put back: the default
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         if held:
             signal.raise_signal(held[0])
 

@@ -210,6 +210,40 @@ def test_a_signal_while_rank_0_records_an_error_waits_for_the_record(rank_0_inte
             recorded.append("not reached: the held signal acts here")
     assert launcher.wait(timeout=10) == -signal.SIGTERM   # rank 0 still tells the launcher
     assert recorded == ["failed"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # restored on exit
+
+
+def test_the_trainer_records_a_failure_before_a_signal_that_lands_meanwhile(tiny_config, tmp_path):
+    """The trainer holds interrupts while it records how a run ended: a SIGINT that lands
+    inside the record (the launcher's, or a Ctrl-C) acts once status.json says `failed`."""
+    config = tiny_config(epochs=2)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    code = f"""
+import json, os, signal
+import headernet_core.trainer as trainer
+from headernet_core.config import TrainConfig
+
+real_write = trainer.write_status
+
+def write_status(run_dir, state, *args, **kwargs):
+    if state == "failed":
+        os.kill(os.getpid(), signal.SIGINT)   # lands mid-record
+    return real_write(run_dir, state, *args, **kwargs)
+
+def peer_failed(report):
+    raise RuntimeError("Connection closed by peer")
+
+trainer.write_status = write_status
+try:
+    trainer.train(TrainConfig.from_dict(json.load(open({str(tmp_path / "config.json")!r}))), on_epoch=peer_failed)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt after the record")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert "KeyboardInterrupt after the record" in done.stdout, done.stderr[-2000:]
+    status = json.loads((Path(config.output_root) / config.run_name / "status.json").read_text())
+    assert status["state"] == "failed" and "Connection closed by peer" in status["error"], status
 
 
 def test_global_batchnorm_keeps_frozen_batchnorm_frozen_and_is_batchnorm_without_a_group():
