@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import re
 import subprocess
@@ -57,11 +58,23 @@ def test_tunes_result_log(tmp_path):
 
     assert ray_compat.TUNE_RESULT_FILE == EXPR_RESULT_FILE, moved(f"Tune's result log is now {EXPR_RESULT_FILE}")
     assert "EXPR_RESULT_FILE" in inspect.getsource(JsonLoggerCallback), moved("JsonLoggerCallback writes another file")
-    (tmp_path / EXPR_RESULT_FILE).write_bytes(
-        b'{"epoch": 1, "objective": NaN}\n\xff[1]\n7\n{"epoch": 2, "objective": 0.5}\n{"epo')
-    assert ray_compat.logged_results(tmp_path)[1] == {"epoch": 2, "objective": 0.5}
-    assert len(ray_compat.logged_results(tmp_path)) == 2   # no damaged line, no cut-short one
+    (tmp_path / EXPR_RESULT_FILE).write_bytes(b'{"epoch": 1, "objective": NaN}\n\xff[1]\n7\n' + b"[" * 100_000
+                                              + b'\n{"epoch": 2, "objective": 0.5}\n{"epo')
+    first, second = ray_compat.logged_results(tmp_path)   # no damaged line, no cut-short one
+    assert first["epoch"] == 1 and math.isnan(first["objective"]) and second == {"epoch": 2, "objective": 0.5}
     assert ray_compat.logged_results(tmp_path / "none") == []
+
+
+def test_a_restored_trial_is_added_back_with_its_folder_and_a_new_one_without():
+    """What `tuning.scheduler.RecordingASHA.on_trial_add` tells them apart by: a new Trial has no
+    `relative_logdir` yet; a restored one is added back (`add_trial` -> `on_trial_add`) with it."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    assert Trial("trainable", stub=True).relative_logdir is None, moved("a new Trial has its folder name")
+    requeue = inspect.getsource(TuneController._requeue_restored_trials)
+    assert "self.add_trial(" in requeue, moved("restored trials are no longer added through add_trial")
+    assert "on_trial_add" in inspect.getsource(TuneController.add_trial), moved("add_trial skips the scheduler")
 
 
 def test_a_trials_pickled_error_record():

@@ -113,15 +113,18 @@ def test_a_restored_asha_refills_its_rungs_from_the_restored_trials(tmp_path):
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
+    from tuning.ray_compat import TUNE_RESULT_FILE
     from tuning.scheduler import RecordingASHA
 
     def restored(name: str, objectives: list[float]) -> Trial:
         trial = Trial("run_trial", stub=True, trial_id=name)
         trial.relative_logdir = name
         (tmp_path / name).mkdir()
-        (tmp_path / name / "result.json").write_text("".join(
+        (tmp_path / name / TUNE_RESULT_FILE).write_text("".join(
             json.dumps({"epoch": epoch, "objective": value, "trial_id": name}) + "\n"
-            for epoch, value in enumerate(objectives, 1)))
+            for epoch, value in enumerate(objectives, 1))
+            # a damaged log's lines that parse but ASHA cannot compare: left out, not a traceback
+            + '{"epoch": "1", "objective": 0.1}\n{"epoch": 1, "objective": null}\n{"epoch": true, "objective": 0}\n')
         return trial
 
     asha = RecordingASHA(tmp_path, time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2,

@@ -35,11 +35,13 @@ TUNE_RESULT_FILE = "result.json"
 
 def logged_results(trial_dir: Path) -> list[dict[str, Any]]:
     """The results Tune logged for the trial of `trial_dir` (TUNE_RESULT_FILE), oldest first; a
-    line cut short by a kill (or otherwise not a JSON object) is left out."""
+    line cut short by a kill (or otherwise not a JSON object) is left out. The driver copies the
+    log into the search folder at each experiment checkpoint: after a hard kill its last
+    results may be missing."""
     results = []
     with contextlib.suppress(FileNotFoundError), open(trial_dir / TUNE_RESULT_FILE, errors="replace") as lines:
         for line in lines:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 results.append(json.loads(line))
     return [result for result in results if isinstance(result, dict)]
 

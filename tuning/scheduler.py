@@ -31,9 +31,12 @@ class RecordingASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        if trial.relative_logdir:   # a restored trial (a new one gets its folder when it starts)
+        # A restored or retried trial has its folder (a new one gets it when it starts); a
+        # retried one's results are in the rungs already, where ASHA keeps the first.
+        if trial.relative_logdir:
             for result in logged_results(Path(self.search_dir) / trial.relative_logdir):
-                super().on_trial_result(tune_controller, trial, result)   # rungs only: no record
+                if all(_is_number(result.get(key)) for key in (asha_time_attr(self), self.metric)):
+                    super().on_trial_result(tune_controller, trial, result)   # rungs only: no record
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
@@ -42,3 +45,8 @@ class RecordingASHA(ASHAScheduler):
             write_json(Path(self.search_dir) / trial.relative_logdir / SCHEDULER_STOP,
                        {"epoch": int(epoch), "trial_id": trial.trial_id})
         return action
+
+
+def _is_number(value) -> bool:
+    """What a result must hold for ASHA to compare it (NaN included, as Tune reports it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
