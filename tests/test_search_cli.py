@@ -263,8 +263,10 @@ def test_odd_json_in_a_search_folder_is_one_line(tiny_data, tmp_path, capsys, da
     assert fragment in error_of(["--space", str(space), *flags], capsys)
 
 
+@pytest.mark.parametrize("threshold", ['"val_threshold": NaN, ', '', '"val_threshold": "x", ',
+                                       '"val_threshold": true, '])
 def test_retrain_on_train_plus_val_without_a_trial_threshold_stops_before_training(
-        tiny_data, tmp_path, capsys, monkeypatch):
+        tiny_data, tmp_path, capsys, monkeypatch, threshold):
     """--train_on_val scores the test split at the trial's validation threshold: a trial
     without one is refused before the retrain trains, not after."""
     import headernet_core.trainer
@@ -277,7 +279,7 @@ def test_retrain_on_train_plus_val_without_a_trial_threshold_stops_before_traini
     trial.mkdir(parents=True)
     trial.joinpath("config.yaml").write_text(yaml.safe_dump(
         {"train_csv": str(tiny_data["train_csv"]), "val_csv": str(tiny_data["val_csv"]), "epochs": 1}))
-    trial.joinpath("best_metrics.json").write_text('{"epoch": 1, "val_f1": 0.5, "val_threshold": NaN}')
+    trial.joinpath("best_metrics.json").write_text('{' + threshold + '"epoch": 1, "val_f1": 0.5}')
     (tmp_path / "s" / "search_summary.json").write_text('{"best_trial": {"name": "t001"}, "state": "finished"}')
     with pytest.raises(SystemExit) as exc:
         retrain_main([str(tmp_path / "s"), "--epochs", "1", "--train_on_val",

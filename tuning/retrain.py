@@ -33,7 +33,6 @@ keeps that `final` record and retrains into the first free `final_N` name.
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -45,6 +44,7 @@ from headernet_core.locks import FolderLock
 from headernet_core.paths import check_name
 
 from .summary import SUMMARY_JSON, add_final_model
+from .trial import finite
 
 FINAL = "final"
 TEST_METRICS = "test_metrics.json"
@@ -143,15 +143,18 @@ def retrain(search_dir: str | Path, *, epochs: int, test_csv: str | Path | None 
         config = final_config(trial_config, search_dir=search_dir, name=name, epochs=epochs,
                               devices=devices or {})
         config.validate()
-        threshold = None   # the test split is scored at the best epoch's stored threshold
-        if test_csv is not None:   # checked before hours of training, not after
-            test_csv = str(Path(test_csv).absolute())
-            check_clips(read_split(test_csv, "test"), test_csv)
-            if train_on_val:   # no validation of its own: the trial's threshold
-                threshold = trial_best.get("val_threshold")
-                if threshold is None or not math.isfinite(threshold):
+        # The test split is scored at the best epoch's stored threshold; a model trained on
+        # train + val has no validation of its own: at the trial's. Checked before hours of
+        # training, not after.
+        threshold = source = None
+        if test_csv is not None:
+            if train_on_val:
+                threshold, source = finite(trial_best.get("val_threshold")), f"validation of trial {trial}"
+                if threshold is None:
                     fail(f"{search_dir / trial}/best_metrics.json: no validation threshold to score "
                          f"the test split at")
+            test_csv = str(Path(test_csv).absolute())
+            check_clips(read_split(test_csv, "test"), test_csv)
         combined = search_dir / f"{name}_{COMBINED_CSV}"   # beside the run folder: inputs never live in one
         if train_on_val:
             config = config.replace(train_csv=combined_csv(config, combined))
@@ -169,10 +172,7 @@ def retrain(search_dir: str | Path, *, epochs: int, test_csv: str | Path | None 
             "val_value": result.best_metrics.get(config.select_metric),
             "test_csv": test_csv}
         if test_csv is not None:
-            if train_on_val:
-                checkpoint, source = run_dir / "checkpoints" / "last.pt", f"validation of trial {trial}"
-            else:
-                checkpoint, source = result.best_checkpoint, None
+            checkpoint = run_dir / "checkpoints" / "last.pt" if train_on_val else result.best_checkpoint
             metrics, predictions = evaluate(checkpoint, test_csv, threshold=threshold, views=views,
                                             spatial_views=spatial_views, cpu=config.cpu)
             write_csv(predictions, run_dir / TEST_PREDICTIONS)
