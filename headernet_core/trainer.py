@@ -879,8 +879,8 @@ class RunPlots:
 
 
 # What `_last_payload` writes besides the model and `_restore` reads back.
-RESUME_KEYS = frozenset({"optimizer", "scheduler", "scaler", "rng", "epoch", "global_step",
-                         "history", "best_epoch", "best_metrics"})
+# What a resume reads from last.pt besides the weights: the training state, then RunState's fields.
+RESUME_KEYS = frozenset({"optimizer", "scheduler", "scaler", "rng", *(f.name for f in fields(RunState))})
 
 
 def _last_payload(model, optimizer, scheduler, scaler, config, info, state: RunState,
@@ -893,7 +893,7 @@ def _last_payload(model, optimizer, scheduler, scaler, config, info, state: RunS
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(),
             "rng": checkpoints.rng_state(),
-            **vars(state)}   # RunState's fields
+            **{f.name: getattr(state, f.name) for f in fields(RunState)}}
 
 
 def _restore(payload: dict[str, Any], model, optimizer, scheduler, scaler, config: TrainConfig,
