@@ -4,6 +4,8 @@ EMA equals the closed-form average of the recorded weights, validation and the b
 use it, and a run with both resumes bit for bit."""
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -97,17 +99,22 @@ def test_probability_and_switch_follow_the_official_meaning():
 
 
 def test_focal_loss_of_soft_targets():
+    """A soft target (B, 2) gives sum_c y_c alpha_c (1 - p_c)^gamma (-log p_c), checked against
+    that sum written out with the math module (the loss shares one formula for labels and soft
+    targets, so comparing it with its own hard-label value would prove nothing)."""
     logits = torch.randn(6, 2, generator=torch.Generator().manual_seed(0)) * 3
     hard = torch.tensor([1, 0, 1, 1, 0, 0])
-    focal = FocalLoss(alpha=0.7, gamma=2.0)
-    one_hot = mix_targets(hard, 1.0)
-    torch.testing.assert_close(focal(logits, one_hot), focal(logits, hard))
-    # linear in the targets: a mixed target's loss is the λ-mix of the two hard losses
-    lam, partner = 0.3, hard.flip(0)
-    per_clip = FocalLoss(alpha=0.7, gamma=2.0)
-    mixed_loss = focal(logits, mix_targets(hard, lam))
-    expected = lam * per_clip(logits, hard) + (1 - lam) * per_clip(logits, partner)
-    torch.testing.assert_close(mixed_loss, expected)
+    lam, alpha, gamma = 0.3, 0.7, 2.0
+    targets = mix_targets(hard, lam)   # lam of each clip's own label, 1 - lam of its partner's
+
+    def term(l0: float, l1: float, c: int) -> float:
+        log_p = (l1 if c == 1 else l0) - math.log(math.exp(l0) + math.exp(l1))
+        return (alpha if c == 1 else 1 - alpha) * (1 - math.exp(log_p)) ** gamma * -log_p
+
+    expected = sum(float(y0) * term(l0, l1, 0) + float(y1) * term(l0, l1, 1)
+                   for (l0, l1), (y0, y1) in zip(logits.tolist(), targets.tolist())) / len(hard)
+    assert targets[:, 1].tolist() != hard.tolist()   # really mixed
+    assert FocalLoss(alpha=alpha, gamma=gamma)(logits, targets).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_frozen_feature_cache_refuses_mixing(tiny_data, tmp_path, capsys):
